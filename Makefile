@@ -1,0 +1,47 @@
+# cspine-node: the two set-up commands are `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+SYSTEM_TOOLS := storescu:dcmtk dciodvfy:dicom3tools
+
+.PHONY: run test lint bench reliability venv system-tools clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --upgrade -q pip
+	# torch first, pinned: the unpinned name pulls several GB of CUDA wheels.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system tools:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi; \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null ) \
+	    || { echo "cannot install the system tools the tests need:$$missing (apt-get install -y$$missing)"; exit 1; }; \
+	fi
+
+run: $(STAMP)
+	$(VENV)/bin/cspine serve
+
+test: $(STAMP) system-tools
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check config storage ai dicom_node tests
+
+bench: $(STAMP) system-tools
+	$(PY) -m tests.bench
+
+reliability: $(STAMP) system-tools
+	$(PY) -m pytest -q tests/reliability
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

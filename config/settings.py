@@ -1,0 +1,329 @@
+"""Typed settings of the node.
+
+Settings are loaded once, by the CLI, from these sources in increasing priority:
+
+1. ``config/default.toml`` shipped with the package;
+2. a TOML file given with ``--config``;
+3. environment variables ``CSPINE_<SECTION>__<KEY>`` (for example
+   ``CSPINE_NODE__PORT=104``; lists and tables as JSON);
+4. CLI flags, passed as ``overrides``.
+
+The result is a frozen :class:`Settings` that is passed down explicitly.
+Nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from config.errors import ConfigError
+
+DEFAULT_TOML = Path(__file__).with_name("default.toml")
+_AE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.+@!#$%&*()")
+
+
+def _check_ae_title(value: str) -> str:
+    value = value.strip()
+    if not 1 <= len(value) <= 16:
+        raise ValueError("an AE title must have 1 to 16 characters")
+    if not set(value) <= _AE_CHARS or "\\" in value:
+        raise ValueError(f"AE title {value!r} has characters outside the DICOM default repertoire")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Peer(_Section):
+    """A remote AE allowed to associate with the node."""
+
+    ae_title: str
+    host: str | None = Field(default=None, description="IP address or network, e.g. 10.0.0.0/24")
+
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("host")
+    @classmethod
+    def _v_host(cls, v: str | None) -> str | None:
+        if v is not None:
+            ipaddress.ip_network(v, strict=False)
+        return v
+
+    def matches(self, ae_title: str, address: str) -> bool:
+        """Return whether a calling AE title and peer address match this entry."""
+        if ae_title.strip() != self.ae_title:
+            return False
+        if self.host is None:
+            return True
+        try:
+            return ipaddress.ip_address(address) in ipaddress.ip_network(self.host, strict=False)
+        except ValueError:
+            return False
+
+
+class TLSSettings(_Section):
+    """DICOM TLS (PS3.15 BCP195 profile)."""
+
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    ca_bundle: str = ""
+    require_client_certificate: bool = True
+
+
+class NodeSettings(_Section):
+    """The listening Application Entity."""
+
+    ae_title: str = "CSPINE"
+    host: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=0, le=65535)
+    peers: tuple[Peer, ...] = ()
+    allow_any_peer: bool = False
+    extra_storage_sop_classes: tuple[str, ...] = ()
+    max_associations: int = Field(default=10, ge=1)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=30.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    max_association_seconds: float = Field(default=3600.0, gt=0)
+    max_pdu_size: int = Field(default=131072, ge=0)
+    max_instance_bytes: int = Field(default=2 * 1024**3, gt=0)
+    max_pixels: int = Field(default=512 * 1024 * 1024, gt=0)
+    tls: TLSSettings = TLSSettings()
+
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+
+class StorageSettings(_Section):
+    """Where the catalog and the file store live."""
+
+    data_dir: Path = Path("./var")
+    store_dir: str = ""
+    database_url: str = ""
+    min_free_bytes: int = Field(default=512 * 1024**2, ge=0)
+    fsync: bool = True
+
+    @property
+    def store_path(self) -> Path:
+        """Root of the file store."""
+        return Path(self.store_dir) if self.store_dir else self.data_dir / "store"
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL of the catalog."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'catalog.sqlite').as_posix()}"
+
+
+class CompletionSettings(_Section):
+    """When a study counts as complete."""
+
+    stable_seconds: float = Field(default=10.0, ge=0)
+    check_interval_seconds: float = Field(default=2.0, gt=0)
+
+
+class ModelSettings(_Section):
+    """Which model packages the worker loads."""
+
+    registry: str = ""
+    seg_model: str = "seg-demo"
+    cls_model: str = "cls-demo"
+    device: str = "auto"
+    fracture_threshold: float = Field(default=0.5, gt=0, lt=1)
+
+
+class Destination(_Section):
+    """A remote AE that receives the node's results by C-STORE."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    outputs: tuple[str, ...] = ("seg", "sr", "summary")
+    tls: bool = False
+
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @classmethod
+    def parse(cls, spec: str) -> Destination:
+        """Parse ``AE@HOST:PORT``."""
+        ae, host, port = parse_ae_spec(spec)
+        return cls(ae_title=ae, host=host, port=port)
+
+
+class WorkerSettings(_Section):
+    """The local inference worker."""
+
+    enabled: bool = True
+    poll_seconds: float = Field(default=1.0, gt=0)
+
+
+class LoggingSettings(_Section):
+    """Log level and format."""
+
+    level: str = "INFO"
+
+
+class Settings(BaseSettings):
+    """All settings of one node process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CSPINE_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    completion: CompletionSettings = CompletionSettings()
+    models: ModelSettings = ModelSettings()
+    destinations: tuple[Destination, ...] = ()
+    worker: WorkerSettings = WorkerSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init kwargs carry the merged TOML files with CLI flags on top; the
+        # environment must sit between them, which load_settings arranges.
+        return (init_settings,)
+
+
+def parse_ae_spec(spec: str) -> tuple[str, str, int]:
+    """Split ``AE@HOST:PORT`` into its parts.
+
+    Raises
+    ------
+    ConfigError
+        When the text is not of that form.
+    """
+    try:
+        ae, rest = spec.split("@", 1)
+        host, port = rest.rsplit(":", 1)
+        return _check_ae_title(ae), host.strip("[]"), int(port)
+    except ValueError as exc:
+        raise ConfigError(f"expected AE@HOST:PORT, got {spec!r}") from exc
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
+    import json
+
+    layer: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith("CSPINE_") or "__" not in name:
+            continue
+        path = name[len("CSPINE_") :].lower().split("__")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        node = layer
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return layer
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Load the settings of this process.
+
+    Parameters
+    ----------
+    config_file
+        Optional TOML file layered over the embedded defaults.
+    overrides
+        Nested mapping from CLI flags, highest priority. ``None`` values are ignored.
+    environ
+        Environment to read ``CSPINE_`` variables from; defaults to ``os.environ``.
+
+    Returns
+    -------
+    Settings
+        The frozen settings.
+
+    Raises
+    ------
+    ConfigError
+        When a source is unreadable or a value is invalid.
+    """
+    data = _read_toml(DEFAULT_TOML)
+    if config_file:
+        data = _deep_merge(data, _read_toml(Path(config_file)))
+    data = _deep_merge(data, _env_layer(os.environ if environ is None else environ))
+    if overrides:
+        data = _deep_merge(data, _drop_none(overrides))
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid setting {where}: {first['msg']}") from exc
+
+
+def _drop_none(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            inner = _drop_none(value)
+            if inner:
+                out[key] = inner
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def check_bind_safety(settings: Settings) -> None:
+    """Refuse an open listener: non-loopback bind with no peer allow-list.
+
+    Raises
+    ------
+    ConfigError
+        When ``node.host`` is not a loopback address, ``node.peers`` is empty and
+        ``node.allow_any_peer`` is not set.
+    """
+    node = settings.node
+    try:
+        loopback = ipaddress.ip_address(node.host).is_loopback
+    except ValueError:
+        loopback = node.host == "localhost"
+    if not loopback and not node.peers and not node.allow_any_peer:
+        raise ConfigError(
+            f"refusing to listen on {node.host}: a non-loopback address needs a peer allow-list "
+            "([[node.peers]]) or an explicit node.allow_any_peer = true"
+        )

@@ -1,0 +1,1 @@
+"""The network-facing node: SCP handlers, completion, scheduler, writers, sender and CLI."""

@@ -1,0 +1,7 @@
+"""Node commands: serve, echo, send, import, studies, show."""
+
+from __future__ import annotations
+
+import click
+
+COMMANDS: list[click.Command] = []

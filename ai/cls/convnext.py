@@ -1,0 +1,136 @@
+"""A 2D ConvNeXt encoder (Liu et al., "A ConvNet for the 2020s", 2022), written for this project.
+
+timm and torchvision are not available, so the network is defined here. Variants follow
+the ConvNeXt family (V1 tiny and the small atto..nano variants popularised with V2):
+
+=========  =============  ===================
+variant    depths         dims
+=========  =============  ===================
+atto       (2, 2, 6, 2)   (40, 80, 160, 320)
+femto      (2, 2, 6, 2)   (48, 96, 192, 384)
+pico       (2, 2, 6, 2)   (64, 128, 256, 512)
+nano       (2, 2, 8, 2)   (80, 160, 320, 640)
+tiny       (3, 3, 9, 3)   (96, 192, 384, 768)
+=========  =============  ===================
+
+Each block: depthwise 7x7 convolution, LayerNorm over channels (channels-last), an
+inverted bottleneck (Linear to 4x, GELU, Linear back), a learnable per-channel layer
+scale, optional stochastic depth, and a residual connection. The stem is a 4x4 stride-4
+convolution plus LayerNorm; each later stage starts with LayerNorm plus a 2x2 stride-2
+convolution. The output is the global average of the last stage followed by a LayerNorm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+}
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel axis of an ``[N, C, H, W]`` tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Block(nn.Module):
+    """One ConvNeXt block."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale: float = 1e-6) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
+        self.drop_path = float(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.dwconv(x).permute(0, 2, 3, 1)  # channels-last for norm and MLP
+        x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
+        x = (x * self.gamma).permute(0, 3, 1, 2)
+        if self.training and self.drop_path > 0.0:
+            keep = 1.0 - self.drop_path
+            mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
+            x = x * mask / keep
+        return shortcut + x
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt feature extractor: ``[N, in_chans, H, W]`` -> ``[N, dims[-1]]``.
+
+    Parameters
+    ----------
+    in_chans
+        Input channels.
+    depths, dims
+        Blocks and channels per stage (4 stages).
+    drop_path
+        Maximum stochastic-depth rate, increasing linearly over the blocks.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        depths: Sequence[int] = VARIANTS["atto"][0],
+        dims: Sequence[int] = VARIANTS["atto"][1],
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(depths) != len(dims) or not depths:
+            raise ValueError(f"depths {depths} and dims {dims} must be equally long, non-empty")
+        self.out_dim = int(dims[-1])
+        self.downsample = nn.ModuleList()
+        self.downsample.append(
+            nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
+        )
+        for i in range(1, len(dims)):
+            self.downsample.append(
+                nn.Sequential(
+                    LayerNorm2d(dims[i - 1], eps=1e-6), nn.Conv2d(dims[i - 1], dims[i], 2, stride=2)
+                )
+            )
+        total = sum(depths)
+        rates = [drop_path * i / max(total - 1, 1) for i in range(total)]
+        self.stages = nn.ModuleList()
+        k = 0
+        for depth, dim in zip(depths, dims, strict=True):
+            self.stages.append(nn.Sequential(*[Block(dim, rates[k + j]) for j in range(depth)]))
+            k += depth
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for down, stage in zip(self.downsample, self.stages, strict=True):
+            x = stage(down(x))
+        return self.norm(x.mean(dim=(2, 3)))
+
+
+def convnext(variant: str = "atto", in_chans: int = 3, drop_path: float = 0.0) -> ConvNeXt:
+    """Build a named variant (see the module table)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown ConvNeXt variant {variant!r}; choose from {sorted(VARIANTS)}")
+    depths, dims = VARIANTS[variant]
+    return ConvNeXt(in_chans, depths, dims, drop_path)

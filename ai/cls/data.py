@@ -1,0 +1,152 @@
+"""Cached stage-2 training crops from an RSNA 2022 layout.
+
+Crops come from stage-1 *predictions* by default (``source="stage1"``), as in the
+reference recipe: segmentations exist for few studies, so the stage-1 model labels every
+study and the classifier learns on what it will see at inference. ``source="truth"``
+uses the dataset's segmentations instead (development only; studies without one are
+skipped). Each study's crops are cached as ``<cache>/<key>/<uid>.npz`` (uint8 crops,
+presence, labels); ``key`` hashes the crop config, the source and the stage-1 model's
+sha256, so a different model or crop setting never reuses stale crops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ai.cls.crops import CropConfig, extract_crops
+from ai.metrics import ROWS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyCrops:
+    """One study's cached crops.
+
+    ``crops`` is uint8 ``[n_present, S, C, H, W]`` (windowed values x 255), ``present`` bool
+    ``[7]``, ``labels`` float32 ``[8]`` in :data:`ai.metrics.ROWS` order.
+    """
+
+    uid: str
+    crops: torch.Tensor
+    present: np.ndarray
+    labels: np.ndarray
+    reasons: list[str | None]
+
+
+def cache_key(config: CropConfig, source: str, seg_sha256: str | None) -> str:
+    """Folder name under the cache root for one crop setting and crop source."""
+    blob = json.dumps(
+        {"crop": config.to_dict(), "source": source, "seg": seg_sha256}, sort_keys=True
+    )
+    return f"{source}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _labels_row(labels: dict[str, int]) -> np.ndarray:
+    return np.array([float(labels[r]) for r in ROWS], dtype=np.float32)
+
+
+def _save(path: Path, item: StudyCrops) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(
+        tmp,
+        crops=item.crops.numpy(),
+        present=item.present,
+        labels=item.labels,
+        reasons=np.array(["" if r is None else r for r in item.reasons]),
+    )
+    tmp.replace(path)
+
+
+def _load(path: Path, uid: str) -> StudyCrops:
+    with np.load(path) as z:
+        return StudyCrops(
+            uid=uid,
+            crops=torch.from_numpy(z["crops"]),
+            present=z["present"].astype(bool),
+            labels=z["labels"].astype(np.float32),
+            reasons=[r or None for r in z["reasons"].tolist()],
+        )
+
+
+def build_crop_cache(
+    root: str | Path,
+    cache_dir: str | Path,
+    config: CropConfig,
+    *,
+    seg_model: Any = None,
+    source: str = "stage1",
+    uids: Sequence[str] | None = None,
+    progress: Callable[[Any], Any] | None = None,
+) -> list[StudyCrops]:
+    """Crops of every study of an RSNA-layout dataset, computing and caching missing ones.
+
+    Parameters
+    ----------
+    root
+        Dataset root (``train.csv``, ``train_images/``, ``segmentations/``).
+    cache_dir
+        Cache root (keep it outside the repository).
+    config
+        Crop parameters.
+    seg_model
+        A loaded :class:`ai.seg.SegModel`; required when ``source="stage1"``.
+    source
+        ``"stage1"`` (predicted label maps) or ``"truth"`` (dataset segmentations).
+    uids
+        Subset of studies (default: all, in ``train.csv`` order).
+    progress
+        Optional wrapper for the iteration (e.g. ``tqdm``).
+
+    Returns
+    -------
+    list of StudyCrops
+        In the order of ``uids``; truth-source studies without segmentation are skipped.
+    """
+    from ai.rsna import RSNADataset
+
+    if source not in ("stage1", "truth"):
+        raise ValueError(f"source must be 'stage1' or 'truth', got {source!r}")
+    if source == "stage1" and seg_model is None:
+        raise ValueError("source='stage1' needs a stage-1 model (seg_model)")
+    ds = RSNADataset(root)
+    seg_sha = seg_model.identity.sha256 if source == "stage1" else None
+    folder = Path(cache_dir) / cache_key(config, source, seg_sha)
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = list(uids) if uids is not None else list(ds.study_uids)
+    it = progress(wanted) if progress else wanted
+    out: list[StudyCrops] = []
+    for uid in it:
+        path = folder / f"{uid}.npz"
+        if path.is_file():
+            out.append(_load(path, uid))
+            continue
+        if source == "truth" and not ds.has_segmentation(uid):
+            log.info("skipping study without segmentation (source=truth)")
+            continue
+        study = ds.load(uid)
+        if source == "truth":
+            label_map = np.asarray(study.segmentation)
+            label_map = np.where(label_map <= 7, label_map, 0).astype(np.uint8)
+        else:
+            label_map = seg_model.predict(study.volume).label_map
+        batch = extract_crops(study.volume, label_map, config)
+        item = StudyCrops(
+            uid=uid,
+            crops=(batch.crops * 255.0).round_().to(torch.uint8),
+            present=batch.present,
+            labels=_labels_row(ds.labels(uid)),
+            reasons=[v.reason for v in batch.vertebrae],
+        )
+        _save(path, item)
+        out.append(item)
+    return out

@@ -1,0 +1,452 @@
+"""Training and evaluation of the stage-2 classifier on cached crops.
+
+Loss: binary cross-entropy weighted exactly like the RSNA 2022 metric
+(:func:`ai.metrics.weighted_log_loss`): vertebra rows 1/2 (negative/positive), the patient
+row 7/14, each study's weighted mean, averaged over the studies. Vertebrae that were not
+assessed (no crop) carry no loss.
+
+Augmentation (training only, on the cached crops, per study): left-right flip,
+reversal of the slice order (p 0.2, as the reference's random slice order), a random
+shift of up to 8% of the crop, and a random contrast/brightness change of the image
+channels (the mask channel is left as is). Optional mixup between studies whose assessed
+vertebrae are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ai import metrics
+from ai.cls.crops import CropConfig
+from ai.cls.data import StudyCrops
+from ai.cls.model import ARCHITECTURE_CLASS, PATIENT_MODES, noisy_or
+from ai.cls.net import FractureNet, build
+from ai.modelpkg import DEMO_LABEL, save_package
+from ai.types import VERTEBRAE
+
+log = logging.getLogger(__name__)
+
+NEG_W = torch.tensor([1, 1, 1, 1, 1, 1, 1, 7], dtype=torch.float32)
+POS_W = torch.tensor([2, 2, 2, 2, 2, 2, 2, 14], dtype=torch.float32)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (recorded in ``model.json``)."""
+
+    epochs: int = 10
+    batch_size: int = 4
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    folds: int = 5
+    fold: int = 0
+    seed: int = 0
+    mixup: float = 0.0
+    variant: str = "atto"
+    depths: list[int] | None = None
+    dims: list[int] | None = None
+    lstm_hidden: int = 128
+    drop_path: float = 0.05
+    dropout: float = 0.1
+    threshold: float = 0.5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def net_params(self, in_chans: int) -> dict[str, Any]:
+        """Architecture parameters for :class:`FractureNet`."""
+        params: dict[str, Any] = {
+            "variant": self.variant,
+            "in_chans": in_chans,
+            "lstm_hidden": self.lstm_hidden,
+            "drop_path": self.drop_path,
+            "dropout": self.dropout,
+        }
+        if self.depths is not None and self.dims is not None:
+            params["depths"] = list(self.depths)
+            params["dims"] = list(self.dims)
+        return params
+
+
+def weighted_bce(
+    vert_logits: torch.Tensor,
+    patient_logits: torch.Tensor,
+    labels: torch.Tensor,
+    present: torch.Tensor,
+) -> torch.Tensor:
+    """Competition-weighted BCE (see the module docstring).
+
+    Parameters
+    ----------
+    vert_logits
+        ``[B, 7]``.
+    patient_logits
+        ``[B]``.
+    labels
+        ``[B, 8]`` targets (may be fractional under mixup).
+    present
+        Boolean ``[B, 7]``; absent vertebrae get weight 0.
+    """
+    logits = torch.cat([vert_logits.float(), patient_logits.float()[:, None]], dim=1)
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    w = labels * POS_W.to(labels.device) + (1 - labels) * NEG_W.to(labels.device)
+    mask = torch.cat([present, present.new_ones((present.shape[0], 1))], dim=1).float()
+    w = w * mask
+    return ((w * bce).sum(dim=1) / w.sum(dim=1)).mean()
+
+
+def fold_split(n: int, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and validation studies of one fold (seeded shuffle).
+
+    ``folds == 1`` trains on everything and validates on nothing.
+    """
+    if folds < 1 or not 0 <= fold < folds:
+        raise ValueError(f"need folds >= 1 and 0 <= fold < folds, got folds={folds} fold={fold}")
+    order = np.random.default_rng(seed).permutation(n)
+    if folds == 1:
+        return order, order[:0]
+    parts = np.array_split(order, folds)
+    val = parts[fold]
+    train = np.concatenate([p for i, p in enumerate(parts) if i != fold])
+    return train, val
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Augment one study's crops ``[n, S, C, H, W]`` (float in [0, 1])."""
+    if torch.rand((), generator=gen) < 0.5:
+        x = x.flip(-1)
+    if torch.rand((), generator=gen) < 0.2:
+        x = x.flip(1)
+    h = x.shape[-1]
+    m = max(1, int(0.08 * h))
+    dy, dx = (int(v) for v in torch.randint(-m, m + 1, (2,), generator=gen))
+    if dy or dx:
+        x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+    scale = 1.0 + 0.2 * (torch.rand((), generator=gen) - 0.5)
+    shift = 0.1 * (torch.rand((), generator=gen) - 0.5)
+    img = (x[:, :, :-1] * scale + shift).clamp(0.0, 1.0)
+    return torch.cat([img, x[:, :, -1:]], dim=2)
+
+
+def _batch(
+    items: Sequence[StudyCrops], device: torch.device, augment: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    crops = []
+    for it in items:
+        x = it.crops.float() / 255.0
+        if augment is not None:
+            x = _augment(x, augment)
+        crops.append(x)
+    present = torch.from_numpy(np.stack([it.present for it in items]))
+    labels = torch.from_numpy(np.stack([it.labels for it in items]))
+    return torch.cat(crops).to(device), present.to(device), labels.to(device)
+
+
+@torch.inference_mode()
+def predict_cached(
+    net: FractureNet, items: Sequence[StudyCrops], device: torch.device, batch_size: int = 4
+) -> dict[str, np.ndarray]:
+    """Probabilities for cached studies.
+
+    Returns
+    -------
+    dict
+        ``vertebrae`` ``[n, 7]`` (NaN where not assessed) and ``patient_<mode>`` ``[n]`` for
+        each patient mode (NaN when nothing was assessed).
+    """
+    net.eval()
+    n = len(items)
+    vert = np.full((n, 7), np.nan)
+    pat = {m: np.full(n, np.nan) for m in PATIENT_MODES}
+    cuda = device.type == "cuda"
+    idx = [i for i, it in enumerate(items) if it.present.any()]
+    for s in range(0, len(idx), batch_size):
+        chunk = idx[s : s + batch_size]
+        x, present, _ = _batch([items[i] for i in chunk], device, None)
+        amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
+        with amp:
+            out = net(x, present)
+        v = torch.sigmoid(out["vertebra_logits"].float()).cpu().numpy()
+        p = torch.sigmoid(out["patient_logits"].float()).cpu().numpy()
+        for j, i in enumerate(chunk):
+            mask = items[i].present
+            vert[i, mask] = v[j, mask]
+            pat["head"][i] = p[j]
+            pat["noisy_or"][i] = noisy_or(v[j, mask])
+    return {"vertebrae": vert, **{f"patient_{m}": a for m, a in pat.items()}}
+
+
+def score(
+    items: Sequence[StudyCrops],
+    preds: dict[str, np.ndarray],
+    patient_mode: str,
+    prior: np.ndarray,
+    threshold: float = 0.5,
+    n_bins: int = 10,
+) -> dict[str, Any]:
+    """Evaluation metrics for predictions of :func:`predict_cached`.
+
+    Vertebrae that were not assessed are scored in the log loss with the training prior
+    ``prior[v]`` (they have no probability of their own) and are left out of the AUCs,
+    operating points and calibration; their count is reported.
+    """
+    y = np.stack([it.labels for it in items]).astype(np.float64)
+    vert = preds["vertebrae"].copy()
+    missing = np.isnan(vert)
+    vert = np.where(missing, prior[None, :7], vert)
+    pat = preds[f"patient_{patient_mode}"].copy()
+    pat = np.where(np.isnan(pat), prior[7], pat)
+    full = np.concatenate([vert, pat[:, None]], axis=1)
+    assessed = ~missing
+    yv, pv = y[:, :7][assessed], preds["vertebrae"][assessed]
+    out: dict[str, Any] = {
+        "n_studies": len(items),
+        "n_patient_positive": int(y[:, 7].sum()),
+        "n_vertebrae_assessed": int(assessed.sum()),
+        "n_vertebrae_not_assessed": int(missing.sum()),
+        "patient_mode": patient_mode,
+        "weighted_log_loss": metrics.weighted_log_loss(y, full),
+        "patient_auc": metrics.auc(y[:, 7], pat),
+        "vertebra_auc_pooled": metrics.auc(yv, pv) if yv.size else None,
+        "vertebra_auc": {},
+        "patient_operating_point": metrics.sensitivity_specificity(y[:, 7], pat, threshold),
+        "vertebra_operating_point": metrics.sensitivity_specificity(yv, pv, threshold),
+        "patient_calibration": metrics.calibration_table(y[:, 7], pat, n_bins),
+        "vertebra_calibration": metrics.calibration_table(yv, pv, n_bins),
+    }
+    for k, name in enumerate(VERTEBRAE):
+        sel = assessed[:, k]
+        out["vertebra_auc"][name] = metrics.auc(y[sel, k], preds["vertebrae"][sel, k])
+    aucs = [a for a in out["vertebra_auc"].values() if a is not None]
+    out["vertebra_auc_mean"] = float(np.mean(aucs)) if aucs else None
+    return out
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train(
+    items: Sequence[StudyCrops],
+    crop_config: CropConfig,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    device: torch.device,
+    meta: dict[str, Any],
+    resume: bool = False,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Train one fold and write a model package.
+
+    Parameters
+    ----------
+    items
+        Cached crops of all studies (studies with no assessed vertebra are dropped).
+    crop_config
+        Crop parameters the items were cut with (recorded in the package).
+    cfg
+        Hyper-parameters.
+    out_dir
+        Package folder; ``checkpoint.pt`` is kept next to it for ``resume``.
+    device
+        Training device (AMP on CUDA).
+    meta
+        Extra metadata merged into ``model.json`` (name, version, training data, command...).
+    resume
+        Continue from ``<out_dir>/checkpoint.pt`` when it exists.
+    progress
+        ``tqdm``-like callable wrapping the batch iterator, or ``None``.
+
+    Returns
+    -------
+    dict
+        The written ``model.json`` content.
+    """
+    torch.manual_seed(cfg.seed)
+    items = [it for it in items if it.present.any()]
+    if len(items) < 2:
+        raise ValueError(f"need at least 2 studies with an assessed vertebra, got {len(items)}")
+    tr_idx, va_idx = fold_split(len(items), cfg.folds, cfg.fold, cfg.seed)
+    train_items = [items[i] for i in tr_idx]
+    val_items = [items[i] for i in va_idx]
+    net = build(cfg.net_params(crop_config.channels)).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint.pt"
+    start_epoch, history = 0, []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        start_epoch = int(state["epoch"])
+        history = list(state["history"])
+        if state.get("best_net") is not None:
+            best = (float(state["best_loss"]), state["best_net"])
+        log.info("resumed at epoch %d", start_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * start_epoch)
+    prior = np.stack([it.labels for it in train_items]).mean(axis=0).clip(0.01, 0.99)
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        order = torch.randperm(len(train_items), generator=gen).tolist()
+        batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        it = progress(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}") if progress else batches
+        losses = []
+        for b, chunk in enumerate(it):
+            step = epoch * steps_per_epoch + b
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, total, warmup, cfg.lr)
+            x, present, labels = _batch([train_items[i] for i in chunk], device, gen)
+            if cfg.mixup > 0 and len(chunk) > 1 and torch.rand((), generator=gen) < cfg.mixup:
+                x, labels = _mixup(x, present, labels, gen)
+            if cuda:
+                x = x.contiguous()
+            amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
+            with amp:
+                res = net(x, present)
+            loss = weighted_bce(res["vertebra_logits"], res["patient_logits"], labels, present)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(net.parameters(), 2.0)
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            if progress and hasattr(it, "set_postfix"):
+                it.set_postfix(loss=f"{np.mean(losses):.4f}")
+        entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
+        if val_items:
+            preds = predict_cached(net, val_items, device, cfg.batch_size)
+            for mode in PATIENT_MODES:
+                entry[f"val_loss_{mode}"] = score(val_items, preds, mode, prior)[
+                    "weighted_log_loss"
+                ]
+            val_loss = min(entry[f"val_loss_{m}"] for m in PATIENT_MODES)
+            if best is None or val_loss < best[0]:
+                best = (val_loss, {k: v.detach().clone() for k, v in net.state_dict().items()})
+        history.append(entry)
+        log.info("epoch %s", entry)
+        if progress is not None and hasattr(progress, "write"):
+            progress.write(str(entry))
+        torch.save(
+            {
+                "net": net.state_dict(),
+                "opt": opt.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+                "best_net": best[1] if best else None,
+                "best_loss": best[0] if best else None,
+            },
+            ckpt,
+        )
+    seconds = time.perf_counter() - t_start
+    if best is not None:
+        net.load_state_dict(best[1])
+    net = net.to(memory_format=torch.contiguous_format).cpu()
+    result_metrics: dict[str, Any] = {}
+    patient_mode = "head"
+    if val_items:
+        preds = predict_cached(net, val_items, torch.device("cpu"), cfg.batch_size)
+        comparison = {}
+        for mode in PATIENT_MODES:
+            comparison[mode] = score(val_items, preds, mode, prior)["weighted_log_loss"]
+        patient_mode = min(comparison, key=lambda m: comparison[m])
+        result_metrics = {
+            "validation": score(val_items, preds, patient_mode, prior, cfg.threshold),
+            "patient_mode_comparison": {
+                "weighted_log_loss": comparison,
+                "chosen": patient_mode,
+                "rule": "lower weighted log loss on the validation fold",
+            },
+        }
+    full_meta = dict(meta)
+    full_meta.update(
+        {
+            "task": "cls",
+            "architecture": {
+                "class": ARCHITECTURE_CLASS,
+                "params": cfg.net_params(crop_config.channels),
+            },
+            "input": {
+                "crop": crop_config.to_dict(),
+                "layout": "[N_assessed, n_slices, channels, size, size]; channels = HU window "
+                "of slices i-context..i+context, then the vertebra mask",
+            },
+            "labels": [*VERTEBRAE, "patient_overall"],
+            "inference": {
+                "patient_mode": patient_mode,
+                "threshold": cfg.threshold,
+                "prior": [float(p) for p in prior],
+            },
+            "metrics": result_metrics,
+        }
+    )
+    training = dict(full_meta.get("training", {}))
+    training.update(
+        {
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay,
+            "folds": cfg.folds,
+            "fold": cfg.fold,
+            "seed": cfg.seed,
+            "mixup": cfg.mixup,
+            "n_train_studies": len(train_items),
+            "n_validation_studies": len(val_items),
+            "history": history,
+            "seconds": round(seconds, 1),
+            "device": str(device),
+            "loss": "RSNA 2022 competition-weighted BCE (per-study weighted mean)",
+            **cfg.extra,
+        }
+    )
+    full_meta["training"] = training
+    if full_meta.get("demo"):
+        full_meta.setdefault("description", DEMO_LABEL)
+    save_package(out, net, full_meta, half=True)
+    return full_meta
+
+
+def _mixup(
+    x: torch.Tensor, present: torch.Tensor, labels: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix studies pairwise when their assessed vertebrae coincide (others unchanged)."""
+    b = present.shape[0]
+    perm = torch.randperm(b, generator=gen)
+    lam = float(torch.distributions.Beta(0.4, 0.4).sample())
+    counts = present.sum(dim=1).tolist()
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    x_new, y_new = x.clone(), labels.clone()
+    for i in range(b):
+        j = int(perm[i])
+        if j == i or not torch.equal(present[i], present[j]):
+            continue
+        a0, a1 = int(starts[i]), int(starts[i + 1])
+        b0, b1 = int(starts[j]), int(starts[j + 1])
+        x_new[a0:a1] = lam * x[a0:a1] + (1 - lam) * x[b0:b1]
+        y_new[i] = lam * labels[i] + (1 - lam) * labels[j]
+    return x_new, y_new

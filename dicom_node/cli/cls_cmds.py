@@ -2,7 +2,306 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
 import click
 
-TRAIN: dict[str, click.Command] = {}
-EVALUATE: dict[str, click.Command] = {}
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cspine" / "cls"
+
+
+def _int_list(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from exc
+
+
+def _setup_torch(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@click.command("cls")
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="RSNA 2022 layout root (train.csv, train_images/, segmentations/).",
+)
+@click.option(
+    "--seg-model",
+    default="seg-demo",
+    show_default=True,
+    help="Stage-1 package (folder or installed name) that labels the studies.",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Model package folder to write.",
+)
+@click.option(
+    "--cache",
+    "cache",
+    type=click.Path(file_okay=False),
+    default=str(DEFAULT_CACHE),
+    show_default=True,
+    help="Crop cache folder (keep it outside the repository).",
+)
+@click.option(
+    "--crop-source",
+    type=click.Choice(["stage1", "truth"]),
+    default="stage1",
+    show_default=True,
+    help="Label maps from stage-1 predictions or ground truth.",
+)
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--batch-size",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Studies per batch (7 vertebrae x slices each).",
+)
+@click.option("--lr", default=5e-4, show_default=True, type=float)
+@click.option(
+    "--size", default=224, show_default=True, type=click.IntRange(32), help="Crop size in pixels."
+)
+@click.option("--slices", default=15, show_default=True, type=click.IntRange(1))
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--fold", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--mixup",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Probability of mixup per batch.",
+)
+@click.option(
+    "--variant",
+    default="atto",
+    show_default=True,
+    type=click.Choice(["atto", "femto", "pico", "nano", "tiny"]),
+)
+@click.option("--depths", default=None, help="Custom ConvNeXt depths, e.g. 2,2,6,2.")
+@click.option("--dims", default=None, help="Custom ConvNeXt widths, e.g. 32,64,128,256.")
+@click.option("--lstm-hidden", default=128, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--threshold",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Operating threshold recorded in the package.",
+)
+@click.option("--name", default="cls-demo", show_default=True)
+@click.option("--version", "version", default="0.1.0", show_default=True)
+@click.option(
+    "--demo/--no-demo",
+    default=None,
+    help="Label as synthetic demo weights (default: when the data is synthetic).",
+)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
+def train_cls(
+    data: str,
+    seg_model: str,
+    out: str,
+    cache: str,
+    crop_source: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    size: int,
+    slices: int,
+    folds: int,
+    fold: int,
+    seed: int,
+    mixup: float,
+    variant: str,
+    depths: str | None,
+    dims: str | None,
+    lstm_hidden: int,
+    threshold: float,
+    name: str,
+    version: str,
+    demo: bool | None,
+    resume: bool,
+    device: str,
+    threads: int | None,
+) -> None:
+    """Train the stage-2 fracture classifier and write a model package."""
+    _setup_torch(threads)
+    from tqdm import tqdm
+
+    from ai.cls.crops import CropConfig
+    from ai.cls.data import build_crop_cache
+    from ai.cls.train import TrainConfig, train
+    from ai.modelpkg import DEMO_LABEL, select_device
+
+    if fold >= folds:
+        raise click.BadParameter(f"--fold must be < --folds ({folds})", param_hint="--fold")
+    dev = select_device(device)
+    crop = CropConfig(size=size, n_slices=slices)
+    seg = None
+    seg_identity = None
+    if crop_source == "stage1":
+        from ai.seg import SegModel
+
+        seg = SegModel.load(seg_model, device=device)
+        seg_identity = vars(seg.identity)
+    click.echo(f"building crop cache ({crop_source}) under {cache}", err=True)
+    items = build_crop_cache(
+        data,
+        cache,
+        crop,
+        seg_model=seg,
+        source=crop_source,
+        progress=lambda x: tqdm(x, desc="crops", file=sys.stderr),
+    )
+    synthetic = _is_synthetic(Path(data))
+    is_demo = synthetic if demo is None else demo
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        folds=folds,
+        fold=fold,
+        seed=seed,
+        mixup=mixup,
+        variant=variant,
+        depths=_int_list(depths),
+        dims=_int_list(dims),
+        lstm_hidden=lstm_hidden,
+        threshold=threshold,
+    )
+    meta = {
+        "name": name,
+        "version": version,
+        "description": DEMO_LABEL if is_demo else f"stage-2 fracture classifier trained on {data}",
+        "demo": bool(is_demo),
+        "training": {
+            "data": str(Path(data).resolve()),
+            "data_synthetic": synthetic,
+            "n_studies": len(items),
+            "crop_source": "stage-1 predictions" if crop_source == "stage1" else "ground truth",
+            "seg_model": seg_identity,
+            "command": "cspine train cls " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+            if len(sys.argv) > 3 and sys.argv[1:3] == ["train", "cls"]
+            else " ".join(shlex.quote(a) for a in sys.argv),
+            "torch_threads": threads,
+        },
+    }
+
+    class _Progress:
+        def __call__(self, it: list, desc: str) -> tqdm:
+            return tqdm(it, desc=desc, file=sys.stderr)
+
+        def write(self, s: str) -> None:
+            tqdm.write(s, file=sys.stderr)
+
+    full = train(items, crop, cfg, out, device=dev, meta=meta, resume=resume, progress=_Progress())
+    val = full.get("metrics", {}).get("validation")
+    summary = {"package": str(out), "patient_mode": full["inference"]["patient_mode"]}
+    if val:
+        summary.update(
+            {k: val[k] for k in ("weighted_log_loss", "patient_auc", "vertebra_auc_mean")}
+        )
+    click.echo(json.dumps(summary, indent=2))
+
+
+def _is_synthetic(root: Path) -> bool:
+    """Whether a dataset root says it is synthetic (a marker file written by ``cspine synth``)."""
+    for marker in ("SYNTHETIC", "synthetic.json", "SYNTHETIC.md", "README.synthetic"):
+        if (root / marker).exists():
+            return True
+    readme = root / "README.md"
+    return readme.is_file() and "synthetic" in readme.read_text(errors="replace").lower()
+
+
+@click.command("cls")
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="RSNA 2022 layout root.",
+)
+@click.option("--seg-model", default="seg-demo", show_default=True)
+@click.option("--cls-model", default="cls-demo", show_default=True)
+@click.option(
+    "--cache",
+    "cache",
+    type=click.Path(file_okay=False),
+    default=str(DEFAULT_CACHE),
+    show_default=True,
+)
+@click.option(
+    "--crop-source", type=click.Choice(["stage1", "truth"]), default="stage1", show_default=True
+)
+@click.option(
+    "--threshold",
+    default=None,
+    type=click.FloatRange(0, 1),
+    help="Operating threshold (default: the package's).",
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+@click.option("--markdown", "md_out", type=click.Path(dir_okay=False), default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
+def evaluate_cls(
+    data: str,
+    seg_model: str,
+    cls_model: str,
+    cache: str,
+    crop_source: str,
+    threshold: float | None,
+    json_out: str | None,
+    md_out: str | None,
+    device: str,
+    threads: int | None,
+) -> None:
+    """Score a stage-2 package: weighted log loss, AUCs, operating point, calibration."""
+    _setup_torch(threads)
+    from tqdm import tqdm
+
+    from ai.cls import ClsModel
+    from ai.cls.evaluate import evaluate_dataset, markdown_report
+
+    model = ClsModel.load(cls_model, device=device)
+    seg = None
+    if crop_source == "stage1":
+        from ai.seg import SegModel
+
+        seg = SegModel.load(seg_model, device=device)
+    result = evaluate_dataset(
+        data,
+        model,
+        cache,
+        seg_model=seg,
+        source=crop_source,
+        threshold=threshold,
+        progress=lambda x: tqdm(x, desc="crops", file=sys.stderr),
+    )
+    text = json.dumps(result, indent=2)
+    if json_out:
+        Path(json_out).write_text(text + "\n")
+    report = markdown_report(result)
+    if md_out:
+        Path(md_out).write_text(report)
+    click.echo(report)
+
+
+TRAIN: dict[str, click.Command] = {"cls": train_cls}
+EVALUATE: dict[str, click.Command] = {"cls": evaluate_cls}

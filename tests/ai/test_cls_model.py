@@ -1,0 +1,178 @@
+"""Stage-2 network, loss, training smoke test and the loaded ClsModel."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ai import metrics
+from ai.cls import ClsModel, CropConfig, extract_crops
+from ai.cls.convnext import VARIANTS, ConvNeXt, convnext
+from ai.cls.data import StudyCrops
+from ai.cls.net import FractureNet
+from ai.cls.train import TrainConfig, fold_split, train, weighted_bce
+from ai.errors import ModelLoadError
+from ai.modelpkg import DEMO_LABEL
+from ai.types import CTVolume
+
+TINY = {"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16], "lstm_hidden": 8}
+
+
+def test_convnext_variants_follow_the_paper_family() -> None:
+    assert VARIANTS["atto"] == ((2, 2, 6, 2), (40, 80, 160, 320))
+    assert VARIANTS["nano"] == ((2, 2, 8, 2), (80, 160, 320, 640))
+    assert VARIANTS["tiny"] == ((3, 3, 9, 3), (96, 192, 384, 768))
+    net = convnext("atto", in_chans=6)
+    assert net.out_dim == 320
+    assert sum(len(s) for s in net.stages) == 12
+    out = ConvNeXt(6, [1, 1, 1, 1], [8, 8, 16, 16])(torch.zeros(3, 6, 64, 64))
+    assert out.shape == (3, 16)
+    with pytest.raises(ValueError, match="variant"):
+        convnext("huge")
+
+
+def test_network_handles_missing_vertebrae() -> None:
+    torch.manual_seed(0)
+    net = FractureNet(in_chans=6, **TINY).eval()
+    present = torch.tensor([[1, 1, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    crops = torch.rand(int(present.sum()), 3, 6, 32, 32)
+    out = net(crops, present)
+    assert out["slice_logits"].shape == (8, 3)
+    assert out["vertebra_logits"].shape == (2, 7)
+    assert out["patient_logits"].shape == (2,)
+    assert torch.all(out["vertebra_logits"][~present] == 0)
+    assert torch.all(torch.isfinite(out["patient_logits"]))
+    # a study's result does not depend on another study in the batch
+    alone = net(crops[6:], present[1:])
+    assert torch.allclose(alone["patient_logits"], out["patient_logits"][1:], atol=1e-5)
+    with pytest.raises(ValueError, match="crops given"):
+        net(crops[:3], present)
+
+
+def test_weighted_bce_equals_the_competition_metric() -> None:
+    torch.manual_seed(1)
+    vert = torch.randn(3, 7)
+    pat = torch.randn(3)
+    labels = torch.tensor(
+        [[0, 0, 1, 0, 0, 0, 0, 1], [0] * 8, [1, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.float32
+    )
+    present = torch.ones(3, 7, dtype=torch.bool)
+    loss = float(weighted_bce(vert, pat, labels, present))
+    probs = torch.sigmoid(torch.cat([vert, pat[:, None]], 1)).numpy()
+    assert loss == pytest.approx(metrics.weighted_log_loss(labels.numpy(), probs), rel=1e-5)
+    # an absent vertebra carries no loss: changing its logit changes nothing
+    present[0, 2] = False
+    a = float(weighted_bce(vert, pat, labels, present))
+    vert2 = vert.clone()
+    vert2[0, 2] = 100.0
+    assert float(weighted_bce(vert2, pat, labels, present)) == pytest.approx(a)
+
+
+def test_fold_split_partitions_studies() -> None:
+    seen = []
+    for f in range(3):
+        tr, va = fold_split(10, 3, f, seed=4)
+        assert set(tr).isdisjoint(va) and len(tr) + len(va) == 10
+        seen.extend(va.tolist())
+    assert sorted(seen) == list(range(10))
+    tr, va = fold_split(5, 1, 0, seed=0)
+    assert len(tr) == 5 and len(va) == 0
+    with pytest.raises(ValueError, match="fold"):
+        fold_split(5, 2, 2, seed=0)
+
+
+def _study(seed: int, fractured: int | None) -> tuple[CTVolume, np.ndarray, np.ndarray]:
+    """A tiny volume: 7 boxes of 'bone' stacked along z; a fracture is a dark gap."""
+    rng = np.random.default_rng(seed)
+    hu = rng.normal(0, 20, size=(70, 40, 40)).astype(np.int16)
+    lm = np.zeros(hu.shape, np.uint8)
+    for v in range(7):
+        z = 2 + 9 * v
+        lm[z : z + 8, 12:28, 12:28] = v + 1
+        hu[z : z + 8, 12:28, 12:28] = 800
+    if fractured is not None:
+        z = 2 + 9 * fractured
+        hu[z + 3 : z + 5, 12:28, 18:21] = -200
+    affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
+    labels = np.zeros(8, np.float32)
+    if fractured is not None:
+        labels[fractured] = 1
+        labels[7] = 1
+    return CTVolume(hu=hu, affine=affine), lm, labels
+
+
+def test_training_smoke_writes_a_loadable_package(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    crop = CropConfig(size=32, n_slices=3, min_volume_mm3=10)
+    items = []
+    for i in range(6):
+        vol, lm, labels = _study(i, i % 7 if i % 2 else None)
+        if i == 0:
+            lm[lm == 7] = 0  # C7 missing in one study
+        batch = extract_crops(vol, lm, crop)
+        items.append(
+            StudyCrops(
+                str(i),
+                (batch.crops * 255).round().to(torch.uint8),
+                batch.present,
+                labels,
+                [v.reason for v in batch.vertebrae],
+            )
+        )
+    cfg = TrainConfig(epochs=2, batch_size=2, folds=3, fold=1, seed=3, mixup=1.0, **TINY)
+    out = tmp_path / "pkg"
+    meta = train(
+        items,
+        crop,
+        cfg,
+        out,
+        device=torch.device("cpu"),
+        meta={"name": "cls-test", "version": "0.0.1", "demo": True, "training": {"seed": 3}},
+    )
+    assert (out / "model.json").is_file() and (out / "checkpoint.pt").is_file()
+    written = json.loads((out / "model.json").read_text())
+    assert written["description"] == DEMO_LABEL and written["demo"] is True
+    assert written["inference"]["patient_mode"] in ("head", "noisy_or")
+    comparison = written["metrics"]["patient_mode_comparison"]["weighted_log_loss"]
+    assert set(comparison) == {"head", "noisy_or"}
+    assert written["training"]["n_validation_studies"] == 2
+    assert len(written["training"]["history"]) == 2
+    assert meta["input"]["crop"]["size"] == 32
+
+    model = ClsModel.load(out, device="cpu")
+    assert model.identity.name == "cls-test" and model.identity.demo
+    vol, lm, _ = _study(99, 3)
+    lm[lm == 1] = 0
+    verdicts, patient = model.predict(vol, lm)
+    assert [v.label for v in verdicts] == ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
+    assert not verdicts[0].assessed and verdicts[0].probability is None
+    assert verdicts[0].reason == "not in the field of view"
+    for v in verdicts[1:]:
+        assert v.assessed and v.visible and 0.0 <= v.probability <= 1.0
+    assert patient is not None and 0.0 <= patient <= 1.0 and math.isfinite(patient)
+
+    # nothing to assess: no probability at all, never a number
+    verdicts, patient = model.predict(vol, np.zeros_like(lm))
+    assert patient is None and all(v.probability is None for v in verdicts)
+
+    # resume continues from the checkpoint instead of starting over
+    cfg3 = TrainConfig(epochs=3, batch_size=2, folds=3, fold=1, seed=3, **TINY)
+    meta3 = train(
+        items,
+        crop,
+        cfg3,
+        out,
+        device=torch.device("cpu"),
+        resume=True,
+        meta={"name": "cls-test", "version": "0.0.2"},
+    )
+    assert [h["epoch"] for h in meta3["training"]["history"]] == [1, 2, 3]
+
+    (out / "model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(ModelLoadError, match="sha256"):
+        ClsModel.load(out)

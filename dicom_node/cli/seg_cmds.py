@@ -2,7 +2,228 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+import sys
+from pathlib import Path
+
 import click
 
-TRAIN: dict[str, click.Command] = {}
-EVALUATE: dict[str, click.Command] = {}
+from dicom_node.cli.common import configure_logging
+
+
+def _size(value: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in value.lower().replace("x", ",").split(",") if p.strip()]
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3:
+        raise click.BadParameter("size is N or DxHxW")
+    return (parts[0], parts[1], parts[2])
+
+
+@click.command("seg")
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="RSNA 2022 layout root (train.csv, train_images/, segmentations/).",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Model package folder to write.",
+)
+@click.option("--epochs", default=40, show_default=True, type=int)
+@click.option(
+    "--size", default="64", show_default=True, help="Working size N or DxHxW (multiples of 16)."
+)
+@click.option(
+    "--backbone",
+    default="efficientnet-b0",
+    show_default=True,
+    help="FlexibleUNet backbone (efficientnet-b0..b8, resnet10..).",
+)
+@click.option("--decoder-channels", default="64,32,16,8,4", show_default=True)
+@click.option(
+    "--normalization",
+    type=click.Choice(["bone_window", "minmax"]),
+    default="bone_window",
+    show_default=True,
+)
+@click.option(
+    "--folds",
+    default=5,
+    show_default=True,
+    type=int,
+    help="k of the k-fold split; 1 trains on everything.",
+)
+@click.option("--fold", default=0, show_default=True, type=int, help="Validation fold.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=2, show_default=True, type=int)
+@click.option("--lr", default=2e-3, show_default=True, type=float)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --work-dir.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Preprocessed-volume cache (default: next to --out).",
+)
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Checkpoint folder (default: next to --out).",
+)
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps.")
+@click.option("--max-minutes", type=float, default=None, help="Stop after this wall time.")
+@click.option("--name", default="seg-demo", show_default=True)
+@click.option("--version", "version", default="0.1.0", show_default=True)
+@click.option(
+    "--demo/--not-demo",
+    "demo",
+    default=None,
+    help="Label the package as synthetic demo weights (default: auto-detect).",
+)
+@click.option("--fp32", is_flag=True, help="Store float32 weights (default float16).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def train_seg(
+    data: str,
+    out: str,
+    epochs: int,
+    size: str,
+    backbone: str,
+    decoder_channels: str,
+    normalization: str,
+    folds: int,
+    fold: int,
+    seed: int,
+    batch_size: int,
+    lr: float,
+    device: str,
+    resume: bool,
+    cache_dir: str | None,
+    work_dir: str | None,
+    max_steps: int | None,
+    max_minutes: float | None,
+    name: str,
+    version: str,
+    demo: bool | None,
+    fp32: bool,
+    no_progress: bool,
+) -> None:
+    """Train the stage-1 C1-C7 segmentation network and write a model package."""
+    from ai.seg.train import TrainConfig, train
+
+    configure_logging("INFO")
+    cfg = TrainConfig(
+        data=Path(data),
+        out=Path(out),
+        size=_size(size),
+        backbone=backbone,
+        decoder_channels=tuple(int(c) for c in decoder_channels.split(",")),
+        normalization=normalization,
+        epochs=epochs,
+        folds=folds,
+        fold=fold,
+        seed=seed,
+        batch_size=batch_size,
+        lr=lr,
+        device=device,
+        resume=resume,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        work_dir=Path(work_dir) if work_dir else None,
+        max_steps=max_steps,
+        max_minutes=max_minutes,
+        name=name,
+        version=version,
+        demo=demo,
+        half=not fp32,
+        command="cspine " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        progress=not no_progress,
+    )
+    path = train(cfg)
+    click.echo(f"model package written to {path}")
+
+
+@click.command("seg")
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="RSNA 2022 layout root with segmentations.",
+)
+@click.option(
+    "--model",
+    "model",
+    default="seg-demo",
+    show_default=True,
+    help="Package folder or installed package name.",
+)
+@click.option(
+    "--registry",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder of installed packages (default: the shipped ones).",
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the full report as JSON here.",
+)
+@click.option(
+    "--markdown",
+    "md_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the Markdown table here.",
+)
+@click.option(
+    "--record",
+    is_flag=True,
+    help="Also store the mean/per-vertebra Dice in the package's model.json.",
+)
+@click.option("--no-progress", is_flag=True)
+def evaluate_seg(
+    data: str,
+    model: str,
+    registry: str | None,
+    device: str,
+    json_out: str | None,
+    md_out: str | None,
+    record: bool,
+    no_progress: bool,
+) -> None:
+    """Per-vertebra Dice of a stage-1 model on the original grid (JSON + Markdown)."""
+    from ai.modelpkg import META_FILE, resolve_package
+    from ai.seg.train import evaluate, markdown_table
+
+    configure_logging("WARNING")
+    report = evaluate(Path(data), model, registry=registry, device=device, progress=not no_progress)
+    table = markdown_table(report)
+    click.echo(table)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+    if md_out:
+        Path(md_out).write_text(table)
+    if record:
+        meta_path = resolve_package(model, registry) / META_FILE
+        meta = json.loads(meta_path.read_text())
+        meta.setdefault("metrics", {})["heldout_dice_original_grid"] = {
+            "data": str(data),
+            "n_studies": report["n_studies"],
+            **report["dice"],
+            "command": "cspine " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        }
+        meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+TRAIN: dict[str, click.Command] = {"seg": train_seg}
+EVALUATE: dict[str, click.Command] = {"seg": evaluate_seg}

@@ -1,0 +1,259 @@
+"""Stage-1 model: network construction, :class:`SegModel` inference and post-processing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ai.errors import InferenceError, ModelLoadError
+from ai.modelpkg import ModelPackage, load_module, read_package, resolve_package, select_device
+from ai.seg.preprocess import (
+    InputSpec,
+    canonical_view,
+    iter_source_slabs,
+    prepare_input,
+)
+from ai.types import VERTEBRAE, CTVolume, ModelIdentity
+
+logger = logging.getLogger(__name__)
+
+ARCH_CLASS = "monai.networks.nets.FlexibleUNet"
+N_LABELS = len(VERTEBRAE)
+DEFAULT_PACKAGE = "seg-demo"
+
+
+def default_arch_params(
+    backbone: str = "efficientnet-b0", decoder_channels: tuple[int, ...] = (64, 32, 16, 8, 4)
+) -> dict[str, Any]:
+    """Architecture parameters of the stage-1 network (``model.json["architecture"]["params"]``)."""
+    return {
+        "in_channels": 1,
+        "out_channels": N_LABELS,
+        "backbone": backbone,
+        "pretrained": False,
+        "spatial_dims": 3,
+        "decoder_channels": list(decoder_channels),
+    }
+
+
+def build_network(params: dict[str, Any]) -> torch.nn.Module:
+    """Build an untrained MONAI ``FlexibleUNet`` from architecture parameters.
+
+    Raises
+    ------
+    ValueError
+        When the parameters do not describe a 3-D, 1-in, 7-out network without
+        downloaded weights.
+    """
+    from monai.networks.nets import FlexibleUNet
+
+    p = dict(params)
+    if int(p.get("spatial_dims", 3)) != 3:
+        raise ValueError(f"stage-1 network must have spatial_dims=3, got {p.get('spatial_dims')}")
+    if int(p.get("out_channels", -1)) != N_LABELS:
+        raise ValueError(
+            f"stage-1 network must have out_channels={N_LABELS} (C1..C7), "
+            f"got {p.get('out_channels')}"
+        )
+    if p.get("pretrained"):
+        raise ValueError("pretrained=True would download weights at run time; it is not allowed")
+    if "decoder_channels" in p:
+        p["decoder_channels"] = tuple(int(c) for c in p["decoder_channels"])
+    return FlexibleUNet(**p)
+
+
+@dataclass
+class SegOutput:
+    """Result of :meth:`SegModel.predict`.
+
+    Attributes
+    ----------
+    label_map
+        uint8 array on the source grid, 0 background, 1..7 = C1..C7.
+    visible
+        ``{"C1": bool, ...}``: whether each vertebra is in the field of view.
+    seconds
+        Wall time of preprocessing, inference, resampling and post-processing.
+    volumes_mm3
+        Segmented volume of each vertebra in mm³.
+    notes
+        Post-processing remarks (e.g. a label order that had to be reversed).
+    """
+
+    label_map: np.ndarray
+    visible: dict[str, bool]
+    seconds: float
+    volumes_mm3: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PostSpec:
+    """Post-processing parameters (``model.json["postprocess"]``)."""
+
+    threshold: float = 0.5
+    min_visible_mm3: float = 500.0
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return {"threshold": self.threshold, "min_visible_mm3": self.min_visible_mm3}
+
+
+def keep_largest_components(label_map: np.ndarray) -> None:
+    """Keep only the largest 26-connected component of every label, in place."""
+    structure = np.ones((3, 3, 3), dtype=bool)
+    boxes = ndimage.find_objects(label_map, max_label=N_LABELS)
+    for value, box in enumerate(boxes, start=1):
+        if box is None:
+            continue
+        sub = label_map[box]
+        mask = sub == value
+        comps, n = ndimage.label(mask, structure=structure)
+        if n <= 1:
+            continue
+        sizes = np.bincount(comps.ravel())
+        sizes[0] = 0
+        sub[(comps != 0) & (comps != int(np.argmax(sizes)))] = 0
+
+
+def enforce_cranio_caudal_order(label_map: np.ndarray, affine: np.ndarray) -> list[str]:
+    """Make C1 lie above C7 along the patient (superior) axis.
+
+    Compares the superior (LPS z) coordinate of the centroids of the highest and the
+    lowest present labels; if the lowest label number is *below* the highest one, the
+    labels are reversed (n -> 8 - n) in place. Returns notes describing what was done.
+    """
+    present = [v for v in range(1, N_LABELS + 1) if np.any(label_map == v)]
+    if len(present) < 2:
+        return []
+    lo, hi = present[0], present[-1]
+    z = []
+    for v in (lo, hi):
+        idx = np.argwhere(label_map == v).mean(axis=0)
+        z.append(float((affine @ np.append(idx, 1.0))[2]))
+    if z[0] >= z[1]:
+        return []
+    lut = np.arange(256, dtype=np.uint8)
+    lut[1 : N_LABELS + 1] = np.arange(N_LABELS, 0, -1, dtype=np.uint8)
+    label_map[...] = lut[label_map]
+    note = f"labels reversed: {VERTEBRAE[lo - 1]} was below {VERTEBRAE[hi - 1]}"
+    logger.warning("stage-1 post-processing %s", note)
+    return [note]
+
+
+class SegModel:
+    """A loaded stage-1 segmentation model. Load once per process, then call :meth:`predict`."""
+
+    def __init__(
+        self, package: ModelPackage, network: torch.nn.Module, device: torch.device
+    ) -> None:
+        self.package = package
+        self.network = network
+        self.device = device
+        try:
+            self.input_spec = InputSpec.from_json(package.meta["input"])
+            self.post = PostSpec(**package.meta.get("postprocess", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{package.path}: invalid input/postprocess spec: {exc}") from exc
+
+    @classmethod
+    def load(
+        cls,
+        package: str | Path = DEFAULT_PACKAGE,
+        registry: str | Path | None = None,
+        device: str = "auto",
+    ) -> SegModel:
+        """Load and verify a stage-1 package.
+
+        Parameters
+        ----------
+        package
+            Package folder or name in the registry (default ``seg-demo``).
+        registry
+            Folder of installed packages; ``None`` uses the packages shipped in ``ai/models``.
+        device
+            ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+
+        Raises
+        ------
+        ModelLoadError
+            Missing package, sha256 mismatch, a task other than ``seg`` or architecture
+            parameters that do not fit the weights.
+        """
+        pkg = read_package(resolve_package(package, registry))
+        if pkg.meta.get("task") != "seg":
+            raise ModelLoadError(f"{pkg.path} is a {pkg.meta.get('task')!r} model, not 'seg'")
+        if pkg.architecture.get("class") != ARCH_CLASS:
+            raise ModelLoadError(
+                f"{pkg.path}: architecture class must be {ARCH_CLASS}, "
+                f"got {pkg.architecture.get('class')}"
+            )
+        dev = select_device(device)
+        net = load_module(pkg, build_network, dev)
+        return cls(pkg, net, dev)
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """Identity of the package, for outputs."""
+        return self.package.identity
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the network on an input ``(1, 1, d, h, w)``; returns ``(7, d, h, w)`` on CPU."""
+        with torch.inference_mode():
+            x = x.to(self.device)
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.float16):
+                    out = self.network(x)
+            else:
+                out = self.network(x)
+        return out[0].float().cpu()
+
+    def predict(self, vol: CTVolume) -> SegOutput:
+        """Segment C1..C7 in a volume and map the labels onto its own grid.
+
+        Raises
+        ------
+        InferenceError
+            When the volume is empty or the network fails.
+        """
+        t0 = time.perf_counter()
+        if vol.hu.ndim != 3 or vol.hu.size == 0:
+            raise InferenceError(f"volume must be a non-empty 3-D array, got shape {vol.hu.shape}")
+        try:
+            x, canon, box = prepare_input(vol.hu, vol.affine, self.input_spec)
+            logits = self.logits(x)
+        except RuntimeError as exc:
+            raise InferenceError(f"stage-1 network failed: {exc}") from exc
+        label_map = np.zeros(vol.hu.shape, dtype=np.uint8)
+        view = canonical_view(label_map, canon)
+        y0, y1, x0, x1 = box
+        thr = self.post.threshold
+        for start, probs in iter_source_slabs(logits, view.shape, box):
+            best, arg = probs.max(dim=0)
+            lab = torch.where(best > thr, arg + 1, 0).to(torch.uint8).numpy()
+            view[start : start + lab.shape[0], y0:y1, x0:x1] = lab
+        keep_largest_components(label_map)
+        notes = enforce_cranio_caudal_order(label_map, vol.affine)
+        voxel_mm3 = float(abs(np.linalg.det(vol.affine[:3, :3])))
+        counts = np.bincount(label_map.ravel(), minlength=N_LABELS + 1)
+        volumes = {name: float(counts[i + 1]) * voxel_mm3 for i, name in enumerate(VERTEBRAE)}
+        visible = {name: volumes[name] >= self.post.min_visible_mm3 for name in VERTEBRAE}
+        for name, vis in visible.items():
+            if not vis and counts[VERTEBRAE.index(name) + 1]:
+                label_map[label_map == VERTEBRAE.index(name) + 1] = 0
+        seconds = time.perf_counter() - t0
+        logger.info(
+            "stage-1 done seconds=%.2f visible=%s",
+            seconds,
+            ",".join(k for k, v in visible.items() if v),
+        )
+        return SegOutput(
+            label_map=label_map, visible=visible, seconds=seconds, volumes_mm3=volumes, notes=notes
+        )

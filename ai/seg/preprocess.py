@@ -1,0 +1,252 @@
+"""Stage-1 preprocessing: canonical orientation, body crop, intensity normalisation,
+resampling to the working grid and back.
+
+Every step here is shared by training and inference, so a model sees exactly the
+same input in both.
+
+Canonical orientation
+    The model always sees the volume with axis 0 running inferior -> superior,
+    axis 1 anterior -> posterior and axis 2 right -> left (the layout of a standard
+    axial series, ``ImageOrientationPatient = [1,0,0,0,1,0]`` with slices ascending).
+    :func:`canonical_view` finds the axis permutation and flips from the affine and
+    returns a numpy *view* (no copy); :func:`to_source` undoes it.
+
+Body crop
+    In-plane, the working grid covers only the bounding box of the voxels above
+    ``body_hu`` (plus a margin), so the neck, not the air around it, fills the
+    working grid. Voxels outside the box get label 0.
+
+Normalisation
+    ``bone_window`` (default): HU clipped to ``[low, high]`` and scaled to [0, 1];
+    ``minmax``: the per-volume min-max the reference code used (kept for comparison).
+
+Resampling
+    Down: area averaging (separable: in-plane per slab of slices, then along the slice
+    axis), so the whole volume is never held as float. Up: separable linear
+    interpolation (``align_corners=False``) of the logits, evaluated slab by slab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+SLAB = 32
+"""Slices processed at once when resampling on the source grid."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a volume becomes the network input (stored in ``model.json["input"]``)."""
+
+    size: tuple[int, int, int] = (64, 64, 64)
+    normalization: str = "bone_window"
+    window: tuple[float, float] = (-500.0, 1500.0)
+    crop_body: bool = True
+    body_hu: float = -300.0
+    margin_mm: float = 10.0
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 3 or any(int(s) < 16 or int(s) % 16 for s in self.size):
+            raise ValueError(f"working size must be 3 multiples of 16 (>= 16), got {self.size}")
+        if self.normalization not in ("bone_window", "minmax"):
+            raise ValueError(
+                f"normalization must be 'bone_window' or 'minmax', got {self.normalization!r}"
+            )
+        if not self.window[0] < self.window[1]:
+            raise ValueError(f"window low must be below high, got {self.window}")
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form for ``model.json``."""
+        return {
+            "size": list(self.size),
+            "normalization": self.normalization,
+            "window": list(self.window),
+            "crop_body": self.crop_body,
+            "body_hu": self.body_hu,
+            "margin_mm": self.margin_mm,
+            "orientation": "axis0 inferior->superior, axis1 anterior->posterior, axis2 right->left",
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InputSpec:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            size=tuple(int(s) for s in data["size"]),  # type: ignore[arg-type]
+            normalization=str(data.get("normalization", "bone_window")),
+            window=tuple(float(w) for w in data.get("window", (-500.0, 1500.0))),  # type: ignore[arg-type]
+            crop_body=bool(data.get("crop_body", True)),
+            body_hu=float(data.get("body_hu", -300.0)),
+            margin_mm=float(data.get("margin_mm", 10.0)),
+        )
+
+
+@dataclass(frozen=True)
+class Canon:
+    """Axis permutation and flips that take a source volume to canonical order."""
+
+    perm: tuple[int, int, int]
+    flip: tuple[bool, bool, bool]
+    spacing: tuple[float, float, float]
+
+
+def canonical_transform(affine: np.ndarray) -> Canon:
+    """Work out the permutation/flips that put a volume in canonical orientation.
+
+    Parameters
+    ----------
+    affine
+        4x4 voxel ``(k, j, i)`` -> LPS matrix.
+    """
+    cols = np.asarray(affine, dtype=float)[:3, :3]
+    norms = np.linalg.norm(cols, axis=0)
+    unit = cols / np.where(norms == 0, 1, norms)
+    # Canonical axis c wants the patient direction: 0 -> +S (LPS z), 1 -> +P (y), 2 -> +L (x).
+    wanted = (2, 1, 0)
+    perm: list[int] = []
+    flip: list[bool] = []
+    free = [0, 1, 2]
+    for patient_axis in wanted:
+        best = max(free, key=lambda a: abs(unit[patient_axis, a]))
+        free.remove(best)
+        perm.append(best)
+        flip.append(bool(unit[patient_axis, best] < 0))
+    spacing = tuple(float(norms[a]) for a in perm)
+    return Canon(tuple(perm), tuple(flip), spacing)  # type: ignore[arg-type]
+
+
+def canonical_view(array: np.ndarray, canon: Canon) -> np.ndarray:
+    """Return a view of ``array`` in canonical orientation (no copy)."""
+    view = np.transpose(array, canon.perm)
+    slices = tuple(slice(None, None, -1) if f else slice(None) for f in canon.flip)
+    return view[slices]
+
+
+def body_box(
+    view: np.ndarray, spec: InputSpec, spacing: tuple[float, float, float]
+) -> tuple[int, int, int, int]:
+    """In-plane bounding box ``(y0, y1, x0, x1)`` of the body in a canonical view."""
+    ny, nx = view.shape[1], view.shape[2]
+    if not spec.crop_body:
+        return 0, ny, 0, nx
+    step = max(1, view.shape[0] // 64)
+    mip = np.zeros((ny, nx), dtype=bool)
+    for k in range(0, view.shape[0], step):
+        mip |= view[k] > spec.body_hu
+    rows = np.flatnonzero(mip.any(axis=1))
+    cols = np.flatnonzero(mip.any(axis=0))
+    if rows.size == 0 or cols.size == 0:
+        return 0, ny, 0, nx
+    my = round(spec.margin_mm / max(spacing[1], 1e-3))
+    mx = round(spec.margin_mm / max(spacing[2], 1e-3))
+    y0, y1 = max(0, rows[0] - my), min(ny, rows[-1] + 1 + my)
+    x0, x1 = max(0, cols[0] - mx), min(nx, cols[-1] + 1 + mx)
+    # Require a minimal size so tiny boxes do not explode the working resolution.
+    min_y, min_x = min(ny, spec.size[1]), min(nx, spec.size[2])
+    if y1 - y0 < min_y:
+        y0 = max(0, min(y0, ny - min_y))
+        y1 = y0 + min_y
+    if x1 - x0 < min_x:
+        x0 = max(0, min(x0, nx - min_x))
+        x1 = x0 + min_x
+    return int(y0), int(y1), int(x0), int(x1)
+
+
+def _normalize(t: torch.Tensor, spec: InputSpec, lo_hi: tuple[float, float]) -> torch.Tensor:
+    lo, hi = lo_hi
+    t = t.float()
+    if spec.normalization == "bone_window":
+        lo, hi = spec.window
+        t = t.clamp_(lo, hi)
+    return (t - lo) / max(hi - lo, 1e-6)
+
+
+def _resize_1d_axis0(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Resize ``t`` of shape (D, ...) along axis 0 to ``n`` (area down, linear up)."""
+    d = t.shape[0]
+    if d == n:
+        return t
+    rest = t.shape[1:]
+    flat = t.reshape(d, -1).T.unsqueeze(0)  # (1, M, D)
+    if n < d:
+        out = F.adaptive_avg_pool1d(flat, n)
+    else:
+        out = F.interpolate(flat, size=n, mode="linear", align_corners=False)
+    return out[0].T.reshape(n, *rest)
+
+
+def prepare_input(
+    hu: np.ndarray, affine: np.ndarray, spec: InputSpec
+) -> tuple[torch.Tensor, Canon, tuple[int, int, int, int]]:
+    """Turn an int16 HU volume into the network input ``(1, 1, *spec.size)``.
+
+    Returns
+    -------
+    tuple
+        The input tensor, the :class:`Canon` transform and the in-plane body box.
+    """
+    canon = canonical_transform(affine)
+    view = canonical_view(hu, canon)
+    box = body_box(view, spec, canon.spacing)
+    y0, y1, x0, x1 = box
+    lo_hi = (float(hu.min()), float(hu.max())) if spec.normalization == "minmax" else spec.window
+    d, h, w = spec.size
+    planes = []
+    for start in range(0, view.shape[0], SLAB):
+        chunk = torch.from_numpy(np.ascontiguousarray(view[start : start + SLAB, y0:y1, x0:x1]))
+        chunk = _normalize(chunk, spec, lo_hi).unsqueeze(1)  # (s, 1, Y, X)
+        planes.append(
+            F.adaptive_avg_pool2d(chunk, (h, w))
+            if (y1 - y0 >= h and x1 - x0 >= w)
+            else F.interpolate(chunk, size=(h, w), mode="bilinear", align_corners=False)
+        )
+    low = torch.cat(planes, dim=0)[:, 0]  # (D, h, w)
+    low = _resize_1d_axis0(low, d)
+    return low[None, None].contiguous(), canon, box
+
+
+def prepare_labels(
+    labels: np.ndarray, affine: np.ndarray, spec: InputSpec, box: tuple[int, int, int, int]
+) -> torch.Tensor:
+    """Resample a uint8 label map (0 = background, 1..7 = C1..C7, others ignored) to the
+    working grid as 7 *soft* channels ``(7, *spec.size)``: the fraction of each working
+    voxel covered by the label (area-averaged one-hot, like the image). Training on these
+    fractions teaches the network partial volumes, so the linearly upsampled logits place
+    boundaries at sub-voxel precision on the source grid."""
+    canon = canonical_transform(affine)
+    view = canonical_view(labels, canon)
+    y0, y1, x0, x1 = box
+    d, h, w = spec.size
+    planes = []
+    for start in range(0, view.shape[0], SLAB):
+        chunk = torch.from_numpy(np.ascontiguousarray(view[start : start + SLAB, y0:y1, x0:x1]))
+        onehot = torch.stack([(chunk == c).float() for c in range(1, 8)], dim=1)  # (s, 7, Y, X)
+        if y1 - y0 >= h and x1 - x0 >= w:
+            planes.append(F.adaptive_avg_pool2d(onehot, (h, w)))
+        else:
+            planes.append(F.interpolate(onehot, size=(h, w), mode="bilinear", align_corners=False))
+    low = torch.cat(planes, dim=0)  # (D, 7, h, w)
+    low = _resize_1d_axis0(low, d)  # (d, 7, h, w)
+    return low.permute(1, 0, 2, 3).contiguous()
+
+
+def iter_source_slabs(
+    logits: torch.Tensor, shape_canon: tuple[int, int, int], box: tuple[int, int, int, int]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(start, probs)`` slabs of sigmoid probabilities on the canonical source grid.
+
+    ``logits`` has shape ``(7, d, h, w)``; each yielded tensor has shape
+    ``(7, s, y1 - y0, x1 - x0)`` for canonical slices ``start .. start + s``.
+    """
+    y0, y1, x0, x1 = box
+    n = shape_canon[0]
+    along = _resize_1d_axis0(logits.permute(1, 0, 2, 3).float(), n)  # (D, 7, h, w)
+    for start in range(0, n, SLAB):
+        chunk = along[start : start + SLAB]
+        up = F.interpolate(chunk, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
+        yield start, torch.sigmoid(up).permute(1, 0, 2, 3)

@@ -1,0 +1,489 @@
+"""Train and evaluate the stage-1 network on the RSNA 2022 dataset layout.
+
+Studies are read through :class:`ai.rsna.RSNADataset` (only those with a
+segmentation are used), preprocessed once with the exact inference preprocessing
+(:func:`ai.seg.preprocess.prepare_input`) and cached as ``.npz`` files keyed by the
+input spec. Training uses a k-fold split (fold ``fold`` is validation), random
+affine / flip / intensity augmentation, BCE + soft Dice on the 7 sigmoid outputs,
+AdamW with a one-cycle schedule, mixed precision on CUDA, a checkpoint after every
+epoch (``--resume`` continues from it), and writes a model package.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from ai.modelpkg import DEMO_LABEL, save_package, select_device
+from ai.seg.model import (
+    ARCH_CLASS,
+    DEFAULT_PACKAGE,
+    N_LABELS,
+    PostSpec,
+    SegModel,
+    build_network,
+    default_arch_params,
+)
+from ai.seg.preprocess import InputSpec, prepare_input, prepare_labels
+from ai.types import VERTEBRAE
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (recorded in ``model.json``)."""
+
+    data: Path
+    out: Path
+    size: tuple[int, int, int] = (64, 64, 64)
+    backbone: str = "efficientnet-b0"
+    decoder_channels: tuple[int, ...] = (64, 32, 16, 8, 4)
+    normalization: str = "bone_window"
+    epochs: int = 40
+    folds: int = 5
+    fold: int = 0
+    seed: int = 0
+    batch_size: int = 2
+    lr: float = 2e-3
+    device: str = "auto"
+    resume: bool = False
+    cache_dir: Path | None = None
+    work_dir: Path | None = None
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    name: str = DEFAULT_PACKAGE
+    version: str = "0.1.0"
+    demo: bool | None = None
+    half: bool = True
+    command: str = ""
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def input_spec(self) -> InputSpec:
+        """The preprocessing this run trains for."""
+        return InputSpec(size=self.size, normalization=self.normalization)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def split_folds(uids: list[str], folds: int, fold: int, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic k-fold split: returns ``(train, validation)`` uids.
+
+    ``folds <= 1`` trains on everything with no validation set.
+    """
+    if folds <= 1:
+        return list(uids), []
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must be in [0, {folds}), got {fold}")
+    order = sorted(uids)
+    random.Random(seed).shuffle(order)
+    val = [u for i, u in enumerate(order) if i % folds == fold]
+    train = [u for i, u in enumerate(order) if i % folds != fold]
+    if not train:
+        raise ValueError(f"{len(uids)} studies are too few for {folds} folds")
+    return train, val
+
+
+def _spec_key(spec: InputSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_study(dataset: Any, uid: str, spec: InputSpec, cache_dir: Path) -> Path:
+    """Preprocess one study to the working grid and cache it.
+
+    The ``.npz`` holds ``image`` (float16, working size) and ``target`` (uint8, 7 soft
+    channels scaled to 0..255).
+    """
+    path = cache_dir / _spec_key(spec) / f"{hashlib.sha1(uid.encode()).hexdigest()[:16]}.npz"
+    if path.is_file():
+        return path
+    study = dataset.load(uid)
+    vol = study.volume
+    if study.segmentation is None:
+        raise ValueError(f"study {uid} has no segmentation")
+    x, _canon, box = prepare_input(vol.hu, vol.affine, spec)
+    y = prepare_labels(study.segmentation, vol.affine, spec, box)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(
+        tmp,
+        image=x[0, 0].numpy().astype(np.float16),
+        target=np.rint(y.numpy() * 255).astype(np.uint8),
+    )
+    tmp.replace(path)
+    return path
+
+
+def _load_cached(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, targets = [], []
+    for p in paths:
+        with np.load(p) as z:
+            images.append(torch.from_numpy(z["image"].astype(np.float32))[None])
+            targets.append(torch.from_numpy(z["target"].astype(np.float32) / 255.0))
+    return torch.stack(images), torch.stack(targets)
+
+
+def augment(
+    x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random affine (rotation, scale, shift), left-right flip and intensity changes.
+
+    ``x`` is ``(B, 1, d, h, w)``, ``y`` is ``(B, 7, d, h, w)``. Cranio-caudal order is
+    never flipped (C1 must stay above C7).
+    """
+    b = x.shape[0]
+
+    def u(lo: float, hi: float, n: int = b) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    theta = torch.zeros(b, 3, 4)
+    # affine_grid coordinates are (x=w, y=h, z=d); rotate mostly in the axial (w, h) plane.
+    a_ax, a_1, a_2 = u(-0.2, 0.2), u(-0.08, 0.08), u(-0.08, 0.08)
+    scale = u(0.88, 1.12)
+    for n in range(b):
+        ca, sa = math.cos(a_ax[n]), math.sin(a_ax[n])
+        rz = torch.tensor([[ca, -sa, 0], [sa, ca, 0], [0, 0, 1.0]])
+        c1, s1 = math.cos(a_1[n]), math.sin(a_1[n])
+        rx = torch.tensor([[1, 0, 0], [0, c1, -s1], [0, s1, c1]])
+        c2, s2 = math.cos(a_2[n]), math.sin(a_2[n])
+        ry = torch.tensor([[c2, 0, s2], [0, 1, 0], [-s2, 0, c2]])
+        theta[n, :, :3] = (rz @ rx @ ry) * scale[n]
+        if torch.rand(1, generator=gen).item() < 0.5:
+            theta[n, 0, :3] *= -1  # left-right flip
+    theta[:, :, 3] = torch.stack([u(-0.08, 0.08), u(-0.08, 0.08), u(-0.08, 0.08)], dim=1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5
+    x = x * u(0.9, 1.1).view(b, 1, 1, 1, 1) + u(-0.05, 0.05).view(b, 1, 1, 1, 1)
+    x = x + 0.02 * torch.randn(x.shape, generator=gen)
+    return x, y
+
+
+def dice_per_label(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Dice of each label 1..7 between two label maps; ``nan`` where both are empty."""
+    out: dict[str, float] = {}
+    for i, name in enumerate(VERTEBRAE, start=1):
+        p, t = pred == i, truth == i
+        denom = int(p.sum()) + int(t.sum())
+        out[name] = float("nan") if denom == 0 else 2.0 * float((p & t).sum()) / denom
+    return out
+
+
+def _val_dice(
+    net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device
+) -> dict[str, float]:
+    net.eval()
+    scores: dict[str, list[float]] = {n: [] for n in VERTEBRAE}
+    with torch.inference_mode():
+        for n in range(x.shape[0]):
+            logits = net(x[n : n + 1].to(device))[0].float().cpu()
+            probs = torch.sigmoid(logits)
+            best, arg = probs.max(dim=0)
+            pred = torch.where(best > 0.5, arg + 1, 0).numpy()
+            truth_any = y[n].amax(dim=0) > 0
+            truth = torch.where(truth_any, y[n].argmax(dim=0) + 1, 0).numpy()
+            for k, v in dice_per_label(pred, truth).items():
+                if not math.isnan(v):
+                    scores[k].append(v)
+    net.train()
+    per = {k: float(np.mean(v)) if v else float("nan") for k, v in scores.items()}
+    valid = [v for v in per.values() if not math.isnan(v)]
+    per["mean"] = float(np.mean(valid)) if valid else float("nan")
+    return per
+
+
+def _looks_synthetic(root: Path) -> bool:
+    markers = [p for p in root.iterdir() if "synth" in p.name.lower()]
+    return bool(markers)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run a training and write the model package to ``cfg.out``.
+
+    Returns
+    -------
+    pathlib.Path
+        The package folder.
+    """
+    from monai.losses import DiceLoss
+    from tqdm import tqdm
+
+    from ai.rsna import RSNADataset
+
+    t_start = time.monotonic()
+    _seed_all(cfg.seed)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    device = select_device(cfg.device)
+    spec = cfg.input_spec()
+    dataset = RSNADataset(cfg.data)
+    uids = [u for u in dataset.study_uids if dataset.has_segmentation(u)]
+    if len(uids) < 2:
+        raise ValueError(f"{cfg.data} holds {len(uids)} segmented studies; at least 2 are needed")
+    train_uids, val_uids = split_folds(uids, cfg.folds, cfg.fold, cfg.seed)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out).parent / ".seg-cache"
+    work_dir = Path(cfg.work_dir) if cfg.work_dir else Path(cfg.out).parent / ".seg-work"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("caching studies n=%d cache=%s", len(uids), cache_dir)
+    cached = {
+        u: cache_study(dataset, u, spec, cache_dir)
+        for u in tqdm(uids, desc="cache", disable=not cfg.progress)
+    }
+    x_train, y_train = _load_cached([cached[u] for u in train_uids])
+    x_val, y_val = _load_cached([cached[u] for u in val_uids]) if val_uids else (None, None)
+
+    arch = default_arch_params(cfg.backbone, cfg.decoder_channels)
+    net = build_network(arch).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, math.ceil(len(train_uids) / cfg.batch_size))
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=max(total_steps, 2), pct_start=0.1
+    )
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    dice_loss = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    bce = torch.nn.BCEWithLogitsLoss()
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    epoch0, step, history = 0, 0, []
+    best: dict[str, Any] = {"dice": -1.0, "state": None, "epoch": -1}
+    ckpt_path = work_dir / CHECKPOINT
+    if cfg.resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt["arch"] != json.loads(json.dumps(arch)) or ckpt["spec"] != spec.to_json():
+            raise ValueError(f"{ckpt_path} was written for another architecture or input spec")
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        epoch0, step, history = int(ckpt["epoch"]) + 1, int(ckpt["step"]), list(ckpt["history"])
+        best = {
+            "dice": float(ckpt["best_dice"]),
+            "state": ckpt["best_state"],
+            "epoch": ckpt["best_epoch"],
+        }
+        logger.info("resumed from %s at epoch %d step %d", ckpt_path, epoch0, step)
+
+    net.train()
+    stop = False
+    for epoch in range(epoch0, cfg.epochs):
+        perm = torch.randperm(len(train_uids), generator=gen)
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress
+        )
+        losses = []
+        for b in bar:
+            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            xb, yb = augment(x_train[idx], y_train[idx], gen)
+            xb, yb = xb.to(device), yb.to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                logits = net(xb)
+            loss = bce(logits.float(), yb) + dice_loss(logits.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if step < total_steps:
+                sched.step()
+            step += 1
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", val_dice=f"{best['dice']:.3f}")
+            out_of_time = (
+                cfg.max_minutes is not None and (time.monotonic() - t_start) > 60 * cfg.max_minutes
+            )
+            if (cfg.max_steps is not None and step >= cfg.max_steps) or out_of_time:
+                stop = True
+                break
+        val = _val_dice(net, x_val, y_val, device) if x_val is not None else {}
+        entry = {
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": float(np.mean(losses)) if losses else None,
+            "val_dice": val.get("mean"),
+            "seconds": round(time.monotonic() - t_start, 1),
+        }
+        history.append(entry)
+        logger.info(
+            "epoch %d loss=%.4f val_dice=%s",
+            epoch + 1,
+            entry["loss"] or float("nan"),
+            val.get("mean"),
+        )
+        if cfg.progress:
+            tqdm.write(
+                f"epoch {epoch + 1}: loss {entry['loss']:.4f} "
+                f"val dice {val.get('mean', float('nan')):.4f}"
+            )
+        score = val.get("mean", -1.0) if val else -1.0
+        if not val or (not math.isnan(score) and score >= best["dice"]):
+            best = {
+                "dice": score,
+                "state": copy.deepcopy(net.state_dict()),
+                "epoch": epoch + 1,
+                "per_label": val,
+            }
+        torch.save(
+            {
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "step": step,
+                "history": history,
+                "best_dice": best["dice"],
+                "best_state": best["state"],
+                "best_epoch": best["epoch"],
+                "arch": json.loads(json.dumps(arch)),
+                "spec": spec.to_json(),
+            },
+            ckpt_path,
+        )
+        if stop:
+            break
+
+    if best["state"] is not None:
+        net.load_state_dict(best["state"])
+    demo = cfg.demo if cfg.demo is not None else _looks_synthetic(Path(cfg.data))
+    meta = {
+        "name": cfg.name,
+        "version": cfg.version,
+        "task": "seg",
+        "description": (DEMO_LABEL if demo else "C1-C7 segmentation")
+        + f"; FlexibleUNet {cfg.backbone} at {'x'.join(map(str, cfg.size))}",
+        "demo": demo,
+        "label": DEMO_LABEL if demo else None,
+        "architecture": {"class": ARCH_CLASS, "params": arch},
+        "input": spec.to_json(),
+        "postprocess": PostSpec().to_json(),
+        "labels": {str(i): name for i, name in enumerate(VERTEBRAE, start=1)},
+        "outputs": f"{N_LABELS} sigmoid channels, channel n-1 = label n",
+        "training": {
+            "data": str(cfg.data),
+            "data_description": (
+                "synthetic RSNA-layout studies from ai.synthetic" if demo else "RSNA layout"
+            ),
+            "n_studies": len(uids),
+            "train_studies": len(train_uids),
+            "val_studies": len(val_uids),
+            "folds": cfg.folds,
+            "fold": cfg.fold,
+            "epochs_run": len(history),
+            "steps": step,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "loss": "BCEWithLogits + soft Dice (MONAI DiceLoss, sigmoid)",
+            "augmentation": "random rotation/scale/shift, left-right flip, "
+            "intensity scale/shift, noise",
+            "seed": cfg.seed,
+            "device": str(device),
+            "command": cfg.command,
+            "seconds": round(time.monotonic() - t_start, 1),
+            "history": history,
+            **cfg.extra,
+        },
+        "metrics": {
+            "val_dice_working_grid": best.get("per_label", {}),
+            "best_epoch": best["epoch"],
+        },
+    }
+    out = save_package(cfg.out, net, meta, half=cfg.half)
+    logger.info("package written path=%s", out)
+    return out
+
+
+def evaluate(
+    data: Path,
+    model: str | Path = DEFAULT_PACKAGE,
+    *,
+    registry: str | Path | None = None,
+    device: str = "auto",
+    uids: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Per-vertebra Dice of a stage-1 model on the original grid of every segmented study.
+
+    Returns
+    -------
+    dict
+        ``{"model": {...}, "n_studies": n, "dice": {"C1": .., ..., "mean": ..}, "studies": [...]}``;
+        a vertebra's Dice is averaged over the studies where the truth or the prediction has it.
+    """
+    from tqdm import tqdm
+
+    from ai.rsna import RSNADataset
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    seg = SegModel.load(model, registry=registry, device=device)
+    dataset = RSNADataset(data)
+    chosen = uids or [u for u in dataset.study_uids if dataset.has_segmentation(u)]
+    per: dict[str, list[float]] = {n: [] for n in VERTEBRAE}
+    studies = []
+    for uid in tqdm(chosen, desc="evaluate", disable=not progress):
+        study = dataset.load(uid)
+        out = seg.predict(study.volume)
+        truth = np.where(study.segmentation <= N_LABELS, study.segmentation, 0)
+        d = dice_per_label(out.label_map, truth)
+        for k, v in d.items():
+            if not math.isnan(v):
+                per[k].append(v)
+        valid = [v for v in d.values() if not math.isnan(v)]
+        studies.append(
+            {
+                "uid": uid,
+                "dice": d,
+                "mean": float(np.mean(valid)) if valid else None,
+                "seconds": round(out.seconds, 2),
+            }
+        )
+    dice = {k: (float(np.mean(v)) if v else None) for k, v in per.items()}
+    valid = [v for v in dice.values() if v is not None]
+    dice["mean"] = float(np.mean(valid)) if valid else None
+    ident = seg.identity
+    return {
+        "model": {"name": ident.name, "version": ident.version, "sha256": ident.sha256},
+        "data": str(data),
+        "n_studies": len(chosen),
+        "dice": dice,
+        "studies": studies,
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """Render :func:`evaluate`'s report as a Markdown table."""
+    lines = [
+        f"Stage-1 Dice on the original grid: model {report['model']['name']} "
+        f"{report['model']['version']}, {report['n_studies']} studies",
+        "",
+        "| vertebra | Dice |",
+        "|---|---|",
+    ]
+    for k in (*VERTEBRAE, "mean"):
+        v = report["dice"].get(k)
+        lines.append(f"| {k} | {'n/a' if v is None else f'{v:.4f}'} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,519 @@
+"""Comprehensive 3D SR with a TID 1500 Measurement Report of the fracture verdicts.
+
+Content tree written by :func:`write_sr` (all codes verified in pydicom's DICOM code
+tables, except SCT 125605004 which is the SNOMED CT concept "Fracture of bone
+(disorder)")::
+
+    CONTAINER Imaging Measurement Report (DCM 126000, TID 1500)
+      language, observation context (device observer "cspine-node"),
+      procedure reported LN 25045-6 "CT unspecified body region" (CID 100)
+      CONTAINER Imaging Measurements (DCM 126010)
+        per vertebra C1..C7, one Measurement Group with
+          tracking identifier "C1".. and a tracking UID (the same UID as the SEG segment),
+          finding type SCT 125605004 "Fracture of bone",
+          finding site the vertebra's SNOMED CT code (e.g. SCT 14806007 "C1 vertebra"),
+          algorithm identification (model names + versions, parameter "threshold=<t>"),
+          NUM DCM 122157 "Probability", unit UCUM "{probability}" (dimensionless, 0..1),
+          CODE "Fracture of bone" = SCT 52101004 "Present" | SCT 272519000 "Absent"
+            (probability >= threshold means present),
+        a vertebra that was not assessed has no NUM; its CODE is
+          SCT 373121007 "Not Evaluated" and a TEXT DCM 121106 "Comment" holds
+          "not assessed: <reason>".
+        A vertebra with voxels in the SEG is a TID 1411 Volumetric ROI group that
+        references its segment; one without voxels (e.g. outside the field of view)
+        has no segment to reference and is a TID 1501 group (tracking ID + finding site).
+        one patient-level TID 1501 group "patient" with finding site SCT 122494005
+          "Cervical spine", NUM "Probability", NUM DCM 122411 "Threshold Value", the
+          present/absent/not-evaluated CODE, and TEXT comments (demo disclaimer,
+          series-selection note).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
+
+from ai.types import ModelIdentity, PipelineResult, VertebraResult
+from dicom_node.writers.common import (
+    DEMO_DISCLAIMER,
+    MANUFACTURER,
+    VERTEBRA_CODES,
+    check_positive_int,
+    check_result,
+    check_software_version,
+    check_sources,
+    check_threshold,
+    check_uid,
+    contributing_equipment,
+    copy_patient_study,
+    is_demo,
+    present_vertebrae,
+    resolve_datetime,
+    series_description,
+    stamp,
+    tracking_uid,
+    truncate,
+)
+from dicom_node.writers.seg import segment_numbers
+
+logger = logging.getLogger(__name__)
+
+FRACTURE = hd.sr.CodedConcept("125605004", "SCT", "Fracture of bone")
+"""Finding type and qualitative-evaluation name: SNOMED CT "Fracture of bone (disorder)"."""
+PROBABILITY = codes.DCM.Probability
+"""Measurement name of a fracture probability: DCM 122157 "Probability"."""
+PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
+"""UCUM annotation for a dimensionless probability in [0, 1]."""
+THRESHOLD = codes.DCM.ThresholdValue
+"""Measurement name of the decision threshold: DCM 122411 "Threshold Value"."""
+PRESENT = codes.SCT.Present
+ABSENT = codes.SCT.Absent
+NOT_EVALUATED = codes.SCT.NotEvaluated
+COMMENT = codes.DCM.Comment
+PROCEDURE = codes.cid100.CTUnspecifiedBodyRegion
+PATIENT_TRACKING_ID = "patient"
+NOT_PROCESSED_TRACKING_ID = "study not processed"
+
+SR_SERIES_DESCRIPTION = "C-spine SR"
+NOT_PROCESSED_SERIES_DESCRIPTION = "C-spine no result"
+
+
+def _verdict(probability: float | None, threshold: float) -> hd.sr.CodedConcept:
+    if probability is None:
+        return NOT_EVALUATED
+    return PRESENT if probability >= threshold else ABSENT
+
+
+def _observation_context(
+    models: Sequence[ModelIdentity], software_version: str
+) -> hd.sr.ObservationContext:
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=tracking_uid(MANUFACTURER, software_version),
+        name=MANUFACTURER,
+        manufacturer_name=MANUFACTURER,
+        model_name=truncate("+".join(m.name for m in models) or MANUFACTURER),
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def _algorithm(
+    models: Sequence[ModelIdentity], threshold: float | None
+) -> hd.sr.AlgorithmIdentification:
+    parameters = [f"{m.name} {m.version} sha256:{m.sha256[:16]}" for m in models]
+    if threshold is not None:
+        parameters.insert(0, f"threshold={threshold:g}")
+    return hd.sr.AlgorithmIdentification(
+        name=truncate("+".join(m.name for m in models)),
+        version=truncate("+".join(m.version for m in models)),
+        parameters=parameters,
+        family=codes.cid7162.ArtificialIntelligence,
+        manufacturer=MANUFACTURER,
+    )
+
+
+def _add_comments(group: hd.sr.Template, texts: Sequence[str]) -> None:
+    for text in texts:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=COMMENT,
+                value=text,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+
+
+def _vertebra_group(
+    verdict: VertebraResult,
+    seg_dataset: Dataset,
+    segment_number: int | None,
+    source_series_uid: str,
+    sop_instance_uid: str,
+    threshold: float,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.Template:
+    name = verdict.label
+    measurements = []
+    if verdict.assessed:
+        measurements.append(
+            hd.sr.Measurement(
+                name=PROBABILITY, value=float(verdict.probability), unit=PROBABILITY_UNIT
+            )
+        )
+    evaluations = [
+        hd.sr.QualitativeEvaluation(name=FRACTURE, value=_verdict(verdict.probability, threshold))
+    ]
+    common = {
+        "finding_type": FRACTURE,
+        "finding_sites": [hd.sr.FindingSite(VERTEBRA_CODES[name])],
+        "algorithm_id": algorithm,
+        "measurements": measurements,
+        "qualitative_evaluations": evaluations,
+    }
+    group: hd.sr.Template
+    if segment_number is not None:
+        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=tracking_uid(seg_dataset.SOPInstanceUID, name), identifier=name
+            ),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg_dataset.SOPClassUID,
+                sop_instance_uid=seg_dataset.SOPInstanceUID,
+                segment_number=segment_number,
+                source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
+            ),
+            **common,
+        )
+    else:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=tracking_uid(sop_instance_uid, name), identifier=name
+            ),
+            **common,
+        )
+    if not verdict.assessed:
+        _add_comments(group, [f"not assessed: {verdict.reason or 'no reason given'}"])
+    return group
+
+
+def write_sr(
+    source_datasets: Sequence[Dataset],
+    seg_dataset: Dataset,
+    result: PipelineResult,
+    *,
+    threshold: float,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    software_version: str,
+    selection_note: str | None = None,
+    instance_number: int = 1,
+    content_datetime: datetime.datetime | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Write the fracture verdicts as a Comprehensive 3D SR (TID 1500 Measurement Report).
+
+    See the module docstring for the content tree and the codes. Each vertebra C1..C7
+    gets one measurement group (in order) whose tracking identifier is its name; the
+    group references the vertebra's segment in ``seg_dataset`` when the vertebra has
+    voxels. A patient-level group ``"patient"`` holds the patient probability, the
+    threshold and the comments.
+
+    Parameters
+    ----------
+    source_datasets
+        CT slices of the selected series in volume slice order (headers are enough).
+    seg_dataset
+        The SEG written by :func:`dicom_node.writers.write_seg` for the same result.
+    result
+        Pipeline output.
+    threshold
+        Decision threshold in (0, 1): probability >= threshold means fracture present.
+    series_instance_uid, sop_instance_uid, series_number, instance_number
+        Identity of the new instance, chosen by the caller.
+    software_version
+        Version of cspine-node.
+    selection_note
+        Optional text recorded as a comment (e.g. why this series was chosen).
+    content_datetime
+        Creation date/time to record; ``None`` means now.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        The SR instance: same study and patient as the source, new series, with the
+        source slices and the SEG as evidence.
+
+    Raises
+    ------
+    ValueError
+        On invalid arguments, a threshold outside (0, 1), probabilities outside [0, 1],
+        or a SEG that does not belong to the study or lacks a segment for a vertebra
+        that has voxels in ``result.label_map``.
+    """
+    sources = check_sources(source_datasets)
+    first = sources[0]
+    check_result(result, len(sources), int(first.Rows), int(first.Columns))
+    threshold = check_threshold(threshold)
+    check_uid(series_instance_uid, "series_instance_uid")
+    check_uid(sop_instance_uid, "sop_instance_uid")
+    series_number = check_positive_int(series_number, "series_number")
+    instance_number = check_positive_int(instance_number, "instance_number")
+    check_software_version(software_version)
+    if (
+        not isinstance(seg_dataset, Dataset)
+        or seg_dataset.get("SOPClassUID") != SegmentationStorage
+    ):
+        raise ValueError('Argument "seg_dataset" must be a DICOM Segmentation instance.')
+    if seg_dataset.StudyInstanceUID != first.StudyInstanceUID:
+        raise ValueError('Argument "seg_dataset" must belong to the study of the source datasets.')
+    if series_instance_uid in (first.SeriesInstanceUID, seg_dataset.SeriesInstanceUID):
+        raise ValueError('Argument "series_instance_uid" must name a new series.')
+    numbers = segment_numbers(seg_dataset)
+    missing = [name for name in present_vertebrae(result.label_map) if name not in numbers]
+    if missing:
+        raise ValueError(
+            f"seg_dataset has no segment for vertebra(e) {', '.join(missing)} present in "
+            "result.label_map; write the SEG from the same result."
+        )
+    if selection_note is not None and not str(selection_note).strip():
+        raise ValueError('Argument "selection_note" must be None or non-empty text.')
+    when = resolve_datetime(content_datetime)
+    demo = is_demo(result)
+
+    algorithm = _algorithm(result.models, threshold)
+    groups: list[hd.sr.Template] = [
+        _vertebra_group(
+            verdict,
+            seg_dataset,
+            numbers.get(verdict.label),
+            first.SeriesInstanceUID,
+            sop_instance_uid,
+            threshold,
+            algorithm,
+        )
+        for verdict in result.vertebrae
+    ]
+    patient_measurements = []
+    if result.patient_probability is not None:
+        patient_measurements.append(
+            hd.sr.Measurement(
+                name=PROBABILITY, value=float(result.patient_probability), unit=PROBABILITY_UNIT
+            )
+        )
+    patient_measurements.append(
+        hd.sr.Measurement(name=THRESHOLD, value=threshold, unit=PROBABILITY_UNIT)
+    )
+    patient = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(sop_instance_uid, PATIENT_TRACKING_ID), identifier=PATIENT_TRACKING_ID
+        ),
+        finding_type=FRACTURE,
+        finding_sites=[hd.sr.FindingSite(codes.SCT.CervicalSpine)],
+        algorithm_id=algorithm,
+        measurements=patient_measurements,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=FRACTURE, value=_verdict(result.patient_probability, threshold)
+            )
+        ],
+    )
+    comments = []
+    if result.patient_probability is None:
+        comments.append("not assessed: no vertebra could be assessed")
+    if demo:
+        comments.append(DEMO_DISCLAIMER)
+    if selection_note:
+        comments.append(str(selection_note))
+    _add_comments(patient, comments)
+    groups.append(patient)
+
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(result.models, software_version),
+        procedure_reported=PROCEDURE,
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*sources, seg_dataset],
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=True,
+        contributing_equipment=contributing_equipment(result.models, when),
+    )
+    _finish(sr, first, software_version, series_description(SR_SERIES_DESCRIPTION, demo), when)
+    return sr
+
+
+def write_not_processed_sr(
+    source_datasets: Sequence[Dataset],
+    reason: str,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    software_version: str,
+    models: Sequence[ModelIdentity] = (),
+    instance_number: int = 1,
+    content_datetime: datetime.datetime | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Write an SR saying that the study was not processed, and why.
+
+    The TID 1500 report holds one TID 1501 group ``"study not processed"`` with finding
+    type "Fracture of bone", finding site "Cervical spine", qualitative evaluation
+    SCT 373121007 "Not Evaluated" and a TEXT comment ``"not processed: <reason>"``.
+
+    Parameters
+    ----------
+    source_datasets
+        Instances of the study (any series; headers are enough); the SR joins their study
+        and lists them as evidence.
+    reason
+        Why no series was eligible.
+    series_instance_uid, sop_instance_uid, series_number, instance_number
+        Identity of the new instance, chosen by the caller.
+    software_version
+        Version of cspine-node.
+    models
+        Configured models, named in the report (and the demo disclaimer if any is demo).
+    content_datetime
+        Creation date/time to record; ``None`` means now.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        The SR instance.
+
+    Raises
+    ------
+    ValueError
+        If ``reason`` is empty, the sources are empty or span several studies, or an
+        identity argument is invalid.
+    """
+    sources = check_sources(source_datasets, geometry=False)
+    first = sources[0]
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError('Argument "reason" must be a non-empty string.')
+    check_uid(series_instance_uid, "series_instance_uid")
+    check_uid(sop_instance_uid, "sop_instance_uid")
+    if series_instance_uid in {ds.SeriesInstanceUID for ds in sources}:
+        raise ValueError('Argument "series_instance_uid" must name a new series.')
+    series_number = check_positive_int(series_number, "series_number")
+    instance_number = check_positive_int(instance_number, "instance_number")
+    check_software_version(software_version)
+    models = list(models)
+    when = resolve_datetime(content_datetime)
+    demo = any(m.demo for m in models)
+
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(sop_instance_uid, NOT_PROCESSED_TRACKING_ID),
+            identifier=NOT_PROCESSED_TRACKING_ID,
+        ),
+        finding_type=FRACTURE,
+        finding_sites=[hd.sr.FindingSite(codes.SCT.CervicalSpine)],
+        algorithm_id=_algorithm(models, None) if models else None,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=FRACTURE, value=NOT_EVALUATED)],
+    )
+    comments = [f"not processed: {reason.strip()}"]
+    if demo:
+        comments.append(DEMO_DISCLAIMER)
+    _add_comments(group, comments)
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(models, software_version),
+        procedure_reported=PROCEDURE,
+        imaging_measurements=[group],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=sources,
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=True,
+        contributing_equipment=contributing_equipment(models, when) or None,
+    )
+    _finish(
+        sr,
+        first,
+        software_version,
+        series_description(NOT_PROCESSED_SERIES_DESCRIPTION, demo),
+        when,
+    )
+    return sr
+
+
+def _finish(
+    sr: Dataset, first: Dataset, software_version: str, description: str, when: datetime.datetime
+) -> None:
+    sr.SeriesDescription = description
+    sr.ManufacturerModelName = MANUFACTURER
+    sr.SoftwareVersions = software_version
+    copy_patient_study(first, sr)
+    stamp(sr, when)
+
+
+__all__ = ["write_not_processed_sr", "write_sr"]
+
+
+def _evaluation_name(code: hd.sr.CodedConcept) -> str:
+    if code == PRESENT:
+        return "present"
+    if code == ABSENT:
+        return "absent"
+    if code == NOT_EVALUATED:
+        return "not assessed"
+    raise ValueError(f"Unexpected fracture evaluation {code.value} {code.meaning!r}.")
+
+
+def _group_summary(group: hd.sr.Template) -> dict[str, object]:
+    probabilities = group.get_measurements(name=PROBABILITY)
+    thresholds = group.get_measurements(name=THRESHOLD)
+    evaluations = group.get_qualitative_evaluations(name=FRACTURE)
+    if len(evaluations) != 1:
+        raise ValueError("Each measurement group must hold one fracture evaluation.")
+    comments = [
+        str(item.TextValue)
+        for item in group[0].ContentSequence
+        if item.ValueType == "TEXT"
+        and hd.sr.CodedConcept.from_dataset(item.ConceptNameCodeSequence[0]) == COMMENT
+    ]
+    reasons = [
+        c.split(": ", 1)[1] for c in comments if c.startswith(("not assessed: ", "not processed: "))
+    ]
+    segment = None
+    if isinstance(group, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations):
+        ref = group.referenced_segment
+        segment = int(ref[0].ReferencedSOPSequence[0].ReferencedSegmentNumber)
+    return {
+        "probability": float(probabilities[0].value) if probabilities else None,
+        "threshold": float(thresholds[0].value) if thresholds else None,
+        "evaluation": _evaluation_name(evaluations[0].value),
+        "reason": reasons[0] if reasons else None,
+        "comments": comments,
+        "segment_number": segment,
+    }
+
+
+def read_sr_result(dataset: Dataset) -> dict[str, dict[str, object]]:
+    """Read back an SR written by :func:`write_sr` or :func:`write_not_processed_sr`.
+
+    Parameters
+    ----------
+    dataset
+        The SR (e.g. from ``pydicom.dcmread``).
+
+    Returns
+    -------
+    dict
+        Tracking identifier (``"C1"``.. ``"C7"``, ``"patient"`` or
+        ``"study not processed"``) -> ``{"probability": float | None, "threshold":
+        float | None, "evaluation": "present" | "absent" | "not assessed", "reason":
+        str | None, "comments": list[str], "segment_number": int | None}``.
+    """
+    sr = hd.sr.Comprehensive3DSR.from_dataset(dataset, copy=True)
+    report = sr.content
+    out: dict[str, dict[str, object]] = {}
+    groups = [
+        *report.get_volumetric_roi_measurement_groups(),
+        *report.get_image_measurement_groups(),
+    ]
+    for group in groups:
+        out[str(group.tracking_identifier)] = _group_summary(group)
+    return out

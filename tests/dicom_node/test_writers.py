@@ -1,0 +1,508 @@
+"""Writers: DICOM SEG, TID 1500 SR, not-processed SR and summary Secondary Capture.
+
+Each output is written to a file and checked with the real tools (dciodvfy, dsrdump)
+and read back with highdicom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from scipy import ndimage
+
+from ai.types import VERTEBRAE, ModelIdentity, PipelineResult, VertebraResult
+from dicom_node.writers import (
+    DEMO_DISCLAIMER,
+    SUMMARY_SHAPE,
+    VERTEBRA_CODES,
+    VERTEBRA_COLORS,
+    read_sr_result,
+    render_summary,
+    segment_numbers,
+    write_not_processed_sr,
+    write_seg,
+    write_sr,
+    write_summary,
+)
+from dicom_node.writers.sr import FRACTURE, PROBABILITY
+
+N_SLICES, ROWS, COLS = 20, 64, 64
+SLICE_MM, PIXEL_MM = 2.0, 0.8
+WHEN = datetime.datetime(2024, 5, 6, 7, 8, 9)
+PROBS = {"C1": 0.05, "C2": 0.91, "C3": 0.12, "C4": None, "C5": 0.3, "C6": 0.5, "C7": None}
+THRESHOLD = 0.5
+
+
+def make_ct_series(*, pixels: bool = True, seed: str = "a") -> tuple[list[Dataset], np.ndarray]:
+    """20 axial 64x64 CT slices (2 mm apart, 0.8 mm pixels), ordered inferior to superior."""
+    study = generate_uid(entropy_srcs=["study", seed])
+    series = generate_uid(entropy_srcs=["series", seed])
+    frame = generate_uid(entropy_srcs=["frame", seed])
+    _, yy, xx = np.mgrid[0:N_SLICES, 0:ROWS, 0:COLS]
+    hu = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 26**2, 40, -1000).astype(np.int16)
+    hu[(yy - 36) ** 2 + (xx - 32) ** 2 < 8**2] = 900
+    datasets = []
+    for k in range(N_SLICES):
+        ds = Dataset()
+        sop = generate_uid(entropy_srcs=["sop", seed, str(k)])
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientName, ds.PatientID = "Writer^Test", "WRT-0001"
+        ds.PatientBirthDate, ds.PatientSex = "19600102", "F"
+        ds.StudyDate, ds.StudyTime, ds.StudyID = "20240101", "101500", "77"
+        ds.AccessionNumber, ds.ReferringPhysicianName = "ACC-42", "Ref^Doc"
+        ds.Modality, ds.Manufacturer, ds.SeriesNumber, ds.InstanceNumber = "CT", "Acme", 3, k + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-25.6, -30.0, -80.0 + SLICE_MM * k]
+        ds.PixelSpacing, ds.SliceThickness = [PIXEL_MM, PIXEL_MM], SLICE_MM
+        ds.Rows, ds.Columns = ROWS, COLS
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -0.0, 1.0
+        if pixels:
+            ds.PixelData = hu[k].tobytes()
+        datasets.append(ds)
+    return datasets, hu
+
+
+def ct_affine() -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, 0] = [0, 0, SLICE_MM]
+    affine[:3, 1] = [0, PIXEL_MM, 0]
+    affine[:3, 2] = [PIXEL_MM, 0, 0]
+    affine[:3, 3] = [-25.6, -30.0, -80.0]
+    return affine
+
+
+def make_result(*, demo: bool = True, probs: dict[str, float | None] = PROBS) -> PipelineResult:
+    """C1..C6 segmented as stacked boxes (C1 at the top), C7 absent and not assessed;
+    C4 segmented but not assessed."""
+    label_map = np.zeros((N_SLICES, ROWS, COLS), np.uint8)
+    for n in range(1, 7):
+        top = N_SLICES - 3 * (n - 1)
+        label_map[top - 3 : top - 1, 28 + n : 44, 26 : 38 - (n % 2)] = n
+    verdicts = []
+    for name in VERTEBRAE:
+        p = probs[name]
+        reason = {"C4": "segmentation too small", "C7": "outside field of view"}.get(name)
+        verdicts.append(
+            VertebraResult(name, name != "C7", p is not None, p, reason if p is None else None)
+        )
+    models = [
+        ModelIdentity("seg-demo", "1.0.0", "a1" * 32, "stage 1", demo),
+        ModelIdentity("cls-demo", "1.2.0", "b2" * 32, "stage 2", demo),
+    ]
+    return PipelineResult(label_map, verdicts, 0.93, models)
+
+
+def _identity(tag: str) -> dict[str, object]:
+    return {
+        "series_instance_uid": generate_uid(entropy_srcs=["series", tag]),
+        "sop_instance_uid": generate_uid(entropy_srcs=["sop", tag]),
+        "series_number": {"seg": 901, "sr": 902, "sc": 903, "np": 904}[tag],
+        "software_version": "0.1.0",
+    }
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> dict[str, object]:
+    """All four outputs for the same inputs, written to files."""
+    out = tmp_path_factory.mktemp("writers")
+    sources, hu = make_ct_series(pixels=False)
+    result = make_result()
+    seg = write_seg(sources, result, **_identity("seg"), content_datetime=WHEN)
+    sr = write_sr(
+        sources,
+        seg,
+        result,
+        threshold=THRESHOLD,
+        **_identity("sr"),
+        selection_note="series 3: thinnest bone kernel",
+        content_datetime=WHEN,
+    )
+    sc = write_summary(
+        sources,
+        hu,
+        ct_affine(),
+        result,
+        threshold=THRESHOLD,
+        **_identity("sc"),
+        content_datetime=WHEN,
+    )
+    np_sr = write_not_processed_sr(
+        sources,
+        "no axial CT series with at least 50 slices",
+        **_identity("np"),
+        models=result.models,
+        content_datetime=WHEN,
+    )
+    paths = {}
+    for name, ds in {"seg": seg, "sr": sr, "sc": sc, "np": np_sr}.items():
+        paths[name] = out / f"{name}.dcm"
+        ds.save_as(paths[name], enforce_file_format=True)
+    return {"paths": paths, "sources": sources, "hu": hu, "result": result, "seg": seg}
+
+
+@pytest.mark.parametrize(
+    ("name", "iod"),
+    [
+        ("seg", "Segmentation"),
+        ("sr", "Comprehensive3DSR"),
+        ("sc", "SCImage"),
+        ("np", "Comprehensive3DSR"),
+    ],
+)
+def test_dciodvfy_reports_no_error(written, name, iod):
+    proc = subprocess.run(
+        ["dciodvfy", str(written["paths"][name])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert output.splitlines()[0].strip() == iod  # the tool recognised the IOD
+    errors = [line for line in output.splitlines() if "Error" in line]
+    assert errors == []
+
+
+def test_dsrdump_renders_probabilities_and_verdicts(written):
+    proc = subprocess.run(
+        ["dsrdump", "-Ec", "+Pl", str(written["paths"]["sr"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    text = proc.stdout
+    assert "Comprehensive 3D SR" in text
+    for name, p in PROBS.items():
+        if p is not None:
+            assert f'<contains NUM:(,,"Probability")="{p:g}"' in text, name
+    assert '"Probability")="0.93"' in text  # patient level
+    assert '"Threshold Value")="0.5"' in text
+    assert text.count('=(52101004,SCT,"Present")') == 3  # C2, C6 (p == threshold), patient
+    assert text.count('=(373121007,SCT,"Not Evaluated")') == 2  # C4, C7
+    assert '(14806007,SCT,"C1 vertebra")' in text
+    assert 'TEXT:(,,"Comment")="synthetic demo weights' in text
+    dump_np = subprocess.run(
+        ["dsrdump", "-Ec", "+Pl", str(written["paths"]["np"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "not processed: no axial CT series" in dump_np
+
+
+def test_seg_reads_back_to_the_label_map(written):
+    seg = hd.seg.segread(written["paths"]["seg"])
+    sources, result = written["sources"], written["result"]
+    assert seg.SegmentationType == "BINARY"
+    numbers = segment_numbers(seg)
+    assert numbers == {f"C{n}": n for n in range(1, 7)}  # C7 has no voxels, so no segment
+    for name, number in numbers.items():
+        description = seg.get_segment_description(number)
+        assert description.segment_label == name
+        assert description.segmented_property_type == VERTEBRA_CODES[name]
+        assert description.segmented_property_category == codes.SCT.AnatomicalStructure
+        assert description.algorithm_type.value == "AUTOMATIC"
+        algorithm = description.algorithm_identification[0]
+        assert algorithm.AlgorithmName == "seg-demo+cls-demo"
+        assert algorithm.AlgorithmVersion == "1.0.0+1.2.0"
+        assert algorithm.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
+    # full, regular frame stack: one frame per segment and source slice
+    assert int(seg.NumberOfFrames) == 6 * N_SLICES
+    pixels = seg.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in sources], combine_segments=True
+    )
+    assert pixels.shape == result.label_map.shape
+    np.testing.assert_array_equal(pixels, result.label_map)  # numbers == labels here
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    referenced = seg.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert {i.ReferencedSOPInstanceUID for i in referenced.ReferencedInstanceSequence} == {
+        ds.SOPInstanceUID for ds in sources
+    }
+
+
+def test_seg_segment_numbers_are_remapped_when_a_vertebra_is_missing():
+    sources, _ = make_ct_series(pixels=False)
+    result = make_result()
+    result.label_map[result.label_map == 2] = 0  # no C2 voxels: C3 becomes segment 2
+    seg = write_seg(sources, result, **_identity("seg"), omit_empty_frames=True)
+    numbers = segment_numbers(seg)
+    assert numbers == {"C1": 1, "C3": 2, "C4": 3, "C5": 4, "C6": 5}
+    seg = hd.seg.Segmentation.from_dataset(seg)
+    uids = [ds.SOPInstanceUID for ds in sources]
+    c3 = seg.get_pixels_by_source_instance(
+        uids, segment_numbers=[2], combine_segments=True, assert_missing_frames_are_empty=True
+    )
+    np.testing.assert_array_equal(c3 > 0, result.label_map == 3)
+    assert int(seg.NumberOfFrames) < 5 * N_SLICES  # sparse when asked
+
+
+def test_sr_reads_back_to_the_same_values(written):
+    ds = pydicom.dcmread(written["paths"]["sr"])
+    values = read_sr_result(ds)
+    assert set(values) == {*VERTEBRAE, "patient"}
+    for name, p in PROBS.items():
+        got = values[name]
+        if p is None:
+            assert got["probability"] is None
+            assert got["evaluation"] == "not assessed"
+        else:
+            assert got["probability"] == pytest.approx(p, abs=1e-12)
+            assert got["evaluation"] == ("present" if p >= THRESHOLD else "absent")
+    assert values["C4"]["reason"] == "segmentation too small"
+    assert values["C7"]["reason"] == "outside field of view"
+    assert values["C4"]["segment_number"] == 4  # not assessed but segmented: references it
+    assert values["C7"]["segment_number"] is None
+    assert values["patient"]["probability"] == pytest.approx(0.93)
+    assert values["patient"]["threshold"] == pytest.approx(THRESHOLD)
+    assert values["patient"]["evaluation"] == "present"
+    assert "series 3: thinnest bone kernel" in values["patient"]["comments"]
+
+    # the same through highdicom's own accessors
+    report = hd.sr.srread(written["paths"]["sr"]).content
+    seg = written["seg"]
+    groups = report.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["C1", "C2", "C3", "C4", "C5", "C6"]
+    for group in groups:
+        name = group.tracking_identifier
+        assert group.finding_type == FRACTURE
+        assert group.finding_sites[0].value == VERTEBRA_CODES[name]
+        ref = group.referenced_segment[0].ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert ref.ReferencedSegmentNumber == segment_numbers(seg)[name]
+        # SR tracking UID names the same finding as the SEG segment
+        number = int(ref.ReferencedSegmentNumber)
+        assert group.tracking_uid == seg.SegmentSequence[number - 1].TrackingUID
+        probabilities = group.get_measurements(name=PROBABILITY)
+        assert [m.value for m in probabilities] == ([] if PROBS[name] is None else [PROBS[name]])
+        if probabilities:
+            assert probabilities[0].unit.value == "{probability}"
+    (c7,) = report.get_image_measurement_groups(finding_site=VERTEBRA_CODES["C7"])
+    assert c7.get_qualitative_evaluations(name=FRACTURE)[0].value == codes.SCT.NotEvaluated
+    evidence = pydicom.dcmread(written["paths"]["sr"]).CurrentRequestedProcedureEvidenceSequence
+    referenced = {
+        i.ReferencedSOPInstanceUID
+        for study in evidence
+        for series in study.ReferencedSeriesSequence
+        for i in series.ReferencedSOPSequence
+    }
+    assert seg.SOPInstanceUID in referenced
+    assert written["sources"][0].SOPInstanceUID in referenced
+
+
+def test_not_processed_sr_reads_back(written):
+    values = read_sr_result(pydicom.dcmread(written["paths"]["np"]))
+    (group,) = values.values()
+    assert group["evaluation"] == "not assessed"
+    assert group["reason"] == "no axial CT series with at least 50 slices"
+    assert DEMO_DISCLAIMER in group["comments"]
+
+
+@pytest.mark.parametrize("name", ["seg", "sr", "sc", "np"])
+def test_outputs_join_the_source_study_as_a_new_series(written, name):
+    ds = pydicom.dcmread(written["paths"][name])
+    source = written["sources"][0]
+    for keyword in (
+        "StudyInstanceUID",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+    ):
+        assert ds[keyword].value == source[keyword].value, keyword
+    assert ds.SeriesInstanceUID == _identity(name)["series_instance_uid"]
+    assert ds.SOPInstanceUID == _identity(name)["sop_instance_uid"]
+    assert ds.SeriesNumber == _identity(name)["series_number"]
+    assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+    assert ds.Manufacturer == "cspine-node"
+    assert ds.SoftwareVersions == "0.1.0"
+    equipment = {
+        (e.Manufacturer, e.get("ManufacturerModelName"), e.get("SoftwareVersions"))
+        for e in ds.ContributingEquipmentSequence
+    }
+    assert {("cspine-node", "seg-demo", "1.0.0"), ("cspine-node", "cls-demo", "1.2.0")} <= equipment
+    assert DEMO_DISCLAIMER in ds.SeriesDescription
+    assert ds.ContentDate == "20240506" and ds.ContentTime == "070809"
+
+
+def test_demo_disclaimer_only_with_demo_models(written, tmp_path):
+    seg = pydicom.dcmread(written["paths"]["seg"])
+    sc = pydicom.dcmread(written["paths"]["sc"])
+    assert seg.ContentDescription == DEMO_DISCLAIMER
+    assert DEMO_DISCLAIMER in sc.ImageComments
+    sources, hu = make_ct_series(pixels=False)
+    result = make_result(demo=False)
+    seg = write_seg(sources, result, **_identity("seg"))
+    sr = write_sr(sources, seg, result, threshold=THRESHOLD, **_identity("sr"))
+    sc = write_summary(sources, hu, ct_affine(), result, threshold=THRESHOLD, **_identity("sc"))
+    for ds in (seg, sr, sc):
+        ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+        assert b"synthetic demo" not in (tmp_path / "x.dcm").read_bytes()
+
+
+def test_disclaimer_text_matches_the_model_package_label():
+    from ai.modelpkg import DEMO_LABEL
+
+    assert DEMO_DISCLAIMER == DEMO_LABEL
+
+
+def test_same_inputs_and_uids_give_identical_files(written, tmp_path):
+    sources, hu = make_ct_series(pixels=True)  # pixel data in the sources changes nothing
+    result = make_result()
+    seg = write_seg(sources, result, **_identity("seg"), content_datetime=WHEN)
+    sr = write_sr(
+        sources,
+        seg,
+        result,
+        threshold=THRESHOLD,
+        **_identity("sr"),
+        selection_note="series 3: thinnest bone kernel",
+        content_datetime=WHEN,
+    )
+    sc = write_summary(
+        sources,
+        hu,
+        ct_affine(),
+        result,
+        threshold=THRESHOLD,
+        **_identity("sc"),
+        content_datetime=WHEN,
+    )
+    for name, ds in {"seg": seg, "sr": sr, "sc": sc}.items():
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert path.read_bytes() == written["paths"][name].read_bytes(), name
+
+
+def test_summary_image_shape_content_and_table(written):
+    sc = pydicom.dcmread(written["paths"]["sc"])
+    assert (sc.Rows, sc.Columns, sc.SamplesPerPixel) == SUMMARY_SHAPE
+    assert sc.PhotometricInterpretation == "RGB" and sc.BitsAllocated == 8
+    pixels = sc.pixel_array
+    result, hu = written["result"], written["hu"]
+    expected = render_summary(
+        hu, ct_affine(), result, threshold=THRESHOLD, software_version="0.1.0"
+    )
+    np.testing.assert_array_equal(pixels, expected)
+    assert pixels.dtype == np.uint8 and pixels.std() > 10
+    # every segmented vertebra is drawn in its colour (labels in full colour)
+    panels = pixels[:, :700].reshape(-1, 3)
+    for name in ("C1", "C2", "C3", "C4", "C5", "C6"):
+        assert (np.abs(panels.astype(int) - VERTEBRA_COLORS[name]).sum(axis=1) < 10).any(), name
+    # the table depends on the probabilities; the reformat panels do not
+    probs = dict(PROBS, C2=0.07)
+    other = render_summary(hu, ct_affine(), make_result(probs=probs), threshold=THRESHOLD)
+    differs = np.any(other != expected, axis=2)
+    columns = np.flatnonzero(differs.any(axis=0))
+    assert columns.size > 0 and columns.min() >= 2 * 340 + 20
+
+
+def test_summary_reformat_keeps_physical_aspect_ratio():
+    # a 16 mm (8 slices x 2 mm) by 16 mm (20 rows x 0.8 mm) block, black background
+    hu = np.full((N_SLICES, ROWS, COLS), -1000, np.int16)
+    result = make_result()
+    result.label_map[:] = 0
+    result.label_map[6:14, 20:40, 22:42] = 1
+    image = render_summary(hu, ct_affine(), result, threshold=THRESHOLD)
+    sagittal = image[48:, :350].astype(int)
+    blended = np.array(VERTEBRA_COLORS["C1"]) * 0.45
+    components, _ = ndimage.label(np.abs(sagittal - blended).sum(axis=2) < 12)
+    largest = np.argmax(np.bincount(components.ravel())[1:]) + 1  # the block, not the text
+    ys, xs = np.nonzero(components == largest)
+    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    assert height / width == pytest.approx(1.0, abs=0.05)
+    assert height > 50  # scaled up into the panel
+
+
+def _bad(**changes):
+    return dataclasses.replace(make_result(), **changes)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"result": _bad(label_map=np.zeros((N_SLICES - 1, ROWS, COLS), np.uint8))},
+            "label_map shape",
+        ),
+        ({"result": _bad(label_map=np.full((N_SLICES, ROWS, COLS), 9, np.uint8))}, "0..7"),
+        ({"result": _bad(patient_probability=1.5)}, "patient_probability"),
+        ({"result": _bad(vertebrae=make_result().vertebrae[:6])}, "C1..C7"),
+        ({"threshold": 1.0}, "open interval"),
+        ({"threshold": 0.0}, "open interval"),
+        ({"series_instance_uid": "not-a-uid"}, "valid DICOM UID"),
+        ({"series_number": 0}, "series_number"),
+        ({"sources_reversed": True}, "ascending"),
+    ],
+)
+def test_writers_validate_eagerly(kwargs, message):
+    sources, hu = make_ct_series(pixels=False)
+    if kwargs.pop("sources_reversed", False):
+        sources = sources[::-1]
+    args = {"result": make_result(), "threshold": THRESHOLD, **_identity("sr"), **kwargs}
+    result, threshold = args.pop("result"), args.pop("threshold")
+    good_seg = write_seg(make_ct_series(pixels=False)[0], make_result(), **_identity("seg"))
+    with pytest.raises(ValueError, match=message):
+        write_sr(sources, good_seg, result, threshold=threshold, **args)
+    with pytest.raises(ValueError, match=message):
+        write_summary(sources, hu, ct_affine(), result, threshold=threshold, **args)
+    if "threshold" not in kwargs:
+        with pytest.raises(ValueError, match=message):
+            write_seg(sources, result, **args)
+
+
+def test_probability_outside_unit_interval_is_rejected():
+    sources, _ = make_ct_series(pixels=False)
+    result = make_result()
+    result.vertebrae[1] = VertebraResult("C2", True, True, 1.2)
+    with pytest.raises(ValueError, match=r"C2 must lie in \[0, 1\]"):
+        write_seg(sources, result, **_identity("seg"))
+
+
+def test_sr_must_reference_a_seg_of_the_same_result():
+    sources, _ = make_ct_series(pixels=False)
+    result = make_result()
+    partial = make_result()
+    partial.label_map[partial.label_map == 5] = 0
+    seg = write_seg(sources, partial, **_identity("seg"))
+    with pytest.raises(ValueError, match="no segment for vertebra"):
+        write_sr(sources, seg, result, threshold=THRESHOLD, **_identity("sr"))
+
+
+def test_seg_compares_with_the_highdicom_reference_example(real_data: Path):
+    """Our SEG has the same top-level structure as highdicom's own CT SEG example."""
+    reference = pydicom.dcmread(
+        real_data / "ImagingDataCommons_highdicom" / "seg_image_ct_binary.dcm"
+    )
+    sources, _ = make_ct_series(pixels=False)
+    ours = write_seg(sources, make_result(), **_identity("seg"))
+    for keyword in ("SOPClassUID", "SegmentationType", "BitsAllocated", "Modality"):
+        assert ours[keyword].value == reference[keyword].value
+    ref_segment = reference.SegmentSequence[0]
+    for keyword in ("SegmentedPropertyCategoryCodeSequence", "SegmentAlgorithmType"):
+        assert keyword in ref_segment and keyword in ours.SegmentSequence[0]

@@ -106,11 +106,17 @@ class PostSpec:
         return {"threshold": self.threshold, "min_visible_mm3": self.min_visible_mm3}
 
 
+def _boxes(label_map: np.ndarray) -> list[tuple[slice, ...] | None]:
+    return ndimage.find_objects(label_map, max_label=N_LABELS)
+
+
 def keep_largest_components(label_map: np.ndarray) -> None:
-    """Keep only the largest 26-connected component of every label, in place."""
+    """Keep only the largest 26-connected component of every label, in place.
+
+    Works inside each label's bounding box, so memory stays small on large grids.
+    """
     structure = np.ones((3, 3, 3), dtype=bool)
-    boxes = ndimage.find_objects(label_map, max_label=N_LABELS)
-    for value, box in enumerate(boxes, start=1):
+    for value, box in enumerate(_boxes(label_map), start=1):
         if box is None:
             continue
         sub = label_map[box]
@@ -123,26 +129,42 @@ def keep_largest_components(label_map: np.ndarray) -> None:
         sub[(comps != 0) & (comps != int(np.argmax(sizes)))] = 0
 
 
+def label_counts(label_map: np.ndarray) -> dict[int, int]:
+    """Voxel count of each label 1..7 (computed inside bounding boxes)."""
+    counts = {}
+    for value, box in enumerate(_boxes(label_map), start=1):
+        counts[value] = 0 if box is None else int(np.count_nonzero(label_map[box] == value))
+    return counts
+
+
+def _centroid(label_map: np.ndarray, value: int, box: tuple[slice, ...]) -> np.ndarray:
+    local = ndimage.center_of_mass(label_map[box] == value)
+    return np.array([b.start + c for b, c in zip(box, local, strict=True)], dtype=float)
+
+
 def enforce_cranio_caudal_order(label_map: np.ndarray, affine: np.ndarray) -> list[str]:
     """Make C1 lie above C7 along the patient (superior) axis.
 
-    Compares the superior (LPS z) coordinate of the centroids of the highest and the
-    lowest present labels; if the lowest label number is *below* the highest one, the
-    labels are reversed (n -> 8 - n) in place. Returns notes describing what was done.
+    Compares the superior (LPS z) coordinate of the centroids of the lowest-numbered and
+    the highest-numbered present labels; if the lowest number (nearest C1) lies *below*
+    the highest one, the labels are reversed (n -> 8 - n) in place. Returns notes
+    describing what was done.
     """
-    present = [v for v in range(1, N_LABELS + 1) if np.any(label_map == v)]
+    boxes = _boxes(label_map)
+    present = [v for v, box in enumerate(boxes, start=1) if box is not None]
     if len(present) < 2:
         return []
     lo, hi = present[0], present[-1]
     z = []
     for v in (lo, hi):
-        idx = np.argwhere(label_map == v).mean(axis=0)
+        idx = _centroid(label_map, v, boxes[v - 1])  # type: ignore[arg-type]
         z.append(float((affine @ np.append(idx, 1.0))[2]))
     if z[0] >= z[1]:
         return []
     lut = np.arange(256, dtype=np.uint8)
     lut[1 : N_LABELS + 1] = np.arange(N_LABELS, 0, -1, dtype=np.uint8)
-    label_map[...] = lut[label_map]
+    for start in range(0, label_map.shape[0], 16):
+        label_map[start : start + 16] = lut[label_map[start : start + 16]]
     note = f"labels reversed: {VERTEBRAE[lo - 1]} was below {VERTEBRAE[hi - 1]}"
     logger.warning("stage-1 post-processing %s", note)
     return [note]
@@ -242,12 +264,15 @@ class SegModel:
         keep_largest_components(label_map)
         notes = enforce_cranio_caudal_order(label_map, vol.affine)
         voxel_mm3 = float(abs(np.linalg.det(vol.affine[:3, :3])))
-        counts = np.bincount(label_map.ravel(), minlength=N_LABELS + 1)
-        volumes = {name: float(counts[i + 1]) * voxel_mm3 for i, name in enumerate(VERTEBRAE)}
+        counts = label_counts(label_map)
+        volumes = {name: counts[i] * voxel_mm3 for i, name in enumerate(VERTEBRAE, start=1)}
         visible = {name: volumes[name] >= self.post.min_visible_mm3 for name in VERTEBRAE}
-        for name, vis in visible.items():
-            if not vis and counts[VERTEBRAE.index(name) + 1]:
-                label_map[label_map == VERTEBRAE.index(name) + 1] = 0
+        boxes = _boxes(label_map)
+        for i, name in enumerate(VERTEBRAE, start=1):
+            box = boxes[i - 1]
+            if not visible[name] and box is not None:  # too small to count: drop the specks
+                sub = label_map[box]
+                sub[sub == i] = 0
         seconds = time.perf_counter() - t0
         logger.info(
             "stage-1 done seconds=%.2f visible=%s",

@@ -37,7 +37,9 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 SLAB = 32
-"""Slices processed at once when resampling on the source grid."""
+"""Source slices read at once when resampling down to the working grid."""
+UP_SLAB = 8
+"""Source slices produced at once when resampling logits back (7 float channels each)."""
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,7 @@ def iter_source_slabs(
     y0, y1, x0, x1 = box
     n = shape_canon[0]
     along = _resize_1d_axis0(logits.permute(1, 0, 2, 3).float(), n)  # (D, 7, h, w)
-    for start in range(0, n, SLAB):
-        chunk = along[start : start + SLAB]
+    for start in range(0, n, UP_SLAB):
+        chunk = along[start : start + UP_SLAB]
         up = F.interpolate(chunk, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
         yield start, torch.sigmoid(up).permute(1, 0, 2, 3)

@@ -54,6 +54,7 @@ VERTEBRA_COLORS: dict[str, tuple[int, int, int]] = {
 _UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 _PATIENT_STUDY_KEYWORDS = (
+    "SpecificCharacterSet",
     "PatientName",
     "PatientID",
     "IssuerOfPatientID",

@@ -57,11 +57,12 @@ SUMMARY_SHAPE: tuple[int, int, int] = (720, 1280, 3)
 BONE_WINDOW: tuple[float, float] = (400.0, 1800.0)
 """Window level and width in HU."""
 SUMMARY_SERIES_DESCRIPTION = "C-spine summary"
+OVERLAY_ALPHA = 0.3
+"""Opacity of the vertebra fill; the outline is drawn opaque."""
 
 _TITLE_H = 48
 _PANEL_W = 340
 _MARGIN = 10
-_OVERLAY_ALPHA = 0.45
 _CROP_MARGIN_MM = 25.0
 _SLAB_MM = 6.0
 _BG = (0, 0, 0)
@@ -148,7 +149,7 @@ def _panel(
     for n, name in enumerate(VERTEBRAE, start=1):
         colors[n] = VERTEBRA_COLORS[name]
     mask = lab > 0
-    rgb[mask] = (1 - _OVERLAY_ALPHA) * rgb[mask] + _OVERLAY_ALPHA * colors[lab[mask]]
+    rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * colors[lab[mask]]
     height_mm, width_mm = grey.shape[0] * row_mm, grey.shape[1] * col_mm
     box_w, box_h = box
     scale = min(box_w / width_mm, (box_h - 24) / height_mm)
@@ -156,6 +157,16 @@ def _panel(
     image = Image.fromarray(rgb.astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
     label_image = Image.fromarray(lab.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
     lab_small = np.asarray(label_image)
+    # opaque 1-pixel outline of each vertebra
+    edge = np.zeros(lab_small.shape, bool)
+    edge[1:] |= lab_small[1:] != lab_small[:-1]
+    edge[:-1] |= lab_small[:-1] != lab_small[1:]
+    edge[:, 1:] |= lab_small[:, 1:] != lab_small[:, :-1]
+    edge[:, :-1] |= lab_small[:, :-1] != lab_small[:, 1:]
+    edge &= lab_small > 0
+    outlined = np.asarray(image).copy()
+    outlined[edge] = colors[lab_small[edge]].astype(np.uint8)
+    image = Image.fromarray(outlined)
     panel = Image.new("RGB", box, _BG)
     x0, y0 = (box_w - size[0]) // 2, 24 + (box_h - 24 - size[1]) // 2
     panel.paste(image, (x0, y0))

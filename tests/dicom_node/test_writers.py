@@ -35,6 +35,7 @@ from dicom_node.writers import (
     write_summary,
 )
 from dicom_node.writers.sr import FRACTURE, PROBABILITY
+from dicom_node.writers.summary import OVERLAY_ALPHA
 
 N_SLICES, ROWS, COLS = 20, 64, 64
 SLICE_MM, PIXEL_MM = 2.0, 0.8
@@ -430,13 +431,19 @@ def test_summary_reformat_keeps_physical_aspect_ratio():
     result.label_map[6:14, 20:40, 22:42] = 1
     image = render_summary(hu, ct_affine(), result, threshold=THRESHOLD)
     sagittal = image[48:, :350].astype(int)
-    blended = np.array(VERTEBRA_COLORS["C1"]) * 0.45
-    components, _ = ndimage.label(np.abs(sagittal - blended).sum(axis=2) < 12)
+    # the opaque outline is drawn in the exact colour on the nearest-neighbour label grid
+    outline = np.all(sagittal == VERTEBRA_COLORS["C1"], axis=2)
+    components, _ = ndimage.label(outline, structure=np.ones((3, 3)))
     largest = np.argmax(np.bincount(components.ravel())[1:]) + 1  # the block, not the text
     ys, xs = np.nonzero(components == largest)
     height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    assert height / width == pytest.approx(1.0, abs=0.05)
+    assert height / width == pytest.approx(1.0, abs=0.03)
     assert height > 50  # scaled up into the panel
+    # the central half of the block: the fill blended over black (edges are interpolated)
+    y0, x0 = ys.min() + height // 4, xs.min() + width // 4
+    inside = sagittal[y0 : y0 + height // 2, x0 : x0 + width // 2]
+    expected = np.array(VERTEBRA_COLORS["C1"]) * OVERLAY_ALPHA
+    assert np.abs(inside - expected).max() <= 2
 
 
 def _bad(**changes):

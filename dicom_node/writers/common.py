@@ -160,6 +160,7 @@ def check_sources(source_datasets: Sequence[Dataset], *, geometry: bool = True) 
             raise ValueError(
                 f"Source dataset #{index} lacks required attribute(s): {', '.join(missing)}."
             )
+    sources = [_without_empty_charset(ds) for ds in sources]
     first = sources[0]
     if len({ds.StudyInstanceUID for ds in sources}) != 1:
         raise ValueError("All source datasets must belong to the same study.")
@@ -183,6 +184,18 @@ def check_sources(source_datasets: Sequence[Dataset], *, geometry: bool = True) 
                 "along the slice normal (label_map[k] belongs to source_datasets[k])."
             )
     return sources
+
+
+def _without_empty_charset(ds: Dataset) -> Dataset:
+    """``ds``, or a shallow copy without an empty Specific Character Set (highdicom rejects it;
+    empty means the default repertoire, the same as absent)."""
+    if "SpecificCharacterSet" not in ds or ds.SpecificCharacterSet not in ("", None):
+        return ds
+    clone = Dataset(ds)
+    if hasattr(ds, "file_meta"):
+        clone.file_meta = ds.file_meta
+    del clone.SpecificCharacterSet
+    return clone
 
 
 def check_result(result: PipelineResult, n_slices: int, rows: int, columns: int) -> None:

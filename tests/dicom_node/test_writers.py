@@ -513,3 +513,95 @@ def test_seg_compares_with_the_highdicom_reference_example(real_data: Path):
     ref_segment = reference.SegmentSequence[0]
     for keyword in ("SegmentedPropertyCategoryCodeSequence", "SegmentAlgorithmType"):
         assert keyword in ref_segment and keyword in ours.SegmentSequence[0]
+
+
+@pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning")
+def test_writers_on_real_ct_headers(real_data: Path, tmp_path):
+    """Real GE CT slices (Implicit VR, full headers and pixels) -> SEG, SR, summary, all valid."""
+    files = sorted((real_data / "QIICR_dcmqi" / "ct-3slice").glob("*.dcm"))
+    sources = [pydicom.dcmread(f) for f in files]
+    sources.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    rows, cols = int(sources[0].Rows), int(sources[0].Columns)
+    hu = np.stack(
+        [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in sources]
+    ).astype(np.int16)
+    label_map = np.zeros((len(sources), rows, cols), np.uint8)
+    label_map[:, 300:360, 230:290] = 7  # a box where the vertebral body is
+    verdicts = [
+        VertebraResult(
+            n,
+            n == "C7",
+            n == "C7",
+            0.2 if n == "C7" else None,
+            None if n == "C7" else "outside field of view",
+        )
+        for n in VERTEBRAE
+    ]
+    result = PipelineResult(label_map, verdicts, 0.2, make_result().models)
+    seg = write_seg(sources, result, **_identity("seg"))
+    sr = write_sr(sources, seg, result, threshold=THRESHOLD, **_identity("sr"))
+    affine = np.eye(4)
+    spacing = [float(v) for v in sources[0].PixelSpacing]
+    affine[:3, 0] = np.subtract(sources[1].ImagePositionPatient, sources[0].ImagePositionPatient)
+    affine[:3, 1] = [0, spacing[0], 0]
+    affine[:3, 2] = [spacing[1], 0, 0]
+    sc = write_summary(sources, hu, affine, result, threshold=THRESHOLD, **_identity("sc"))
+    for name, ds in {"seg": seg, "sr": sr, "sc": sc}.items():
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        output = subprocess.run(
+            ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert [
+            line for line in (output.stdout + output.stderr).splitlines() if "Error" in line
+        ] == [], name
+        back = pydicom.dcmread(path)
+        assert back.StudyInstanceUID == sources[0].StudyInstanceUID
+        assert back.PatientID == sources[0].PatientID
+    seg_back = hd.seg.segread(tmp_path / "seg.dcm")
+    pixels = seg_back.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in sources])
+    np.testing.assert_array_equal(pixels[..., 0] > 0, label_map == 7)
+    values = read_sr_result(pydicom.dcmread(tmp_path / "sr.dcm"))
+    assert values["C7"]["probability"] == pytest.approx(0.2)
+    assert values["C7"]["segment_number"] == 1
+    assert values["C1"]["evaluation"] == "not assessed"
+
+
+def test_sr_has_the_structure_of_the_dcmqi_tid1500_example(real_data: Path, written):
+    """Read our SR and dcmqi's real TID 1500 example through the same highdicom accessors."""
+    theirs = hd.sr.srread(real_data / "QIICR_dcmqi" / "sr-tid1500-headneck-petct" / "sr.dcm")
+    ours = hd.sr.srread(written["paths"]["sr"])
+    for report in (theirs.content, ours.content):
+        assert report[0].ContentTemplateSequence[0].TemplateIdentifier == "1500"
+        groups = report.get_volumetric_roi_measurement_groups()
+        assert groups
+        for group in groups:
+            assert group.tracking_identifier and group.tracking_uid
+            assert group.finding_type is not None
+            assert group.reference_type == codes.DCM.ReferencedSegment
+            assert group.referenced_segment[0].ReferencedSOPSequence[0].ReferencedSegmentNumber
+        # every group carries a NUM, except our not-assessed C4 (probability None)
+        with_num = [g.tracking_identifier for g in groups if g.get_measurements()]
+        without = {g.tracking_identifier for g in groups} - set(with_num)
+        assert without <= {"C4"}
+
+
+def test_non_ascii_patient_name_keeps_its_character_set(tmp_path):
+    sources, hu = make_ct_series(pixels=False, seed="utf8")
+    for ds in sources:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = "Müller^Jörg"
+    result = make_result()
+    seg = write_seg(sources, result, **_identity("seg"))
+    outputs = {
+        "seg": seg,
+        "sr": write_sr(sources, seg, result, threshold=THRESHOLD, **_identity("sr")),
+        "sc": write_summary(
+            sources, hu, ct_affine(), result, threshold=THRESHOLD, **_identity("sc")
+        ),
+    }
+    for name, ds in outputs.items():
+        ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+        back = pydicom.dcmread(tmp_path / f"{name}.dcm")
+        assert back.SpecificCharacterSet == "ISO_IR 192", name
+        assert str(back.PatientName) == "Müller^Jörg", name

@@ -1,0 +1,338 @@
+"""Write synthetic studies as DICOM CT series (complete headers) in four transfer syntaxes.
+
+Pixel storage: unsigned 12-bit (BitsStored 12, RescaleIntercept -1024) as many scanners
+write; the RSNA writer (:mod:`ai.synthetic.rsna_writer`) stores signed 16-bit instead, as
+the RSNA files do. Encoders: RLE and JPEG 2000 lossless through pydicom
+(``Dataset.compress``; pylibjpeg-rle / pylibjpeg-openjpeg, pydicom's native RLE as a
+fallback); JPEG Lossless SV1 through :mod:`ai.synthetic.jpeg_lossless` because pydicom
+has no encoder for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import get_encoder
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
+
+from ai.synthetic import jpeg_lossless
+from ai.synthetic.generate import uid_for
+from ai.synthetic.spec import ExtraSeries, SyntheticStudy
+
+logger = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES: dict[str, str] = {
+    "explicit": str(ExplicitVRLittleEndian),
+    "jpeg-lossless": jpeg_lossless.TRANSFER_SYNTAX_UID,
+    "j2k-lossless": str(JPEG2000Lossless),
+    "rle": str(RLELossless),
+}
+"""Names accepted by the writers and the UIDs they write."""
+
+MANUFACTURER = "cspine-node"
+MODEL = "SYNTHETIC PHANTOM"
+
+
+def resolve_transfer_syntax(name_or_uid: str) -> str:
+    """Map a writer name (``explicit``, ``jpeg-lossless``, ``j2k-lossless``, ``rle``) or UID.
+
+    Raises
+    ------
+    ValueError
+        For anything else.
+    """
+    if name_or_uid in TRANSFER_SYNTAXES:
+        return TRANSFER_SYNTAXES[name_or_uid]
+    if name_or_uid in TRANSFER_SYNTAXES.values():
+        return name_or_uid
+    raise ValueError(
+        f"transfer syntax must be one of {sorted(TRANSFER_SYNTAXES)} (or their UIDs), "
+        f"got {name_or_uid!r}"
+    )
+
+
+def _ds(value: float) -> str:
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    if text in ("-0", ""):
+        text = "0"
+    if len(text) > 16:
+        text = f"{value:.10g}"[:16]
+    return text
+
+
+def orientation_of(affine: np.ndarray) -> tuple[list[float], list[float], float, float]:
+    """ImageOrientationPatient (row, column cosines) and (row, column) spacing of an affine."""
+    col_step, row_step = affine[:3, 1], affine[:3, 2]
+    dy, dx = float(np.linalg.norm(col_step)), float(np.linalg.norm(row_step))
+    row_dir = [float(round(v, 6)) + 0.0 for v in row_step / dx]
+    col_dir = [float(round(v, 6)) + 0.0 for v in col_step / dy]
+    return row_dir, col_dir, dy, dx
+
+
+def _encoder(uid: str) -> Callable[[Dataset, np.ndarray], None]:
+    """A function that puts ``pixels`` into ``ds`` encoded with transfer syntax ``uid``."""
+    if uid == str(ExplicitVRLittleEndian):
+
+        def native(ds: Dataset, pixels: np.ndarray) -> None:
+            ds.PixelData = pixels.tobytes()
+            ds["PixelData"].VR = "OW"
+
+        return native
+    if uid == jpeg_lossless.TRANSFER_SYNTAX_UID:
+
+        def jpeg(ds: Dataset, pixels: np.ndarray) -> None:
+            frame = jpeg_lossless.encode(pixels, int(ds.BitsStored))
+            ds.PixelData = encapsulate([frame])
+            ds["PixelData"].VR = "OB"
+            ds["PixelData"].is_undefined_length = True
+
+        return jpeg
+    encoder = get_encoder(uid)
+    plugin = "pylibjpeg" if "pylibjpeg" in encoder.available_plugins else ""
+    if not encoder.is_available:
+        raise ValueError(f"no encoder available for transfer syntax {uid}")
+
+    def compress(ds: Dataset, pixels: np.ndarray) -> None:
+        ds.compress(uid, pixels, encoding_plugin=plugin, generate_instance_uid=False)
+
+    return compress
+
+
+def stored_pixels(hu: np.ndarray, signed: bool) -> np.ndarray:
+    """HU to stored values: int16 as is (signed) or ``HU + 1024`` as 12-bit uint16."""
+    if signed:
+        return np.ascontiguousarray(hu, dtype=np.int16)
+    return np.clip(hu.astype(np.int32) + 1024, 0, 4095).astype(np.uint16)
+
+
+def set_pixel_module(ds: Dataset, rows: int, cols: int, signed: bool) -> None:
+    """Image Pixel + CT rescale attributes for the storage convention in use."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = 16
+    if signed:
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
+    else:
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
+        ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
+
+
+def write_slices(
+    base: Dataset,
+    hu: np.ndarray,
+    affine: np.ndarray,
+    instance_numbers: Iterable[int],
+    sop_uid: Callable[[int], str],
+    path_for: Callable[[int], Path],
+    transfer_syntax: str,
+    *,
+    signed: bool,
+    slice_location: bool = True,
+    implementation: tuple[str, str] | None = None,
+) -> list[Path]:
+    """Write one file per slice from a prepared header ``base`` (modified in place).
+
+    Parameters
+    ----------
+    base
+        Dataset with every attribute common to the series (no pixel data, no per-slice
+        attributes).
+    hu
+        int16 ``[slice, row, column]`` in volume order; ``affine`` gives each position.
+    instance_numbers
+        InstanceNumber per volume slice.
+    sop_uid, path_for
+        SOPInstanceUID and output path for an instance number.
+    transfer_syntax
+        Writer name or UID (see :data:`TRANSFER_SYNTAXES`).
+    signed
+        Store signed 16-bit (RSNA) instead of unsigned 12-bit + intercept.
+    slice_location
+        Write SliceLocation (RSNA files have none).
+    implementation
+        (ImplementationClassUID, ImplementationVersionName) for the file meta; pydicom's
+        when None.
+    """
+    uid = resolve_transfer_syntax(transfer_syntax)
+    encode = _encoder(uid)
+    set_pixel_module(base, hu.shape[1], hu.shape[2], signed)
+    pixels = stored_pixels(hu, signed)
+    written: list[Path] = []
+    for k, inst in enumerate(instance_numbers):
+        pos = affine[:3, 3] + affine[:3, 0] * k
+        sop = sop_uid(int(inst))
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop
+        meta.TransferSyntaxUID = uid
+        if implementation is not None:
+            meta.ImplementationClassUID, meta.ImplementationVersionName = implementation
+        base.file_meta = meta
+        base.SOPInstanceUID = sop
+        base.InstanceNumber = int(inst)
+        base.ImagePositionPatient = [_ds(float(v)) for v in pos]
+        if slice_location:
+            base.SliceLocation = _ds(float(pos[2]))
+        encode(base, pixels[k])
+        path = path_for(int(inst))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pydicom.dcmwrite(path, base, enforce_file_format=True)
+        written.append(path)
+    return written
+
+
+def _study_header(study: SyntheticStudy) -> Dataset:
+    """Patient, General Study, equipment and acquisition attributes shared by all series."""
+    seed = study.seed
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = CTImageStorage
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = study.study_date
+    hh, mm, ss = 8 + seed % 10, (seed * 7) % 60, (seed * 13) % 60
+    ds.StudyTime = f"{hh:02d}{mm:02d}{ss:02d}"
+    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = f"{hh:02d}{(mm + 1) % 60:02d}{ss:02d}"
+    ds.AccessionNumber = f"SYNA{seed:08d}"[:16]
+    ds.Modality = "CT"
+    ds.Manufacturer = MANUFACTURER
+    ds.InstitutionName = "Synthetic Phantom Institute"
+    ds.ReferringPhysicianName = ""
+    ds.StationName = "SYNTHCT01"
+    ds.StudyDescription = "CT CERVICAL SPINE WO CONTRAST"
+    ds.ManufacturerModelName = MODEL
+    ds.PatientName = study.patient_name
+    ds.PatientID = study.patient_id
+    ds.PatientBirthDate = f"19{40 + seed % 50:02d}0101"
+    ds.PatientSex = "MFO"[seed % 3]
+    ds.PatientAge = f"{2024 - (1940 + seed % 50):03d}Y"
+    ds.BodyPartExamined = "CSPINE"
+    ds.KVP = "120"
+    ds.SoftwareVersions = "cspine-node synthetic 1"
+    ds.GantryDetectorTilt = "0"
+    ds.RotationDirection = "CW"
+    ds.XRayTubeCurrent = 200
+    ds.PatientPosition = study.patient_position
+    ds.StudyInstanceUID = study.study_uid
+    ds.StudyID = f"{seed % 100000}"
+    ds.AcquisitionNumber = 1
+    ds.FrameOfReferenceUID = study.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    ds.LossyImageCompression = "00"
+    return ds
+
+
+def write_series(
+    study: SyntheticStudy,
+    out_dir: str | Path,
+    transfer_syntax: str = "explicit",
+    *,
+    series: str | ExtraSeries | None = None,
+    file_prefix: str = "IM",
+) -> list[Path]:
+    """Write the bone-kernel series (or one extra series) of ``study`` with complete headers.
+
+    Parameters
+    ----------
+    study
+        From :func:`ai.synthetic.generate_study`.
+    out_dir
+        Folder for the files (created); files are ``<prefix><InstanceNumber:05d>.dcm``.
+    transfer_syntax
+        ``"explicit"`` (Explicit VR Little Endian), ``"jpeg-lossless"`` (JPEG Lossless SV1),
+        ``"j2k-lossless"`` (JPEG 2000 lossless), ``"rle"`` (RLE Lossless), or the UID.
+    series
+        ``None`` for the bone series; an :class:`ExtraSeries` of the study or its name
+        (``"scout"``, ``"soft_tissue"``) for an extra series.
+
+    Returns
+    -------
+    list[pathlib.Path]
+        Written files in volume order.
+    """
+    out = Path(out_dir)
+    base = _study_header(study)
+    if series is None:
+        hu, affine = study.volume.hu, study.volume.affine
+        instance_numbers = [int(i) for i in study.instance_numbers]
+        series_uid, number = study.series_uid, 2
+        base.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        base.SeriesDescription = f"C-SPINE BONE {study.slice_thickness:g}"
+        base.ConvolutionKernel = study.kernel
+        base.SliceThickness = _ds(study.slice_thickness)
+        base.WindowCenter, base.WindowWidth = "500", "2000"
+    else:
+        extra = series if isinstance(series, ExtraSeries) else _find_extra(study, series)
+        hu, affine = extra.hu, extra.affine
+        instance_numbers = list(range(1, hu.shape[0] + 1))
+        series_uid, number = extra.series_uid, extra.series_number
+        base.ImageType = list(extra.image_type)
+        base.SeriesDescription = extra.description
+        base.ConvolutionKernel = extra.kernel
+        base.SliceThickness = _ds(extra.slice_thickness)
+        if extra.name == "scout":
+            base.WindowCenter, base.WindowWidth = "500", "3000"
+        else:
+            base.WindowCenter, base.WindowWidth = "40", "400"
+    row_dir, col_dir, dy, dx = orientation_of(affine)
+    base.SeriesInstanceUID = series_uid
+    base.SeriesNumber = number
+    base.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
+    base.PixelSpacing = [_ds(dy), _ds(dx)]
+    base.ReconstructionDiameter = _ds(max(dx * hu.shape[2], dy * hu.shape[1]))
+
+    def sop_uid(inst: int) -> str:
+        return uid_for(study.seed, "sop", series_uid, inst)
+
+    paths = write_slices(
+        base,
+        hu,
+        affine,
+        instance_numbers,
+        sop_uid,
+        lambda inst: out / f"{file_prefix}{inst:05d}.dcm",
+        transfer_syntax,
+        signed=False,
+        slice_location=(series is None or base.ImageType[2] == "AXIAL"),
+    )
+    logger.debug("wrote series files=%d transfer_syntax=%s", len(paths), transfer_syntax)
+    return paths
+
+
+def _find_extra(study: SyntheticStudy, name: str) -> ExtraSeries:
+    for extra in study.extra_series:
+        if extra.name == name:
+            return extra
+    raise ValueError(
+        f"study has no extra series {name!r}; generate it with StudySpec(extra_series=True)"
+    )
+
+
+def write_study(
+    study: SyntheticStudy, out_dir: str | Path, transfer_syntax: str = "explicit"
+) -> list[Path]:
+    """Write every series of ``study`` into ``out_dir/<SeriesNumber>_<name>/``.
+
+    Returns
+    -------
+    list[pathlib.Path]
+        All written files (bone series first).
+    """
+    out = Path(out_dir)
+    paths = write_series(study, out / "2_bone", transfer_syntax)
+    for extra in study.extra_series:
+        paths += write_series(
+            study, out / f"{extra.series_number}_{extra.name}", transfer_syntax, series=extra
+        )
+    return paths

@@ -135,7 +135,7 @@ def _add_comments(group: hd.sr.Template, texts: Sequence[str]) -> None:
 
 def _vertebra_group(
     verdict: VertebraResult,
-    seg_dataset: Dataset,
+    seg_dataset: Dataset | None,
     segment_number: int | None,
     source_series_uid: str,
     sop_instance_uid: str,
@@ -188,7 +188,7 @@ def _vertebra_group(
 
 def write_sr(
     source_datasets: Sequence[Dataset],
-    seg_dataset: Dataset,
+    seg_dataset: Dataset | None,
     result: PipelineResult,
     *,
     threshold: float,
@@ -213,7 +213,9 @@ def write_sr(
     source_datasets
         CT slices of the selected series in volume slice order (headers are enough).
     seg_dataset
-        The SEG written by :func:`dicom_node.writers.write_seg` for the same result.
+        The SEG written by :func:`dicom_node.writers.write_seg` for the same result, or
+        ``None`` when the label map holds no vertebra (no SEG can be written then; every
+        group is a TID 1501 group without a segment reference).
     result
         Pipeline output.
     threshold
@@ -249,16 +251,26 @@ def write_sr(
     series_number = check_positive_int(series_number, "series_number")
     instance_number = check_positive_int(instance_number, "instance_number")
     check_software_version(software_version)
-    if (
-        not isinstance(seg_dataset, Dataset)
-        or seg_dataset.get("SOPClassUID") != SegmentationStorage
+    if seg_dataset is None:
+        numbers: dict[str, int] = {}
+        evidence = list(sources)
+    else:
+        if (
+            not isinstance(seg_dataset, Dataset)
+            or seg_dataset.get("SOPClassUID") != SegmentationStorage
+        ):
+            raise ValueError('Argument "seg_dataset" must be a DICOM Segmentation instance.')
+        if seg_dataset.StudyInstanceUID != first.StudyInstanceUID:
+            raise ValueError(
+                'Argument "seg_dataset" must belong to the study of the source datasets.'
+            )
+        numbers = segment_numbers(seg_dataset)
+        evidence = [*sources, seg_dataset]
+    if series_instance_uid in (
+        first.SeriesInstanceUID,
+        None if seg_dataset is None else seg_dataset.SeriesInstanceUID,
     ):
-        raise ValueError('Argument "seg_dataset" must be a DICOM Segmentation instance.')
-    if seg_dataset.StudyInstanceUID != first.StudyInstanceUID:
-        raise ValueError('Argument "seg_dataset" must belong to the study of the source datasets.')
-    if series_instance_uid in (first.SeriesInstanceUID, seg_dataset.SeriesInstanceUID):
         raise ValueError('Argument "series_instance_uid" must name a new series.')
-    numbers = segment_numbers(seg_dataset)
     missing = [name for name in present_vertebrae(result.label_map) if name not in numbers]
     if missing:
         raise ValueError(
@@ -323,7 +335,7 @@ def write_sr(
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*sources, seg_dataset],
+        evidence=evidence,
         content=report,
         series_instance_uid=series_instance_uid,
         series_number=series_number,

@@ -605,3 +605,28 @@ def test_non_ascii_patient_name_keeps_its_character_set(tmp_path):
         back = pydicom.dcmread(tmp_path / f"{name}.dcm")
         assert back.SpecificCharacterSet == "ISO_IR 192", name
         assert str(back.PatientName) == "Müller^Jörg", name
+
+
+def test_nothing_segmented_gives_an_sr_without_seg_and_a_summary(tmp_path):
+    sources, hu = make_ct_series(pixels=False)
+    result = make_result(probs=dict.fromkeys(VERTEBRAE))
+    result.label_map[:] = 0
+    result.patient_probability = None
+    with pytest.raises(ValueError, match="no vertebra"):
+        write_seg(sources, result, **_identity("seg"))
+    sr = write_sr(sources, None, result, threshold=THRESHOLD, **_identity("sr"))
+    sc = write_summary(sources, hu, ct_affine(), result, threshold=THRESHOLD, **_identity("sc"))
+    for name, ds in {"sr": sr, "sc": sc}.items():
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        output = subprocess.run(
+            ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert [
+            line for line in (output.stdout + output.stderr).splitlines() if "Error" in line
+        ] == [], name
+    values = read_sr_result(pydicom.dcmread(tmp_path / "sr.dcm"))
+    assert {v["evaluation"] for v in values.values()} == {"not assessed"}
+    assert all(v["segment_number"] is None for v in values.values())
+    assert values["patient"]["probability"] is None
+    assert values["patient"]["threshold"] == pytest.approx(THRESHOLD)

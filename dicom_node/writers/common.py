@@ -183,7 +183,22 @@ def check_sources(source_datasets: Sequence[Dataset], *, geometry: bool = True) 
                 "Source datasets must be in volume slice order: strictly ascending position "
                 "along the slice normal (label_map[k] belongs to source_datasets[k])."
             )
-    return sources
+        spacing = float(np.median(np.diff(positions)))
+    else:
+        spacing = 1.0
+    # highdicom reads SliceThickness (type 2 in the CT Image module, so it may be empty)
+    # for the SEG pixel measures; fall back to the slice spacing
+    return [_with_slice_thickness(ds, spacing) for ds in sources]
+
+
+def _with_slice_thickness(ds: Dataset, spacing: float) -> Dataset:
+    if ds.get("SliceThickness") not in (None, ""):
+        return ds
+    clone = _shallow_clone(ds)
+    if "SliceThickness" in clone:
+        del clone.SliceThickness  # a new element below, the caller's stays as it is
+    clone.SliceThickness = round(spacing, 6)
+    return clone
 
 
 def _without_empty_charset(ds: Dataset) -> Dataset:
@@ -191,10 +206,17 @@ def _without_empty_charset(ds: Dataset) -> Dataset:
     empty means the default repertoire, the same as absent)."""
     if "SpecificCharacterSet" not in ds or ds.SpecificCharacterSet not in ("", None):
         return ds
-    clone = Dataset(ds)
+    clone = _shallow_clone(ds)
+    del clone.SpecificCharacterSet
+    return clone
+
+
+def _shallow_clone(ds: Dataset) -> Dataset:
+    """A new Dataset holding the same elements; deleting or adding elements on it leaves
+    ``ds`` untouched (``Dataset(ds)`` and ``copy.copy`` would share the element dict)."""
+    clone = Dataset({elem.tag: elem for elem in ds})
     if hasattr(ds, "file_meta"):
         clone.file_meta = ds.file_meta
-    del clone.SpecificCharacterSet
     return clone
 
 

@@ -558,6 +558,7 @@ def test_writers_on_real_ct_headers(real_data: Path, tmp_path):
         back = pydicom.dcmread(path)
         assert back.StudyInstanceUID == sources[0].StudyInstanceUID
         assert back.PatientID == sources[0].PatientID
+    assert sources[0].SpecificCharacterSet == ""  # the caller's datasets are untouched
     seg_back = hd.seg.segread(tmp_path / "seg.dcm")
     pixels = seg_back.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in sources])
     np.testing.assert_array_equal(pixels[..., 0] > 0, label_map == 7)
@@ -630,3 +631,14 @@ def test_nothing_segmented_gives_an_sr_without_seg_and_a_summary(tmp_path):
     assert all(v["segment_number"] is None for v in values.values())
     assert values["patient"]["probability"] is None
     assert values["patient"]["threshold"] == pytest.approx(THRESHOLD)
+
+
+def test_missing_slice_thickness_falls_back_to_spacing_without_touching_sources():
+    sources, _ = make_ct_series(pixels=False)
+    for ds in sources:
+        ds.SliceThickness = None  # type 2: present but empty
+    del sources[0].SliceThickness
+    seg = write_seg(sources, make_result(), **_identity("seg"))
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(SLICE_MM)
+    assert "SliceThickness" not in sources[0] and sources[1].SliceThickness is None

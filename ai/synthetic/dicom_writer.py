@@ -142,6 +142,7 @@ def write_slices(
     signed: bool,
     slice_location: bool = True,
     implementation: tuple[str, str] | None = None,
+    group_length: bool = True,
 ) -> list[Path]:
     """Write one file per slice from a prepared header ``base`` (modified in place).
 
@@ -165,6 +166,8 @@ def write_slices(
     implementation
         (ImplementationClassUID, ImplementationVersionName) for the file meta; pydicom's
         when None.
+    group_length
+        Write (0002,0000) FileMetaInformationGroupLength (the RSNA files have none).
     """
     uid = resolve_transfer_syntax(transfer_syntax)
     encode = _encoder(uid)
@@ -180,6 +183,9 @@ def write_slices(
         meta.TransferSyntaxUID = uid
         if implementation is not None:
             meta.ImplementationClassUID, meta.ImplementationVersionName = implementation
+        if not group_length:
+            meta.FileMetaInformationVersion = b"\x00\x01"
+            base.preamble = b"\x00" * 128
         base.file_meta = meta
         base.SOPInstanceUID = sop
         base.InstanceNumber = int(inst)
@@ -189,7 +195,7 @@ def write_slices(
         encode(base, pixels[k])
         path = path_for(int(inst))
         path.parent.mkdir(parents=True, exist_ok=True)
-        pydicom.dcmwrite(path, base, enforce_file_format=True)
+        pydicom.dcmwrite(path, base, enforce_file_format=group_length)
         written.append(path)
     return written
 

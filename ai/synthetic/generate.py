@@ -46,7 +46,7 @@ HU_FAT, HU_MUSCLE, HU_DISC, HU_CSF, HU_BRAIN, HU_AIR = -100, 45, 80, 12, 36, -10
 def uid_for(seed: int, *parts: object) -> str:
     """A deterministic DICOM UID for this seed and purpose (at most 64 characters)."""
     text = "/".join(str(p) for p in (seed, *parts))
-    number = int.from_bytes(hashlib.sha256(text.encode()).digest()[:12], "big")
+    number = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")
     return f"{UID_ROOT}.{number}"
 
 

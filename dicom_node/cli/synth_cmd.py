@@ -2,6 +2,213 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import time
+from pathlib import Path
+
 import click
 
-COMMANDS: list[click.Command] = []
+from config import NodeError
+
+LOGGER = logging.getLogger(__name__)
+
+_TARGET = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+def parse_target(text: str) -> tuple[str, str, int]:
+    """Split ``AE@HOST:PORT`` into its parts.
+
+    Raises
+    ------
+    click.BadParameter
+        When the text does not have that form or the port is out of range.
+    """
+    match = _TARGET.match(text.strip())
+    if not match or not 0 < int(match["port"]) < 65536:
+        raise click.BadParameter(f"expected AE@HOST:PORT (AE up to 16 characters), got {text!r}")
+    return match["ae"], match["host"], int(match["port"])
+
+
+@click.command("synth")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output folder (created).",
+)
+@click.option(
+    "--studies",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 100000),
+    help="Number of studies.",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, None),
+    help="Seed of the first study; study i uses seed + i.",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(["rsna", "plain"]),
+    default="plain",
+    show_default=True,
+    help="rsna: RSNA 2022 layout with CSVs and segmentations; plain: one folder per "
+    "study with complete headers.",
+)
+@click.option(
+    "--fracture-rate",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Fraction of studies with at least one fracture.",
+)
+@click.option(
+    "--vertebra-fracture-rate",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Mean fraction of C1..C7 fractured per study.",
+)
+@click.option(
+    "--transfer-syntax",
+    type=click.Choice(["explicit", "jpeg-lossless", "j2k-lossless", "rle", "mixed"]),
+    default=None,
+    help="Encoding of the images (default: explicit for plain, mixed for rsna).",
+)
+@click.option(
+    "--rows",
+    default=512,
+    show_default=True,
+    type=click.IntRange(16, 2048),
+    help="Rows and columns of each image.",
+)
+@click.option(
+    "--slices",
+    "n_slices",
+    default=None,
+    type=click.IntRange(8, 4000),
+    help="Slices per study (default: from the field of view and spacing).",
+)
+@click.option(
+    "--segmentation-fraction",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="rsna layout: fraction of studies with a NIfTI.",
+)
+@click.option(
+    "--extra-series",
+    is_flag=True,
+    help="plain layout: also write a scout and a soft-tissue-kernel series.",
+)
+@click.option(
+    "--send",
+    "send_to",
+    default=None,
+    metavar="AE@HOST:PORT",
+    help="C-STORE every written file to this node afterwards.",
+)
+@click.option(
+    "--calling-ae", default="CSPINE-SCU", show_default=True, help="Our AE title when sending."
+)
+def synth(
+    out_dir: str,
+    studies: int,
+    seed: int,
+    layout: str,
+    fracture_rate: float,
+    vertebra_fracture_rate: float,
+    transfer_syntax: str | None,
+    rows: int,
+    n_slices: int | None,
+    segmentation_fraction: float,
+    extra_series: bool,
+    send_to: str | None,
+    calling_ae: str,
+) -> None:
+    """Generate synthetic neck CT studies with known vertebra and fracture truth."""
+    from tqdm import tqdm
+
+    from ai.synthetic import StudySpec, generate_study, write_rsna_dataset, write_study
+
+    target = parse_target(send_to) if send_to else None
+    ts = transfer_syntax or ("mixed" if layout == "rsna" else "explicit")
+    if layout == "plain" and ts == "mixed":
+        raise click.BadParameter(
+            "'mixed' is only for --layout rsna", param_hint="--transfer-syntax"
+        )
+    if extra_series and layout == "rsna":
+        raise click.BadParameter(
+            "extra series exist only in the plain layout", param_hint="--extra-series"
+        )
+    try:
+        spec = StudySpec(
+            rows=rows,
+            cols=rows,
+            n_slices=n_slices,
+            fracture_rate=fracture_rate,
+            vertebra_fracture_rate=vertebra_fracture_rate,
+            extra_series=extra_series,
+            fov_mm=(128.0, 358.0) if rows >= 384 else (120.0, 180.0),
+            slice_spacing=(0.5, 1.25) if rows >= 256 else (1.0, 3.0),
+        )
+    except ValueError as exc:
+        raise NodeError(str(exc)) from exc
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    written: list[Path] = []
+    bar = tqdm(total=studies, unit="study", desc="synth", disable=None)
+
+    def generated():  # type: ignore[no-untyped-def]
+        for i in range(studies):
+            study = generate_study(seed + i, spec)
+            yield study
+            bar.update(1)
+
+    n_fractured = 0
+    try:
+        if layout == "rsna":
+            flags: list[int] = []
+
+            def counted():  # type: ignore[no-untyped-def]
+                for study in generated():
+                    flags.append(study.patient_overall)
+                    yield study
+
+            uids = write_rsna_dataset(
+                out, counted(), transfer_syntax=ts, segmentation_fraction=segmentation_fraction
+            )
+            n_fractured = sum(flags)
+            written = sorted((out / "train_images").rglob("*.dcm"))
+            summary = f"{len(uids)} studies in RSNA layout"
+        else:
+            for study in generated():
+                n_fractured += study.patient_overall
+                written += write_study(study, out / study.patient_id, ts)
+            summary = f"{studies} studies in plain layout"
+    finally:
+        bar.close()
+    click.echo(
+        f"synth: {summary} under {out} ({len(written)} files, {n_fractured} fractured, "
+        f"{time.monotonic() - started:.1f} s)"
+    )
+    if target is not None:
+        from dicom_node.scu import send_paths
+
+        ae, host, port = target
+        result = send_paths(written, ae, host, port, calling_ae=calling_ae)
+        click.echo(
+            f"synth: sent {result.sent} of {len(written)} files to {send_to} "
+            f"({result.failed} failed)"
+        )
+        if result.failed:
+            raise NodeError(f"{result.failed} file(s) were not stored by {send_to}")
+
+
+COMMANDS: list[click.Command] = [synth]

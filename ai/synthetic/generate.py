@@ -71,6 +71,7 @@ class _Grid:
     z: np.ndarray  # patient z of each slice (ascending)
     dx: float
     dz: float
+    texture: np.ndarray | None = None  # int16 trabecular texture block, tiled per vertebra
 
 
 def _rot_z(a: float) -> np.ndarray:
@@ -214,7 +215,13 @@ def _render_vertebra(
     lab_box = lab[box]
     target = inside & (lab_box == 0)
     thickness = F32(max(v.cortex_mm, 0.7 * grid.dx))
-    values = np.where(d[target] > -thickness, v.cortex_hu, v.cancellous_hu).astype(np.int16)
+    cortical = d[target] > -thickness
+    values = np.where(cortical, v.cortex_hu, v.cancellous_hu).astype(np.int16)
+    if grid.texture is not None:
+        tex = grid.texture
+        reps = [-(-n // t) for n, t in zip(target.shape, tex.shape, strict=True)]
+        tiled = np.tile(tex, reps)[: target.shape[0], : target.shape[1], : target.shape[2]]
+        values += np.where(cortical, 0, tiled[target]).astype(np.int16)
     mask = None
     if fr is not None and fr["kind"] == "compression":
         body: EllCyl = v.tp.body  # type: ignore[assignment]
@@ -328,7 +335,7 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
                 tp=anatomy.template(n, sv, heights.get(n, 0.0)),
                 cortex_mm=rng.uniform(0.8, 1.5),
                 cortex_hu=int(np.clip(cortex_base + rng.uniform(-120, 120), 1000, 1800)),
-                cancellous_hu=int(np.clip(canc_base + rng.uniform(-40, 40), 160, 400)),
+                cancellous_hu=int(np.clip(canc_base + rng.uniform(-40, 40), 190, 400)),
             )
         )
     by_name = {v.name: v for v in verts}
@@ -386,6 +393,10 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
         dx=dx,
         dz=dz,
     )
+    tex = rng.normal(0.0, 1.0, size=(16, 64, 64)).astype(F32)
+    ndimage.gaussian_filter(tex, sigma=(0.6, 1.0, 1.0), output=tex, mode="wrap")
+    tex *= F32(35.0 / max(float(tex.std()), 1e-6))
+    grid.texture = np.rint(tex).astype(np.int16)
     position = _choose(rng, spec.patient_position, ("HFS", "FFS"), (0.8, 0.2))
     order = _choose(rng, spec.instance_order, ("superior_first", "inferior_first"), (0.7, 0.3))
 
@@ -396,24 +407,27 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
         inter = max(0.0, min(b, grid.z[-1]) - max(a, grid.z[0]))
         coverage[v.name] = round(inter / (b - a), 3)
     visible = {n: coverage[n] >= 0.5 for n in VERTEBRAE}
-    fractured_study = rng.uniform() < spec.fracture_rate
+    # fractures draw from their own stream: the same seed gives the same anatomy with or
+    # without them (fracture_rate 0 vs 1), which the tests use to see them in the image
+    frng = np.random.default_rng([seed, 20222])
+    fractured_study = frng.uniform() < spec.fracture_rate
     candidates = [n for n in VERTEBRAE if coverage[n] >= 0.95 and _kinds_for(n, spec)]
     chosen: list[str] = []
     if fractured_study and candidates:
         mean_w = np.mean(list(FRACTURE_WEIGHT.values()))
-        draws = rng.uniform(size=len(VERTEBRAE))
+        draws = frng.uniform(size=len(VERTEBRAE))
         for i, n in enumerate(VERTEBRAE):
             p = min(1.0, spec.vertebra_fracture_rate * FRACTURE_WEIGHT[n] / mean_w)
             if n in candidates and draws[i] < p:
                 chosen.append(n)
         if not chosen:
             w = np.array([FRACTURE_WEIGHT[n] for n in candidates])
-            chosen.append(str(rng.choice(candidates, p=w / w.sum())))
+            chosen.append(str(frng.choice(candidates, p=w / w.sum())))
     fractures: list[Fracture] = []
     for n in chosen:
         v = by_name[n]
-        kind = str(rng.choice(_kinds_for(n, spec)))
-        plan = _plan_fracture(rng, v, kind, heights.get(n, 0.0), grid.dx, sg)
+        kind = str(frng.choice(_kinds_for(n, spec)))
+        plan = _plan_fracture(frng, v, kind, heights.get(n, 0.0), grid.dx, sg)
         if kind == "compression":
             v.tp = anatomy.template(n, v.scale, heights[n], wedge=plan["wedge"])
         v.fracture = plan

@@ -172,7 +172,7 @@ def augment(
     theta[:, :, 3] = torch.stack([u(-0.08, 0.08), u(-0.08, 0.08), u(-0.08, 0.08)], dim=1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5
+    y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     x = x * u(0.9, 1.1).view(b, 1, 1, 1, 1) + u(-0.05, 0.05).view(b, 1, 1, 1, 1)
     x = x + 0.02 * torch.randn(x.shape, generator=gen)
     return x, y
@@ -296,7 +296,8 @@ def train(cfg: TrainConfig) -> Path:
         )
         losses = []
         for b in bar:
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            # Always full batches (wrapping around), so batch norm never sees a batch of 1.
+            idx = perm[(b * cfg.batch_size + torch.arange(cfg.batch_size)) % len(train_uids)]
             xb, yb = augment(x_train[idx], y_train[idx], gen)
             xb, yb = xb.to(device), yb.to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
@@ -306,10 +307,10 @@ def train(cfg: TrainConfig) -> Path:
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            if step < total_steps:
+            if sched.last_epoch + 1 < sched.total_steps:  # type: ignore[attr-defined]
                 sched.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", val_dice=f"{best['dice']:.3f}")
             out_of_time = (
                 cfg.max_minutes is not None and (time.monotonic() - t_start) > 60 * cfg.max_minutes

@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import click
 
 from dicom_node.cli.common import configure_logging
+
+
+def _command_line(prefix: str) -> str:
+    """The invocation as ``cspine ...`` with every option value (defaults included)."""
+    ctx = click.get_current_context()
+    parts = [prefix]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if value is None or not isinstance(param, click.Option):
+            continue
+        flag = param.opts[0]
+        if param.is_flag:
+            if param.secondary_opts:
+                parts.append(flag if value else param.secondary_opts[0])
+            elif value:
+                parts.append(flag)
+            continue
+        parts.extend([flag, shlex.quote(str(value))])
+    return " ".join(parts)
 
 
 def _size(value: str) -> tuple[int, int, int]:
@@ -142,7 +160,7 @@ def train_seg(
         version=version,
         demo=demo,
         half=not fp32,
-        command="cspine " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command=_command_line("cspine train seg"),
         progress=not no_progress,
     )
     path = train(cfg)
@@ -220,7 +238,7 @@ def evaluate_seg(
             "data": str(data),
             "n_studies": report["n_studies"],
             **report["dice"],
-            "command": "cspine " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "command": _command_line("cspine evaluate seg"),
         }
         meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 

@@ -118,9 +118,9 @@ def subaxial(name: str, s: float, h: float, wedge: float = 0.0) -> Template:
                     (sd * (a + 4.0 * s), b + 9.5 * s),
                     (sd * 1.2 * s, b + 16 * s),
                     1.7 * s,
-                    -hh + 1.0 * s,
-                    hh - 2.5 * s,
-                    tilt=0.15,
+                    -hh - 0.5 * s,
+                    hh - 3.5 * s,
+                    tilt=0.25,
                 ),
             )
         )
@@ -156,23 +156,24 @@ def subaxial(name: str, s: float, h: float, wedge: float = 0.0) -> Template:
         tp.arch_points.append(
             (np.array([sd * (a + 3.0 * s), b + 10.5 * s, 0.0]), np.array([-sd * 0.55, 0.85, 0.0]))
         )
-    # spinous process: bifid on C3..C6, long and single on C7
-    base = (0.0, b + 15.0 * s, -1.5 * s)
+    # spinous process: a sloping plate, bifid on C3..C6, long and single on C7
+    v0 = b + 14.0 * s
     if name == "C7":
-        tip = (0.0, b + 40.0 * s, -13.0 * s)
-        tp.prims.append(("process", Capsule(base, tip, 3.0 * s)))
-        tp.prims.append(("process", Ellipsoid(tip, (4.0 * s, 3.5 * s, 4.0 * s))))
+        length, slope = 27.0 * s, 0.42
+        tp.prims.append(
+            ("process", Slab((0.0, v0), (0.0, v0 + length), 2.5 * s, -5.0 * s, 3.0 * s, tilt=slope))
+        )
+        tip = (0.0, v0 + length, -1.0 * s - slope * length)
+        tp.prims.append(("process", Ellipsoid(tip, (4.0 * s, 3.5 * s, 4.5 * s))))
     else:
-        length = (13.0 + 4.0 * t) * s
-        tip = (0.0, base[1] + length, base[2] - 0.4 * length)
-        tp.prims.append(("process", Capsule(base, tip, 2.4 * s)))
+        length, slope = (12.0 + 4.0 * t) * s, 0.4
+        tp.prims.append(
+            ("process", Slab((0.0, v0), (0.0, v0 + length), 2.4 * s, -4.5 * s, 2.5 * s, tilt=slope))
+        )
+        tip = (0.0, v0 + length, -1.0 * s - slope * length)
         for sd in (1.0, -1.0):
-            tp.prims.append(
-                (
-                    "process",
-                    Capsule(tip, (sd * 3.6 * s, tip[1] + 3.5 * s, tip[2] - 1.2 * s), 1.9 * s),
-                )
-            )
+            end = (sd * 3.6 * s, tip[1] + 3.0 * s, tip[2] - 1.2 * s)
+            tp.prims.append(("process", Capsule(tip, end, 2.0 * s)))
     return tp
 
 
@@ -255,12 +256,14 @@ def axis(s: float, h: float) -> Template:
             )
         )
     # large bifid spinous process
-    base, tip = (0.0, b + 17.0 * s, -2.0 * s), (0.0, b + 29.0 * s, -7.0 * s)
-    tp.prims.append(("process", Capsule(base, tip, 3.4 * s)))
+    v0, length, slope = b + 16.0 * s, 13.0 * s, 0.35
+    tp.prims.append(
+        ("process", Slab((0.0, v0), (0.0, v0 + length), 2.9 * s, -7.0 * s, 2.5 * s, tilt=slope))
+    )
+    tip = (0.0, v0 + length, -2.2 * s - slope * length)
     for sd in (1.0, -1.0):
-        tp.prims.append(
-            ("process", Capsule(tip, (sd * 4.5 * s, tip[1] + 4.0 * s, tip[2] - 1.5 * s), 2.5 * s))
-        )
+        end = (sd * 4.5 * s, tip[1] + 4.0 * s, tip[2] - 1.5 * s)
+        tp.prims.append(("process", Capsule(tip, end, 2.6 * s)))
     return tp
 
 
@@ -381,8 +384,11 @@ def thoracic(name: str, s: float, h: float, wedge: float = 0.0) -> Template:
         tp.arch_points.append(
             (np.array([sd * (a - 1.0 * s), b + 11.0 * s, 0.0]), np.array([-sd * 0.55, 0.85, 0.0]))
         )
-    base, tip = (0.0, b + 15.0 * s, -3.0 * s), (0.0, b + 36.0 * s, -17.0 * s)
-    tp.prims.append(("process", Capsule(base, tip, 3.3 * s)))
+    v0, length, slope = b + 14.0 * s, 22.0 * s, 0.6
+    tp.prims.append(
+        ("process", Slab((0.0, v0), (0.0, v0 + length), 2.6 * s, -6.0 * s, 3.0 * s, tilt=slope))
+    )
+    tip = (0.0, v0 + length, -1.5 * s - slope * length)
     tp.prims.append(("process", Ellipsoid(tip, (4.0 * s, 3.5 * s, 4.5 * s))))
     return tp
 

@@ -299,8 +299,8 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
     lordosis = math.radians(rng.uniform(-5.0, 32.0))  # tangent change from C2 to C7
     kappa = lordosis / (95.0 * sg)
     theta0 = -lordosis / 2 + math.radians(rng.uniform(-8.0, 8.0))
-    yaw = math.radians(rng.uniform(-8.0, 8.0))
-    roll = math.radians(rng.uniform(-3.0, 3.0))
+    yaw = math.radians(rng.uniform(-4.0, 4.0))
+    roll = math.radians(rng.uniform(-1.5, 1.5))
     Rg = _rot_z(yaw) @ _rot_y(roll)
     x_fc, y_fc = rng.uniform(-12, 12), rng.uniform(-40, 20)
     ref = np.array([x_fc + rng.uniform(-8, 8), y_fc + rng.uniform(-14, 2), rng.uniform(-250, 250)])
@@ -317,7 +317,7 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
     verts: list[_Vertebra] = []
     for n in ORDER:
         sc = s_centre[n]
-        jitter = _rot_z(math.radians(rng.uniform(-2.5, 2.5))) @ _rot_x(
+        jitter = _rot_z(math.radians(rng.uniform(-1.2, 1.2))) @ _rot_x(
             math.radians(rng.uniform(-2.0, 2.0))
         )
         R = curve.frame(sc) @ jitter
@@ -657,19 +657,35 @@ def _paint_skull(img: np.ndarray, lab2: np.ndarray, grid: _Grid, z: float, p: di
     q_i = (
         (ys[:, None] / F32(bi)) ** 2 + (xs[None, :] / F32(ai)) ** 2 + F32(((z - p["cz"]) / ci) ** 2)
     )
-    # floor of the skull: rises anteriorly (clivus), posteriorly (occiput) and laterally
+    # floor of the skull: rises anteriorly (clivus), and as a bowl posteriorly (occiput)
+    # and laterally (posterior fossa)
     yr = (grid.y[r0:r1] - p["yfm"]).astype(F32)
     xr = np.abs(grid.x[c0:c1] - p["xfm"]).astype(F32)
-    floor = (np.maximum(-17.0 - yr, 0) * F32(1.4) + np.maximum(yr - 16.0, 0) * F32(0.5))[:, None]
-    floor = floor + (np.maximum(xr - 12.0, 0) * F32(0.25))[None, :]
+    post = np.maximum(yr - 16.0, 0)
+    lat = np.maximum(xr - 12.0, 0)
+    floor = (np.maximum(-17.0 - yr, 0) * F32(1.4) + post * F32(0.3) + post * post * F32(0.012))[
+        :, None
+    ] + (lat * F32(0.12) + lat * lat * F32(0.009))[None, :]
     zr = F32(z - p["zfm"])
     above = zr >= floor
+    t_floor = F32(4.0)
     fm = ((yr / F32(18.0)) ** 2)[:, None] + ((xr / F32(15.0)) ** 2)[None, :] < 1
-    bone = (q_o < 1) & above & ((q_i >= 1) | ((zr < floor + F32(t)) & ~fm))
-    brain = (q_i < 1) & (zr >= floor + F32(t))
+    bone = (q_o < 1) & above & ((q_i >= 1) | ((zr < floor + t_floor) & ~fm))
+    brain = (q_i < 1) & (zr >= floor + t_floor)
+    # diploe: the middle third of the vault between the inner and outer tables
+    am, bm, cm = p["a"] - t * 0.3, p["b"] - t * 0.3, p["c"] - t * 0.3
+    q_m = (
+        (ys[:, None] / F32(bm)) ** 2 + (xs[None, :] / F32(am)) ** 2 + F32(((z - p["cz"]) / cm) ** 2)
+    )
+    an, bn, cn = p["a"] - t * 0.7, p["b"] - t * 0.7, p["c"] - t * 0.7
+    q_n = (
+        (ys[:, None] / F32(bn)) ** 2 + (xs[None, :] / F32(an)) ** 2 + F32(((z - p["cz"]) / cn) ** 2)
+    )
+    diploe = bone & (q_m < 1) & (q_n >= 1)
     sub = img[r0:r1, c0:c1]
     sub[brain] = HU_BRAIN
     sub[bone] = F32(p["hu"])
+    sub[diploe] = F32(p["hu"] * 0.5)
     lsub = lab2[r0:r1, c0:c1]
     lsub[bone] = SKULL_LABEL
 

@@ -56,7 +56,8 @@ class Capsule(Prim):
 class Slab(Prim):
     """A 2D capsule (segment ``a``-``b`` in the u-v plane, radius ``r``) extruded over ``w0..w1``.
 
-    ``tilt`` lowers the slab by ``tilt`` mm per mm along ``v`` (processes that slope down).
+    ``tilt`` lowers the slab by ``tilt`` mm per mm along ``v`` from ``a`` (processes that
+    slope down posteriorly).
     """
 
     a: tuple[float, float]
@@ -69,7 +70,8 @@ class Slab(Prim):
     def __post_init__(self) -> None:
         vmin = min(self.a[1], self.b[1]) - self.r
         vmax = max(self.a[1], self.b[1]) + self.r
-        drop = (-self.tilt * vmax, -self.tilt * vmin)
+        v0 = self.a[1]
+        drop = (-self.tilt * (vmax - v0), -self.tilt * (vmin - v0))
         self.lo = np.array([min(self.a[0], self.b[0]) - self.r, vmin, self.w0 + min(drop)], float)
         self.hi = np.array([max(self.a[0], self.b[0]) + self.r, vmax, self.w1 + max(drop)], float)
 
@@ -84,7 +86,7 @@ class Slab(Prim):
         pv -= t * F32(dy)
         d = np.sqrt(pu * pu + pv * pv)
         d -= F32(self.r)
-        ww = w + v * F32(self.tilt) if self.tilt else w
+        ww = w + (v - F32(self.a[1])) * F32(self.tilt) if self.tilt else w
         mid, half = (self.w0 + self.w1) / 2, (self.w1 - self.w0) / 2
         dz = np.abs(ww - F32(mid))
         dz -= F32(half)

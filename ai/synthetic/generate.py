@@ -22,6 +22,7 @@ from ai.synthetic.anatomy import CODES, DISC_HEIGHT, ORDER, Template
 from ai.synthetic.shapes import F32, EllCyl
 from ai.synthetic.spec import (
     FIELDS_OF_VIEW,
+    MANDIBLE_LABEL,
     SKULL_LABEL,
     ExtraSeries,
     Fracture,
@@ -464,6 +465,20 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
         zfm=z_fm,
         hu=rng.uniform(1200, 1600),
     )
+    c2, c3 = by_name["C2"], by_name["C3"]
+    c2_front = c2.centre[1] - 8.0 * sg
+    jaw = dict(
+        cx=c2.centre[0],
+        y_chin=c2_front - rng.uniform(58, 72) * sg,
+        y_angle=c2_front - rng.uniform(0, 8) * sg,
+        W=rng.uniform(40, 47) * sg,
+        z_bot=c3.centre[2] - rng.uniform(0, 6) * sg,
+        height=26.0 * sg,
+        z_top=z_fm - 4.0,
+        half=rng.uniform(4.5, 5.5) * sg,
+        hu=rng.uniform(1200, 1600),
+        fat=fat_mm,
+    )
     img = np.empty((Rr, Cc), dtype=F32)
     for k in range(S):
         z = grid.z[k]
@@ -484,6 +499,8 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
         # posterior intermuscular fat planes
         for sd in (1.0, -1.0):
             _paint_ellipse(img, grid, sx + sd * 22 * sg, sy + 38 * sg, 3.0 * sg, 9.0 * sg, -60)
+        if jaw["z_bot"] - 18 <= z <= jaw["z_top"]:
+            _paint_jaw_soft_tissue(img, grid, z, jaw)
         # spinal canal (CSF) and airway
         _paint_ellipse(img, grid, sx, sy + body_b + 7.5 * sg, 10.5 * sg, 7.0 * sg, HU_CSF)
         if z < z_fm + 25:
@@ -494,6 +511,8 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
             _paint_ellipse(img, grid, sx, sy - body_b - gap * sg - ab, aa, ab, HU_AIR)
         if z > z_fm - 2:
             _paint_skull(img, lab[k], grid, z, skull)
+        if jaw["z_bot"] <= z <= jaw["z_top"]:
+            _paint_mandible(img, lab[k], grid, z, jaw)
         np.rint(img, out=img)
         hu[k] = img
 
@@ -688,6 +707,56 @@ def _paint_skull(img: np.ndarray, lab2: np.ndarray, grid: _Grid, z: float, p: di
     sub[diploe] = F32(p["hu"] * 0.5)
     lsub = lab2[r0:r1, c0:c1]
     lsub[bone] = SKULL_LABEL
+
+
+def _paint_jaw_soft_tissue(img: np.ndarray, grid: _Grid, z: float, p: dict) -> None:
+    """Floor of the mouth and submandibular soft tissue in front of the upper neck."""
+    taper = float(np.clip((z - (p["z_bot"] - 18.0)) / 18.0, 0.2, 1.0))
+    a = p["W"] + 12.0
+    b = ((p["y_angle"] - p["y_chin"]) / 2 + 16.0) * taper
+    cy = p["y_angle"] + 10.0 - b
+    _paint_ellipse(img, grid, p["cx"], cy, a, b, HU_FAT)
+    _paint_ellipse(img, grid, p["cx"], cy, a - p["fat"], b - p["fat"], HU_MUSCLE)
+
+
+def _paint_mandible(img: np.ndarray, lab2: np.ndarray, grid: _Grid, z: float, p: dict) -> None:
+    """Mandibular body (a horseshoe) and rami on one slice (labelled :data:`MANDIBLE_LABEL`)."""
+    W, half = p["W"], p["half"]
+    x0, x1 = p["cx"] - W - 12.0, p["cx"] + W + 12.0
+    y0, y1 = p["y_chin"] - half - 2.0, p["y_angle"] + 30.0
+    c0, c1 = int(np.searchsorted(grid.x, x0)), int(np.searchsorted(grid.x, x1))
+    r0, r1 = int(np.searchsorted(grid.y, y0)), int(np.searchsorted(grid.y, y1))
+    if c1 <= c0 or r1 <= r0:
+        return
+    X = (grid.x[c0:c1] - p["cx"]).astype(F32)[None, :]
+    Y = grid.y[r0:r1].astype(F32)[:, None]
+    bone = np.zeros((r1 - r0, c1 - c0), bool)
+    depth = np.full(bone.shape, np.inf, F32)
+    zb = z - p["z_bot"]
+    if 0.0 <= zb <= p["height"]:
+        h = half * math.sqrt(min(1.0, zb / 3.0 + 0.15)) * (1.0 - 0.3 * zb / p["height"])
+        k = (p["y_angle"] - p["y_chin"]) / (W * W)
+        yc = F32(p["y_chin"]) + F32(k) * X * X
+        dist = np.abs(Y - yc) / np.sqrt(1.0 + (F32(2 * k) * X) ** 2)
+        body = (dist < F32(h)) & (np.abs(X) <= F32(W))
+        bone |= body
+        depth = np.where(body, F32(h) - dist, depth)
+    if zb >= p["height"] - 12.0:
+        f = float(np.clip((z - (p["z_top"] - 14.0)) / 14.0, 0.0, 1.0))
+        ay, ax = 13.0 - 6.0 * f, 3.6 + 0.8 * f
+        yc = p["y_angle"] - 6.0 + 0.25 * (zb - p["height"] + 12.0)
+        for sd in (1.0, -1.0):
+            q = ((X - F32(sd * (W + 1.5))) / F32(ax)) ** 2 + ((Y - F32(yc)) / F32(ay)) ** 2
+            ramus = q < 1
+            bone |= ramus
+            depth = np.where(ramus, np.minimum(depth, (1 - np.sqrt(q)) * F32(ax)), depth)
+    if not bone.any():
+        return
+    lsub = lab2[r0:r1, c0:c1]
+    bone &= lsub == 0
+    sub = img[r0:r1, c0:c1]
+    sub[bone] = np.where(depth[bone] < 1.8, F32(p["hu"]), F32(p["hu"] * 0.35))
+    lsub[bone] = MANDIBLE_LABEL
 
 
 def _render_disc(

@@ -18,7 +18,7 @@ Segmentation NIfTI convention (as the RSNA files, which need
 feet): data axes are (image column, image row reversed, slice position ascending in z),
 and the header's affine (RAS, sform and qform code 1) describes exactly that, so a reader
 can use the header instead of the convention. Labels: 1..7 = C1..C7, 8.. = T1..; the
-skull code of the generator is written as 0.
+skull and mandible codes of the generator (20, 21) are written as 0.
 """
 
 from __future__ import annotations

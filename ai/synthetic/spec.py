@@ -24,13 +24,15 @@ FIELDS_OF_VIEW: tuple[str, ...] = ("full", "no_skull", "c1_c5")
 LABEL_NAMES: dict[int, str] = {
     1: "C1", 2: "C2", 3: "C3", 4: "C4", 5: "C5", 6: "C6", 7: "C7",
     8: "T1", 9: "T2", 10: "T3", 11: "T4",
-    20: "skull",
+    20: "skull", 21: "mandible",
 }  # fmt: skip
 """Label codes of :attr:`SyntheticStudy.labels` (RSNA numbering for 1..19).
 
-Code 20 (occipital bone / skull) is not an RSNA code: the RSNA writer stores it as 0."""
+Codes 20 (occipital bone / skull) and 21 (mandible) are not RSNA codes: the RSNA writer
+stores them as 0."""
 
 SKULL_LABEL = 20
+MANDIBLE_LABEL = 21
 
 
 @dataclass(frozen=True)
@@ -218,8 +220,8 @@ class SyntheticStudy:
         along the slice normal, exactly as :func:`ai.volume.load_series` returns the
         written series).
     labels
-        uint8, same shape: 0 background, 1..7 = C1..C7, 8..11 = T1..T4, 20 = skull
-        (:data:`LABEL_NAMES`). Labels are exactly the bone voxels of each structure
+        uint8, same shape: 0 background, 1..7 = C1..C7, 8..11 = T1..T4, 20 = skull,
+        21 = mandible (:data:`LABEL_NAMES`). Labels are exactly the bone voxels of each structure
         (fracture gaps are 0).
     fractures
         :class:`Fracture` list.

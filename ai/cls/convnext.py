@@ -82,6 +82,9 @@ class ConvNeXt(nn.Module):
         Blocks and channels per stage (4 stages).
     drop_path
         Maximum stochastic-depth rate, increasing linearly over the blocks.
+    layer_scale
+        Initial value of the per-channel residual scale (1e-6 in the paper; a larger value
+        lets the blocks contribute from the start when training from scratch on little data).
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class ConvNeXt(nn.Module):
         depths: Sequence[int] = VARIANTS["atto"][0],
         dims: Sequence[int] = VARIANTS["atto"][1],
         drop_path: float = 0.0,
+        layer_scale: float = 1e-6,
     ) -> None:
         super().__init__()
         if len(depths) != len(dims) or not depths:
@@ -110,7 +114,9 @@ class ConvNeXt(nn.Module):
         self.stages = nn.ModuleList()
         k = 0
         for depth, dim in zip(depths, dims, strict=True):
-            self.stages.append(nn.Sequential(*[Block(dim, rates[k + j]) for j in range(depth)]))
+            self.stages.append(
+                nn.Sequential(*[Block(dim, rates[k + j], layer_scale) for j in range(depth)])
+            )
             k += depth
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.apply(self._init)

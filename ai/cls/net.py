@@ -8,7 +8,7 @@ study, then C1..C7).
 * **Slice encoder:** a 2D ConvNeXt (:mod:`ai.cls.convnext`) on each ``C``-channel slice.
 * **Vertebra head:** a 2-layer bidirectional LSTM over the ``S`` slices of a vertebra, a
   linear layer giving one logit per slice, and the vertebra logit = mean of its slice
-  logits (the 1st-place RSNA 2022 "type 1" head).
+  logits (the 1st-place RSNA 2022 "type 1" head) or their log-mean-exp (``pooling="lse"``).
 * **Patient head** (like the 1st-place "type 2" model): the BiLSTM outputs of all slices
   of all 7 vertebrae, in anatomical order (``7 x S`` steps, zeros for vertebrae that were
   not assessed), go through a second bidirectional LSTM; a masked attention pooling over
@@ -17,6 +17,7 @@ study, then C1..C7).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -43,6 +44,11 @@ class FractureNet(nn.Module):
         Hidden size of each LSTM direction.
     drop_path, dropout
         Stochastic depth of the encoder; dropout before the heads.
+    layer_scale
+        Initial ConvNeXt layer scale.
+    pooling
+        Slice logits to vertebra logit: ``"mean"`` (1st-place type 1) or ``"lse"``
+        (log-mean-exp, a smooth maximum that lets one fractured slice dominate).
     """
 
     def __init__(
@@ -54,15 +60,20 @@ class FractureNet(nn.Module):
         lstm_hidden: int = 128,
         drop_path: float = 0.0,
         dropout: float = 0.1,
+        layer_scale: float = 1e-6,
+        pooling: str = "mean",
     ) -> None:
         super().__init__()
+        if pooling not in ("mean", "lse"):
+            raise ValueError(f"pooling must be 'mean' or 'lse', got {pooling!r}")
+        self.pooling = pooling
         if depths is None or dims is None:
             if variant not in VARIANTS:
                 raise ValueError(
                     f"unknown ConvNeXt variant {variant!r}; choose from {sorted(VARIANTS)}"
                 )
             depths, dims = list(VARIANTS[variant][0]), list(VARIANTS[variant][1])
-        self.encoder = ConvNeXt(in_chans, depths, dims, drop_path)
+        self.encoder = ConvNeXt(in_chans, depths, dims, drop_path, layer_scale)
         h = int(lstm_hidden)
         self.lstm = nn.LSTM(
             self.encoder.out_dim,
@@ -105,7 +116,11 @@ class FractureNet(nn.Module):
         slice_logits = self.slice_head(self.drop(seq)).squeeze(-1)
         b = present.shape[0]
         vert = slice_logits.new_zeros((b, N_VERTEBRAE))
-        vert[present] = slice_logits.mean(dim=1)
+        if self.pooling == "mean":
+            vert[present] = slice_logits.mean(dim=1).to(vert.dtype)
+        else:  # smooth maximum; equals the mean when all slices agree
+            pooled = torch.logsumexp(slice_logits.float(), dim=1) - math.log(s)
+            vert[present] = pooled.to(vert.dtype)
         full = seq.new_zeros((b, N_VERTEBRAE, s, seq.shape[-1]))
         full[present] = seq
         pseq, _ = self.patient_lstm(full.view(b, N_VERTEBRAE * s, -1))

@@ -60,6 +60,8 @@ class TrainConfig:
     lstm_hidden: int = 128
     drop_path: float = 0.05
     dropout: float = 0.1
+    layer_scale: float = 1e-6
+    pooling: str = "mean"
     threshold: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -71,6 +73,8 @@ class TrainConfig:
             "lstm_hidden": self.lstm_hidden,
             "drop_path": self.drop_path,
             "dropout": self.dropout,
+            "layer_scale": self.layer_scale,
+            "pooling": self.pooling,
         }
         if self.depths is not None and self.dims is not None:
             params["depths"] = list(self.depths)

@@ -242,9 +242,20 @@ def _render_vertebra(
 
 
 def _paint_ellipse(
-    img: np.ndarray, grid: _Grid, cx: float, cy: float, a: float, b: float, value: float
+    img: np.ndarray,
+    grid: _Grid,
+    cx: float,
+    cy: float,
+    a: float,
+    b: float,
+    value: float,
+    only_below: float | None = None,
 ) -> None:
-    """Blend an anti-aliased filled ellipse into the float32 slice ``img``."""
+    """Blend an anti-aliased filled ellipse into the float32 slice ``img``.
+
+    With ``only_below``, only pixels currently darker than that value change (a layer
+    that extends an outline without cutting through what is inside it).
+    """
     px = grid.dx
     c0 = int(np.searchsorted(grid.x, cx - a - px))
     c1 = int(np.searchsorted(grid.x, cx + a + px))
@@ -260,6 +271,8 @@ def _paint_ellipse(
     q += F32(0.5)
     np.clip(q, 0, 1, out=q)
     sub = img[r0:r1, c0:c1]
+    if only_below is not None:
+        q *= sub < F32(only_below)
     sub += q * (F32(value) - sub)
 
 
@@ -712,10 +725,10 @@ def _paint_skull(img: np.ndarray, lab2: np.ndarray, grid: _Grid, z: float, p: di
 def _paint_jaw_soft_tissue(img: np.ndarray, grid: _Grid, z: float, p: dict) -> None:
     """Floor of the mouth and submandibular soft tissue in front of the upper neck."""
     taper = float(np.clip((z - (p["z_bot"] - 18.0)) / 18.0, 0.2, 1.0))
-    a = p["W"] + 12.0
-    b = ((p["y_angle"] - p["y_chin"]) / 2 + 16.0) * taper
-    cy = p["y_angle"] + 10.0 - b
-    _paint_ellipse(img, grid, p["cx"], cy, a, b, HU_FAT)
+    a = p["W"] + 20.0
+    b = ((p["y_angle"] - p["y_chin"]) / 2 + 28.0) * taper
+    cy = p["y_angle"] + 22.0 - b
+    _paint_ellipse(img, grid, p["cx"], cy, a, b, HU_FAT, only_below=-500.0)
     _paint_ellipse(img, grid, p["cx"], cy, a - p["fat"], b - p["fat"], HU_MUSCLE)
 
 

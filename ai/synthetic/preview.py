@@ -56,13 +56,17 @@ def _resize(img: Image.Image, sx: float, sy: float, scale: float) -> Image.Image
 
 
 def render_previews(
-    study: SyntheticStudy, out_dir: str | Path, prefix: str = "synthetic", size: int = 512
+    study: SyntheticStudy,
+    out_dir: str | Path,
+    prefix: str = "synthetic",
+    size: int = 512,
+    fracture: int = 0,
 ) -> list[Path]:
     """Write ``<prefix>_axial.png``, ``_sagittal.png`` and ``_coronal.png`` into ``out_dir``.
 
-    Planes go through the first fracture (its middle box) when there is one, otherwise
-    through C4. Fracture boxes are drawn in red on the axial image and as their extent
-    on the other two.
+    Planes go through fracture number ``fracture`` (its middle box) when the study has
+    fractures, otherwise through C4. Fracture boxes are drawn in red on the axial image
+    and as their extent on the other two.
 
     Returns
     -------
@@ -76,7 +80,7 @@ def render_previews(
     dz, dy, dx = study.volume.spacing
     boxes = []
     if study.fractures:
-        fr = study.fractures[0]
+        fr = study.fractures[min(fracture, len(study.fractures) - 1)]
         for x, y, w, h, n in fr.boxes:
             k = int(np.nonzero(study.instance_numbers == n)[0][0])
             k = S - 1 - k if flip_k else k
@@ -95,7 +99,7 @@ def render_previews(
             sel = np.nonzero((lab > 0) & (lab < 20))
         k, row, col = (int(np.median(a)) for a in sel)
     body = np.nonzero(lab[k] == code)
-    body_row = int(np.percentile(body[0], 25)) if body[0].size else row
+    body_row = int(np.percentile(body[0], 35)) if body[0].size else row
     spine_col = int(np.median(body[1])) if body[1].size else col
     planes = {
         "axial": (_overlay(_window(hu[k]), lab[k]), dx, dy),

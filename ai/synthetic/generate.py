@@ -369,7 +369,7 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
     fov_mode = _choose(rng, spec.field_of_view, FIELDS_OF_VIEW, (0.6, 0.25, 0.15))
     top_opts = {
         "full": z_fm + rng.uniform(15, 35),
-        "no_skull": z_extent(c1)[1] + rng.uniform(0.5, 3.0),
+        "no_skull": min(z_extent(c1)[1] + rng.uniform(0.5, 3.0), z_fm - 1.0),
         "c1_c5": z_fm + rng.uniform(5, 25),
     }
     bottom_opts = {

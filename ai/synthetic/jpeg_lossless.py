@@ -132,15 +132,23 @@ def encode(image: np.ndarray, precision: int) -> bytes:
     add = np.where(diff < 0, diff - 1, diff) & ((np.int64(1) << extra) - 1)
     value = (code_of[ssss] << extra) | add
     length = len_of[ssss] + extra
+    # Pack the variable-length codes (at most 32 bits each) without a per-bit array:
+    # place each code in a 40-bit window aligned to its first byte, cut the window into
+    # five bytes and sum them per output byte (codes never share bits, so sum == OR).
     ends = np.cumsum(length)
     total = int(ends[-1])
-    owner = np.repeat(np.arange(length.size), length)
-    shift = ends[owner] - 1 - np.arange(total)
-    stream = ((value[owner] >> shift) & 1).astype(np.uint8)
+    starts = ends - length
+    first = starts >> 3
+    window = value << (40 - (starts & 7) - length)
+    n_bytes = (total + 7) // 8
+    packed = np.zeros(n_bytes + 5, np.uint8)
+    for k in range(5):
+        part = (window >> (32 - 8 * k)) & 0xFF
+        packed += np.bincount(first + k, weights=part, minlength=n_bytes + 5).astype(np.uint8)
+    packed = packed[:n_bytes]
     pad = (-total) % 8
-    if pad:
-        stream = np.concatenate([stream, np.ones(pad, np.uint8)])
-    packed = np.packbits(stream)
+    if pad:  # fill the last byte with 1-bits (T.81 F.1.2.3)
+        packed[-1] |= (1 << pad) - 1
     ff = np.nonzero(packed == 0xFF)[0]
     if ff.size:
         packed = np.insert(packed, ff + 1, 0)

@@ -255,3 +255,73 @@ def test_fast_native_path_matches_pydicom_byte_for_byte(tmp_path, monkeypatch):
     rf = sorted((tmp_path / "rsna_fast").rglob("*.dcm"))
     rs = sorted((tmp_path / "rsna_slow").rglob("*.dcm"))
     assert len(rf) == 12 and [p.read_bytes() for p in rf] == [p.read_bytes() for p in rs]
+
+
+def test_studies_vary_within_the_documented_ranges():
+    seen_fov, seen_pos, seen_order, dz, dx = set(), set(), set(), [], []
+    for seed in range(40):
+        spec = StudySpec(
+            rows=24,
+            cols=24,
+            n_slices=None,
+            noise_hu=0.0,
+            blur=False,
+            fov_mm=(128.0, 358.0),
+            slice_spacing=(3.0, 4.0),
+        )
+        study = generate_study(seed, spec)
+        seen_fov.add(study.field_of_view)
+        seen_pos.add(study.patient_position)
+        first_top = study.instance_numbers[int(np.argmax(_z_of_slices(study)))] == 1
+        seen_order.add(first_top)
+        sk, sj, si = study.volume.spacing
+        dz.append(sk)
+        dx.append(si)
+        assert sj == si
+        if study.field_of_view == "no_skull":
+            assert not (study.labels == 20).any(), "skull base must be cut off"
+        if study.field_of_view == "c1_c5":
+            assert not study.visible["C7"] and study.visible["C1"]
+    assert seen_fov == {"full", "no_skull", "c1_c5"}
+    assert seen_pos == {"HFS", "FFS"} and seen_order == {True, False}
+    assert min(dz) >= 3.0 and max(dz) <= 4.0 and max(dz) - min(dz) > 0.3
+    assert min(dx) >= 128 / 24 * 0.999 and max(dx) <= 358 / 24 * 1.001
+
+
+def test_default_study_is_512_with_realistic_spacing():
+    study = generate_study(2, StudySpec(n_slices=48, fracture_rate=1.0))
+    assert study.shape == (48, 512, 512)
+    sk, _, si = study.volume.spacing
+    assert 0.25 <= si <= 0.7 and 0.5 <= sk <= 1.25
+    assert 0.5 <= study.slice_thickness <= 1.25
+    cervical = (study.labels >= 1) & (study.labels <= 7)
+    assert (study.volume.hu[cervical] >= 100).mean() >= 0.99
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [(16, np.int16), (12, np.uint16), (16, np.uint16), (10, np.uint16)]
+)
+def test_jpeg_lossless_encoder_round_trips_with_two_decoders(precision, dtype):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+
+    from ai.synthetic import jpeg_lossless
+
+    rng = np.random.default_rng(precision)
+    if dtype is np.int16:
+        image = rng.normal(0, 400, (61, 47)).astype(np.int16)
+        image[0, :5] = [-32768, 32767, -1, 0, 1]  # extreme differences (category 16)
+    else:
+        image = rng.integers(0, 1 << precision, (61, 47)).astype(np.uint16)
+        image[:3] = (1 << precision) - 1  # runs of 0xFF bytes exercise byte stuffing
+    ds = Dataset()
+    ds.Rows, ds.Columns = image.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, precision, precision - 1
+    ds.PixelRepresentation = int(dtype is np.int16)
+    ds.PixelData = encapsulate([jpeg_lossless.encode(image, precision)])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = jpeg_lossless.TRANSFER_SYNTAX_UID
+    for plugin in ("pylibjpeg", "gdcm"):
+        decoded = pydicom.pixels.pixel_array(ds, decoding_plugin=plugin)
+        assert np.array_equal(decoded.astype(np.int64), image.astype(np.int64)), plugin

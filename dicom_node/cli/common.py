@@ -65,4 +65,5 @@ def configure_logging(level: str) -> None:
         )
         root.addHandler(handler)
     root.setLevel(level.upper())
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     install_log_safety()

@@ -1,0 +1,151 @@
+"""The one receive path shared by the SCP and ``cspine import``.
+
+:meth:`Receiver.accept` turns a file into a DIMSE status: it checks free space,
+validates the instance, makes it durable and records it. It never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from config import Settings
+from dicom_node.logsafe import short_uid
+from dicom_node.validate import (
+    CANNOT_UNDERSTAND,
+    DATASET_MISMATCH,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    Limits,
+    Rejection,
+    inspect_file,
+)
+from storage import Catalog, CatalogBusyError, FileStore, IngestOutcome, ingest
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Status answered for one instance and why."""
+
+    status: int
+    reason: str = ""
+    study_id: int | None = None
+    instance_id: int | None = None
+
+
+class Receiver:
+    """Validate, store and catalog instances.
+
+    Parameters
+    ----------
+    settings
+        Node settings (limits, free-space threshold).
+    catalog, store
+        The process's catalog and file store.
+    free_bytes
+        Free-space probe; defaults to the store's filesystem. Tests inject a fake.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        store: FileStore,
+        free_bytes: Callable[[], int] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.store = store
+        self.limits = Limits(
+            max_pixels=settings.node.max_pixels,
+            max_instance_bytes=settings.node.max_instance_bytes,
+        )
+        self._free_bytes = free_bytes or store.free_bytes
+
+    def accept(
+        self,
+        path: Path,
+        *,
+        affected_sop_instance_uid: str | None = None,
+        affected_sop_class_uid: str | None = None,
+        calling_ae: str | None = None,
+        consume: bool = True,
+    ) -> Outcome:
+        """Take one instance; return the status to answer. Never raises.
+
+        Parameters
+        ----------
+        path
+            The instance in DICOM file format.
+        affected_sop_instance_uid, affected_sop_class_uid
+            From the C-STORE request, or ``None`` for imports.
+        calling_ae
+            The sender's AE title, or ``None`` for imports.
+        consume
+            The file is a spool file that may be moved or deleted (the SCP case).
+            When false (imports), the file is copied to the spool first.
+        """
+        spool: Path | None = None
+        try:
+            if self._free_bytes() < self.settings.storage.min_free_bytes:
+                return Outcome(OUT_OF_RESOURCES, "not enough free disk space")
+            if consume and path.parent.resolve() == self.store.tmp_dir:
+                spool = path
+            else:
+                spool = self.store.new_temp()
+                shutil.copyfile(path, spool)
+            header = inspect_file(
+                spool,
+                affected_sop_instance_uid=affected_sop_instance_uid,
+                affected_sop_class_uid=affected_sop_class_uid,
+                limits=self.limits,
+            )
+            result = ingest(self.catalog, self.store, spool, header, calling_ae)
+            spool = None  # consumed by ingest
+        except Rejection as exc:
+            LOGGER.info("instance refused status=0x%04X reason=%s", exc.status, exc.reason)
+            return Outcome(exc.status, exc.reason)
+        except CatalogBusyError as exc:
+            LOGGER.error("instance refused status=0xA700 reason=%s", exc)
+            return Outcome(OUT_OF_RESOURCES, "catalog busy")
+        except OSError as exc:
+            LOGGER.error("instance refused status=0xA700 reason=%s", exc.strerror or exc)
+            return Outcome(OUT_OF_RESOURCES, "storage error")
+        except Exception as exc:
+            LOGGER.exception("instance refused status=0xC210 unexpected %s", type(exc).__name__)
+            return Outcome(CANNOT_UNDERSTAND, f"unexpected {type(exc).__name__}")
+        finally:
+            if spool is not None:  # refused: the spool file is not kept
+                spool.unlink(missing_ok=True)
+        if result.outcome is IngestOutcome.CONFLICT:
+            LOGGER.warning(
+                "instance refused status=0xA900 study_id=%s reason=%s",
+                result.study_id,
+                result.detail,
+            )
+            return Outcome(DATASET_MISMATCH, result.detail, result.study_id)
+        LOGGER.debug(
+            "instance %s study_id=%s instance_id=%s uid=%s ae=%s",
+            result.outcome.value.lower(),
+            result.study_id,
+            result.instance_id,
+            short_uid(header.sop_instance_uid),
+            calling_ae,
+        )
+        if result.outcome is IngestOutcome.QUARANTINED:
+            LOGGER.warning(
+                "instance quarantined study_id=%s reason=%s", result.study_id, result.detail
+            )
+        return Outcome(SUCCESS, result.outcome.value, result.study_id, result.instance_id)
+
+
+def open_node_storage(settings: Settings) -> tuple[Catalog, FileStore]:
+    """Open the catalog and the file store named by the settings."""
+    store = FileStore(settings.storage.store_path, fsync=settings.storage.fsync)
+    catalog = Catalog(settings.storage.url)
+    return catalog, store

@@ -1,0 +1,165 @@
+"""Sending instances by C-STORE (the ``send`` command, ``synth --send`` and result delivery)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+
+from config import NodeError
+
+LOGGER = logging.getLogger(__name__)
+
+
+class SendError(NodeError):
+    """No association could be established, or it broke (transient)."""
+
+
+@dataclass
+class SendSummary:
+    """Per-file outcome of a send."""
+
+    statuses: dict[Path, int | None] = field(default_factory=dict)
+    errors: dict[Path, str] = field(default_factory=dict)
+
+    @property
+    def sent(self) -> int:
+        """Files acknowledged with success (0x0000) or a warning (0xB000-0xBFFF)."""
+        return sum(1 for s in self.statuses.values() if s is not None and _ok(s))
+
+    @property
+    def failed(self) -> int:
+        """Files not acknowledged as stored."""
+        return len(self.statuses) - self.sent
+
+
+def _ok(status: int) -> bool:
+    return status == 0 or 0xB000 <= status <= 0xBFFF
+
+
+def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of files."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            out.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise NodeError(f"no such file or folder: {path}")
+    return out
+
+
+def _contexts(metas: dict[Path, tuple[str, str]]) -> list:
+    by_class: dict[str, set[str]] = {}
+    for sop_class, ts in metas.values():
+        by_class.setdefault(sop_class, set()).add(ts)
+    contexts = []
+    for sop_class, syntaxes in sorted(by_class.items()):
+        for ts in sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}):
+            contexts.append(build_context(sop_class, ts))
+    if len(contexts) > 128:
+        raise NodeError("too many SOP class / transfer syntax combinations for one association")
+    return contexts
+
+
+def send_paths(
+    paths: Sequence[Path],
+    ae_title: str,
+    host: str,
+    port: int,
+    calling_ae: str = "CSPINE-SCU",
+    *,
+    progress: Callable[[Path, int | None], None] | None = None,
+    timeout: float = 30.0,
+    ssl_context: object | None = None,
+) -> SendSummary:
+    """C-STORE files to a remote AE over one association.
+
+    Parameters
+    ----------
+    paths
+        DICOM files (Part 10) to send.
+    ae_title, host, port
+        The called AE.
+    calling_ae
+        Our AE title.
+    progress
+        Called after each file with its status (``None`` when not sent).
+    timeout
+        ACSE/DIMSE/network timeout in seconds.
+    ssl_context
+        Client TLS context, or ``None`` for plain TCP.
+
+    Returns
+    -------
+    SendSummary
+        Status per file.
+
+    Raises
+    ------
+    SendError
+        When the association is rejected, aborted or cannot be opened.
+    """
+    summary = SendSummary()
+    metas: dict[Path, tuple[str, str]] = {}
+    for path in paths:
+        try:
+            meta = read_file_meta_info(path)
+            metas[path] = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+        except Exception as exc:
+            summary.statuses[path] = None
+            summary.errors[path] = f"not a DICOM file: {type(exc).__name__}"
+            if progress:
+                progress(path, None)
+    if not metas:
+        return summary
+    ae = AE(ae_title=calling_ae)
+    ae.requested_contexts = _contexts(metas)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    tls_args = (ssl_context, host) if ssl_context is not None else None
+    try:
+        assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
+    except (OSError, RuntimeError) as exc:
+        raise SendError(f"cannot connect to {ae_title}@{host}:{port}: {exc}") from exc
+    if not assoc.is_established:
+        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        raise SendError(f"association with {ae_title}@{host}:{port} {reason}")
+    with contextlib.suppress(Exception):
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        for path in metas:
+            if not assoc.is_established:
+                summary.statuses[path] = None
+                summary.errors[path] = "association lost"
+                continue
+            try:
+                rsp = assoc.send_c_store(path)
+                status = int(rsp.Status) if "Status" in rsp else None
+            except (ValueError, AttributeError, OSError) as exc:
+                status = None
+                summary.errors[path] = str(exc)
+            summary.statuses[path] = status
+            if status is None and path not in summary.errors:
+                summary.errors[path] = "no response (association aborted or timed out)"
+            elif status is not None and not _ok(status):
+                comment = rsp.get("ErrorComment", "")
+                summary.errors[path] = f"status 0x{status:04X} {comment}".strip()
+            if progress:
+                progress(path, status)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if any(s is None for p, s in summary.statuses.items() if p in metas) and not assoc.is_released:
+        LOGGER.warning("association with %s ended early", ae_title)
+    return summary

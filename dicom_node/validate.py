@@ -1,0 +1,227 @@
+"""Checks every received instance must pass before it is acknowledged.
+
+:func:`inspect_file` reads the header of a stored-as-received file without loading
+pixel data, checks it, and returns the identifying attributes, or raises
+:class:`Rejection` carrying the DIMSE status to answer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from storage import InstanceHeader
+
+# DIMSE C-STORE statuses (PS3.4 Annex B.2.3)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+
+LOSSLESS_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless, process 14
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.5",  # RLE lossless
+    "1.2.840.10008.1.2.1",  # explicit VR little endian
+    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
+    "1.2.840.10008.1.2",  # implicit VR little endian
+)
+LOSSY_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG extended
+)
+# Acceptor preference order (pynetdicom picks the first of ours that the peer proposed):
+# lossless compressed first (a peer proposes those only for data it holds compressed, so
+# it is stored as the peer holds it), then explicit little endian, deflated, the lossy
+# syntaxes, and implicit VR last.
+ACCEPTED_TRANSFER_SYNTAXES = (
+    LOSSLESS_TRANSFER_SYNTAXES[:-1] + LOSSY_TRANSFER_SYNTAXES + LOSSLESS_TRANSFER_SYNTAXES[-1:]
+)
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UID_LOOSE_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class Rejection(Exception):
+    """An instance is refused; ``status`` is the DIMSE status to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def valid_uid(value: object) -> bool:
+    """Whether ``value`` is a syntactically valid UID: digits and dots, at most 64 chars.
+
+    Components with leading zeros are tolerated (they occur in the wild); anything
+    else — letters, slashes, ``..``, NUL, spaces inside — is refused.
+    """
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_LOOSE_RE.match(value))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits applied before anything is allocated."""
+
+    max_pixels: int = 512 * 1024 * 1024
+    max_instance_bytes: int = 2 * 1024**3
+
+
+def _uid(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None or str(value).strip("\0 ") == "":
+        raise Rejection(DATASET_MISMATCH, f"{keyword} is missing")
+    text = str(value).rstrip("\0 ")
+    if not valid_uid(text):
+        raise Rejection(DATASET_MISMATCH, f"{keyword} is not a valid UID")
+    return text
+
+
+def _int(ds: pydicom.Dataset, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword, default)
+    if value is None or value == "":
+        raise Rejection(DATASET_MISMATCH, f"{keyword} is missing")
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise Rejection(DATASET_MISMATCH, f"{keyword} is not an integer") from exc
+
+
+def _check_pixels(ds: pydicom.Dataset, file_size: int, ts: UID, limits: Limits) -> None:
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)
+    if raw is None:
+        raise Rejection(DATASET_MISMATCH, "image has no Pixel Data")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    bits_alloc, bits_stored = _int(ds, "BitsAllocated"), _int(ds, "BitsStored")
+    samples = _int(ds, "SamplesPerPixel", 1)
+    frames = _int(ds, "NumberOfFrames", 1)
+    if rows < 1 or cols < 1 or frames < 1:
+        raise Rejection(DATASET_MISMATCH, "Rows, Columns and NumberOfFrames must be positive")
+    if bits_alloc not in (1, 8, 16, 32) or not 1 <= bits_stored <= bits_alloc:
+        raise Rejection(DATASET_MISMATCH, "BitsAllocated/BitsStored are not sane")
+    if samples not in (1, 3):
+        raise Rejection(DATASET_MISMATCH, "SamplesPerPixel must be 1 or 3")
+    if rows * cols * frames > limits.max_pixels:
+        raise Rejection(
+            OUT_OF_RESOURCES, f"image of {rows}x{cols}x{frames} exceeds the pixel limit"
+        )
+    length = getattr(raw, "length", None)
+    tell = getattr(raw, "value_tell", None)
+    if ts.is_compressed:
+        if length not in (None, 0xFFFFFFFF):
+            raise Rejection(DATASET_MISMATCH, "compressed Pixel Data must be encapsulated")
+        return
+    expected = (rows * cols * frames * samples * bits_alloc + 7) // 8
+    if length is None:  # already read: measure the value
+        length = len(ds.PixelData)
+        tell = 0
+    if length not in (expected, expected + 1):
+        raise Rejection(
+            DATASET_MISMATCH,
+            f"Pixel Data holds {length} bytes; Rows x Columns x bits need {expected}",
+        )
+    if tell is not None and tell and tell + length > file_size:
+        raise Rejection(DATASET_MISMATCH, "Pixel Data is truncated")
+
+
+def inspect_file(
+    path: Path,
+    *,
+    affected_sop_instance_uid: str | None,
+    affected_sop_class_uid: str | None,
+    limits: Limits = Limits(),
+) -> InstanceHeader:
+    """Check a received file and return its identifying attributes.
+
+    Parameters
+    ----------
+    path
+        The instance in DICOM file format, as received.
+    affected_sop_instance_uid, affected_sop_class_uid
+        From the C-STORE request; ``None`` for files imported from disk.
+    limits
+        Pixel-count limit applied before any allocation.
+
+    Raises
+    ------
+    Rejection
+        With 0xC210 when the file cannot be parsed, 0xA900 when the dataset does not
+        match its SOP class or the request, 0xA700 when it exceeds a resource limit.
+    """
+    file_size = path.stat().st_size
+    if file_size > limits.max_instance_bytes:
+        raise Rejection(OUT_OF_RESOURCES, "instance exceeds the size limit")
+    try:
+        ds = pydicom.dcmread(path, defer_size=4096)
+        ts = UID(ds.file_meta.TransferSyntaxUID)
+        sop_class = _uid(ds.file_meta, "MediaStorageSOPClassUID")
+        ds_class = ds.get("SOPClassUID")
+        if ds_class is not None and str(ds_class).strip() and str(ds_class).strip() != sop_class:
+            raise Rejection(DATASET_MISMATCH, "SOPClassUID differs from the file meta / request")
+        sop_uid = _uid(ds, "SOPInstanceUID")
+        study_uid = _uid(ds, "StudyInstanceUID")
+        series_uid = _uid(ds, "SeriesInstanceUID")
+    except Rejection:
+        raise
+    except (InvalidDicomError, AttributeError, KeyError, ValueError, TypeError, EOFError) as exc:
+        raise Rejection(
+            CANNOT_UNDERSTAND, f"dataset cannot be parsed: {type(exc).__name__}"
+        ) from exc
+    except Exception as exc:  # pydicom raises many types on hostile input
+        raise Rejection(
+            CANNOT_UNDERSTAND, f"dataset cannot be parsed: {type(exc).__name__}"
+        ) from exc
+    if affected_sop_instance_uid is not None and sop_uid != affected_sop_instance_uid.rstrip("\0 "):
+        raise Rejection(
+            DATASET_MISMATCH, "SOPInstanceUID differs from the Affected SOP Instance UID"
+        )
+    if affected_sop_class_uid is not None and sop_class != affected_sop_class_uid.rstrip("\0 "):
+        raise Rejection(DATASET_MISMATCH, "SOP class differs from the Affected SOP Class UID")
+    is_image = "PixelData" in ds or sop_class.startswith("1.2.840.10008.5.1.4.1.1.")
+    if is_image and not sop_class.startswith("1.2.840.10008.5.1.4.1.1.88"):
+        try:
+            _check_pixels(ds, file_size, ts, limits)
+        except Rejection:
+            raise
+        except Exception as exc:
+            raise Rejection(CANNOT_UNDERSTAND, f"image attributes unreadable: {exc}") from exc
+
+    def text(keyword: str, size: int) -> str | None:
+        value = ds.get(keyword)
+        return None if value in (None, "") else str(value)[:size]
+
+    def number(keyword: str) -> int | None:
+        try:
+            value = ds.get(keyword)
+            return None if value in (None, "") else int(value)
+        except (TypeError, ValueError):
+            return None
+
+    return InstanceHeader(
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        sop_instance_uid=sop_uid,
+        sop_class_uid=sop_class,
+        transfer_syntax_uid=str(ts),
+        modality=text("Modality", 16),
+        series_number=number("SeriesNumber"),
+        series_description=text("SeriesDescription", 64),
+        instance_number=number("InstanceNumber"),
+        study_date=text("StudyDate", 8),
+        study_description=text("StudyDescription", 64),
+        lossy=str(ts) in LOSSY_TRANSFER_SYNTAXES
+        or str(ds.get("LossyImageCompression", "")) == "01",
+    )

@@ -1,0 +1,23 @@
+"""Catalog (SQLAlchemy 2.0, SQLite) and file store of cspine-node.
+
+Never imports pynetdicom or torch.
+"""
+
+from storage.catalog import IngestOutcome, IngestResult, InstanceHeader, ingest, reconcile
+from storage.db import Catalog
+from storage.errors import CatalogBusyError, NotFoundError, OutOfSpaceError, StorageError
+from storage.filestore import FileStore
+
+__all__ = [
+    "Catalog",
+    "CatalogBusyError",
+    "FileStore",
+    "IngestOutcome",
+    "IngestResult",
+    "InstanceHeader",
+    "NotFoundError",
+    "OutOfSpaceError",
+    "StorageError",
+    "ingest",
+    "reconcile",
+]

@@ -1,0 +1,348 @@
+"""Catalog operations: ingest a verified file, completion bookkeeping, queries.
+
+Ingest order, which makes every acknowledged instance durable:
+temp file (already written and closed) -> sha256 -> fsync -> atomic rename into the
+store -> catalog commit. Only after :func:`ingest` returns may a caller acknowledge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from storage.db import Catalog
+from storage.errors import NotFoundError
+from storage.filestore import FileStore, sha256_file
+from storage.models import (
+    Instance,
+    QuarantinedInstance,
+    Series,
+    Study,
+    StudyEvent,
+    StudyState,
+    utcnow,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The identifying attributes of one instance, already validated by the caller."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    instance_number: int | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+    lossy: bool = False
+
+
+class IngestOutcome(enum.StrEnum):
+    """What :func:`ingest` did with a file."""
+
+    STORED = "STORED"
+    DUPLICATE = "DUPLICATE"
+    QUARANTINED = "QUARANTINED"
+    CONFLICT = "CONFLICT"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """Outcome of one ingest, with catalog ids for logging."""
+
+    outcome: IngestOutcome
+    study_id: int | None
+    instance_id: int | None = None
+    detail: str = ""
+
+
+def add_event(session: Session, study_id: int, kind: str, detail: str | None = None) -> None:
+    """Append an audit event to a study."""
+    session.add(StudyEvent(study_id=study_id, kind=kind, detail=detail))
+
+
+def _existing(session: Session, sop_uid: str) -> tuple[Instance, Series, Study] | None:
+    row = session.execute(
+        select(Instance, Series, Study)
+        .join(Series, Instance.series_id == Series.id)
+        .join(Study, Series.study_id == Study.id)
+        .where(Instance.sop_instance_uid == sop_uid)
+    ).first()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def ingest(
+    catalog: Catalog,
+    store: FileStore,
+    tmp_path: Path,
+    header: InstanceHeader,
+    calling_ae: str | None,
+) -> IngestResult:
+    """Make a received file durable and record it.
+
+    The temp file is consumed: renamed into the store, or deleted.
+
+    Parameters
+    ----------
+    catalog, store
+        The process's catalog and file store.
+    tmp_path
+        A closed file on the store's filesystem holding the instance as received.
+    header
+        Validated identifying attributes.
+    calling_ae
+        AE title of the sender (``None`` for imports).
+
+    Returns
+    -------
+    IngestResult
+        ``STORED`` (new), ``DUPLICATE`` (byte-identical, nothing changed),
+        ``QUARANTINED`` (same UID, other content, kept aside and the study flagged) or
+        ``CONFLICT`` (same UID already stored under another study or series; refused).
+    """
+    sha = sha256_file(tmp_path)
+    size = tmp_path.stat().st_size
+    with catalog.read() as session:
+        found = _existing(session, header.sop_instance_uid)
+    if found is not None:
+        return _ingest_known(catalog, store, tmp_path, header, calling_ae, sha, found)
+
+    rel = store.commit_instance(tmp_path, sha)
+
+    def record(session: Session) -> IngestResult:
+        again = _existing(session, header.sop_instance_uid)
+        if again is not None:  # a concurrent association stored the same UID first
+            return IngestResult(IngestOutcome.DUPLICATE, again[2].id, again[0].id, "race")
+        study = session.scalar(
+            select(Study).where(Study.study_instance_uid == header.study_instance_uid)
+        )
+        now = utcnow()
+        if study is None:
+            study = Study(
+                study_instance_uid=header.study_instance_uid,
+                state=StudyState.RECEIVING,
+                study_date=header.study_date,
+                study_description=header.study_description,
+                received_count=0,
+                instance_count=0,
+                created_at=now,
+                last_received_at=now,
+            )
+            session.add(study)
+            session.flush()
+            add_event(session, study.id, "created", f"first instance from {calling_ae or 'import'}")
+        elif study.state is StudyState.COMPLETE:
+            study.state = StudyState.RECEIVING
+            add_event(session, study.id, "reopened", "instance arrived after completion")
+        series = session.scalar(
+            select(Series).where(Series.series_instance_uid == header.series_instance_uid)
+        )
+        if series is None:
+            series = Series(
+                study_id=study.id,
+                series_instance_uid=header.series_instance_uid,
+                modality=header.modality,
+                series_number=header.series_number,
+                series_description=header.series_description,
+                lossy=header.lossy,
+                instance_count=0,
+            )
+            session.add(series)
+            session.flush()
+        elif series.study_id != study.id:
+            return IngestResult(
+                IngestOutcome.CONFLICT, study.id, None, "series belongs to another study"
+            )
+        series.lossy = series.lossy or header.lossy
+        series.instance_count += 1
+        study.instance_count += 1
+        study.received_count += 1
+        study.last_received_at = now
+        inst = Instance(
+            series_id=series.id,
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            instance_number=header.instance_number,
+            file_path=rel,
+            sha256=sha,
+            size_bytes=size,
+            calling_ae=calling_ae,
+            received_at=now,
+        )
+        session.add(inst)
+        session.flush()
+        return IngestResult(IngestOutcome.STORED, study.id, inst.id)
+
+    try:
+        result = catalog.write(record)
+    except BaseException:
+        # Not recorded: the file must not stay behind as an orphan.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(store.root / rel)
+        raise
+    if result.outcome is not IngestOutcome.STORED:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(store.root / rel)
+    return result
+
+
+def _ingest_known(
+    catalog: Catalog,
+    store: FileStore,
+    tmp_path: Path,
+    header: InstanceHeader,
+    calling_ae: str | None,
+    sha: str,
+    found: tuple[Instance, Series, Study],
+) -> IngestResult:
+    inst, series, study = found
+    if (
+        series.series_instance_uid != header.series_instance_uid
+        or study.study_instance_uid != header.study_instance_uid
+    ):
+        tmp_path.unlink(missing_ok=True)
+        return IngestResult(
+            IngestOutcome.CONFLICT,
+            study.id,
+            inst.id,
+            f"SOP Instance UID already stored as instance {inst.id} in another series or study",
+        )
+    if inst.sha256 == sha:
+        tmp_path.unlink(missing_ok=True)
+        return IngestResult(IngestOutcome.DUPLICATE, study.id, inst.id)
+    rel = store.quarantine(tmp_path, sha)
+    reason = f"SOP Instance UID of instance {inst.id} re-sent with different content"
+
+    def record(session: Session) -> IngestResult:
+        st = session.get(Study, study.id)
+        assert st is not None
+        st.flagged = True
+        st.flag_reason = reason
+        session.add(
+            QuarantinedInstance(
+                study_id=st.id,
+                sop_instance_uid=header.sop_instance_uid,
+                file_path=rel,
+                sha256=sha,
+                reason=reason,
+                calling_ae=calling_ae,
+            )
+        )
+        detail = f"{reason}; sha256 {inst.sha256[:12]} kept, {sha[:12]} quarantined"
+        add_event(session, st.id, "quarantine", detail)
+        return IngestResult(IngestOutcome.QUARANTINED, st.id, inst.id, reason)
+
+    try:
+        return catalog.write(record)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(store.root / rel)
+        raise
+
+
+def reconcile(catalog: Catalog, store: FileStore) -> dict[str, int]:
+    """Start-up repair: sweep the spool and remove store files no row refers to.
+
+    Files renamed into the store whose catalog commit never happened were never
+    acknowledged; they are removed.
+
+    Returns
+    -------
+    dict
+        ``{"tmp": n, "orphans": m}`` counts.
+    """
+    swept = store.sweep_tmp()
+    with catalog.read() as session:
+        known = set(session.scalars(select(Instance.file_path)))
+        known |= set(session.scalars(select(QuarantinedInstance.file_path)))
+    orphans = 0
+    for rel in store.iter_instance_files():
+        if rel not in known:
+            os.unlink(store.root / rel)
+            orphans += 1
+    if orphans:
+        LOGGER.warning("removed unrecorded store files count=%d", orphans)
+    return {"tmp": swept, "orphans": orphans}
+
+
+def receiving_studies(catalog: Catalog) -> list[tuple[int, int]]:
+    """``(study id, received_count)`` of every study in RECEIVING."""
+    with catalog.read() as session:
+        rows = session.execute(
+            select(Study.id, Study.received_count).where(Study.state == StudyState.RECEIVING)
+        ).all()
+    return [(int(a), int(b)) for a, b in rows]
+
+
+def mark_complete(catalog: Catalog, study_id: int, seen_count: int, detail: str) -> bool:
+    """Move a study to COMPLETE if nothing arrived since ``seen_count`` was read.
+
+    Returns
+    -------
+    bool
+        Whether the study changed state.
+    """
+
+    def change(session: Session) -> bool:
+        study = session.get(Study, study_id)
+        if study is None or study.state is not StudyState.RECEIVING:
+            return False
+        if study.received_count != seen_count:
+            return False
+        study.state = StudyState.COMPLETE
+        study.completed_at = utcnow()
+        study.completion_count += 1
+        add_event(session, study.id, "complete", detail)
+        return True
+
+    return catalog.write(change)
+
+
+def find_study(session: Session, ref: str) -> Study:
+    """Find a study by catalog id or Study Instance UID.
+
+    Raises
+    ------
+    NotFoundError
+        When no study matches.
+    """
+    stmt = select(Study).options(selectinload(Study.series), selectinload(Study.events))
+    study = None
+    if ref.isdigit():
+        study = session.scalar(stmt.where(Study.id == int(ref)))
+    if study is None:
+        study = session.scalar(stmt.where(Study.study_instance_uid == ref))
+    if study is None:
+        raise NotFoundError(f"no study with id or Study Instance UID {ref!r}")
+    return study
+
+
+def list_studies(session: Session, limit: int = 200) -> list[Study]:
+    """Most recent studies first."""
+    return list(session.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(limit)))
+
+
+def count_instances(session: Session) -> int:
+    """Number of stored instances."""
+    return int(session.scalar(select(func.count(Instance.id))) or 0)
+
+
+def age_seconds(when: dt.datetime) -> float:
+    """Seconds since a stored UTC time."""
+    return max(0.0, (utcnow() - when).total_seconds())

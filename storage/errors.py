@@ -1,0 +1,21 @@
+"""Storage errors."""
+
+from __future__ import annotations
+
+from config.errors import NodeError
+
+
+class StorageError(NodeError):
+    """Base class of storage errors."""
+
+
+class CatalogBusyError(StorageError):
+    """The catalog stayed locked by another writer for longer than allowed (transient)."""
+
+
+class OutOfSpaceError(StorageError):
+    """Free space on the store is below the configured threshold (transient)."""
+
+
+class NotFoundError(StorageError):
+    """A catalog object named on the command line does not exist."""

@@ -1,0 +1,152 @@
+"""The file store: atomic, content-addressed files under one root.
+
+Layout under the root::
+
+    tmp/           spool of incoming data (same filesystem, so renames are atomic)
+    instances/ab/cd/<sha256>.dcm
+    quarantine/ab/cd/<sha256>.dcm
+    outputs/<job id>/<kind>.dcm
+
+Paths come from content hashes and catalog ids, never from DICOM values. Folders
+are ``0o750`` and files ``0o640``: nothing is world-readable or executable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+LOGGER = logging.getLogger(__name__)
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    """Atomic file operations under one root folder.
+
+    Parameters
+    ----------
+    root
+        Root of the store; created with mode ``0o750``.
+    fsync
+        Flush files and folders to stable storage before a rename is reported done.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(root).resolve()
+        self.fsync = fsync
+        for sub in ("", "tmp", "instances", "quarantine", "outputs"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            os.chmod(self.root / sub, DIR_MODE)
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Spool folder on the store's filesystem."""
+        return self.root / "tmp"
+
+    def abspath(self, rel: str) -> Path:
+        """Absolute path of a store-relative path; refuses anything outside the root."""
+        path = (self.root / rel).resolve()
+        if self.root not in path.parents:
+            raise ValueError(f"path {rel!r} is outside the store")
+        return path
+
+    def free_bytes(self) -> int:
+        """Bytes free for unprivileged writers on the store's filesystem."""
+        return shutil.disk_usage(self.root).free
+
+    def new_temp(self, suffix: str = ".part") -> Path:
+        """Create an empty temp file in the spool and return its path."""
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=suffix)
+        os.close(fd)
+        return Path(name)
+
+    def sweep_tmp(self) -> int:
+        """Delete every file in the spool (call at start-up, before serving).
+
+        Returns
+        -------
+        int
+            How many orphans were removed.
+        """
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed += 1
+        if removed:
+            LOGGER.info("swept orphan temp files count=%d", removed)
+        return removed
+
+    def _place(self, src: Path, area: str, sha256: str) -> str:
+        rel = f"{area}/{sha256[:2]}/{sha256[2:4]}/{sha256}.dcm"
+        dest = self.root / rel
+        if not dest.parent.is_dir():
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            if self.fsync:
+                _fsync_dir(dest.parent.parent)
+        os.chmod(src, FILE_MODE)
+        if self.fsync:
+            with src.open("rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(src, dest)
+        if self.fsync:
+            _fsync_dir(dest.parent)
+        return rel
+
+    def commit_instance(self, src: Path, sha256: str) -> str:
+        """fsync ``src`` and rename it into ``instances/``; return the relative path."""
+        return self._place(src, "instances", sha256)
+
+    def quarantine(self, src: Path, sha256: str) -> str:
+        """fsync ``src`` and rename it into ``quarantine/``; return the relative path."""
+        return self._place(src, "quarantine", sha256)
+
+    def write_output(self, job_id: int, name: str, data: bytes) -> str:
+        """Write an output file atomically under ``outputs/<job_id>/``."""
+        folder = self.root / "outputs" / str(int(job_id))
+        folder.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        if not name.replace("_", "").replace(".", "").isalnum():
+            raise ValueError(f"output name {name!r} must be alphanumeric")
+        tmp = self.new_temp()
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            if self.fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, folder / name)
+        if self.fsync:
+            _fsync_dir(folder)
+        return f"outputs/{int(job_id)}/{name}"
+
+    def iter_instance_files(self) -> list[str]:
+        """Relative paths of every file under ``instances/`` and ``quarantine/``."""
+        out = []
+        for area in ("instances", "quarantine"):
+            base = self.root / area
+            for dirpath, _dirs, files in os.walk(base):
+                for name in files:
+                    out.append(os.path.relpath(os.path.join(dirpath, name), self.root))
+        return out

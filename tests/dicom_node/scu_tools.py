@@ -1,0 +1,103 @@
+"""SCU helpers for tests: raw C-STORE of a file's bytes, and cut-off transfers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification
+
+from tests.helpers import CT, MR
+
+
+@contextlib.contextmanager
+def chunked_send() -> Iterator[None]:
+    """Send files' bytes as they are (no decode/re-encode), as a hostile or exact peer would."""
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+
+
+def associate(port: int, *, calling: str = "TESTSCU", called: str = "CSPINE", sop_class=CT):
+    ae = AE(ae_title=calling)
+    # one context per transfer syntax: byte-exact sending needs an exact match
+    ae.add_requested_context(sop_class, "1.2.840.10008.1.2.1")
+    ae.add_requested_context(sop_class, "1.2.840.10008.1.2")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def store_file(port: int, path: Path, **kw) -> Dataset | None:
+    """C-STORE one file sent byte-for-byte; return the response (None if none came)."""
+    assoc = associate(port, **kw)
+    assert assoc.is_established, "association not established"
+    try:
+        with chunked_send():
+            rsp = assoc.send_c_store(path)
+        return rsp if "Status" in rsp else None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def store_files(port: int, paths: list[Path], **kw) -> list[int | None]:
+    """C-STORE files over one association; statuses in order."""
+    assoc = associate(port, **kw)
+    assert assoc.is_established, "association not established"
+    out: list[int | None] = []
+    try:
+        with chunked_send():
+            for path in paths:
+                rsp = assoc.send_c_store(path)
+                out.append(int(rsp.Status) if "Status" in rsp else None)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return out
+
+
+def cut_off_store(port: int, ds: Dataset, fraction: float = 0.5) -> None:
+    """Start a C-STORE, send part of the data set's PDUs, then drop the TCP connection."""
+    from io import BytesIO
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    assoc = associate(port)
+    assert assoc.is_established
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, ds)  # explicit VR little endian
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = CT
+    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    req.Priority = 2
+    req.DataSet = BytesIO(buf.getvalue())
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CT)
+    pdus = list(msg.encode_msg(cx.context_id, 4096))
+    keep = max(2, int(len(pdus) * fraction))
+    sock = assoc.dul.socket.socket
+    from pynetdicom.pdu import P_DATA_TF
+
+    for primitive in pdus[:keep]:
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        sock.sendall(pdu.encode())
+    # vanish without A-ABORT or A-RELEASE
+    assoc.dul.socket.socket = None
+    sock.close()
+
+
+__all__ = ["MR", "associate", "chunked_send", "cut_off_store", "store_file", "store_files"]

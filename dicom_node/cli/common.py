@@ -67,3 +67,9 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     install_log_safety()
+
+
+def quiet_client_logging(settings: Settings) -> None:
+    """For one-shot client commands: the command reports failures itself in one line."""
+    if settings.logging.level.upper() != "DEBUG":
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)

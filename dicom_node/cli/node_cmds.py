@@ -8,7 +8,7 @@ import sys
 import click
 
 from config import NodeError, parse_ae_spec
-from dicom_node.cli.common import make_settings, settings_options
+from dicom_node.cli.common import make_settings, quiet_client_logging, settings_options
 
 
 def _fmt_age(seconds: float) -> str:
@@ -82,6 +82,7 @@ def echo(
     from pynetdicom.sop_class import Verification
 
     settings = make_settings(config_file, data_dir)
+    quiet_client_logging(settings)
     if "@" in target:
         called, host, port = parse_ae_spec(target)
     else:
@@ -121,6 +122,7 @@ def send(
     from dicom_node.scu import collect_files, send_paths
 
     settings = make_settings(config_file, data_dir)
+    quiet_client_logging(settings)
     ae, host, port = parse_ae_spec(to)
     files = collect_files(paths)
     if not files:

@@ -27,7 +27,7 @@ def test_precedence(tmp_path):
 
 
 def test_invalid_values_are_refused_with_the_key():
-    with pytest.raises(ConfigError, match="node.port"):
+    with pytest.raises(ConfigError, match=r"node\.port"):
         load_settings(environ={"CSPINE_NODE__PORT": "99999"})
     with pytest.raises(ConfigError, match="ae_title"):
         load_settings(overrides={"node": {"ae_title": "WAY-TOO-LONG-AE-TITLE"}}, environ={})

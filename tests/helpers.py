@@ -105,8 +105,10 @@ def write_series(
 
 def dataset_bytes(path: Path) -> bytes:
     """The bytes of a Part-10 file after its file meta group."""
-    from pydicom.filereader import read_preamble
-    from pydicom.filereader import _read_file_meta_info  # type: ignore[attr-defined]
+    from pydicom.filereader import (
+        _read_file_meta_info,  # type: ignore[attr-defined]
+        read_preamble,
+    )
 
     with path.open("rb") as fh:
         read_preamble(fh, False)

@@ -73,7 +73,7 @@ def subaxial(name: str, s: float, h: float, wedge: float = 0.0) -> Template:
     a, b = (8.0 + 1.6 * t) * s, (7.4 + 0.6 * t) * s
     hh = h / 2
     tp = Template()
-    body = EllCyl(0.0, 0.0, a, b, -hh, hh, concave=0.6 * s, wedge=wedge)
+    body = EllCyl(0.0, 0.0, a, b, -hh, hh, concave=0.6 * s, wedge=wedge, power=2.6)
     tp.body, tp.body_back = body, b
     tp.prims.append(("body", body))
     for sd in (1.0, -1.0):
@@ -181,7 +181,7 @@ def axis(s: float, h: float) -> Template:
     """C2 with its body (height ``h``) and the dens."""
     a, b, hh = 8.4 * s, 7.8 * s, h / 2
     tp = Template()
-    body = EllCyl(0.0, 0.0, a, b, -hh, hh - 1.5 * s, concave=0.4 * s)
+    body = EllCyl(0.0, 0.0, a, b, -hh, hh - 1.5 * s, concave=0.4 * s, power=2.3)
     tp.body, tp.body_back = body, b
     tp.prims.append(("body", body))
     tp.prims.append(("body", Ellipsoid((0.0, -1.0 * s, hh - 2.5 * s), (a * 0.8, b * 0.8, 3.5 * s))))
@@ -332,7 +332,7 @@ def thoracic(name: str, s: float, h: float, wedge: float = 0.0) -> Template:
     t = int(name[1]) - 1
     a, b, hh = (11.5 + 0.8 * t) * s, (9.0 + 0.8 * t) * s, h / 2
     tp = Template()
-    body = EllCyl(0.0, 0.0, a, b, -hh, hh, concave=0.6 * s, wedge=wedge)
+    body = EllCyl(0.0, 0.0, a, b, -hh, hh, concave=0.6 * s, wedge=wedge, power=2.6)
     tp.body, tp.body_back = body, b
     tp.prims.append(("body", body))
     for sd in (1.0, -1.0):

@@ -783,7 +783,7 @@ def _render_disc(
     centre = (top_u + top_l) / 2
     height = float(np.linalg.norm(top_u - top_l)) + 2.0 + lb.wedge
     a, b = (ub.au + lb.au) / 2, (ub.av + lb.av) / 2
-    disc = EllCyl(0.0, 0.0, a * 0.97, b * 0.97, -height / 2, height / 2)
+    disc = EllCyl(0.0, 0.0, a * 0.97, b * 0.97, -height / 2, height / 2, power=2.6)
     R = lower.R
     box = _index_box(centre, R, disc.lo, disc.hi, grid, grid.dx)
     if box is None:

@@ -39,7 +39,7 @@ def _window(a: np.ndarray, centre: float = 450.0, width: float = 1800.0) -> np.n
     return (np.clip((a.astype(np.float32) - lo) / width, 0, 1) * 255).astype(np.uint8)
 
 
-def _overlay(grey: np.ndarray, labels: np.ndarray, alpha: float = 0.38) -> np.ndarray:
+def _overlay(grey: np.ndarray, labels: np.ndarray, alpha: float = 0.32) -> np.ndarray:
     rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
     for code, colour in COLOURS.items():
         m = labels == code
@@ -61,12 +61,14 @@ def render_previews(
     prefix: str = "synthetic",
     size: int = 512,
     fracture: int = 0,
+    axial_crop_mm: float | None = 120.0,
 ) -> list[Path]:
     """Write ``<prefix>_axial.png``, ``_sagittal.png`` and ``_coronal.png`` into ``out_dir``.
 
     Planes go through fracture number ``fracture`` (its middle box) when the study has
     fractures, otherwise through C4. Fracture boxes are drawn in red on the axial image
-    and as their extent on the other two.
+    and as their extent on the other two. The axial image is cropped to a square of
+    ``axial_crop_mm`` around the vertebra (None: the whole slice).
 
     Returns
     -------
@@ -121,6 +123,11 @@ def render_previews(
             else:
                 lo, hi = min(b[0] for b in boxes), max(b[0] + b[2] for b in boxes)
             draw.rectangle([lo, min(ks), hi - 1, max(ks)], outline=(255, 0, 0))
+        if name == "axial" and axial_crop_mm is not None:
+            half = round(axial_crop_mm / 2 / dx)
+            cx = spine_col
+            cy = int(np.median(body[0])) if body[0].size else row
+            img = img.crop((cx - half, cy - half, cx + half, cy + half))
         scale = size / max(img.size[0] * sx, img.size[1] * sy)
         img = _resize(img, sx, sy, scale)
         path = out / f"{prefix}_{name}.png"

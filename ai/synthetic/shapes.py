@@ -99,7 +99,8 @@ class EllCyl(Prim):
 
     ``concave`` dents the top and bottom by that many mm at the centre (endplates);
     ``wedge`` lowers the top by ``wedge`` mm at the anterior edge, falling linearly to 0
-    at the posterior edge (compression fracture).
+    at the posterior edge (compression fracture). ``power`` > 2 makes the cross-section a
+    superellipse (the boxier outline of a vertebral body).
     """
 
     cu: float
@@ -110,6 +111,17 @@ class EllCyl(Prim):
     w1: float
     concave: float = 0.0
     wedge: float = 0.0
+    power: float = 2.0
+
+    def _q(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Squared normalised radius (superellipse-aware): 1 on the outline."""
+        qu = np.abs(u - F32(self.cu)) * F32(1 / self.au)
+        qv = np.abs(v - F32(self.cv)) * F32(1 / self.av)
+        if self.power == 2.0:
+            return qu * qu + qv * qv
+        p = F32(self.power)
+        r = np.power(np.power(qu, p) + np.power(qv, p), F32(1.0) / p)
+        return r * r
 
     def __post_init__(self) -> None:
         self.lo = np.array([self.cu - self.au, self.cv - self.av, self.w0], float)
@@ -117,9 +129,7 @@ class EllCyl(Prim):
 
     def top(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Height of the top surface at (u, v)."""
-        qu = (u - F32(self.cu)) * F32(1 / self.au)
-        qv = (v - F32(self.cv)) * F32(1 / self.av)
-        q = np.minimum(qu * qu + qv * qv, 1)
+        q = np.minimum(self._q(u, v), 1)
         top = F32(self.w1) - F32(self.concave) * (1 - q)
         if self.wedge:
             frac = np.clip((F32(self.cv + self.av) - v) * F32(0.5 / self.av), 0, 1)
@@ -127,9 +137,7 @@ class EllCyl(Prim):
         return top
 
     def sdf(self, u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
-        qu = (u - F32(self.cu)) * F32(1 / self.au)
-        qv = (v - F32(self.cv)) * F32(1 / self.av)
-        q = qu * qu + qv * qv
+        q = self._q(u, v)
         d = np.sqrt(q)
         d -= 1
         d *= F32(min(self.au, self.av))

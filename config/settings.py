@@ -159,6 +159,48 @@ class Destination(_Section):
         return cls(ae_title=ae, host=host, port=port)
 
 
+class SelectionSettings(_Section):
+    """Series-selection rules, applied in order (see ``dicom_node.selection``)."""
+
+    modalities: tuple[str, ...] = ("CT",)
+    require_image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY")
+    max_obliquity_degrees: float = Field(default=10.0, ge=0)
+    exclude_image_types: tuple[str, ...] = ("LOCALIZER",)
+    min_slices: int = Field(default=20, ge=1)
+    min_coverage_mm: float = Field(default=40.0, ge=0)
+    bone_kernel_patterns: tuple[str, ...] = (
+        "BONE",
+        "SHARP",
+        "LUNG",
+        "DETAIL",
+        "EDGE",
+        "B6",
+        "B7",
+        "B8",
+        "Br6",
+        "H6",
+        "H7",
+        "FC3",
+        "FC5",
+        "FC8",
+        "YC",
+        "YD",
+    )
+    soft_kernel_patterns: tuple[str, ...] = (
+        "SOFT",
+        "STANDARD",
+        "STND",
+        "B2",
+        "B3",
+        "Br3",
+        "H3",
+        "H4",
+        "FC1",
+        "FC0",
+    )
+    send_not_processed_sr: bool = True
+
+
 class WorkerSettings(_Section):
     """The local inference worker."""
 
@@ -184,6 +226,7 @@ class Settings(BaseSettings):
     completion: CompletionSettings = CompletionSettings()
     models: ModelSettings = ModelSettings()
     destinations: tuple[Destination, ...] = ()
+    selection: SelectionSettings = SelectionSettings()
     worker: WorkerSettings = WorkerSettings()
     logging: LoggingSettings = LoggingSettings()
 

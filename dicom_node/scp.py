@@ -166,8 +166,17 @@ class StorageNode:
         self._scheduler: Any = None
         self._lock = threading.Lock()
 
-    def start(self, *, block: bool = False, ssl_context: Any = None) -> None:
-        """Bind and serve; with ``block=False`` return once listening."""
+    def start(
+        self,
+        *,
+        block: bool = False,
+        ssl_context: Any = None,
+        extra_jobs: list[tuple[Callable[[], Any], float, str]] = (),  # type: ignore[assignment]
+    ) -> None:
+        """Bind and serve; with ``block=False`` return once listening.
+
+        ``extra_jobs`` are ``(function, interval_s, name)`` run by the same scheduler.
+        """
         from apscheduler.schedulers.background import BackgroundScheduler
 
         check_bind_safety(self.settings)
@@ -194,6 +203,8 @@ class StorageNode:
             id="completion",
         )
         self._scheduler.add_job(self._safe(self._watchdog), "interval", seconds=5, id="watchdog")
+        for fn, interval, name in extra_jobs:
+            self._scheduler.add_job(self._safe(fn), "interval", seconds=interval, id=name)
         self._scheduler.start()
         node = self.settings.node
         LOGGER.info("listening ae_title=%s host=%s port=%d", node.ae_title, node.host, node.port)

@@ -290,8 +290,13 @@ def receiving_studies(catalog: Catalog) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in rows]
 
 
-def mark_complete(catalog: Catalog, study_id: int, seen_count: int, detail: str) -> bool:
+def mark_complete(
+    catalog: Catalog, study_id: int, seen_count: int, detail: str, *, enqueue: bool = True
+) -> bool:
     """Move a study to COMPLETE if nothing arrived since ``seen_count`` was read.
+
+    With ``enqueue``, a processing job is queued in the same transaction, so a crash can
+    never leave a COMPLETE study without its job.
 
     Returns
     -------
@@ -309,6 +314,11 @@ def mark_complete(catalog: Catalog, study_id: int, seen_count: int, detail: str)
         study.completed_at = utcnow()
         study.completion_count += 1
         add_event(session, study.id, "complete", detail)
+        if enqueue:
+            from storage.jobs import enqueue_job
+
+            why = "study complete" if study.completion_count == 1 else "study re-completed"
+            enqueue_job(session, study.id, why)
         return True
 
     return catalog.write(change)

@@ -112,6 +112,27 @@ def _setup_torch(threads: int | None) -> None:
     help="Label as synthetic demo weights (default: when the data is synthetic).",
 )
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+@click.option(
+    "--init",
+    "init",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Start from the weights of this stage-2 package (fine-tuning).",
+)
+@click.option(
+    "--layer-scale",
+    default=1e-6,
+    show_default=True,
+    type=float,
+    help="Initial ConvNeXt layer scale.",
+)
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "lse"]),
+    default="mean",
+    show_default=True,
+    help="Slice logits to vertebra logit.",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
 def train_cls(
@@ -138,6 +159,9 @@ def train_cls(
     version: str,
     demo: bool | None,
     resume: bool,
+    init: str | None,
+    layer_scale: float,
+    pooling: str,
     device: str,
     threads: int | None,
 ) -> None:
@@ -185,6 +209,8 @@ def train_cls(
         dims=_int_list(dims),
         lstm_hidden=lstm_hidden,
         threshold=threshold,
+        layer_scale=layer_scale,
+        pooling=pooling,
     )
     meta = {
         "name": name,
@@ -211,7 +237,9 @@ def train_cls(
         def write(self, s: str) -> None:
             tqdm.write(s, file=sys.stderr)
 
-    full = train(items, crop, cfg, out, device=dev, meta=meta, resume=resume, progress=_Progress())
+    full = train(
+        items, crop, cfg, out, device=dev, meta=meta, resume=resume, init=init, progress=_Progress()
+    )
     val = full.get("metrics", {}).get("validation")
     summary = {"package": str(out), "patient_mode": full["inference"]["patient_mode"]}
     if val:

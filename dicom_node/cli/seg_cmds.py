@@ -72,6 +72,13 @@ def _size(value: str) -> tuple[int, int, int]:
     show_default=True,
 )
 @click.option(
+    "--two-pass/--single-pass",
+    "two_pass",
+    default=True,
+    show_default=True,
+    help="Coarse full-view pass, then a pass on the spine region.",
+)
+@click.option(
     "--folds",
     default=5,
     show_default=True,
@@ -116,6 +123,7 @@ def train_seg(
     backbone: str,
     decoder_channels: str,
     normalization: str,
+    two_pass: bool,
     folds: int,
     fold: int,
     seed: int,
@@ -144,6 +152,7 @@ def train_seg(
         backbone=backbone,
         decoder_channels=tuple(int(c) for c in decoder_channels.split(",")),
         normalization=normalization,
+        two_pass=two_pass,
         epochs=epochs,
         folds=folds,
         fold=fold,

@@ -142,6 +142,12 @@ def synth(
         raise click.BadParameter(
             "'mixed' is only for --layout rsna", param_hint="--transfer-syntax"
         )
+    if target is not None and layout == "rsna":
+        raise click.BadParameter(
+            "RSNA-layout files have no SOP Class UID in the dataset (as the real ones), so a "
+            "node cannot store them; use --layout plain to send",
+            param_hint="--send",
+        )
     if extra_series and layout == "rsna":
         raise click.BadParameter(
             "extra series exist only in the plain layout", param_hint="--extra-series"

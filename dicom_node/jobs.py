@@ -1,0 +1,105 @@
+"""Catalog reports about jobs, results and the outbox, for the admin CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from storage.models import Job, JobState, OutboxItem, OutboxState, Output
+
+
+def latest_job(session: Session, study_id: int, states: tuple[JobState, ...] = ()) -> Job | None:
+    """The newest job of a study, optionally restricted to some states."""
+    stmt = select(Job).where(Job.study_id == study_id)
+    if states:
+        stmt = stmt.where(Job.state.in_(states))
+    return session.scalars(stmt.order_by(Job.version.desc()).limit(1)).first()
+
+
+def describe_jobs(session: Session, study_id: int) -> Iterator[str]:
+    """Lines describing every job of a study, its state history and deliveries."""
+    jobs = session.scalars(select(Job).where(Job.study_id == study_id).order_by(Job.id)).all()
+    if not jobs:
+        return
+    yield "  jobs:"
+    for job in jobs:
+        yield f"    job {job.id} v{job.version} {job.state.value}: {job.reason or ''}"
+        for ev in job.events:
+            yield f"      {ev.at:%H:%M:%S}Z {ev.state.value}: {ev.reason or ''}"
+        for out in job.outputs:
+            items = session.scalars(select(OutboxItem).where(OutboxItem.output_id == out.id))
+            for item in items:
+                yield (
+                    f"      {out.kind} -> {item.destination}: {item.state.value} "
+                    f"after {item.attempts} attempt(s), last {item.last_status or '-'}"
+                )
+
+
+def result_lines(session: Session, study_id: int) -> Iterator[str]:
+    """The result table of the newest finished job of a study."""
+    job = latest_job(session, study_id, (JobState.DONE, JobState.NOT_PROCESSED))
+    if job is None:
+        running = latest_job(session, study_id)
+        state = running.state.value if running else "no job"
+        yield f"no result yet ({state})"
+        return
+    data = json.loads(job.result_json or "{}")
+    yield f"job {job.id} version {job.version}: {job.state.value}"
+    if "not_processed" in data:
+        yield f"not processed: {data['not_processed']}"
+        return
+    yield f"series: {data['series_instance_uid']}"
+    yield f"selection: {data['selection']}"
+    yield f"{'VERTEBRA':<9} {'ASSESSED':<9} {'PROBABILITY':>11}  NOTE"
+    for v in data["vertebrae"]:
+        prob = "-" if v["probability"] is None else f"{v['probability']:.3f}"
+        flag = "yes" if v["assessed"] else "no"
+        yield f"{v['label']:<9} {flag:<9} {prob:>11}  {v['reason'] or ''}"
+    patient = data["patient_probability"]
+    yield f"{'patient':<9} {'':<9} {('-' if patient is None else f'{patient:.3f}'):>11}"
+    yield f"threshold: {data['threshold']}"
+    for m in data["models"]:
+        demo = "  [synthetic demo weights, not for clinical use]" if m["demo"] else ""
+        yield f"model: {m['name']} {m['version']} sha256 {m['sha256'][:12]}{demo}"
+    yield "timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in data["timings"].items())
+
+
+def status_lines(session: Session, recent: int = 10) -> Iterator[str]:
+    """Queue depth, running jobs, outbox and recent failures."""
+    counts = dict(session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all())
+    yield "jobs: " + ", ".join(f"{s.value} {counts.get(s, 0)}" for s in JobState)
+    for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)):
+        yield (
+            f"  running: job {job.id} (study {job.study_id}) on {job.worker}, "
+            f"heartbeat {job.heartbeat_at:%H:%M:%S}Z"
+        )
+    box = dict(
+        session.execute(
+            select(OutboxItem.state, func.count(OutboxItem.id)).group_by(OutboxItem.state)
+        ).all()
+    )
+    yield "outbox: " + ", ".join(f"{s.value} {box.get(s, 0)}" for s in OutboxState)
+    failed = session.scalars(
+        select(Job)
+        .where(Job.state == JobState.FAILED)
+        .order_by(Job.updated_at.desc())
+        .limit(recent)
+    ).all()
+    dead = session.scalars(
+        select(OutboxItem)
+        .where(OutboxItem.state == OutboxState.DEAD)
+        .order_by(OutboxItem.id.desc())
+        .limit(recent)
+    ).all()
+    if failed or dead:
+        yield "recent failures:"
+    for job in failed:
+        yield f"  job {job.id} (study {job.study_id}) FAILED: {job.reason}"
+    for item in dead:
+        out = session.get(Output, item.output_id)
+        kind = out.kind if out else "?"
+        why = f"{item.last_status} {item.last_error or ''}"
+        yield f"  delivery {item.id} {kind} -> {item.destination} DEAD: {why}"

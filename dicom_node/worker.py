@@ -1,0 +1,340 @@
+"""The inference worker: claim a job, select the series, run the pipeline, write outputs.
+
+It runs in its own process (``cspine worker``, started by ``cspine serve``), so a
+crash or a memory spike in inference never takes the receiver down. Models are loaded
+once per process. A job's outputs get SOP Instance UIDs derived from the study and
+the job version, and their content time is the job's creation time: a job re-run
+after a crash reproduces the same objects, and a new version gets new UIDs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from config import Settings
+from dicom_node.selection import SeriesCandidate, select_series
+from storage import Catalog, FileStore
+from storage.filestore import sha256_file
+from storage.jobs import NewOutput, claim_next, complete_job, finish_job, heartbeat, requeue_orphans
+from storage.models import Job, JobState, Series, Study
+
+LOGGER = logging.getLogger(__name__)
+SERIES_NUMBERS = {"seg": 9001, "sr": 9002, "summary": 9003}
+
+
+def software_version() -> str:
+    """Version of the installed distribution."""
+    try:
+        return f"cspine-node {dist_version('cspine-node')}"
+    except Exception:
+        return "cspine-node"
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def is_alive(worker: str) -> bool:
+    """Whether a worker id names a live process on this host."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def output_uid(study_uid: str, version: int, what: str) -> str:
+    """Deterministic UID for one output of one job version."""
+    return generate_uid(entropy_srcs=["cspine-node", study_uid, f"v{version}", what])
+
+
+def destination_kinds(settings: Settings) -> dict[str, tuple[str, ...]]:
+    """``{"AE@HOST:PORT": output kinds}`` from the settings."""
+    return {f"{d.ae_title}@{d.host}:{d.port}": tuple(d.outputs) for d in settings.destinations}
+
+
+def _encode(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+class Worker:
+    """Process jobs from the catalog.
+
+    Parameters
+    ----------
+    settings, catalog, store
+        The process's settings, catalog and file store.
+    pipeline_factory
+        Builds the AI pipeline once (defaults to the configured model packages).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        store: FileStore,
+        pipeline_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.store = store
+        self.id = worker_id()
+        self._pipeline_factory = pipeline_factory or self._default_pipeline
+        self._pipeline: Any = None
+        self.stop_event = threading.Event()
+
+    def _default_pipeline(self) -> Any:
+        from ai.pipeline import Pipeline
+
+        models = self.settings.models
+        return Pipeline.load(
+            seg=models.seg_model,
+            cls=models.cls_model,
+            registry=models.registry or None,
+            device=models.device,
+        )
+
+    @property
+    def pipeline(self) -> Any:
+        """The pipeline, loaded on first use and kept for the life of the process."""
+        if self._pipeline is None:
+            t0 = time.perf_counter()
+            self._pipeline = self._pipeline_factory()
+            LOGGER.info("models loaded seconds=%.2f", time.perf_counter() - t0)
+        return self._pipeline
+
+    def recover(self) -> list[int]:
+        """Re-queue RUNNING jobs whose worker died."""
+        ids = requeue_orphans(self.catalog, lambda w: w != self.id and is_alive(w))
+        for job_id in ids:
+            LOGGER.warning("job re-queued after worker death job_id=%d", job_id)
+        return ids
+
+    def run_forever(self) -> None:
+        """Claim and process jobs until :attr:`stop_event` is set."""
+        self.recover()
+        _ = self.pipeline
+        LOGGER.info("worker ready worker=%s", self.id)
+        while not self.stop_event.is_set():
+            if not self.run_once():
+                self.stop_event.wait(self.settings.worker.poll_seconds)
+
+    def run_once(self) -> bool:
+        """Process one job if one is queued; return whether one was."""
+        job = claim_next(self.catalog, self.id)
+        if job is None:
+            return False
+        LOGGER.info(
+            "job started job_id=%d study_id=%d version=%d", job.id, job.study_id, job.version
+        )
+        beat = threading.Event()
+
+        def beater() -> None:
+            while not beat.wait(10):
+                heartbeat(self.catalog, job.id)
+
+        thread = threading.Thread(target=beater, daemon=True)
+        thread.start()
+        try:
+            self.process(job)
+        except Exception as exc:
+            LOGGER.exception("job failed job_id=%d", job.id)
+            finish_job(self.catalog, job.id, JobState.FAILED, f"{type(exc).__name__}: {exc}")
+        finally:
+            beat.set()
+        return True
+
+    def _candidates(self, study_id: int) -> tuple[Study, list[SeriesCandidate], dict[str, Path]]:
+        with self.catalog.read() as session:
+            study = session.get(Study, study_id)
+            assert study is not None
+            cands = []
+            by_uid: dict[str, Path] = {}
+            for series in session.query(Series).filter(Series.study_id == study_id):
+                paths = []
+                for inst in series.instances:
+                    path = self.store.root / inst.file_path
+                    paths.append(path)
+                    by_uid[inst.sop_instance_uid] = path
+                cands.append(
+                    SeriesCandidate(series.series_instance_uid, paths, series.series_number)
+                )
+            return study, cands, by_uid
+
+    def process(self, job: Job) -> None:
+        """Run one job to DONE, NOT_PROCESSED or FAILED."""
+        from ai.errors import VolumeError
+        from ai.volume import load_series
+
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        study, candidates, by_uid = self._candidates(job.study_id)
+        selection = select_series(candidates, self.settings.selection)
+        timings["select"] = time.perf_counter() - t0
+        LOGGER.info("series selection job_id=%d note=%s", job.id, selection.note)
+        when = job.created_at.replace(tzinfo=dt.UTC)
+        if selection.series is None:
+            self._not_processed(job, study, candidates, selection.note, when)
+            return
+        t1 = time.perf_counter()
+        try:
+            vol = load_series(selection.series.paths)
+        except VolumeError as exc:
+            self._not_processed(
+                job,
+                study,
+                candidates,
+                f"series cannot be read: {exc}",
+                when,
+                series_uid=selection.series.series_instance_uid,
+            )
+            return
+        timings["load"] = time.perf_counter() - t1
+        result = self.pipeline.run(vol)
+        timings.update({k: float(v) for k, v in result.timings.items()})
+        t2 = time.perf_counter()
+        sources = [
+            pydicom.dcmread(by_uid[uid], stop_before_pixels=True)
+            for uid in vol.source_sop_instance_uids
+        ]
+        outputs = self._write_outputs(
+            job, study.study_instance_uid, sources, vol, result, selection.note, when
+        )
+        timings["write"] = time.perf_counter() - t2
+        summary = {
+            "series_instance_uid": selection.series.series_instance_uid,
+            "selection": selection.note,
+            "patient_probability": result.patient_probability,
+            "threshold": self.settings.models.fracture_threshold,
+            "vertebrae": [v.__dict__ for v in result.vertebrae],
+            "models": [m.__dict__ for m in result.models],
+            "timings": timings,
+            "geometry_issues": [i.message for i in vol.issues],
+            "slices": int(vol.hu.shape[0]),
+            "outputs": {o.kind: o.sop_instance_uid for o in outputs},
+        }
+        complete_job(
+            self.catalog,
+            job.id,
+            JobState.DONE,
+            f"{sum(v.assessed for v in result.vertebrae)} vertebrae assessed",
+            outputs,
+            destination_kinds(self.settings),
+            series_instance_uid=selection.series.series_instance_uid,
+            selection_note=selection.note,
+            result_json=json.dumps(summary),
+        )
+        LOGGER.info("job done job_id=%d seconds=%.2f", job.id, time.perf_counter() - t0)
+
+    def _save(self, job: Job, kind: str, ds: pydicom.Dataset) -> NewOutput:
+        rel = self.store.write_output(job.id, f"{kind}.dcm", _encode(ds))
+        return NewOutput(
+            kind=kind,
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            file_path=rel,
+            sha256=sha256_file(self.store.root / rel),
+        )
+
+    def _ids(self, study_uid: str, version: int, kind: str) -> dict[str, Any]:
+        return {
+            "series_instance_uid": output_uid(study_uid, version, f"{kind}-series"),
+            "sop_instance_uid": output_uid(study_uid, version, kind),
+            "series_number": SERIES_NUMBERS[kind],
+            "software_version": software_version(),
+        }
+
+    def _write_outputs(self, job, study_uid, sources, vol, result, note, when) -> list[NewOutput]:
+        from dicom_node import writers
+
+        threshold = self.settings.models.fracture_threshold
+        outputs = []
+        seg = None
+        if (result.label_map > 0).any():
+            seg = writers.write_seg(
+                sources, result, content_datetime=when, **self._ids(study_uid, job.version, "seg")
+            )
+            outputs.append(self._save(job, "seg", seg))
+        sr = writers.write_sr(
+            sources,
+            seg,
+            result,
+            threshold=threshold,
+            selection_note=note,
+            content_datetime=when,
+            **self._ids(study_uid, job.version, "sr"),
+        )
+        outputs.append(self._save(job, "sr", sr))
+        summary = writers.write_summary(
+            sources,
+            vol.hu,
+            vol.affine,
+            result,
+            threshold=threshold,
+            content_datetime=when,
+            **self._ids(study_uid, job.version, "summary"),
+        )
+        outputs.append(self._save(job, "summary", summary))
+        return outputs
+
+    def _not_processed(self, job, study, candidates, reason, when, series_uid=None) -> None:
+        from dicom_node import writers
+
+        outputs = []
+        if self.settings.selection.send_not_processed_sr:
+            source = None
+            for cand in candidates:
+                for path in cand.paths:
+                    try:
+                        source = pydicom.dcmread(path, stop_before_pixels=True)
+                        break
+                    except Exception:
+                        continue
+                if source is not None:
+                    break
+            if source is not None:
+                try:
+                    sr = writers.write_not_processed_sr(
+                        [source],
+                        reason,
+                        content_datetime=when,
+                        **self._ids(study.study_instance_uid, job.version, "sr"),
+                    )
+                    outputs.append(self._save(job, "sr", sr))
+                except (ValueError, TypeError) as exc:
+                    LOGGER.warning("not-processed SR not written job_id=%d: %s", job.id, exc)
+        complete_job(
+            self.catalog,
+            job.id,
+            JobState.NOT_PROCESSED,
+            reason,
+            outputs,
+            destination_kinds(self.settings),
+            series_instance_uid=series_uid,
+            selection_note=reason,
+            result_json=json.dumps({"not_processed": reason}),
+        )
+        LOGGER.info("job not processed job_id=%d", job.id)

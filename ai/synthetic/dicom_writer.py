@@ -30,7 +30,7 @@ from pydicom.uid import (
 )
 
 from ai.synthetic import jpeg_lossless
-from ai.synthetic.generate import uid_for
+from ai.synthetic.generate import sop_uid_for
 from ai.synthetic.spec import ExtraSeries, SyntheticStudy
 
 logger = logging.getLogger(__name__)
@@ -380,7 +380,7 @@ def write_series(
     base.ReconstructionDiameter = _ds(max(dx * hu.shape[2], dy * hu.shape[1]))
 
     def sop_uid(inst: int) -> str:
-        return uid_for(study.seed, "sop", series_uid, inst)
+        return sop_uid_for(study.seed, series_uid, inst)
 
     paths = write_slices(
         base,

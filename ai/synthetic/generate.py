@@ -51,6 +51,11 @@ def uid_for(seed: int, *parts: object) -> str:
     return f"{UID_ROOT}.{number}"
 
 
+def sop_uid_for(seed: int, series_uid: str, instance_number: int) -> str:
+    """SOPInstanceUID that :func:`ai.synthetic.write_series` gives an instance."""
+    return uid_for(seed, "sop", series_uid, instance_number)
+
+
 @dataclass
 class _Vertebra:
     name: str
@@ -578,7 +583,13 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
     study = SyntheticStudy(
         seed=seed,
         spec=spec,
-        volume=CTVolume(hu=hu, affine=affine),
+        volume=CTVolume(
+            hu=hu,
+            affine=affine,
+            source_sop_instance_uids=[
+                sop_uid_for(seed, uid_for(seed, "series", 1), int(i)) for i in instance_numbers
+            ],
+        ),
         labels=lab,
         fractures=fractures,
         vertebra_fractured=vf,

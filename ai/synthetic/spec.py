@@ -218,7 +218,8 @@ class SyntheticStudy:
     volume
         Bone-kernel axial series as :class:`ai.types.CTVolume` (int16 HU, slices ascending
         along the slice normal, exactly as :func:`ai.volume.load_series` returns the
-        written series).
+        written series); ``source_sop_instance_uids`` are the SOP Instance UIDs that
+        :func:`ai.synthetic.write_series` writes (the RSNA writer uses RSNA-style ones).
     labels
         uint8, same shape: 0 background, 1..7 = C1..C7, 8..11 = T1..T4, 20 = skull,
         21 = mandible (:data:`LABEL_NAMES`). Labels are exactly the bone voxels of each structure

@@ -251,3 +251,25 @@ def test_cli_send_pushes_files_by_c_store(tmp_path):
     assert len(received) == 12 and len(set(received)) == 12
     assert "sent 12 of 12" in result.output
     assert Path(tmp_path / "p").is_dir()
+
+
+def test_cli_refuses_to_send_the_stripped_rsna_files(tmp_path):
+    from dicom_node.cli import main
+
+    result = CliRunner().invoke(
+        main,
+        [
+            "synth",
+            "--out",
+            str(tmp_path),
+            "--layout",
+            "rsna",
+            "--rows",
+            "32",
+            "--send",
+            "NODE@127.0.0.1:11112",
+        ],
+    )
+    assert result.exit_code != 0
+    assert "SOP Class UID" in result.output
+    assert not (tmp_path / "train.csv").exists()

@@ -325,3 +325,11 @@ def test_jpeg_lossless_encoder_round_trips_with_two_decoders(precision, dtype):
     for plugin in ("pylibjpeg", "gdcm"):
         decoded = pydicom.pixels.pixel_array(ds, decoding_plugin=plugin)
         assert np.array_equal(decoded.astype(np.int64), image.astype(np.int64)), plugin
+
+
+def test_volume_lists_the_sop_instance_uids_written(tmp_path):
+    study = generate_study(4, StudySpec.small(rows=32, cols=32, n_slices=16))
+    paths = write_series(study, tmp_path)
+    vol = load_series(paths)
+    assert vol.source_sop_instance_uids == study.volume.source_sop_instance_uids
+    assert len(set(vol.source_sop_instance_uids)) == 16

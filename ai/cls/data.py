@@ -3,8 +3,11 @@
 Crops come from stage-1 *predictions* by default (``source="stage1"``), as in the
 reference recipe: segmentations exist for few studies, so the stage-1 model labels every
 study and the classifier learns on what it will see at inference. ``source="truth"``
-uses the dataset's segmentations instead (development only; studies without one are
-skipped). Each study's crops are cached as ``<cache>/<key>/<uid>.npz`` (uint8 crops,
+uses the dataset's segmentations instead (development, or pre-training before a stage-1
+model exists; studies without one are skipped). Truth masks are *closed* first
+(:func:`close_label_map`): a synthetic truth mask has the fracture gap cut out of it, which
+a stage-1 prediction never reproduces, and left as is the mask channel would give the
+answer away. Each study's crops are cached as ``<cache>/<key>/<uid>.npz`` (uint8 crops,
 presence, labels); ``key`` hashes the crop config, the source and the stage-1 model's
 sha256, so a different model or crop setting never reuses stale crops.
 """
@@ -21,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ai.cls.crops import CropConfig, extract_crops
 from ai.metrics import ROWS
@@ -49,6 +53,24 @@ def cache_key(config: CropConfig, source: str, seg_sha256: str | None) -> str:
         {"crop": config.to_dict(), "source": source, "seg": seg_sha256}, sort_keys=True
     )
     return f"{source}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def close_label_map(label_map: np.ndarray, iterations: int = 2) -> np.ndarray:
+    """Morphologically close each vertebra's mask (C1..C7) within its bounding box.
+
+    Fills gaps up to about ``2 * iterations`` voxels (fracture lines); a closed voxel is
+    only written where the map is background, so vertebrae never overwrite each other.
+    """
+    out = np.where(label_map <= 7, label_map, 0).astype(np.uint8)
+    objects = ndimage.find_objects(out, max_label=7)
+    for n, sl in enumerate(objects, start=1):
+        if sl is None:
+            continue
+        pad = tuple(slice(max(s.start - iterations, 0), s.stop + iterations) for s in sl)
+        region = out[pad]
+        closed = ndimage.binary_closing(region == n, iterations=iterations)
+        region[closed & (region == 0)] = n
+    return out
 
 
 def _labels_row(labels: dict[str, int]) -> np.ndarray:
@@ -135,8 +157,7 @@ def build_crop_cache(
             continue
         study = ds.load(uid)
         if source == "truth":
-            label_map = np.asarray(study.segmentation)
-            label_map = np.where(label_map <= 7, label_map, 0).astype(np.uint8)
+            label_map = close_label_map(np.asarray(study.segmentation))
         else:
             label_map = seg_model.predict(study.volume).label_map
         batch = extract_crops(study.volume, label_map, config)

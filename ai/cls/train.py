@@ -252,6 +252,7 @@ def train(
     device: torch.device,
     meta: dict[str, Any],
     resume: bool = False,
+    init: str | Path | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
     """Train one fold and write a model package.
@@ -272,6 +273,9 @@ def train(
         Extra metadata merged into ``model.json`` (name, version, training data, command...).
     resume
         Continue from ``<out_dir>/checkpoint.pt`` when it exists.
+    init
+        Start from the weights of this stage-2 package (fine-tuning, e.g. on stage-1 crops
+        after pre-training on ground-truth crops); its architecture must match ``cfg``.
     progress
         ``tqdm``-like callable wrapping the batch iterator, or ``None``.
 
@@ -287,7 +291,19 @@ def train(
     tr_idx, va_idx = fold_split(len(items), cfg.folds, cfg.fold, cfg.seed)
     train_items = [items[i] for i in tr_idx]
     val_items = [items[i] for i in va_idx]
-    net = build(cfg.net_params(crop_config.channels)).to(device)
+    net = build(cfg.net_params(crop_config.channels))
+    if init is not None:
+        from ai.modelpkg import load_module, read_package
+
+        package = read_package(init)
+        if package.architecture.get("params") != cfg.net_params(crop_config.channels):
+            raise ValueError(
+                f"--init package {init} has architecture {package.architecture.get('params')}, "
+                f"not {cfg.net_params(crop_config.channels)}"
+            )
+        net.load_state_dict(load_module(package, build).state_dict())
+        meta = {**meta, "training": {**meta.get("training", {}), "init": vars(package.identity)}}
+    net = net.to(device)
     cuda = device.type == "cuda"
     if cuda:
         net = net.to(memory_format=torch.channels_last)

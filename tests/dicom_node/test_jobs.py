@@ -1,0 +1,230 @@
+"""Jobs, series selection, outputs and delivery, with a small deterministic pipeline.
+
+The real demo models run in the end-to-end test; here a stand-in pipeline (truth
+labels and fixed probabilities) keeps the job mechanics fast to test.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import select, update
+
+from ai.synthetic import StudySpec, generate_study, write_study
+from ai.types import VERTEBRAE, ModelIdentity, PipelineResult, VertebraResult
+from dicom_node.delivery import classify, deliver_due
+from dicom_node.receive import Receiver, open_node_storage
+from dicom_node.selection import SeriesCandidate, select_series
+from dicom_node.worker import Worker
+from storage.catalog import mark_complete
+from storage.jobs import requeue_orphans
+from storage.models import Job, JobState, OutboxItem, OutboxState, Output
+from tests.dicom_node.conftest import make_settings
+from tests.dicom_node.pacs import LoopbackPACS
+
+
+class TruthPipeline:
+    """Stage 1 = synthetic truth labels; stage 2 = fixed probabilities (0.9 on fractures)."""
+
+    def __init__(self, study) -> None:
+        self.study = study
+
+    def run(self, vol) -> PipelineResult:
+        labels = np.where(self.study.labels <= 7, self.study.labels, 0).astype(np.uint8)
+        assert labels.shape == vol.hu.shape
+        verdicts = []
+        for i, name in enumerate(VERTEBRAE, start=1):
+            if (labels == i).any():
+                p = 0.9 if self.study.vertebra_fractured[name] else 0.1
+                verdicts.append(VertebraResult(name, True, True, p))
+            else:
+                verdicts.append(VertebraResult(name, False, False, None, "not in field of view"))
+        model = ModelIdentity("stand-in", "0", "0" * 64, "test stand-in", demo=True)
+        return PipelineResult(labels, verdicts, 0.9, [model], {"stage1": 0.0, "stage2": 0.0})
+
+
+@pytest.fixture
+def study():
+    # feet-first order with a scout and a soft-tissue series beside the bone series
+    return generate_study(
+        11, StudySpec.small(fracture_rate=1.0, extra_series=True, patient_position="FFS")
+    )
+
+
+@pytest.fixture
+def pacs():
+    p = LoopbackPACS().start()
+    yield p
+    p.stop()
+
+
+def _node(tmp_path, study, destinations=()):
+    settings = make_settings(tmp_path)
+    if destinations:
+        from config import load_settings
+
+        settings = load_settings(
+            overrides={**settings.model_dump(mode="json"), "destinations": list(destinations)},
+            environ={},
+        )
+    catalog, store = open_node_storage(settings)
+    receiver = Receiver(settings, catalog, store)
+    files = write_study(study, tmp_path / "study")
+    for path in files:
+        assert receiver.accept(path, consume=False).status == 0
+    worker = Worker(settings, catalog, store, pipeline_factory=lambda: TruthPipeline(study))
+    return settings, catalog, store, worker
+
+
+def _complete(catalog, study_id=1):
+    with catalog.read() as s:
+        from storage.models import Study
+
+        count = s.get(Study, study_id).received_count
+    assert mark_complete(catalog, study_id, count, "test")
+
+
+def test_selection_picks_bone_kernel_axial_series(tmp_path, study):
+    settings, catalog, store, _ = _node(tmp_path, study)
+    with catalog.read() as s:
+        from storage.models import Series
+
+        cands = [
+            SeriesCandidate(
+                se.series_instance_uid,
+                [store.root / i.file_path for i in se.instances],
+                se.series_number,
+            )
+            for se in s.scalars(select(Series))
+        ]
+    assert len(cands) == 3
+    chosen = select_series(cands, settings.selection)
+    bone = pydicom.dcmread(next((tmp_path / "study" / "2_bone").iterdir()))
+    assert chosen.series.series_instance_uid == bone.SeriesInstanceUID
+    assert "localizer" in chosen.note and "also eligible" in chosen.note
+
+
+def test_job_outputs_join_the_study_and_are_delivered_once(tmp_path, study, pacs):
+    settings, catalog, store, worker = _node(
+        tmp_path, study, [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}]
+    )
+    _complete(catalog)
+    assert worker.run_once()
+    with catalog.read() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.state is JobState.DONE, job.reason
+        kinds = sorted(o.kind for o in job.outputs)
+    assert kinds == ["seg", "sr", "summary"]
+    assert deliver_due(settings, catalog, store) == 3
+    assert deliver_due(settings, catalog, store) == 0  # nothing sent twice
+    assert len(pacs.received) == 3 and len(set(pacs.uids())) == 3
+    source = pydicom.dcmread(next((tmp_path / "study" / "2_bone").iterdir()))
+    for ds in pacs.received:  # outputs join the source study, in new series
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+    classes = sorted(str(ds.SOPClassUID) for ds in pacs.received)
+    assert classes == [
+        "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+    ]
+
+
+def test_destination_down_then_up_delivers_without_duplicates(tmp_path, study):
+    pacs = LoopbackPACS()
+    settings, catalog, store, worker = _node(
+        tmp_path, study, [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}]
+    )
+    _complete(catalog)
+    worker.run_once()
+    assert deliver_due(settings, catalog, store) == 0  # destination down
+    with catalog.read() as s:
+        items = list(s.scalars(select(OutboxItem)))
+    assert {i.state for i in items} == {OutboxState.PENDING}
+    assert all(i.attempts == 1 and i.last_status == "no association" for i in items)
+    assert deliver_due(settings, catalog, store) == 0  # backoff: not yet due
+    pacs.start()
+    try:
+        catalog.write(
+            lambda s: s.execute(update(OutboxItem).values(next_attempt_at=dt.datetime(2000, 1, 1)))
+        )
+        assert deliver_due(settings, catalog, store) == 3
+        assert deliver_due(settings, catalog, store) == 0
+        assert len(pacs.received) == 3 and len(set(pacs.uids())) == 3
+    finally:
+        pacs.stop()
+
+
+@pytest.mark.parametrize(
+    ("status", "state"),
+    [
+        (0xA700, OutboxState.PENDING),
+        (0xA900, OutboxState.DEAD),
+        (0xC000, OutboxState.DEAD),
+        (0xB000, OutboxState.SENT),
+        (None, OutboxState.PENDING),
+    ],
+)
+def test_status_classification(status, state):
+    assert classify(status) is state
+
+
+def test_permanent_failure_is_dead_lettered_transient_retried(tmp_path, study, pacs):
+    settings, catalog, store, worker = _node(
+        tmp_path, study, [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}]
+    )
+    _complete(catalog)
+    worker.run_once()
+    pacs.statuses = [0xA900, 0xA700]  # first output refused for good, second out of resources
+    assert deliver_due(settings, catalog, store) == 1
+    with catalog.read() as s:
+        states = sorted(i.state.value for i in s.scalars(select(OutboxItem)))
+    assert states == ["DEAD", "PENDING", "SENT"]
+
+
+def test_late_series_gives_a_new_result_version(tmp_path, study):
+    settings, catalog, store, worker = _node(tmp_path, study)
+    _complete(catalog)
+    worker.run_once()
+    # a late series in the same study: a second reconstruction of the bone series
+    from pydicom.uid import generate_uid
+
+    receiver = Receiver(settings, catalog, store)
+    late_series = generate_uid()
+    (tmp_path / "late").mkdir()
+    for i, path in enumerate(sorted((tmp_path / "study" / "2_bone").iterdir())):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = late_series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesNumber = 5
+        out = tmp_path / "late" / f"{i}.dcm"
+        ds.save_as(out, enforce_file_format=True)
+        assert receiver.accept(out, consume=False).status == 0
+    _complete(catalog)
+    worker.run_once()
+    with catalog.read() as s:
+        jobs = list(s.scalars(select(Job).order_by(Job.version)))
+        assert [j.version for j in jobs] == [1, 2]
+        assert all(j.state is JobState.DONE for j in jobs)
+        uids = [o.sop_instance_uid for j in jobs for o in j.outputs]
+    assert len(uids) == 6 and len(set(uids)) == 6  # new version, new UIDs
+
+
+def test_running_job_of_dead_worker_is_requeued_and_completes_once(tmp_path, study):
+    _settings, catalog, _store, worker = _node(tmp_path, study)
+    _complete(catalog)
+    from storage.jobs import claim_next
+
+    claimed = claim_next(catalog, "otherhost:12345")  # a worker that then died
+    assert claimed is not None
+    assert worker.run_once() is False  # nothing queued while it is RUNNING
+    assert requeue_orphans(catalog, lambda w: False) == [claimed.id]
+    assert worker.run_once() is True
+    with catalog.read() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.state is JobState.DONE and job.attempts == 2
+        assert len(list(s.scalars(select(Output)))) == 3

@@ -62,15 +62,12 @@ class Template:
         return lo, hi
 
 
-def _pair(fn, *args, **kwargs) -> list[Prim]:  # type: ignore[no-untyped-def]
-    """Build a left and a right copy (``side`` = +1 / -1 passed to ``fn``)."""
-    return [fn(side, *args, **kwargs) for side in (1.0, -1.0)]
-
-
-def subaxial(name: str, s: float, h: float, wedge: float = 0.0) -> Template:
+def subaxial(
+    name: str, s: float, h: float, wedge: float = 0.0, aspect: tuple[float, float] = (1.0, 1.0)
+) -> Template:
     """C3..C7 (``name``), scale ``s``, body height ``h`` (mm), anterior height loss ``wedge``."""
     t = (int(name[1]) - 3) / 4.0
-    a, b = (8.0 + 1.6 * t) * s, (7.4 + 0.6 * t) * s
+    a, b = (8.0 + 1.6 * t) * s * aspect[0], (7.4 + 0.6 * t) * s * aspect[1]
     hh = h / 2
     tp = Template()
     body = EllCyl(0.0, 0.0, a, b, -hh, hh, concave=0.6 * s, wedge=wedge, power=2.6)
@@ -177,9 +174,9 @@ def subaxial(name: str, s: float, h: float, wedge: float = 0.0) -> Template:
     return tp
 
 
-def axis(s: float, h: float) -> Template:
+def axis(s: float, h: float, aspect: tuple[float, float] = (1.0, 1.0)) -> Template:
     """C2 with its body (height ``h``) and the dens."""
-    a, b, hh = 8.4 * s, 7.8 * s, h / 2
+    a, b, hh = 8.4 * s * aspect[0], 7.8 * s * aspect[1], h / 2
     tp = Template()
     body = EllCyl(0.0, 0.0, a, b, -hh, hh - 1.5 * s, concave=0.4 * s, power=2.3)
     tp.body, tp.body_back = body, b
@@ -327,10 +324,12 @@ def atlas(s: float) -> Template:
     return tp
 
 
-def thoracic(name: str, s: float, h: float, wedge: float = 0.0) -> Template:
+def thoracic(
+    name: str, s: float, h: float, wedge: float = 0.0, aspect: tuple[float, float] = (1.0, 1.0)
+) -> Template:
     """T1..T4: larger body, posterolateral transverse processes, long spinous process."""
     t = int(name[1]) - 1
-    a, b, hh = (11.5 + 0.8 * t) * s, (9.0 + 0.8 * t) * s, h / 2
+    a, b, hh = (11.5 + 0.8 * t) * s * aspect[0], (9.0 + 0.8 * t) * s * aspect[1], h / 2
     tp = Template()
     body = EllCyl(0.0, 0.0, a, b, -hh, hh, concave=0.6 * s, wedge=wedge, power=2.6)
     tp.body, tp.body_back = body, b
@@ -393,12 +392,18 @@ def thoracic(name: str, s: float, h: float, wedge: float = 0.0) -> Template:
     return tp
 
 
-def template(name: str, s: float, h: float, wedge: float = 0.0) -> Template:
-    """Template of vertebra ``name`` at scale ``s`` with body height ``h``."""
+def template(
+    name: str, s: float, h: float, wedge: float = 0.0, aspect: tuple[float, float] = (1.0, 1.0)
+) -> Template:
+    """Template of vertebra ``name`` at scale ``s`` with body height ``h``.
+
+    ``aspect`` scales the body's width and depth (per-vertebra shape variation);
+    ``wedge`` is the anterior height loss of a compression fracture in mm.
+    """
     if name == "C1":
         return atlas(s)
     if name == "C2":
-        return axis(s, h)
+        return axis(s, h, aspect)
     if name.startswith("C"):
-        return subaxial(name, s, h, wedge)
-    return thoracic(name, s, h, wedge)
+        return subaxial(name, s, h, wedge, aspect)
+    return thoracic(name, s, h, wedge, aspect)

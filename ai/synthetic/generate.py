@@ -67,6 +67,7 @@ class _Vertebra:
     cortex_hu: int
     cancellous_hu: int
     scale: float = 1.0
+    aspect: tuple[float, float] = (1.0, 1.0)
     fracture: dict | None = None
 
 
@@ -243,6 +244,18 @@ def _render_vertebra(
     lab_box[target] = v.code
     if mask is None:
         return None
+    # A box must show bone of its vertebra: drop slices where the fracture gap is all
+    # there is of it (e.g. an axial break line cutting a thin dens or process).
+    margin = max(1, round(1.5 / grid.dx))
+    for kk in range(mask.shape[0]):
+        rows = np.nonzero(mask[kk].any(axis=1))[0]
+        if rows.size == 0:
+            continue
+        cols = np.nonzero(mask[kk].any(axis=0))[0]
+        r0, r1 = max(0, rows[0] - margin), rows[-1] + margin + 1
+        c0, c1 = max(0, cols[0] - margin), cols[-1] + margin + 1
+        if not (lab_box[kk, r0:r1, c0:c1] == v.code).any():
+            mask[kk] = False
     return mask, box
 
 
@@ -344,6 +357,7 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
         if n == "C1":
             centre = centre + R[:, 1] * (-1.0 * sg)
         sv = sg * rng.uniform(0.97, 1.03)
+        aspect = (float(rng.uniform(0.92, 1.08)), float(rng.uniform(0.92, 1.08)))
         verts.append(
             _Vertebra(
                 name=n,
@@ -351,7 +365,8 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
                 centre=centre,
                 R=R,
                 scale=sv,
-                tp=anatomy.template(n, sv, heights.get(n, 0.0)),
+                aspect=aspect,
+                tp=anatomy.template(n, sv, heights.get(n, 0.0), aspect=aspect),
                 cortex_mm=rng.uniform(0.8, 1.5),
                 cortex_hu=int(np.clip(cortex_base + rng.uniform(-120, 120), 1000, 1800)),
                 cancellous_hu=int(np.clip(canc_base + rng.uniform(-40, 40), 190, 400)),
@@ -448,7 +463,7 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
         kind = str(frng.choice(_kinds_for(n, spec)))
         plan = _plan_fracture(frng, v, kind, heights.get(n, 0.0), grid.dx, sg)
         if kind == "compression":
-            v.tp = anatomy.template(n, v.scale, heights[n], wedge=plan["wedge"])
+            v.tp = anatomy.template(n, v.scale, heights[n], wedge=plan["wedge"], aspect=v.aspect)
         v.fracture = plan
         fractures.append(
             Fracture(
@@ -841,10 +856,11 @@ def _boxes(
 ) -> list[tuple[int, int, int, int, int]]:
     S, R, C = shape
     margin = max(1, round(1.5 / dx))
+    min_voxels = max(1, round(3 * (0.5 / dx) ** 2))  # about 0.75 mm² of broken bone
     out = []
     for kk in range(mask.shape[0]):
         m2 = mask[kk]
-        if int(m2.sum()) < 3:
+        if int(m2.sum()) < min_voxels:
             continue
         rows = np.nonzero(m2.any(axis=1))[0] + box[1].start
         cols = np.nonzero(m2.any(axis=0))[0] + box[2].start

@@ -19,6 +19,7 @@ from ai.seg.preprocess import (
     canonical_view,
     iter_source_slabs,
     prepare_input,
+    roi_from_mask,
 )
 from ai.types import VERTEBRAE, CTVolume, ModelIdentity
 
@@ -248,16 +249,26 @@ class SegModel:
         t0 = time.perf_counter()
         if vol.hu.ndim != 3 or vol.hu.size == 0:
             raise InferenceError(f"volume must be a non-empty 3-D array, got shape {vol.hu.shape}")
+        spec = self.input_spec
+        label_map = np.zeros(vol.hu.shape, dtype=np.uint8)
         try:
-            x, canon, box = prepare_input(vol.hu, vol.affine, self.input_spec)
+            x, canon, roi = prepare_input(vol.hu, vol.affine, spec)
             logits = self.logits(x)
+            if spec.two_pass:
+                found = (torch.sigmoid(logits).amax(dim=0) > self.post.threshold).numpy()
+                shape = canonical_view(vol.hu, canon).shape
+                roi2 = roi_from_mask(found, roi, shape, canon.spacing, spec.roi_margin_mm)
+                if roi2 is not None:
+                    x, canon, roi = prepare_input(vol.hu, vol.affine, spec, roi=roi2)
+                    logits = self.logits(x)
+                else:
+                    logits = torch.full_like(logits, -20.0)  # nothing found in pass 1
         except RuntimeError as exc:
             raise InferenceError(f"stage-1 network failed: {exc}") from exc
-        label_map = np.zeros(vol.hu.shape, dtype=np.uint8)
         view = canonical_view(label_map, canon)
-        y0, y1, x0, x1 = box
+        _z0, _z1, y0, y1, x0, x1 = roi
         thr = self.post.threshold
-        for start, probs in iter_source_slabs(logits, view.shape, box):
+        for start, probs in iter_source_slabs(logits, roi):
             best, arg = probs.max(dim=0)
             lab = torch.where(best > thr, arg + 1, 0).to(torch.uint8).numpy()
             view[start : start + lab.shape[0], y0:y1, x0:x1] = lab

@@ -36,7 +36,13 @@ from ai.seg.model import (
     build_network,
     default_arch_params,
 )
-from ai.seg.preprocess import InputSpec, prepare_input, prepare_labels
+from ai.seg.preprocess import (
+    InputSpec,
+    canonical_view,
+    prepare_input,
+    prepare_labels,
+    roi_from_mask,
+)
 from ai.types import VERTEBRAE
 
 logger = logging.getLogger(__name__)
@@ -54,6 +60,7 @@ class TrainConfig:
     backbone: str = "efficientnet-b0"
     decoder_channels: tuple[int, ...] = (64, 32, 16, 8, 4)
     normalization: str = "bone_window"
+    two_pass: bool = True
     epochs: int = 40
     folds: int = 5
     fold: int = 0
@@ -76,7 +83,7 @@ class TrainConfig:
 
     def input_spec(self) -> InputSpec:
         """The preprocessing this run trains for."""
-        return InputSpec(size=self.size, normalization=self.normalization)
+        return InputSpec(size=self.size, normalization=self.normalization, two_pass=self.two_pass)
 
 
 def _seed_all(seed: int) -> None:
@@ -107,38 +114,72 @@ def _spec_key(spec: InputSpec) -> str:
     return hashlib.sha256(json.dumps(spec.to_json(), sort_keys=True).encode()).hexdigest()[:12]
 
 
+CROPS_PER_STUDY = 2
+"""Spine crops cached per study besides the full view (two-pass models)."""
+
+
 def cache_study(dataset: Any, uid: str, spec: InputSpec, cache_dir: Path) -> Path:
     """Preprocess one study to the working grid and cache it.
 
-    The ``.npz`` holds ``image`` (float16, working size) and ``target`` (uint8, 7 soft
-    channels scaled to 0..255).
+    The ``.npz`` holds ``images`` (float16, ``(n, *size)``) and ``targets`` (uint8,
+    ``(n, 7, *size)``, soft channels scaled to 0..255). Sample 0 is the full view (pass 1);
+    with ``spec.two_pass``, samples 1.. are crops around the true C1..C7 with random
+    margins of 4..25 mm per side (pass 2), drawn from a seed derived from the uid.
     """
-    path = cache_dir / _spec_key(spec) / f"{hashlib.sha1(uid.encode()).hexdigest()[:16]}.npz"
+    key = hashlib.sha1(uid.encode()).hexdigest()[:16]
+    path = cache_dir / _spec_key(spec) / f"{key}.npz"
     if path.is_file():
         return path
     study = dataset.load(uid)
     vol = study.volume
     if study.segmentation is None:
         raise ValueError(f"study {uid} has no segmentation")
-    x, _canon, box = prepare_input(vol.hu, vol.affine, spec)
-    y = prepare_labels(study.segmentation, vol.affine, spec, box)
+    seg = np.where(study.segmentation <= N_LABELS, study.segmentation, 0).astype(np.uint8)
+    x, canon, roi = prepare_input(vol.hu, vol.affine, spec)
+    images = [x[0, 0]]
+    targets = [prepare_labels(seg, vol.affine, spec, roi)]
+    if spec.two_pass:
+        view = canonical_view(seg, canon)
+        rng = np.random.default_rng(int(key, 16) % (2**32))
+        full = (0, view.shape[0], 0, view.shape[1], 0, view.shape[2])
+        for _ in range(CROPS_PER_STUDY):
+            margins = tuple(float(m) for m in rng.uniform(4.0, 25.0, size=6))
+            crop = roi_from_mask(view > 0, full, view.shape, canon.spacing, margins)
+            if crop is None:
+                break
+            xc, _, _ = prepare_input(vol.hu, vol.affine, spec, roi=crop)
+            images.append(xc[0, 0])
+            targets.append(prepare_labels(seg, vol.affine, spec, crop))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(
         tmp,
-        image=x[0, 0].numpy().astype(np.float16),
-        target=np.rint(y.numpy() * 255).astype(np.uint8),
+        images=torch.stack(images).numpy().astype(np.float16),
+        targets=np.rint(torch.stack(targets).numpy() * 255).astype(np.uint8),
     )
     tmp.replace(path)
     return path
 
 
-def _load_cached(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_cached(paths: list[Path], variants: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack cached samples: images float16 ``(N, 1, ...)``, targets uint8 ``(N, 7, ...)``.
+
+    ``variants``: ``"all"``, ``"full"`` (sample 0 only) or ``"crops"`` (samples 1.., or
+    sample 0 where a study has no crop).
+    """
     images, targets = [], []
     for p in paths:
         with np.load(p) as z:
-            images.append(torch.from_numpy(z["image"].astype(np.float32))[None])
-            targets.append(torch.from_numpy(z["target"].astype(np.float32) / 255.0))
+            imgs, tgts = z["images"], z["targets"]
+        if variants == "full":
+            sel = [0]
+        elif variants == "crops":
+            sel = list(range(1, len(imgs))) or [0]
+        else:
+            sel = list(range(len(imgs)))
+        for i in sel:
+            images.append(torch.from_numpy(imgs[i])[None])
+            targets.append(torch.from_numpy(tgts[i]))
     return torch.stack(images), torch.stack(targets)
 
 
@@ -178,6 +219,17 @@ def augment(
     return x, y
 
 
+def lr_at(frac: float, peak: float) -> float:
+    """One-cycle learning rate at ``frac`` (0..1) of the run: 5 % linear warm-up from
+    ``peak / 25``, then cosine decay to ``peak / 1000``. ``frac`` is the larger of the
+    step fraction and the wall-time fraction, so a time-limited run still anneals."""
+    frac = min(max(frac, 0.0), 1.0)
+    if frac < 0.05:
+        return peak / 25 + (peak - peak / 25) * frac / 0.05
+    cos = 0.5 * (1 + math.cos(math.pi * (frac - 0.05) / 0.95))
+    return peak / 1000 + (peak - peak / 1000) * cos
+
+
 def dice_per_label(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Dice of each label 1..7 between two label maps; ``nan`` where both are empty."""
     out: dict[str, float] = {}
@@ -195,12 +247,12 @@ def _val_dice(
     scores: dict[str, list[float]] = {n: [] for n in VERTEBRAE}
     with torch.inference_mode():
         for n in range(x.shape[0]):
-            logits = net(x[n : n + 1].to(device))[0].float().cpu()
+            logits = net(x[n : n + 1].float().to(device))[0].float().cpu()
             probs = torch.sigmoid(logits)
             best, arg = probs.max(dim=0)
             pred = torch.where(best > 0.5, arg + 1, 0).numpy()
-            truth_any = y[n].amax(dim=0) > 0
-            truth = torch.where(truth_any, y[n].argmax(dim=0) + 1, 0).numpy()
+            soft = y[n].float() / 255.0
+            truth = torch.where(soft.amax(dim=0) > 0.5, soft.argmax(dim=0) + 1, 0).numpy()
             for k, v in dice_per_label(pred, truth).items():
                 if not math.isnan(v):
                     scores[k].append(v)
@@ -248,18 +300,18 @@ def train(cfg: TrainConfig) -> Path:
         for u in tqdm(uids, desc="cache", disable=not cfg.progress)
     }
     x_train, y_train = _load_cached([cached[u] for u in train_uids])
-    x_val, y_val = _load_cached([cached[u] for u in val_uids]) if val_uids else (None, None)
+    x_val, y_val = (
+        _load_cached([cached[u] for u in val_uids], "crops") if val_uids else (None, None)
+    )
+    n_train = x_train.shape[0]
 
     arch = default_arch_params(cfg.backbone, cfg.decoder_channels)
     net = build_network(arch).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    steps_per_epoch = max(1, math.ceil(len(train_uids) / cfg.batch_size))
+    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=max(total_steps, 2), pct_start=0.1
-    )
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     dice_loss = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
@@ -275,7 +327,6 @@ def train(cfg: TrainConfig) -> Path:
             raise ValueError(f"{ckpt_path} was written for another architecture or input spec")
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -290,25 +341,28 @@ def train(cfg: TrainConfig) -> Path:
     net.train()
     stop = False
     for epoch in range(epoch0, cfg.epochs):
-        perm = torch.randperm(len(train_uids), generator=gen)
+        perm = torch.randperm(n_train, generator=gen)
         bar = tqdm(
             range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress
         )
         losses = []
         for b in bar:
             # Always full batches (wrapping around), so batch norm never sees a batch of 1.
-            idx = perm[(b * cfg.batch_size + torch.arange(cfg.batch_size)) % len(train_uids)]
-            xb, yb = augment(x_train[idx], y_train[idx], gen)
+            idx = perm[(b * cfg.batch_size + torch.arange(cfg.batch_size)) % n_train]
+            xb, yb = augment(x_train[idx].float(), y_train[idx].float() / 255.0, gen)
             xb, yb = xb.to(device), yb.to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 logits = net(xb)
             loss = bce(logits.float(), yb) + dice_loss(logits.float(), yb)
+            frac = step / max(total_steps, 1)
+            if cfg.max_minutes:
+                frac = max(frac, (time.monotonic() - t_start) / (60 * cfg.max_minutes))
+            for group in opt.param_groups:
+                group["lr"] = lr_at(frac, cfg.lr)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            if sched.last_epoch + 1 < sched.total_steps:  # type: ignore[attr-defined]
-                sched.step()
             step += 1
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", val_dice=f"{best['dice']:.3f}")
@@ -350,7 +404,6 @@ def train(cfg: TrainConfig) -> Path:
             {
                 "model": net.state_dict(),
                 "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(),
                 "generator": gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
@@ -391,6 +444,7 @@ def train(cfg: TrainConfig) -> Path:
             ),
             "n_studies": len(uids),
             "train_studies": len(train_uids),
+            "train_samples": n_train,
             "val_studies": len(val_uids),
             "folds": cfg.folds,
             "fold": cfg.fold,
@@ -398,6 +452,7 @@ def train(cfg: TrainConfig) -> Path:
             "steps": step,
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
+            "lr_schedule": "5% linear warm-up, cosine decay (by step or wall-time fraction)",
             "loss": "BCEWithLogits + soft Dice (MONAI DiceLoss, sigmoid)",
             "augmentation": "random rotation/scale/shift, left-right flip, "
             "intensity scale/shift, noise",

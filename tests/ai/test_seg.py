@@ -54,15 +54,15 @@ def _reorient(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def _roundtrip(hu: np.ndarray, lab: np.ndarray, affine: np.ndarray, spec: InputSpec) -> np.ndarray:
-    x, canon, box = prepare_input(hu, affine, spec)
-    y = prepare_labels(lab, affine, spec, box)
+    x, canon, roi = prepare_input(hu, affine, spec)
+    y = prepare_labels(lab, affine, spec, roi)
     assert x.shape == (1, 1, *spec.size)
     assert y.shape == (7, *spec.size)
     logits = torch.logit(y.clamp(0.01, 0.99))
     out = np.zeros(hu.shape, np.uint8)
     view = canonical_view(out, canon)
-    y0, y1, x0, x1 = box
-    for start, probs in iter_source_slabs(logits, view.shape, box):
+    _z0, _z1, y0, y1, x0, x1 = roi
+    for start, probs in iter_source_slabs(logits, roi):
         best, arg = probs.max(dim=0)
         view[start : start + probs.shape[1], y0:y1, x0:x1] = torch.where(
             best > 0.5, arg + 1, 0

@@ -34,14 +34,16 @@ def test_train_cli_two_steps_writes_a_loadable_package(tmp_path: Path) -> None:
     out = tmp_path / "pkg"
     args = [
         "train", "seg", "--data", str(root), "--out", str(out), "--size", "32",
-        "--decoder-channels", "16,8,8,4,4", "--folds", "1", "--epochs", "2",
+        "--decoder-channels", "16,8,8,4,4", "--folds", "1", "--epochs", "1",
         "--max-steps", "2", "--seed", "5", "--device", "cpu", "--demo", "--no-progress",
         "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"),
     ]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "model.json").read_text())
-    assert meta["training"]["steps"] == 2  # 2 studies, batch 2: one step per epoch
+    # 2 studies x (full view + 2 spine crops) = 6 samples: 3 steps per epoch, stopped at 2.
+    assert meta["training"]["steps"] == 2
+    assert meta["training"]["train_samples"] == 6
     assert meta["training"]["seed"] == 5
     assert "--seed" in meta["training"]["command"]
     assert meta["label"] == DEMO_LABEL and meta["demo"] is True
@@ -55,12 +57,12 @@ def test_train_cli_two_steps_writes_a_loadable_package(tmp_path: Path) -> None:
     assert pred.label_map.shape == study.volume.hu.shape
 
     # Resume continues from the checkpoint instead of starting over.
-    again = CliRunner().invoke(main, [*args[:-4], "--resume", "--epochs", "3", "--max-steps",
-                                      "3", "--work-dir", str(tmp_path / "work")])  # fmt: skip
+    again = CliRunner().invoke(main, [*args[:-4], "--resume", "--epochs", "2", "--max-steps",
+                                      "4", "--work-dir", str(tmp_path / "work")])  # fmt: skip
     assert again.exit_code == 0, again.output
     meta = json.loads((out / "model.json").read_text())
-    assert [h["epoch"] for h in meta["training"]["history"]] == [1, 2, 3]
-    assert meta["training"]["steps"] == 3
+    assert [h["epoch"] for h in meta["training"]["history"]] == [1, 2]
+    assert meta["training"]["steps"] == 4
 
 
 def test_demo_model_maps_masks_onto_the_source_grid(tmp_path: Path) -> None:

@@ -223,9 +223,7 @@ def train_cls(
             "n_studies": len(items),
             "crop_source": "stage-1 predictions" if crop_source == "stage1" else "ground truth",
             "seg_model": seg_identity,
-            "command": "cspine train cls " + " ".join(shlex.quote(a) for a in sys.argv[3:])
-            if len(sys.argv) > 3 and sys.argv[1:3] == ["train", "cls"]
-            else " ".join(shlex.quote(a) for a in sys.argv),
+            "command": _command_line(click.get_current_context()),
             "torch_threads": threads,
         },
     }
@@ -247,6 +245,25 @@ def train_cls(
             {k: val[k] for k in ("weighted_log_loss", "patient_auc", "vertebra_auc_mean")}
         )
     click.echo(json.dumps(summary, indent=2))
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The full ``cspine train cls`` command with every option spelled out (defaults too)."""
+    parts = ["cspine", "train", "cls"]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name is None:
+            continue
+        value = ctx.params.get(param.name)
+        if value is None:
+            continue
+        if param.is_flag:
+            if param.secondary_opts:
+                parts.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                parts.append(param.opts[0])
+            continue
+        parts += [param.opts[0], shlex.quote(str(value))]
+    return " ".join(parts)
 
 
 def _is_synthetic(root: Path) -> bool:

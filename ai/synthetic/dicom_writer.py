@@ -83,33 +83,46 @@ def orientation_of(affine: np.ndarray) -> tuple[list[float], list[float], float,
     return row_dir, col_dir, dy, dx
 
 
-def _encoder(uid: str) -> Callable[[Dataset, np.ndarray], None]:
-    """A function that puts ``pixels`` into ``ds`` encoded with transfer syntax ``uid``."""
+def _frame_encoder(uid: str) -> Callable[[Dataset, np.ndarray], bytes] | None:
+    """A function returning one encoded frame for ``uid`` (None: native, not encapsulated)."""
     if uid == str(ExplicitVRLittleEndian):
-
-        def native(ds: Dataset, pixels: np.ndarray) -> None:
-            ds.PixelData = pixels.tobytes()
-            ds["PixelData"].VR = "OW"
-
-        return native
+        return None
     if uid == jpeg_lossless.TRANSFER_SYNTAX_UID:
 
-        def jpeg(ds: Dataset, pixels: np.ndarray) -> None:
-            frame = jpeg_lossless.encode(pixels, int(ds.BitsStored))
-            ds.PixelData = encapsulate([frame])
-            ds["PixelData"].VR = "OB"
-            ds["PixelData"].is_undefined_length = True
+        def jpeg(ds: Dataset, pixels: np.ndarray) -> bytes:
+            return jpeg_lossless.encode(pixels, int(ds.BitsStored))
 
         return jpeg
     encoder = get_encoder(uid)
-    plugin = "pylibjpeg" if "pylibjpeg" in encoder.available_plugins else ""
     if not encoder.is_available:
         raise ValueError(f"no encoder available for transfer syntax {uid}")
+    plugin = "pylibjpeg" if "pylibjpeg" in encoder.available_plugins else ""
 
-    def compress(ds: Dataset, pixels: np.ndarray) -> None:
-        ds.compress(uid, pixels, encoding_plugin=plugin, generate_instance_uid=False)
+    def compress(ds: Dataset, pixels: np.ndarray) -> bytes:
+        return encoder.encode(
+            pixels,
+            encoding_plugin=plugin,
+            rows=int(ds.Rows),
+            columns=int(ds.Columns),
+            samples_per_pixel=1,
+            photometric_interpretation="MONOCHROME2",
+            bits_allocated=16,
+            bits_stored=int(ds.BitsStored),
+            pixel_representation=int(ds.PixelRepresentation),
+            number_of_frames=1,
+        )
 
     return compress
+
+
+def _pixel_element(pixels: np.ndarray, frame: bytes | None) -> bytes:
+    """Encoded (7FE0,0010) element: OW native, or OB encapsulated with undefined length."""
+    head = struct.pack("<HH", 0x7FE0, 0x0010)
+    if frame is None:
+        data = pixels.tobytes()
+        return head + b"OW\x00\x00" + struct.pack("<I", len(data)) + data
+    items = encapsulate([frame])
+    return head + b"OB\x00\x00\xff\xff\xff\xff" + items + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
 def stored_pixels(hu: np.ndarray, signed: bool) -> np.ndarray:
@@ -175,10 +188,10 @@ def write_slices(
         Write (0002,0000) FileMetaInformationGroupLength (the RSNA files have none).
     """
     uid = resolve_transfer_syntax(transfer_syntax)
-    encode = _encoder(uid)
+    encode_frame = _frame_encoder(uid)
     set_pixel_module(base, hu.shape[1], hu.shape[2], signed)
     written: list[Path] = []
-    fast: _NativeFastPath | None = None
+    fast: _FastPath | None = None
     for k, inst in enumerate(instance_numbers):
         pos = affine[:3, 3] + affine[:3, 0] * k
         sop = sop_uid(int(inst))
@@ -195,6 +208,8 @@ def write_slices(
         ipp = [_ds(float(v)) for v in pos]
         path = path_for(int(inst))
         path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = stored_pixels(hu[k], signed)
+        frame = None if encode_frame is None else encode_frame(base, pixels)
         if fast is not None:
             dynamic = {
                 _SOP: sop,
@@ -202,7 +217,7 @@ def write_slices(
                 _IPP: "\\".join(ipp),
                 _LOCATION: ipp[2],
             }
-            path.write_bytes(fast.encode(meta, dynamic, stored_pixels(hu[k], signed)))
+            path.write_bytes(fast.encode(meta, dynamic, _pixel_element(pixels, frame)))
             written.append(path)
             continue
         base.SOPInstanceUID = sop
@@ -210,26 +225,33 @@ def write_slices(
         base.ImagePositionPatient = ipp
         if slice_location:
             base.SliceLocation = ipp[2]
-        encode(base, stored_pixels(hu[k], signed))
+        if frame is None:
+            base.PixelData = pixels.tobytes()
+            base["PixelData"].VR = "OW"
+        else:
+            base.PixelData = encapsulate([frame])
+            base["PixelData"].VR = "OB"
+            base["PixelData"].is_undefined_length = True
         pydicom.dcmwrite(path, base, enforce_file_format=group_length)
         written.append(path)
-        if _FAST_NATIVE and uid == str(ExplicitVRLittleEndian):
+        if _FAST_PATH:
             # the first file went through pydicom (validated); the rest reuse its encoding
-            fast = _NativeFastPath(base, group_length)
+            fast = _FastPath(base, group_length)
     return written
 
 
 _SOP, _INSTANCE, _IPP, _LOCATION = 0x00080018, 0x00200013, 0x00200032, 0x00201041
 _PIXEL_DATA = 0x7FE00010
-_FAST_NATIVE = True
-"""Write explicit-VR files after the first by reusing its encoded static elements.
+_FAST_PATH = True
+"""Write the files after the first by reusing its encoded static elements.
 
 The output is byte-identical to pydicom's (a test compares both paths); it only saves
 pydicom's per-element overhead, which dominates writing a 300-slice series."""
 
 
-class _NativeFastPath:
-    """Encode Explicit VR Little Endian files whose only changes are a few text elements."""
+class _FastPath:
+    """Encode Explicit VR Little Endian files whose only changes are a few text elements
+    and the pixel data."""
 
     def __init__(self, template: Dataset, group_length: bool) -> None:
         self.group_length = group_length
@@ -263,7 +285,7 @@ class _NativeFastPath:
             raw += b"\x00" if vr == b"UI" else b" "
         return struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr + struct.pack("<H", len(raw)) + raw
 
-    def encode(self, meta: FileMetaDataset, values: dict[int, str], pixels: np.ndarray) -> bytes:
+    def encode(self, meta: FileMetaDataset, values: dict[int, str], pixel_element: bytes) -> bytes:
         fp = DicomBytesIO()
         fp.is_little_endian, fp.is_implicit_VR = True, False
         write_file_meta_info(fp, meta, enforce_standard=self.group_length)
@@ -272,9 +294,7 @@ class _NativeFastPath:
         for segment, tag in zip(self.segments, self.dynamic, strict=False):
             parts.append(segment)
             if tag == _PIXEL_DATA:
-                data = pixels.tobytes()
-                parts.append(struct.pack("<HH", 0x7FE0, 0x0010) + b"OW\x00\x00")
-                parts.append(struct.pack("<I", len(data)) + data)
+                parts.append(pixel_element)
             else:
                 parts.append(self._text(tag, vrs[tag], values[tag]))
         parts.append(self.segments[-1])

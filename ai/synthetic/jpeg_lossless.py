@@ -103,7 +103,7 @@ def encode(image: np.ndarray, precision: int) -> bytes:
     if not (0 < rows < 65536 and 0 < cols < 65536):
         raise ValueError("rows and columns must be within 1..65535")
     mask = (1 << precision) - 1
-    a = image.astype(np.int64)
+    a = image.astype(np.int32)
     if image.dtype.kind == "i":
         a &= mask
     elif a.min() < 0 or a.max() > mask:
@@ -113,10 +113,11 @@ def encode(image: np.ndarray, precision: int) -> bytes:
     pred[0, 1:] = a[0, :-1]
     pred[1:, 0] = a[:-1, 0]
     pred[1:, 1:] = a[1:, :-1]
-    diff = (a - pred) & 0xFFFF
-    diff = np.where(diff >= 32768, diff - 65536, diff).ravel()
+    # differences modulo 2**16 read as signed 16-bit (T.81 H.1.2.1): an int16 cast wraps
+    a -= pred
+    diff = a.astype(np.int16).astype(np.int32).ravel()
     absd = np.abs(diff)
-    ssss = np.frexp(absd.astype(np.float64))[1].astype(np.int64)
+    ssss = np.frexp(absd.astype(np.float32))[1].astype(np.int64)
     freq = np.bincount(ssss, minlength=_N_CAT)
     bits, huffval, codes = _canonical(_code_lengths(freq))
     code_of = np.zeros(_N_CAT, np.int64)
@@ -128,9 +129,9 @@ def encode(image: np.ndarray, precision: int) -> bytes:
         for _ in range(bits[n - 1]):
             len_of[huffval[k]] = n
             k += 1
-    extra = np.where(ssss == 16, 0, ssss)
-    add = np.where(diff < 0, diff - 1, diff) & ((np.int64(1) << extra) - 1)
-    value = (code_of[ssss] << extra) | add
+    extra = np.minimum(ssss, 15)  # category 16 has no extra bits; its low 15 bits are 0
+    extra[ssss == 16] = 0
+    add = (diff - (diff < 0)).astype(np.int64) & ((np.int64(1) << extra) - 1)
     length = len_of[ssss] + extra
     # Pack the variable-length codes (at most 32 bits each) without a per-bit array:
     # place each code in a 40-bit window aligned to its first byte, cut the window into
@@ -138,8 +139,8 @@ def encode(image: np.ndarray, precision: int) -> bytes:
     ends = np.cumsum(length)
     total = int(ends[-1])
     starts = ends - length
+    window = ((code_of[ssss] << extra) | add) << (40 - (starts & 7) - length)
     first = starts >> 3
-    window = value << (40 - (starts & 7) - length)
     n_bytes = (total + 7) // 8
     packed = np.zeros(n_bytes + 5, np.uint8)
     for k in range(5):

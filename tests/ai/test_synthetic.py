@@ -241,16 +241,17 @@ def test_spec_validation_states_the_constraint():
         )
 
 
-def test_fast_native_path_matches_pydicom_byte_for_byte(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", sorted(TRANSFER_SYNTAXES))
+def test_fast_path_matches_pydicom_byte_for_byte(tmp_path, monkeypatch, name):
     import ai.synthetic.dicom_writer as dw
     from ai.synthetic import write_rsna_dataset
 
     study = generate_study(9, StudySpec.small(rows=40, cols=40, n_slices=12))
-    fast = write_series(study, tmp_path / "fast")
-    write_rsna_dataset(tmp_path / "rsna_fast", [study], transfer_syntax="explicit")
-    monkeypatch.setattr(dw, "_FAST_NATIVE", False)
-    slow = write_series(study, tmp_path / "slow")
-    write_rsna_dataset(tmp_path / "rsna_slow", [study], transfer_syntax="explicit")
+    fast = write_series(study, tmp_path / "fast", name)
+    write_rsna_dataset(tmp_path / "rsna_fast", [study], transfer_syntax=name)
+    monkeypatch.setattr(dw, "_FAST_PATH", False)
+    slow = write_series(study, tmp_path / "slow", name)
+    write_rsna_dataset(tmp_path / "rsna_slow", [study], transfer_syntax=name)
     assert [p.read_bytes() for p in fast] == [p.read_bytes() for p in slow]
     rf = sorted((tmp_path / "rsna_fast").rglob("*.dcm"))
     rs = sorted((tmp_path / "rsna_slow").rglob("*.dcm"))

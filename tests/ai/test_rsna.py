@@ -100,6 +100,15 @@ def test_public_notebook_transform_matches_for_head_first_superior_first(dataset
     assert np.array_equal(conv, _truth(study)[order])
 
 
+def test_inferior_first_needs_no_z_flip_as_in_the_3rd_place_code(dataset):
+    """Slices numbered feet to head: ``seg[:, ::-1].transpose(2, 1, 0)`` (no z flip)."""
+    root, studies, _ = dataset
+    study = studies[2]  # HFS, inferior first
+    seg = np.asanyarray(nib.load(root / "segmentations" / f"{study.study_uid}.nii").dataobj)
+    order = np.argsort(study.instance_numbers)
+    assert np.array_equal(seg[:, ::-1].transpose(2, 1, 0), _truth(study)[order])
+
+
 def test_convention_fallback_without_header(dataset):
     root, studies, _ = dataset
     for study in studies:

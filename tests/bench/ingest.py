@@ -76,7 +76,9 @@ def send(folder: Path, port: int, called: str, senders: int) -> float:
     procs = [
         subprocess.Popen(
             ["storescu", "-aec", called, "-xs", "127.0.0.1", str(port), *map(str, chunk)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=DCMTK_ENV,
         )
         for chunk in chunks
     ]
@@ -96,15 +98,37 @@ def run_receiver(kind: str, folder: Path, senders: int, work: Path) -> Result:
         target = work / f"{kind}-{run}-{senders}"
         target.mkdir()
         if kind == "cspine":
-            cmd = [sys.executable, "-m", "dicom_node", "serve", "--data-dir", str(target),
-                   "--port", str(port), "--no-worker", "--stable-seconds", "3600"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "dicom_node",
+                "serve",
+                "--data-dir",
+                str(target),
+                "--port",
+                str(port),
+                "--no-worker",
+                "--stable-seconds",
+                "3600",
+            ]
             called = "CSPINE"
         else:
-            cmd = ["storescp", "+xa", "--fork" if senders > 1 else "-v", "-od", str(target), str(port)]
+            cmd = [
+                "storescp",
+                "+xa",
+                "--fork" if senders > 1 else "-v",
+                "-od",
+                str(target),
+                str(port),
+            ]
             cmd = [c for c in cmd if c != "-v"]
             called = "STORESCP"
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**DCMTK_ENV, "CSPINE_LOGGING__LEVEL": "WARNING", **EXTRA_ENV})
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**DCMTK_ENV, "CSPINE_LOGGING__LEVEL": "WARNING", **EXTRA_ENV},
+        )
         try:
             wait_port(port)
             seconds.append(send(folder, port, called, senders))
@@ -125,19 +149,29 @@ def main() -> list[Result]:
                 for kind in ("storescp", "cspine"):
                     r = run_receiver(kind, folder, senders, work)
                     results.append(r)
-                    print(f"{r.name:<9} {r.syntax:<14} senders={senders} {r.rate:7.1f} img/s "
-                          f"{r.mbytes / r.median:7.1f} MB/s  runs={['%.2f' % s for s in r.seconds]}",
-                          flush=True)
+                    print(
+                        f"{r.name:<9} {r.syntax:<14} senders={senders} {r.rate:7.1f} img/s "
+                        f"{r.mbytes / r.median:7.1f} MB/s  runs={' '.join(f'{s:.2f}' for s in r.seconds)}",
+                        flush=True,
+                    )
         print()
         for syntax in ("explicit", "jpeg-lossless"):
             for senders in (1, 4):
-                ours = [r for r in results if r.name == "cspine" and r.syntax == syntax
-                        and r.senders == senders]
-                ref = [r for r in results if r.name == "storescp" and r.syntax == syntax
-                       and r.senders == senders]
+                ours = [
+                    r
+                    for r in results
+                    if r.name == "cspine" and r.syntax == syntax and r.senders == senders
+                ]
+                ref = [
+                    r
+                    for r in results
+                    if r.name == "storescp" and r.syntax == syntax and r.senders == senders
+                ]
                 if ours and ref:
-                    print(f"ratio cspine/storescp {syntax} senders={senders}: "
-                          f"{ours[0].rate / ref[0].rate:.2f}")
+                    print(
+                        f"ratio cspine/storescp {syntax} senders={senders}: "
+                        f"{ours[0].rate / ref[0].rate:.2f}"
+                    )
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -149,9 +149,10 @@ def main() -> list[Result]:
                 for kind in ("storescp", "cspine"):
                     r = run_receiver(kind, folder, senders, work)
                     results.append(r)
+                    runs = " ".join(f"{s:.2f}" for s in r.seconds)
                     print(
                         f"{r.name:<9} {r.syntax:<14} senders={senders} {r.rate:7.1f} img/s "
-                        f"{r.mbytes / r.median:7.1f} MB/s  runs={' '.join(f'{s:.2f}' for s in r.seconds)}",
+                        f"{r.mbytes / r.median:7.1f} MB/s  runs={runs}",
                         flush=True,
                     )
         print()

@@ -8,6 +8,7 @@ True
 
 from ai.synthetic.dicom_writer import TRANSFER_SYNTAXES, write_series, write_study
 from ai.synthetic.generate import generate_study, uid_for
+from ai.synthetic.preview import render_previews
 from ai.synthetic.rsna_writer import segmentation_nifti, write_rsna_dataset
 from ai.synthetic.spec import (
     FIELDS_OF_VIEW,
@@ -33,6 +34,7 @@ __all__ = [
     "StudySpec",
     "SyntheticStudy",
     "generate_study",
+    "render_previews",
     "segmentation_nifti",
     "uid_for",
     "write_rsna_dataset",

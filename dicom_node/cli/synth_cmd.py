@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 
 import click
 
-from config import NodeError
+from config import NodeError, parse_ae_spec
+from dicom_node.cli.common import make_settings, quiet_client_logging, settings_options
 
 LOGGER = logging.getLogger(__name__)
 
-_TARGET = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
-
-
-def parse_target(text: str) -> tuple[str, str, int]:
-    """Split ``AE@HOST:PORT`` into its parts.
-
-    Raises
-    ------
-    click.BadParameter
-        When the text does not have that form or the port is out of range.
-    """
-    match = _TARGET.match(text.strip())
-    if not match or not 0 < int(match["port"]) < 65536:
-        raise click.BadParameter(f"expected AE@HOST:PORT (AE up to 16 characters), got {text!r}")
-    return match["ae"], match["host"], int(match["port"])
-
 
 @click.command("synth")
+@settings_options
 @click.option(
     "--out",
     "out_dir",
@@ -117,6 +102,8 @@ def parse_target(text: str) -> tuple[str, str, int]:
     "--calling-ae", default="CSPINE-SCU", show_default=True, help="Our AE title when sending."
 )
 def synth(
+    config_file: str | None,
+    data_dir: str | None,
     out_dir: str,
     studies: int,
     seed: int,
@@ -136,7 +123,8 @@ def synth(
 
     from ai.synthetic import StudySpec, generate_study, write_rsna_dataset, write_study
 
-    target = parse_target(send_to) if send_to else None
+    settings = make_settings(config_file, data_dir)
+    target = parse_ae_spec(send_to) if send_to else None
     ts = transfer_syntax or ("mixed" if layout == "rsna" else "explicit")
     if layout == "plain" and ts == "mixed":
         raise click.BadParameter(
@@ -207,6 +195,7 @@ def synth(
     if target is not None:
         from dicom_node.scu import send_paths
 
+        quiet_client_logging(settings)
         ae, host, port = target
         result = send_paths(written, ae, host, port, calling_ae=calling_ae)
         click.echo(

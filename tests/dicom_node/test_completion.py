@@ -70,7 +70,7 @@ def test_late_series_reopens_and_recompletes(tmp_path):
         study = s.scalars(select(Study)).one()
         kinds = [e.kind for e in study.events]
     assert study.completion_count == 2 and len(completed) == 2
-    assert kinds == ["created", "complete", "reopened", "complete"]
+    assert kinds == ["created", "complete", "job-queued", "reopened", "complete", "job-queued"]
 
 
 def test_wall_clock_jumps_do_not_complete_early_or_block(tmp_path, monkeypatch):

@@ -476,8 +476,14 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
 
     # ---------------------------------------------------------------- soft tissue
     S, Rr, Cc = n_slices, spec.rows, spec.cols
-    hu = np.empty((S, Rr, Cc), dtype=np.int16)
-    lab = np.zeros((S, Rr, Cc), dtype=np.uint8)
+    # The arrays are allocated in stored order; the generator paints through views in
+    # canonical order (z ascending, x ascending), so feet-first needs no copy.
+    hu_stored = np.empty((S, Rr, Cc), dtype=np.int16)
+    lab_stored = np.zeros((S, Rr, Cc), dtype=np.uint8)
+    if position == "HFS":
+        hu, lab = hu_stored, lab_stored
+    else:  # feet first: the image is mirrored left-right and the normal points down
+        hu, lab = hu_stored[::-1, :, ::-1], lab_stored[::-1, :, ::-1]
     fat_mm = rng.uniform(4, 9)
     neck_a, neck_b = rng.uniform(54, 64) * sg, rng.uniform(52, 60) * sg
     air_a, air_b = rng.uniform(9, 13) * sg, rng.uniform(5, 8) * sg
@@ -513,6 +519,8 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
         fat=fat_mm,
     )
     img = np.empty((Rr, Cc), dtype=F32)
+    base = np.empty((Rr, Cc), dtype=F32)
+    base_params: np.ndarray | None = None
     for k in range(S):
         z = grid.z[k]
         sx, sy = float(np.interp(z, zc, xc)), float(np.interp(z, zc, yc))
@@ -526,26 +534,37 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
         b_o = (1 - f) * b_n + f * 94 * sg
         cx_o = (1 - f) * sx + f * head_c[0]
         cy_o = (1 - f) * cy_n + f * head_c[1]
+        tr = float(np.clip((by_name["C6"].centre[2] - z) / 20.0, 0.0, 1.0))
+        with_jaw = jaw["z_bot"] - 18 <= z <= jaw["z_top"]
+        params = np.array(
+            [sx, sy, a_o, b_o, cx_o, cy_o, 20 * tr, 40 * with_jaw * (z - jaw["z_bot"]) / 18,
+             100 * (z < z_fm + 25)]
+        )  # fmt: skip
+        if base_params is not None and np.max(np.abs(params - base_params)) < 0.4 * dx:
+            # the soft tissue has not moved by half a pixel: reuse it, paint the bones
+            img[:] = base
+            _paint_bones_of_slice(img, lab[k], grid, z, z_fm, skull, jaw)
+            np.rint(img, out=img)
+            hu[k] = img
+            continue
+        base_params = params
         img.fill(HU_AIR)
         _paint_ellipse(img, grid, cx_o, cy_o, a_o, b_o, HU_FAT)
         _paint_ellipse(img, grid, cx_o, cy_o, a_o - fat_mm, b_o - fat_mm, HU_MUSCLE)
         # posterior intermuscular fat planes
         for sd in (1.0, -1.0):
             _paint_ellipse(img, grid, sx + sd * 22 * sg, sy + 38 * sg, 3.0 * sg, 9.0 * sg, -60)
-        if jaw["z_bot"] - 18 <= z <= jaw["z_top"]:
+        if with_jaw:
             _paint_jaw_soft_tissue(img, grid, z, jaw)
         # spinal canal (CSF) and airway
         _paint_ellipse(img, grid, sx, sy + body_b + 7.5 * sg, 10.5 * sg, 7.0 * sg, HU_CSF)
         if z < z_fm + 25:
-            tr = float(np.clip((by_name["C6"].centre[2] - z) / 20.0, 0.0, 1.0))
             aa = (1 - tr) * air_a + tr * 8.5 * sg
             ab = (1 - tr) * air_b + tr * 8.0 * sg
             gap = (1 - tr) * 4.0 + tr * 13.0
             _paint_ellipse(img, grid, sx, sy - body_b - gap * sg - ab, aa, ab, HU_AIR)
-        if z > z_fm - 2:
-            _paint_skull(img, lab[k], grid, z, skull)
-        if jaw["z_bot"] <= z <= jaw["z_top"]:
-            _paint_mandible(img, lab[k], grid, z, jaw)
+        base[:] = img
+        _paint_bones_of_slice(img, lab[k], grid, z, z_fm, skull, jaw)
         np.rint(img, out=img)
         hu[k] = img
 
@@ -563,7 +582,7 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
     if spec.blur and spine_box is not None:
         region = hu[spine_box].astype(F32)
         sig_xy = 0.45 if grid.dx < 1.0 else 0.35
-        ndimage.gaussian_filter(region, sigma=(0.3, sig_xy, sig_xy), output=region, truncate=2.5)
+        ndimage.gaussian_filter(region, sigma=(0.0, sig_xy, sig_xy), output=region, truncate=2.5)
         np.rint(region, out=region)
         hu[spine_box] = region
     if spec.noise_hu > 0:
@@ -572,14 +591,13 @@ def generate_study(seed: int, spec: StudySpec | None = None) -> SyntheticStudy:
 
     # ---------------------------------------------------------------- stored orientation
     affine = np.eye(4)
+    hu, lab = hu_stored, lab_stored
     if position == "HFS":
         affine[:3, 0] = (0, 0, dz)
         affine[:3, 1] = (0, dx, 0)
         affine[:3, 2] = (dx, 0, 0)
         affine[:3, 3] = (grid.x[0], grid.y[0], grid.z[0])
-    else:  # feet first: the image is mirrored left-right and the normal points down
-        hu = np.ascontiguousarray(hu[::-1, :, ::-1])
-        lab = np.ascontiguousarray(lab[::-1, :, ::-1])
+    else:
         affine[:3, 0] = (0, 0, -dz)
         affine[:3, 1] = (0, dx, 0)
         affine[:3, 2] = (-dx, 0, 0)
@@ -746,6 +764,16 @@ def _paint_skull(img: np.ndarray, lab2: np.ndarray, grid: _Grid, z: float, p: di
     sub[diploe] = F32(p["hu"] * 0.5)
     lsub = lab2[r0:r1, c0:c1]
     lsub[bone] = SKULL_LABEL
+
+
+def _paint_bones_of_slice(
+    img: np.ndarray, lab2: np.ndarray, grid: _Grid, z: float, z_fm: float, skull: dict, jaw: dict
+) -> None:
+    """Skull base and mandible of one slice (they are bone: painted on every slice)."""
+    if z > z_fm - 2:
+        _paint_skull(img, lab2, grid, z, skull)
+    if jaw["z_bot"] <= z <= jaw["z_top"]:
+        _paint_mandible(img, lab2, grid, z, jaw)
 
 
 def _paint_jaw_soft_tissue(img: np.ndarray, grid: _Grid, z: float, p: dict) -> None:

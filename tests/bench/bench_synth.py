@@ -36,11 +36,11 @@ def main() -> None:
     for i in range(args.repeat):
         out = Path(tempfile.mkdtemp(prefix="bench_synth_"))
         try:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             study = generate_study(args.seed + i, spec)
             t1 = time.perf_counter()
             paths = write_series(study, out, args.transfer_syntax)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
         finally:
             shutil.rmtree(out, ignore_errors=True)
         totals.append(t2 - t0)
@@ -48,7 +48,7 @@ def main() -> None:
             f"seed={args.seed + i} shape={study.shape} spacing="
             f"{tuple(round(s, 3) for s in study.volume.spacing)} generate={t1 - t0:.2f}s "
             f"write={t2 - t1:.2f}s ({len(paths)} files, {args.transfer_syntax}) "
-            f"total={t2 - t0:.2f}s"
+            f"total={t2 - t0:.2f}s (cpu {c2 - c0:.2f}s, load {os.getloadavg()[0]:.1f})"
         )
     print(f"best total {min(totals):.2f}s, worst {max(totals):.2f}s over {len(totals)} runs")
 

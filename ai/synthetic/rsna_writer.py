@@ -6,6 +6,7 @@ Layout under ``root``::
     train_bounding_boxes.csv          StudyInstanceUID,x,y,width,height,slice_number
     train_images/<StudyUID>/<InstanceNumber>.dcm
     segmentations/<StudyUID>.nii      (only for a subset of studies, as in RSNA)
+    synthetic_manifest.json           (not in RSNA: provenance, seeds and truth)
 
 Header quirks reproduced from a real RSNA file (``test1.dcm``): the dataset has no
 Modality, no SOPClassUID (only MediaStorageSOPClassUID in the file meta), no Frame of
@@ -24,6 +25,8 @@ skull and mandible codes of the generator (20, 21) are written as 0.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 RSNA_IMPLEMENTATION = ("1.2.40.0.13.1.1.1", "PYDICOM 2.3.0")
 """File-meta implementation of the real RSNA files."""
+
+MANIFEST_NAME = "synthetic_manifest.json"
+"""Provenance file written next to the layout: marks the dataset as synthetic (trainers use
+it to label their models as demo models) and lists each study's seed and truth."""
 
 MIXED_SYNTAXES: tuple[str, ...] = ("explicit", "jpeg-lossless", "j2k-lossless")
 """Choices for ``transfer_syntax="mixed"``: study seed modulo 3 picks one."""
@@ -72,6 +79,43 @@ def segmentation_nifti(labels: np.ndarray, affine: np.ndarray) -> nib.Nifti1Imag
     img.set_sform(ras, code=1)
     img.set_qform(ras, code=1)
     return img
+
+
+def manifest_entry(study: SyntheticStudy, **extra: object) -> dict:
+    """One study's provenance for :data:`MANIFEST_NAME` (seed, spec, geometry, truth)."""
+    return {
+        "StudyInstanceUID": study.study_uid,
+        "seed": study.seed,
+        "spec": dataclasses.asdict(study.spec),
+        "shape": list(study.shape),
+        "spacing_mm": [round(v, 5) for v in study.volume.spacing],
+        "field_of_view": study.field_of_view,
+        "patient_position": study.patient_position,
+        "patient_overall": study.patient_overall,
+        "fractures": [
+            {
+                "vertebra": f.vertebra,
+                "kind": f.kind,
+                "boxes": len(f.boxes),
+                "displacement_mm": f.displacement_mm,
+                "height_loss": f.height_loss,
+            }
+            for f in study.fractures
+        ],
+        **extra,
+    }
+
+
+def write_manifest(root: str | Path, entries: list[dict]) -> Path:
+    """Write :data:`MANIFEST_NAME` under ``root``."""
+    path = Path(root) / MANIFEST_NAME
+    doc = {
+        "generator": "ai.synthetic",
+        "note": "synthetic phantom studies, not patient data",
+        "studies": entries,
+    }
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
 
 
 def _rsna_header(study: SyntheticStudy, number: str) -> Dataset:
@@ -152,6 +196,7 @@ def write_rsna_dataset(
     (out / "train_images").mkdir(parents=True, exist_ok=True)
     (out / "segmentations").mkdir(exist_ok=True)
     uids: list[str] = []
+    entries: list[dict] = []
     with (
         open(out / "train.csv", "w", newline="") as f_train,
         open(out / "train_bounding_boxes.csv", "w", newline="") as f_boxes,
@@ -180,5 +225,7 @@ def write_rsna_dataset(
                         [study.study_uid, f"{x:.5f}", f"{y:.5f}", f"{w:.5f}", f"{h:.5f}", n]
                     )
             uids.append(study.study_uid)
+            entries.append(manifest_entry(study, transfer_syntax=ts, segmentation=bool(with_seg)))
             logger.debug("rsna study written transfer_syntax=%s segmentation=%s", ts, with_seg)
+    write_manifest(out, entries)
     return uids

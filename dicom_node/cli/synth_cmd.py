@@ -122,6 +122,7 @@ def synth(
     from tqdm import tqdm
 
     from ai.synthetic import StudySpec, generate_study, write_rsna_dataset, write_study
+    from ai.synthetic.rsna_writer import manifest_entry, write_manifest
 
     settings = make_settings(config_file, data_dir)
     target = parse_ae_spec(send_to) if send_to else None
@@ -182,9 +183,12 @@ def synth(
             written = sorted((out / "train_images").rglob("*.dcm"))
             summary = f"{len(uids)} studies in RSNA layout"
         else:
+            entries = []
             for study in generated():
                 n_fractured += study.patient_overall
                 written += write_study(study, out / study.patient_id, ts)
+                entries.append(manifest_entry(study, folder=study.patient_id, transfer_syntax=ts))
+            write_manifest(out, entries)
             summary = f"{studies} studies in plain layout"
     finally:
         bar.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -64,6 +65,10 @@ def test_layout_and_csvs(dataset):
     with open(root / "train_bounding_boxes.csv", newline="") as f:
         header = next(csv.reader(f))
     assert header == ["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]
+    manifest = json.loads((root / "synthetic_manifest.json").read_text())
+    assert [e["StudyInstanceUID"] for e in manifest["studies"]] == uids
+    assert [e["seed"] for e in manifest["studies"]] == [s.seed for s in studies]
+    assert {e["transfer_syntax"] for e in manifest["studies"]} >= {"explicit", "jpeg-lossless"}
 
 
 @pytest.mark.parametrize("index", range(len(VARIANTS)), ids=["-".join(v) for v in VARIANTS])

@@ -1,0 +1,1 @@
+"""Interoperability with third-party DICOM software and deployment-file checks."""

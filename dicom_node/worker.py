@@ -24,6 +24,7 @@ from typing import Any
 
 import pydicom
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 
 from config import Settings
 from dicom_node.selection import SeriesCandidate, select_series
@@ -172,7 +173,7 @@ class Worker:
             assert study is not None
             cands = []
             by_uid: dict[str, Path] = {}
-            for series in session.query(Series).filter(Series.study_id == study_id):
+            for series in session.scalars(select(Series).where(Series.study_id == study_id)):
                 paths = []
                 for inst in series.instances:
                     path = self.store.root / inst.file_path

@@ -228,3 +228,44 @@ def test_running_job_of_dead_worker_is_requeued_and_completes_once(tmp_path, stu
         job = s.scalars(select(Job)).one()
         assert job.state is JobState.DONE and job.attempts == 2
         assert len(list(s.scalars(select(Output)))) == 3
+
+
+def test_study_without_eligible_series_is_not_processed_and_says_why(tmp_path, pacs):
+    study = generate_study(13, StudySpec.small(extra_series=True))
+    settings = make_settings(tmp_path)
+    from config import load_settings
+
+    settings = load_settings(
+        overrides={
+            **settings.model_dump(mode="json"),
+            "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        },
+        environ={},
+    )
+    catalog, store = open_node_storage(settings)
+    receiver = Receiver(settings, catalog, store)
+    scout = next(e for e in study.extra_series if e.name == "scout")
+    from ai.synthetic import write_series
+
+    for path in write_series(study, tmp_path / "scout", series=scout):
+        assert receiver.accept(path, consume=False).status == 0
+    _complete(catalog)
+    worker = Worker(settings, catalog, store, pipeline_factory=lambda: TruthPipeline(study))
+    assert worker.run_once()
+    with catalog.read() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.state is JobState.NOT_PROCESSED
+        assert "no eligible series" in job.reason and "localizer" in job.reason
+        assert [o.kind for o in job.outputs] == ["sr"]
+    assert deliver_due(settings, catalog, store) == 1
+    (sr,) = pacs.received
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    texts = []
+
+    def walk(items):
+        for item in items:
+            texts.append(str(item.get("TextValue", "")))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    assert any("no eligible series" in t for t in texts)

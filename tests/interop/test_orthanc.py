@@ -111,13 +111,13 @@ def test_orthanc_sends_study_and_receives_seg_sr_and_summary(tmp_path):
         results = cspine("results", "1", "--data-dir", str(data))
         show = cspine("show", "1", "--data-dir", str(data))
         status = cspine("status", "--data-dir", str(data))
-    finally:
-        if server is not None:
-            server.stop()
         final = orthanc.get(f"/studies/{orthanc_study}/instances")
         studies = orthanc.get("/studies")
         new = [i for i in final if i["ID"] not in originals]
         tags = {i["ID"]: orthanc.get(f"/instances/{i['ID']}/simplified-tags") for i in new}
+    finally:
+        if server is not None:
+            server.stop()
         orthanc.stop()
 
     # the results joined the original study: no new study, no new patient

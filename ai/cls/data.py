@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ai.cls.crops import CropConfig, extract_crops
+from ai.cls.crops import CropBatch, CropConfig, extract_crops
 from ai.metrics import ROWS
+from ai.types import VERTEBRAE
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,10 @@ class StudyCrops:
     """One study's cached crops.
 
     ``crops`` is uint8 ``[n_present, S, C, H, W]`` (windowed values x 255), ``present`` bool
-    ``[7]``, ``labels`` float32 ``[8]`` in :data:`ai.metrics.ROWS` order.
+    ``[7]``, ``labels`` float32 ``[8]`` in :data:`ai.metrics.ROWS` order, ``slice_labels``
+    float32 ``[n_present, S]``: 1 where a fracture box of that vertebra lies within one slice
+    of the crop slice, 0 where the vertebra is not fractured or has boxes elsewhere, -1 where
+    unknown (a fractured vertebra without boxes).
     """
 
     uid: str
@@ -45,6 +49,7 @@ class StudyCrops:
     present: np.ndarray
     labels: np.ndarray
     reasons: list[str | None]
+    slice_labels: np.ndarray | None = None
 
 
 def cache_key(config: CropConfig, source: str, seg_sha256: str | None) -> str:
@@ -52,7 +57,7 @@ def cache_key(config: CropConfig, source: str, seg_sha256: str | None) -> str:
     blob = json.dumps(
         {"crop": config.to_dict(), "source": source, "seg": seg_sha256}, sort_keys=True
     )
-    return f"{source}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    return f"{source}-v2-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def close_label_map(label_map: np.ndarray, iterations: int = 2) -> np.ndarray:
@@ -73,6 +78,56 @@ def close_label_map(label_map: np.ndarray, iterations: int = 2) -> np.ndarray:
     return out
 
 
+def slice_labels_from_boxes(
+    batch: CropBatch,
+    label_map: np.ndarray,
+    labels: np.ndarray,
+    boxes: list[tuple[int, float, float, float, float]],
+) -> np.ndarray:
+    """Per-slice fracture labels of the crops from RSNA-style bounding boxes.
+
+    Parameters
+    ----------
+    batch
+        The crops of one study.
+    label_map
+        The label map the crops were cut with (assigns each box to a vertebra: the most
+        frequent vertebra label inside the box on its slice).
+    labels
+        ``[8]`` study labels (C1..C7, patient).
+    boxes
+        ``(slice_index, x, y, width, height)`` per box.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``[n_present, S]`` (see :class:`StudyCrops`).
+    """
+    n_slices = batch.crops.shape[1]
+    out = np.zeros((int(batch.present.sum()), n_slices), np.float32)
+    per_vertebra: dict[int, list[int]] = {}
+    for k, x, y, w, h in boxes:
+        region = label_map[k, int(y) : int(np.ceil(y + h)) + 1, int(x) : int(np.ceil(x + w)) + 1]
+        vals = region[(region >= 1) & (region <= 7)]
+        if vals.size:
+            v = int(np.bincount(vals).argmax())
+            per_vertebra.setdefault(v, []).append(k)
+    for info in batch.vertebrae:
+        if not info.assessed or info.index is None:
+            continue
+        v = VERTEBRAE.index(info.label) + 1
+        if labels[v - 1] < 0.5:
+            continue
+        ks = per_vertebra.get(v)
+        if not ks:
+            out[info.index] = -1.0
+            continue
+        centres = np.asarray(info.slices)
+        near = np.abs(centres[:, None] - np.asarray(ks)[None, :]).min(axis=1) <= 1
+        out[info.index] = near.astype(np.float32)
+    return out
+
+
 def _labels_row(labels: dict[str, int]) -> np.ndarray:
     return np.array([float(labels[r]) for r in ROWS], dtype=np.float32)
 
@@ -85,6 +140,7 @@ def _save(path: Path, item: StudyCrops) -> None:
         present=item.present,
         labels=item.labels,
         reasons=np.array(["" if r is None else r for r in item.reasons]),
+        slice_labels=item.slice_labels if item.slice_labels is not None else np.zeros(0),
     )
     tmp.replace(path)
 
@@ -97,6 +153,9 @@ def _load(path: Path, uid: str) -> StudyCrops:
             present=z["present"].astype(bool),
             labels=z["labels"].astype(np.float32),
             reasons=[r or None for r in z["reasons"].tolist()],
+            slice_labels=z["slice_labels"]
+            if "slice_labels" in z.files and z["slice_labels"].size
+            else None,
         )
 
 
@@ -161,12 +220,21 @@ def build_crop_cache(
         else:
             label_map = seg_model.predict(study.volume).label_map
         batch = extract_crops(study.volume, label_map, config)
+        labels = _labels_row(ds.labels(uid))
+        boxes = []
+        for b in ds.bounding_boxes(uid):
+            try:
+                k = study.slice_index(int(float(b["slice_number"])))
+            except KeyError:
+                continue
+            boxes.append((k, float(b["x"]), float(b["y"]), float(b["width"]), float(b["height"])))
         item = StudyCrops(
             uid=uid,
             crops=(batch.crops * 255.0).round_().to(torch.uint8),
             present=batch.present,
-            labels=_labels_row(ds.labels(uid)),
+            labels=labels,
             reasons=[v.reason for v in batch.vertebrae],
+            slice_labels=slice_labels_from_boxes(batch, label_map, labels, boxes),
         )
         _save(path, item)
         out.append(item)

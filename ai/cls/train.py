@@ -3,7 +3,10 @@
 Loss: binary cross-entropy weighted exactly like the RSNA 2022 metric
 (:func:`ai.metrics.weighted_log_loss`): vertebra rows 1/2 (negative/positive), the patient
 row 7/14, each study's weighted mean, averaged over the studies. Vertebrae that were not
-assessed (no crop) carry no loss.
+assessed (no crop) carry no loss. Plus, weighted by ``slice_loss``, an auxiliary per-slice
+BCE on the slice logits where ``train_bounding_boxes.csv`` tells which crop slices show the
+fracture (every slice of a non-fractured vertebra is a negative); this dense supervision
+is what makes training from scratch on a small dataset feasible.
 
 Augmentation (training only, on the cached crops, per study): left-right flip,
 reversal of the slice order (p 0.2, as the reference's random slice order), a random
@@ -62,6 +65,7 @@ class TrainConfig:
     dropout: float = 0.1
     layer_scale: float = 1e-6
     pooling: str = "mean"
+    slice_loss: float = 1.0
     threshold: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +113,21 @@ def weighted_bce(
     return ((w * bce).sum(dim=1) / w.sum(dim=1)).mean()
 
 
+def slice_bce(slice_logits: torch.Tensor, slice_labels: torch.Tensor) -> torch.Tensor:
+    """Auxiliary per-slice BCE over the slices with a known label (label >= 0)."""
+    known = slice_labels >= 0
+    if not bool(known.any()):
+        return slice_logits.sum() * 0.0
+    target = slice_labels.clamp(min=0.0)
+    pos = float((target[known] > 0.5).sum())
+    neg = float(known.sum()) - pos
+    weight = torch.where(target > 0.5, max(1.0, neg / max(pos, 1.0)) ** 0.5, 1.0) * known
+    bce = nn.functional.binary_cross_entropy_with_logits(
+        slice_logits.float(), target, reduction="none"
+    )
+    return (weight * bce).sum() / weight.sum()
+
+
 def fold_split(n: int, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the training and validation studies of one fold (seeded shuffle).
 
@@ -125,11 +144,15 @@ def fold_split(n: int, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np
     return train, val
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Augment one study's crops ``[n, S, C, H, W]`` (float in [0, 1])."""
+def _augment(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, bool]:
+    """Augment one study's crops ``[n, S, C, H, W]`` (float in [0, 1]).
+
+    Returns the crops and whether the slice order was reversed.
+    """
     if torch.rand((), generator=gen) < 0.5:
         x = x.flip(-1)
-    if torch.rand((), generator=gen) < 0.2:
+    reversed_order = bool(torch.rand((), generator=gen) < 0.2)
+    if reversed_order:
         x = x.flip(1)
     h = x.shape[-1]
     m = max(1, int(0.08 * h))
@@ -139,21 +162,34 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     scale = 1.0 + 0.2 * (torch.rand((), generator=gen) - 0.5)
     shift = 0.1 * (torch.rand((), generator=gen) - 0.5)
     img = (x[:, :, :-1] * scale + shift).clamp(0.0, 1.0)
-    return torch.cat([img, x[:, :, -1:]], dim=2)
+    return torch.cat([img, x[:, :, -1:]], dim=2), reversed_order
 
 
 def _batch(
     items: Sequence[StudyCrops], device: torch.device, augment: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    crops = []
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    crops, slice_labels = [], []
     for it in items:
         x = it.crops.float() / 255.0
+        flipped = False
         if augment is not None:
-            x = _augment(x, augment)
+            x, flipped = _augment(x, augment)
         crops.append(x)
+        n, s = it.crops.shape[:2]
+        sl = it.slice_labels
+        if sl is None or sl.shape != (n, s):
+            # no box information: positives unknown, negatives known to be 0
+            sl = np.where(it.labels[:7][it.present][:, None] > 0.5, -1.0, 0.0) * np.ones((1, s))
+        sl_t = torch.from_numpy(np.asarray(sl, dtype=np.float32))
+        slice_labels.append(sl_t.flip(1) if flipped else sl_t)
     present = torch.from_numpy(np.stack([it.present for it in items]))
     labels = torch.from_numpy(np.stack([it.labels for it in items]))
-    return torch.cat(crops).to(device), present.to(device), labels.to(device)
+    return (
+        torch.cat(crops).to(device),
+        present.to(device),
+        labels.to(device),
+        torch.cat(slice_labels).to(device),
+    )
 
 
 @torch.inference_mode()
@@ -176,7 +212,7 @@ def predict_cached(
     idx = [i for i, it in enumerate(items) if it.present.any()]
     for s in range(0, len(idx), batch_size):
         chunk = idx[s : s + batch_size]
-        x, present, _ = _batch([items[i] for i in chunk], device, None)
+        x, present, _, _ = _batch([items[i] for i in chunk], device, None)
         amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
         with amp:
             out = net(x, present)
@@ -339,15 +375,18 @@ def train(
             step = epoch * steps_per_epoch + b
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, total, warmup, cfg.lr)
-            x, present, labels = _batch([train_items[i] for i in chunk], device, gen)
+            x, present, labels, slice_labels = _batch([train_items[i] for i in chunk], device, gen)
             if cfg.mixup > 0 and len(chunk) > 1 and torch.rand((), generator=gen) < cfg.mixup:
                 x, labels = _mixup(x, present, labels, gen)
+                slice_labels = torch.full_like(slice_labels, -1.0)  # unknown after mixing
             if cuda:
                 x = x.contiguous()
             amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
             with amp:
                 res = net(x, present)
             loss = weighted_bce(res["vertebra_logits"], res["patient_logits"], labels, present)
+            if cfg.slice_loss > 0:
+                loss = loss + cfg.slice_loss * slice_bce(res["slice_logits"], slice_labels)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -435,6 +474,7 @@ def train(
             "fold": cfg.fold,
             "seed": cfg.seed,
             "mixup": cfg.mixup,
+            "slice_loss": cfg.slice_loss,
             "n_train_studies": len(train_items),
             "n_validation_studies": len(val_items),
             "history": history,

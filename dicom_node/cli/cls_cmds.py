@@ -162,6 +162,7 @@ def train_cls(
     init: str | None,
     layer_scale: float,
     pooling: str,
+    slice_loss: float,
     device: str,
     threads: int | None,
 ) -> None:
@@ -211,6 +212,7 @@ def train_cls(
         threshold=threshold,
         layer_scale=layer_scale,
         pooling=pooling,
+        slice_loss=slice_loss,
     )
     meta = {
         "name": name,

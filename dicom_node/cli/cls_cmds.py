@@ -133,6 +133,13 @@ def _setup_torch(threads: int | None) -> None:
     show_default=True,
     help="Slice logits to vertebra logit.",
 )
+@click.option(
+    "--slice-loss",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Weight of the per-slice loss from train_bounding_boxes.csv (0: off).",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
 def train_cls(

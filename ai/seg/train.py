@@ -67,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 2
     lr: float = 2e-3
+    pos_weight: float = 1.0
     device: str = "auto"
     resume: bool = False
     cache_dir: Path | None = None
@@ -315,7 +316,9 @@ def train(cfg: TrainConfig) -> Path:
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     dice_loss = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    bce = torch.nn.BCEWithLogitsLoss()
+    bce = torch.nn.BCEWithLogitsLoss(
+        pos_weight=torch.full((N_LABELS, 1, 1, 1), float(cfg.pos_weight), device=device)
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
 
     epoch0, step, history = 0, 0, []
@@ -454,6 +457,7 @@ def train(cfg: TrainConfig) -> Path:
             "lr": cfg.lr,
             "lr_schedule": "5% linear warm-up, cosine decay (by step or wall-time fraction)",
             "loss": "BCEWithLogits + soft Dice (MONAI DiceLoss, sigmoid)",
+            "bce_pos_weight": cfg.pos_weight,
             "augmentation": "random rotation/scale/shift, left-right flip, "
             "intensity scale/shift, noise",
             "seed": cfg.seed,

@@ -89,6 +89,13 @@ def _size(value: str) -> tuple[int, int, int]:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--batch-size", default=2, show_default=True, type=int)
 @click.option("--lr", default=2e-3, show_default=True, type=float)
+@click.option(
+    "--pos-weight",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="BCE weight of foreground voxels (speeds up learning small structures).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --work-dir.")
 @click.option(
@@ -129,6 +136,7 @@ def train_seg(
     seed: int,
     batch_size: int,
     lr: float,
+    pos_weight: float,
     device: str,
     resume: bool,
     cache_dir: str | None,
@@ -159,6 +167,7 @@ def train_seg(
         seed=seed,
         batch_size=batch_size,
         lr=lr,
+        pos_weight=pos_weight,
         device=device,
         resume=resume,
         cache_dir=Path(cache_dir) if cache_dir else None,

@@ -10,6 +10,12 @@ decode (``ai.volume.load_series``) and ``SegModel.predict`` (preprocess, network
 resampling back to the source grid, post-processing), and reports the Dice against
 the generator's truth.
 
+``norm``: compares the fixed bone window with the per-volume min-max of the reference
+code on held-out synthetic studies: how much the network input moves when a scanner
+pads outside its reconstruction circle with -3024 HU or a small metal object (3071 HU)
+appears, the bone/soft-tissue contrast each gives, and the model's Dice on the
+perturbed studies (``--model`` is a bone-window model).
+
 ``memory``: writes an N-slice 512x512 series (the synthetic study's slices repeated
 along z with fresh positions), then in a fresh process loads it and runs stage 1,
 reporting the peak resident set size (``ru_maxrss``).
@@ -118,6 +124,69 @@ def cmd_memory(args: argparse.Namespace) -> dict:
     return result
 
 
+def _perturb(hu, kind: str, labels):
+    import numpy as np
+
+    out = hu.copy()
+    if kind == "padding":
+        yy, xx = np.mgrid[: hu.shape[1], : hu.shape[2]]
+        r = 0.47 * min(hu.shape[1:])
+        outside = (yy - hu.shape[1] / 2) ** 2 + (xx - hu.shape[2] / 2) ** 2 > r * r
+        out[:, outside] = -3024
+    elif kind == "metal":
+        k, j, i = np.argwhere(labels == 5).mean(axis=0).astype(int)
+        out[k - 2 : k + 3, j - 12 : j - 6, i - 3 : i + 3] = 3071
+    return out
+
+
+def cmd_norm(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from ai.seg import InputSpec, SegModel
+    from ai.seg.preprocess import canonical_transform, canonical_view, prepare_input, roi_from_mask
+    from ai.seg.train import dice_per_label
+    from ai.synthetic import StudySpec, generate_study
+    from ai.types import CTVolume
+
+    model = SegModel.load(args.model, device=args.device)
+    rows = []
+    for seed in range(50001, 50001 + args.studies):
+        study = generate_study(seed, StudySpec())
+        hu, aff = study.volume.hu, study.volume.affine
+        truth = np.where(study.labels <= 7, study.labels, 0).astype(np.uint8)
+        canon = canonical_transform(aff)
+        view = canonical_view(truth, canon)
+        full = (0, view.shape[0], 0, view.shape[1], 0, view.shape[2])
+        roi = roi_from_mask(view > 0, full, view.shape, canon.spacing, 10.0)
+        row = {"seed": seed}
+        for norm in ("bone_window", "minmax"):
+            spec = InputSpec(size=(96, 64, 64), normalization=norm)
+            base = prepare_input(hu, aff, spec, roi=roi)[0]
+            for kind in ("padding", "metal"):
+                moved = prepare_input(_perturb(hu, kind, truth), aff, spec, roi=roi)[0]
+                row[f"{norm}_{kind}_mean_abs_change"] = float((moved - base).abs().mean())
+            bone = hu[truth > 0].astype(float).mean()
+            soft = 50.0
+            if norm == "bone_window":
+                lo, hi = spec.window
+            else:
+                lo, hi = float(hu.min()), float(hu.max())
+            row[f"{norm}_bone_soft_contrast"] = (min(bone, hi) - max(soft, lo)) / (hi - lo)
+        for kind in ("none", "padding", "metal"):
+            vol = CTVolume(hu=_perturb(hu, kind, truth) if kind != "none" else hu, affine=aff)
+            d = dice_per_label(model.predict(vol).label_map, truth)
+            row[f"model_dice_{kind}"] = float(np.nanmean(list(d.values())))
+        rows.append(row)
+    keys = [k for k in rows[0] if k != "seed"]
+    return {
+        "studies": len(rows),
+        "mean": {k: float(np.mean([r[k] for r in rows])) for k in keys},
+        "rows": rows,
+    }
+
+
 def cmd_child(args: argparse.Namespace) -> dict:
     import torch
 
@@ -146,7 +215,8 @@ def cmd_child(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["time", "memory", "_child"])
+    parser.add_argument("mode", choices=["time", "memory", "norm", "_child"])
+    parser.add_argument("--studies", type=int, default=5)
     parser.add_argument("--slices", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -158,6 +228,8 @@ def main() -> None:
     if args.mode == "time":
         args.slices = args.slices or 300
         result = cmd_time(args)
+    elif args.mode == "norm":
+        result = cmd_norm(args)
     elif args.mode == "memory":
         args.slices = args.slices or 1000
         result = cmd_memory(args)

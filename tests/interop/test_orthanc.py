@@ -115,6 +115,7 @@ def test_orthanc_sends_study_and_receives_seg_sr_and_summary(tmp_path):
         studies = orthanc.get("/studies")
         new = [i for i in final if i["ID"] not in originals]
         tags = {i["ID"]: orthanc.get(f"/instances/{i['ID']}/simplified-tags") for i in new}
+        parent = {i["ID"]: orthanc.get(f"/instances/{i['ID']}/study")["ID"] for i in new}
     finally:
         if server is not None:
             server.stop()
@@ -125,7 +126,7 @@ def test_orthanc_sends_study_and_receives_seg_sr_and_summary(tmp_path):
     assert len(final) == len(files) + 3
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
     for instance in new:
-        assert instance["ParentStudy"] == orthanc_study
+        assert parent[instance["ID"]] == orthanc_study
         t = tags[instance["ID"]]
         assert t["StudyInstanceUID"] == source.StudyInstanceUID
         assert t["PatientID"] == source.PatientID

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import click
 
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cspine" / "cls"
+
+def default_cache() -> Path:
+    """``$XDG_CACHE_HOME/cspine/cls`` (read when a command runs, not at import)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cspine" / "cls"
 
 
 def _int_list(value: str | None) -> list[int] | None:
@@ -54,9 +57,8 @@ def _setup_torch(threads: int | None) -> None:
     "--cache",
     "cache",
     type=click.Path(file_okay=False),
-    default=str(DEFAULT_CACHE),
-    show_default=True,
-    help="Crop cache folder (keep it outside the repository).",
+    default=None,
+    help="Crop cache folder, outside the repository [default: $XDG_CACHE_HOME/cspine/cls].",
 )
 @click.option(
     "--crop-source",
@@ -146,7 +148,7 @@ def train_cls(
     data: str,
     seg_model: str,
     out: str,
-    cache: str,
+    cache: str | None,
     crop_source: str,
     epochs: int,
     batch_size: int,
@@ -174,6 +176,7 @@ def train_cls(
     threads: int | None,
 ) -> None:
     """Train the stage-2 fracture classifier and write a model package."""
+    cache = cache or str(default_cache())
     _setup_torch(threads)
     from tqdm import tqdm
 
@@ -298,8 +301,8 @@ def _is_synthetic(root: Path) -> bool:
     "--cache",
     "cache",
     type=click.Path(file_okay=False),
-    default=str(DEFAULT_CACHE),
-    show_default=True,
+    default=None,
+    help="Crop cache folder [default: $XDG_CACHE_HOME/cspine/cls].",
 )
 @click.option(
     "--crop-source", type=click.Choice(["stage1", "truth"]), default="stage1", show_default=True
@@ -318,7 +321,7 @@ def evaluate_cls(
     data: str,
     seg_model: str,
     cls_model: str,
-    cache: str,
+    cache: str | None,
     crop_source: str,
     threshold: float | None,
     json_out: str | None,
@@ -327,6 +330,7 @@ def evaluate_cls(
     threads: int | None,
 ) -> None:
     """Score a stage-2 package: weighted log loss, AUCs, operating point, calibration."""
+    cache = cache or str(default_cache())
     _setup_torch(threads)
     from tqdm import tqdm
 

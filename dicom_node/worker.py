@@ -64,9 +64,17 @@ def is_alive(worker: str) -> bool:
     return True
 
 
-def output_uid(study_uid: str, version: int, what: str) -> str:
-    """Deterministic UID for one output of one job version."""
-    return generate_uid(entropy_srcs=["cspine-node", study_uid, f"v{version}", what])
+def output_uid(study_key: str, version: int, what: str) -> str:
+    """Deterministic UID for one output of one job version.
+
+    ``study_key`` names the catalog's study row (Study Instance UID and the row's
+    creation time), so a study purged and received again never reuses old UIDs.
+    """
+    return generate_uid(entropy_srcs=["cspine-node", study_key, f"v{version}", what])
+
+
+def _study_key(study: Study) -> str:
+    return f"{study.study_instance_uid}/{study.created_at.isoformat()}"
 
 
 def destination_kinds(settings: Settings) -> dict[str, tuple[str, ...]]:
@@ -221,7 +229,7 @@ class Worker:
             for uid in vol.source_sop_instance_uids
         ]
         outputs = self._write_outputs(
-            job, study.study_instance_uid, sources, vol, result, selection.note, when
+            job, _study_key(study), sources, vol, result, selection.note, when
         )
         timings["write"] = time.perf_counter() - t2
         summary = {
@@ -260,15 +268,15 @@ class Worker:
             sha256=sha256_file(self.store.root / rel),
         )
 
-    def _ids(self, study_uid: str, version: int, kind: str) -> dict[str, Any]:
+    def _ids(self, study_key: str, version: int, kind: str) -> dict[str, Any]:
         return {
-            "series_instance_uid": output_uid(study_uid, version, f"{kind}-series"),
-            "sop_instance_uid": output_uid(study_uid, version, kind),
+            "series_instance_uid": output_uid(study_key, version, f"{kind}-series"),
+            "sop_instance_uid": output_uid(study_key, version, kind),
             "series_number": SERIES_NUMBERS[kind],
             "software_version": software_version(),
         }
 
-    def _write_outputs(self, job, study_uid, sources, vol, result, note, when) -> list[NewOutput]:
+    def _write_outputs(self, job, study_key, sources, vol, result, note, when) -> list[NewOutput]:
         from dicom_node import writers
 
         threshold = self.settings.models.fracture_threshold
@@ -276,7 +284,7 @@ class Worker:
         seg = None
         if (result.label_map > 0).any():
             seg = writers.write_seg(
-                sources, result, content_datetime=when, **self._ids(study_uid, job.version, "seg")
+                sources, result, content_datetime=when, **self._ids(study_key, job.version, "seg")
             )
             outputs.append(self._save(job, "seg", seg))
         sr = writers.write_sr(
@@ -286,7 +294,7 @@ class Worker:
             threshold=threshold,
             selection_note=note,
             content_datetime=when,
-            **self._ids(study_uid, job.version, "sr"),
+            **self._ids(study_key, job.version, "sr"),
         )
         outputs.append(self._save(job, "sr", sr))
         summary = writers.write_summary(
@@ -296,7 +304,7 @@ class Worker:
             result,
             threshold=threshold,
             content_datetime=when,
-            **self._ids(study_uid, job.version, "summary"),
+            **self._ids(study_key, job.version, "summary"),
         )
         outputs.append(self._save(job, "summary", summary))
         return outputs
@@ -322,7 +330,7 @@ class Worker:
                         [source],
                         reason,
                         content_datetime=when,
-                        **self._ids(study.study_instance_uid, job.version, "sr"),
+                        **self._ids(_study_key(study), job.version, "sr"),
                     )
                     outputs.append(self._save(job, "sr", sr))
                 except (ValueError, TypeError) as exc:

@@ -12,6 +12,7 @@ import datetime as dt
 import enum
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,7 +261,8 @@ def reconcile(catalog: Catalog, store: FileStore) -> dict[str, int]:
     """Start-up repair: sweep the spool and remove store files no row refers to.
 
     Files renamed into the store whose catalog commit never happened were never
-    acknowledged; they are removed.
+    acknowledged; they are removed, and so are output folders of jobs that no longer
+    exist (a purge interrupted between its catalog commit and its file deletions).
 
     Returns
     -------
@@ -275,6 +277,14 @@ def reconcile(catalog: Catalog, store: FileStore) -> dict[str, int]:
     for rel in store.iter_instance_files():
         if rel not in known:
             os.unlink(store.root / rel)
+            orphans += 1
+    from storage.models import Job
+
+    with catalog.read() as session:
+        jobs = {str(i) for i in session.scalars(select(Job.id))}
+    for entry in os.scandir(store.root / "outputs"):
+        if entry.is_dir(follow_symlinks=False) and entry.name not in jobs:
+            shutil.rmtree(entry.path)
             orphans += 1
     if orphans:
         LOGGER.warning("removed unrecorded store files count=%d", orphans)

@@ -38,11 +38,11 @@ SERIES_NUMBERS = {"seg": 9001, "sr": 9002, "summary": 9003}
 
 
 def software_version() -> str:
-    """Version of the installed distribution."""
+    """Version of the installed distribution (the writers name the product themselves)."""
     try:
-        return f"cspine-node {dist_version('cspine-node')}"
+        return dist_version("cspine-node")
     except Exception:
-        return "cspine-node"
+        return "0+unknown"
 
 
 def worker_id() -> str:

@@ -14,7 +14,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from tests.bench import ingest
+from tests.bench import ingest, turnaround
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "performance.md"
 
@@ -71,6 +71,23 @@ def main() -> None:
             lines.append(
                 f"- {r.syntax}, {r.senders} sender(s): {r.rate / ref[0].rate:.2f} x storescp"
             )
+    sizes = [int(x) for x in os.environ.get("CSPINE_BENCH_STUDIES", "150,300").split(",")]
+    rows = turnaround.main([str(n) for n in sizes])
+    keys = [k for k in rows[0] if k != "slices"]
+    lines += [
+        "",
+        "## Turnaround",
+        "",
+        "Last instance acknowledged (dcmtk `storescu`) to last output acknowledged by a "
+        f"loopback PACS, `cspine serve --stable-seconds {turnaround.STABLE:g}` with the shipped "
+        "demo models on the CPU. One run per size; seconds.",
+        "",
+        "| slices | " + " | ".join(k.removesuffix("_s") for k in keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['slices']} | " + " | ".join(f"{row[k]:.2f}" for k in keys) + " |")
+    lines += ["", "No GPU was available to this run: there is no GPU figure."]
     lines += [
         "",
         "Command: `make bench` (`python -m tests.bench`); "

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from dicom_node.cli.common import rsna_data_option
+
 
 def default_cache() -> Path:
     """``$XDG_CACHE_HOME/cspine/cls`` (read when a command runs, not at import)."""
@@ -33,13 +35,7 @@ def _setup_torch(threads: int | None) -> None:
 
 
 @click.command("cls")
-@click.option(
-    "--data",
-    "data",
-    required=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="RSNA 2022 layout root (train.csv, train_images/, segmentations/).",
-)
+@rsna_data_option
 @click.option(
     "--seg-model",
     default="seg-demo",

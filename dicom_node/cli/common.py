@@ -73,3 +73,13 @@ def quiet_client_logging(settings: Settings) -> None:
     """For one-shot client commands: the command reports failures itself in one line."""
     if settings.logging.level.upper() != "DEBUG":
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+
+rsna_data_option = click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="RSNA 2022 layout root (train.csv, train_images/, segmentations/).",
+)
+"""``--data RSNA_ROOT`` shared by the train and evaluate commands."""

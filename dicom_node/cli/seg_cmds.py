@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from dicom_node.cli.common import configure_logging
+from dicom_node.cli.common import configure_logging, rsna_data_option
 
 
 def _command_line(prefix: str) -> str:
@@ -40,13 +40,7 @@ def _size(value: str) -> tuple[int, int, int]:
 
 
 @click.command("seg")
-@click.option(
-    "--data",
-    "data",
-    required=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="RSNA 2022 layout root (train.csv, train_images/, segmentations/).",
-)
+@rsna_data_option
 @click.option(
     "--out",
     "out",

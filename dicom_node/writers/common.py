@@ -125,6 +125,38 @@ def check_software_version(software_version: str) -> str:
     return software_version
 
 
+def check_identity(
+    sources: Sequence[Dataset],
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    software_version: str,
+) -> tuple[int, int]:
+    """Validate the identity arguments every writer takes.
+
+    Returns
+    -------
+    tuple of int
+        The checked ``(series_number, instance_number)``.
+
+    Raises
+    ------
+    ValueError
+        When a UID is invalid, the series UID is one of the sources', a number is not a
+        positive integer, or the software version is empty.
+    """
+    check_uid(series_instance_uid, "series_instance_uid")
+    check_uid(sop_instance_uid, "sop_instance_uid")
+    if series_instance_uid in {ds.SeriesInstanceUID for ds in sources}:
+        raise ValueError('Argument "series_instance_uid" must differ from the source series UID.')
+    check_software_version(software_version)
+    return (
+        check_positive_int(series_number, "series_number"),
+        check_positive_int(instance_number, "instance_number"),
+    )
+
+
 def check_sources(source_datasets: Sequence[Dataset], *, geometry: bool = True) -> list[Dataset]:
     """Validate the source CT slices and return them as a list.
 

@@ -44,12 +44,10 @@ from dicom_node.writers.common import (
     DEMO_DISCLAIMER,
     MANUFACTURER,
     VERTEBRA_CODES,
-    check_positive_int,
+    check_identity,
     check_result,
-    check_software_version,
     check_sources,
     check_threshold,
-    check_uid,
     contributing_equipment,
     copy_patient_study,
     is_demo,
@@ -246,11 +244,14 @@ def write_sr(
     first = sources[0]
     check_result(result, len(sources), int(first.Rows), int(first.Columns))
     threshold = check_threshold(threshold)
-    check_uid(series_instance_uid, "series_instance_uid")
-    check_uid(sop_instance_uid, "sop_instance_uid")
-    series_number = check_positive_int(series_number, "series_number")
-    instance_number = check_positive_int(instance_number, "instance_number")
-    check_software_version(software_version)
+    series_number, instance_number = check_identity(
+        sources,
+        series_instance_uid,
+        sop_instance_uid,
+        series_number,
+        instance_number,
+        software_version,
+    )
     if seg_dataset is None:
         numbers: dict[str, int] = {}
         evidence = list(sources)
@@ -399,13 +400,14 @@ def write_not_processed_sr(
     first = sources[0]
     if not isinstance(reason, str) or not reason.strip():
         raise ValueError('Argument "reason" must be a non-empty string.')
-    check_uid(series_instance_uid, "series_instance_uid")
-    check_uid(sop_instance_uid, "sop_instance_uid")
-    if series_instance_uid in {ds.SeriesInstanceUID for ds in sources}:
-        raise ValueError('Argument "series_instance_uid" must name a new series.')
-    series_number = check_positive_int(series_number, "series_number")
-    instance_number = check_positive_int(instance_number, "instance_number")
-    check_software_version(software_version)
+    series_number, instance_number = check_identity(
+        sources,
+        series_instance_uid,
+        sop_instance_uid,
+        series_number,
+        instance_number,
+        software_version,
+    )
     models = list(models)
     when = resolve_datetime(content_datetime)
     demo = any(m.demo for m in models)

@@ -36,12 +36,10 @@ from dicom_node.writers.common import (
     DEMO_DISCLAIMER,
     MANUFACTURER,
     VERTEBRA_COLORS,
-    check_positive_int,
+    check_identity,
     check_result,
-    check_software_version,
     check_sources,
     check_threshold,
-    check_uid,
     contributing_equipment,
     copy_patient_study,
     is_demo,
@@ -426,13 +424,14 @@ def write_summary(
     sources = check_sources(source_datasets)
     first = sources[0]
     check_result(result, len(sources), int(first.Rows), int(first.Columns))
-    check_uid(series_instance_uid, "series_instance_uid")
-    check_uid(sop_instance_uid, "sop_instance_uid")
-    if series_instance_uid == first.SeriesInstanceUID:
-        raise ValueError('Argument "series_instance_uid" must differ from the source series UID.')
-    series_number = check_positive_int(series_number, "series_number")
-    instance_number = check_positive_int(instance_number, "instance_number")
-    check_software_version(software_version)
+    series_number, instance_number = check_identity(
+        sources,
+        series_instance_uid,
+        sop_instance_uid,
+        series_number,
+        instance_number,
+        software_version,
+    )
     if np.shape(volume_hu) != result.label_map.shape:
         raise ValueError(
             f"volume_hu shape {np.shape(volume_hu)} must equal result.label_map shape "

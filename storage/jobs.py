@@ -75,17 +75,8 @@ def finish_job(
     reason: str | None,
     **fields: object,
 ) -> None:
-    """Move a job to a final state with its reason and result fields."""
-
-    def change(session: Session) -> None:
-        job = session.get(Job, job_id)
-        assert job is not None
-        for key, value in fields.items():
-            setattr(job, key, value)
-        _transition(session, job, state, reason)
-        add_event(session, job.study_id, f"job-{state.value.lower()}", f"job {job.id}: {reason}")
-
-    catalog.write(change)
+    """Move a job to a final state with its reason and result fields (no outputs)."""
+    complete_job(catalog, job_id, state, reason or "", (), {}, **fields)
 
 
 def requeue_orphans(

@@ -269,3 +269,20 @@ def test_study_without_eligible_series_is_not_processed_and_says_why(tmp_path, p
 
     walk(sr.ContentSequence)
     assert any("no eligible series" in t for t in texts)
+
+
+def test_pipeline_error_fails_the_job_with_its_reason_and_no_outputs(tmp_path, study):
+    class Broken:
+        def run(self, vol):
+            raise RuntimeError("stage 1 exploded")
+
+    settings, catalog, store, _ = _node(tmp_path, study)
+    worker = Worker(settings, catalog, store, pipeline_factory=Broken)
+    _complete(catalog)
+    assert worker.run_once()
+    with catalog.read() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.state is JobState.FAILED
+        assert job.reason == "RuntimeError: stage 1 exploded"
+        assert job.outputs == []
+        assert [e.state for e in job.events][-1] is JobState.FAILED

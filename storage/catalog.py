@@ -7,7 +7,6 @@ store -> catalog commit. Only after :func:`ingest` returns may a caller acknowle
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import enum
 import logging
@@ -194,12 +193,10 @@ def ingest(
         result = catalog.write(record)
     except BaseException:
         # Not recorded: the file must not stay behind as an orphan.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(store.root / rel)
+        (store.root / rel).unlink(missing_ok=True)
         raise
     if result.outcome is not IngestOutcome.STORED:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(store.root / rel)
+        (store.root / rel).unlink(missing_ok=True)
     return result
 
 
@@ -252,8 +249,7 @@ def _ingest_known(
     try:
         return catalog.write(record)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(store.root / rel)
+        (store.root / rel).unlink(missing_ok=True)
         raise
 
 

@@ -2,13 +2,22 @@
 
 :meth:`Receiver.accept` turns a file into a DIMSE status: it checks free space,
 validates the instance, makes it durable and records it. It never raises.
+
+Fault injection (tests only): when the environment variable ``CSPINE_FAULT_KILL_AT``
+is set to ``<point>`` or ``<point>:<n>`` when a :class:`Receiver` is built, the process
+SIGKILLs itself when the n-th instance (default 1) reaches that point of the receive
+path. The points, in order, are :data:`KILL_POINTS`. Unset (always, in production),
+the hook is a no-op.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +35,59 @@ from dicom_node.validate import (
 from storage import Catalog, CatalogBusyError, FileStore, IngestOutcome, ingest
 
 LOGGER = logging.getLogger(__name__)
+
+FAULT_ENV = "CSPINE_FAULT_KILL_AT"
+KILL_POINTS: tuple[str, ...] = (
+    "after-temp-write",  # the spool file is complete, nothing checked yet
+    "before-rename",  # validated and hashed, not yet renamed into the store
+    "before-commit",  # renamed into the store, catalog transaction not committed
+    "before-response",  # committed, the status not yet returned to the peer
+)
+
+
+def parse_kill_point(spec: str | None) -> tuple[str, int] | None:
+    """Parse a ``CSPINE_FAULT_KILL_AT`` value, ``<point>`` or ``<point>:<n>``.
+
+    Returns
+    -------
+    tuple or None
+        ``(point, n)``, or ``None`` for an empty value.
+
+    Raises
+    ------
+    ValueError
+        When the point is not one of :data:`KILL_POINTS` or ``n`` is not a positive integer.
+    """
+    if not spec:
+        return None
+    point, _, count = spec.partition(":")
+    if point not in KILL_POINTS:
+        raise ValueError(f"{FAULT_ENV} point must be one of {', '.join(KILL_POINTS)}")
+    if count and (not count.isdigit() or int(count) < 1):
+        raise ValueError(f"{FAULT_ENV} count must be a positive integer, got {count!r}")
+    return point, int(count or 1)
+
+
+class KillSwitch:
+    """SIGKILL this process when the n-th instance reaches a named receive point."""
+
+    def __init__(self, point: str, nth: int) -> None:
+        self.point = point
+        self.nth = nth
+        self._seen = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, point: str) -> None:
+        if point != self.point:
+            return
+        with self._lock:
+            self._seen += 1
+            if self._seen != self.nth:
+                return
+        LOGGER.warning("fault injection: SIGKILL at %s (instance %d)", point, self.nth)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -49,6 +111,8 @@ class Receiver:
         The process's catalog and file store.
     free_bytes
         Free-space probe; defaults to the store's filesystem. Tests inject a fake.
+    environ
+        Where ``CSPINE_FAULT_KILL_AT`` is read, once, here (defaults to ``os.environ``).
     """
 
     def __init__(
@@ -57,6 +121,7 @@ class Receiver:
         catalog: Catalog,
         store: FileStore,
         free_bytes: Callable[[], int] | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
@@ -66,6 +131,12 @@ class Receiver:
             max_instance_bytes=settings.node.max_instance_bytes,
         )
         self._free_bytes = free_bytes or store.free_bytes
+        env = os.environ if environ is None else environ
+        kill = parse_kill_point(env.get(FAULT_ENV))
+        self._checkpoint: Callable[[str], None] | None = None
+        if kill is not None:
+            LOGGER.warning("fault injection armed: %s=%s:%d", FAULT_ENV, *kill)
+            self._checkpoint = KillSwitch(*kill)
 
     def accept(
         self,
@@ -99,14 +170,20 @@ class Receiver:
             else:
                 spool = self.store.new_temp()
                 shutil.copyfile(path, spool)
+            if self._checkpoint is not None:
+                self._checkpoint("after-temp-write")
             header = inspect_file(
                 spool,
                 affected_sop_instance_uid=affected_sop_instance_uid,
                 affected_sop_class_uid=affected_sop_class_uid,
                 limits=self.limits,
             )
-            result = ingest(self.catalog, self.store, spool, header, calling_ae)
+            result = ingest(
+                self.catalog, self.store, spool, header, calling_ae, checkpoint=self._checkpoint
+            )
             spool = None  # consumed by ingest
+            if self._checkpoint is not None:
+                self._checkpoint("before-response")
         except Rejection as exc:
             LOGGER.info("instance refused status=0x%04X reason=%s", exc.status, exc.reason)
             return Outcome(exc.status, exc.reason)

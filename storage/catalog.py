@@ -12,6 +12,7 @@ import enum
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,8 @@ def ingest(
     tmp_path: Path,
     header: InstanceHeader,
     calling_ae: str | None,
+    *,
+    checkpoint: Callable[[str], None] | None = None,
 ) -> IngestResult:
     """Make a received file durable and record it.
 
@@ -107,6 +110,9 @@ def ingest(
         Validated identifying attributes.
     calling_ae
         AE title of the sender (``None`` for imports).
+    checkpoint
+        Fault-injection hook called with ``"before-rename"`` and ``"before-commit"``
+        (tests only; ``None`` in production).
 
     Returns
     -------
@@ -122,7 +128,11 @@ def ingest(
     if found is not None:
         return _ingest_known(catalog, store, tmp_path, header, calling_ae, sha, found)
 
+    if checkpoint is not None:
+        checkpoint("before-rename")
     rel = store.commit_instance(tmp_path, sha)
+    if checkpoint is not None:
+        checkpoint("before-commit")
 
     def record(session: Session) -> IngestResult:
         again = _existing(session, header.sop_instance_uid)

@@ -1,7 +1,14 @@
-"""Ingest benchmark: dcmtk storescu sends the same series to our node and to dcmtk storescp.
+"""Ingest benchmark: dcmtk storescu sends the same series to our node, storescp and Orthanc.
 
-Run with ``make bench`` (or ``python -m tests.bench.ingest``). Prints images/s, MB/s,
-and our ratio to each reference measured in the same run.
+Run with ``make bench`` (or ``python -m tests.bench.ingest``). For each transfer syntax
+(explicit VR little endian, JPEG Lossless) and each sender count (1, 4), every run sends
+the series to each of the three receivers one after another (the order rotates from run
+to run), each receiver freshly started on an empty folder of the same disk. Prints
+images/s and MB/s (median, min, max of the runs) and our ratio to each reference.
+
+Environment: ``CSPINE_BENCH_RUNS`` (default 3), ``CSPINE_BENCH_SLICES`` (default 300),
+``CSPINE_BENCH_TMP`` (folder for the series and the receivers' storage; default the
+system temporary folder).
 """
 
 from __future__ import annotations
@@ -9,20 +16,39 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 # dcmtk reads TCP_NODELAY from the environment: without it Nagle's algorithm and
-# delayed ACKs cap every receiver near 22 images/s.
+# delayed ACKs cap every receiver near 22 images/s. Orthanc's DICOM server is dcmtk's
+# (Debian links the system libdcmnet), so it gets the same variable.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 EXTRA_ENV = {k: v for k, v in os.environ.items() if k.startswith("CSPINE_STORAGE__")}
 RUNS = int(os.environ.get("CSPINE_BENCH_RUNS", "3"))
 SLICES = int(os.environ.get("CSPINE_BENCH_SLICES", "300"))
+TMP = os.environ.get("CSPINE_BENCH_TMP") or None
+RECEIVERS = ("cspine", "storescp", "orthanc")
+REFERENCES = ("storescp", "orthanc")
+SYNTAXES = ("explicit", "jpeg-lossless")
+SENDERS = (1, 4)
+
+# Orthanc with its default durability, stated explicitly: SQLite index, every file
+# fsynced (SyncStorageArea, the default since 1.7.4), no compression, no plugins.
+# Anyone may store (the bench's storescu calls as STORESCU from loopback).
+ORTHANC_BENCH_CONFIG = {
+    "SyncStorageArea": True,
+    "StorageCompression": False,
+    "Plugins": [],
+    "DicomAlwaysAllowStore": True,
+    "DicomCheckModalityHost": False,
+}
 
 
 def free_port() -> int:
@@ -66,7 +92,13 @@ class Result:
 
     @property
     def rate(self) -> float:
+        """Images per second at the median time."""
         return self.images / self.median
+
+    @property
+    def rates(self) -> tuple[float, float, float]:
+        """Images per second: median, min, max over the runs."""
+        return self.rate, self.images / max(self.seconds), self.images / min(self.seconds)
 
 
 def send(folder: Path, port: int, called: str, senders: int) -> float:
@@ -89,90 +121,152 @@ def send(folder: Path, port: int, called: str, senders: int) -> float:
     return time.perf_counter() - t0
 
 
-def run_receiver(kind: str, folder: Path, senders: int, work: Path) -> Result:
-    files = list(folder.iterdir())
-    mbytes = sum(f.stat().st_size for f in files) / 1e6
-    seconds = []
-    for run in range(RUNS):
-        port = free_port()
-        target = work / f"{kind}-{run}-{senders}"
-        target.mkdir()
-        if kind == "cspine":
-            cmd = [
-                sys.executable,
-                "-m",
-                "dicom_node",
-                "serve",
-                "--data-dir",
-                str(target),
-                "--port",
-                str(port),
-                "--no-worker",
-                "--stable-seconds",
-                "3600",
-            ]
-            called = "CSPINE"
-        else:
-            cmd = [
-                "storescp",
-                "+xa",
-                "--fork" if senders > 1 else "-v",
-                "-od",
-                str(target),
-                str(port),
-            ]
-            cmd = [c for c in cmd if c != "-v"]
-            called = "STORESCP"
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**DCMTK_ENV, "CSPINE_LOGGING__LEVEL": "WARNING", **EXTRA_ENV},
+@dataclass
+class Running:
+    """A started receiver: where to send, how many instances it holds, how to stop it."""
+
+    port: int
+    called: str
+    count: Callable[[], int]
+    stop: Callable[[], None]
+
+
+def _stop_proc(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def start_receiver(kind: str, target: Path, senders: int) -> Running:
+    """Start ``kind`` storing into ``target`` and wait until it accepts associations."""
+    if kind == "orthanc":
+        from tests.interop.orthanc import Orthanc
+
+        orthanc = Orthanc(target, extra=ORTHANC_BENCH_CONFIG, env={"TCP_NODELAY": "1"})
+        orthanc.start()
+        wait_port(orthanc.dicom_port)
+        return Running(
+            orthanc.dicom_port,
+            orthanc.aet,
+            lambda: int(orthanc.get("/statistics")["CountInstances"]),
+            orthanc.stop,
         )
+    port = free_port()
+    if kind == "cspine":
+        cmd = [
+            sys.executable,
+            "-m",
+            "dicom_node",
+            "serve",
+            "--data-dir",
+            str(target),
+            "--port",
+            str(port),
+            "--no-worker",
+            "--stable-seconds",
+            "3600",
+        ]
+        called = "CSPINE"
+    elif kind == "storescp":
+        cmd = ["storescp", "+xa", *(["--fork"] if senders > 1 else []), "-od", str(target)]
+        cmd.append(str(port))
+        called = "STORESCP"
+    else:
+        raise ValueError(f"receiver must be one of {RECEIVERS}, got {kind!r}")
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**DCMTK_ENV, "CSPINE_LOGGING__LEVEL": "WARNING", **EXTRA_ENV},
+    )
+    try:
+        wait_port(port)
+    except RuntimeError:
+        _stop_proc(proc)
+        raise
+
+    def count() -> int:
+        if kind == "storescp":
+            return sum(1 for p in target.rglob("*") if p.is_file())
+        con = sqlite3.connect(target / "catalog.sqlite")
         try:
-            wait_port(port)
-            seconds.append(send(folder, port, called, senders))
+            return int(con.execute("select count(*) from instances").fetchone()[0])
         finally:
-            proc.terminate()
-            proc.wait(30)
-            shutil.rmtree(target, ignore_errors=True)
-    return Result(kind, folder.name, senders, seconds, len(files), mbytes)
+            con.close()
+
+    return Running(port, called, count, lambda: _stop_proc(proc))
+
+
+def measure(kind: str, folder: Path, senders: int, target: Path) -> float:
+    """One timed send of ``folder`` to a fresh ``kind``; checks every instance was stored."""
+    expected = sum(1 for _ in folder.iterdir())
+    target.mkdir(parents=True)
+    running = start_receiver(kind, target, senders)
+    stopped = False
+    try:
+        seconds = send(folder, running.port, running.called, senders)
+        if kind == "cspine":  # the catalog is read once the node has closed it
+            running.stop()
+            stopped = True
+        stored = running.count()
+    finally:
+        if not stopped:
+            running.stop()
+        shutil.rmtree(target, ignore_errors=True)
+    if stored != expected:
+        raise RuntimeError(f"{kind} stored {stored} of {expected} instances")
+    return seconds
+
+
+def ratios(results: list[Result]) -> list[tuple[str, int, str, float]]:
+    """``(syntax, senders, reference, ours/reference)`` in images per second (medians)."""
+    out = []
+    for r in results:
+        if r.name != "cspine":
+            continue
+        for ref_name in REFERENCES:
+            ref = [
+                x
+                for x in results
+                if x.name == ref_name and x.syntax == r.syntax and x.senders == r.senders
+            ]
+            if ref:
+                out.append((r.syntax, r.senders, ref_name, r.rate / ref[0].rate))
+    return out
 
 
 def main() -> list[Result]:
-    work = Path(tempfile.mkdtemp(prefix="cspine-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="cspine-bench-", dir=TMP))
     try:
         results = []
-        for syntax in ("explicit", "jpeg-lossless"):
+        for syntax in SYNTAXES:
             folder = make_series(work / "series", syntax)
-            for senders in (1, 4) if syntax == "explicit" else (1,):
-                for kind in ("storescp", "cspine"):
-                    r = run_receiver(kind, folder, senders, work)
+            images = sum(1 for _ in folder.iterdir())
+            mbytes = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+            for senders in SENDERS:
+                seconds: dict[str, list[float]] = {k: [] for k in RECEIVERS}
+                for run in range(RUNS):
+                    order = RECEIVERS[run % 3 :] + RECEIVERS[: run % 3]
+                    for kind in order:
+                        target = work / f"{kind}-{syntax}-{senders}-{run}"
+                        seconds[kind].append(measure(kind, folder, senders, target))
+                for kind in RECEIVERS:
+                    r = Result(kind, syntax, senders, seconds[kind], images, mbytes)
                     results.append(r)
+                    med, lo, hi = r.rates
                     runs = " ".join(f"{s:.2f}" for s in r.seconds)
                     print(
-                        f"{r.name:<9} {r.syntax:<14} senders={senders} {r.rate:7.1f} img/s "
-                        f"{r.mbytes / r.median:7.1f} MB/s  runs={runs}",
+                        f"{r.name:<9} {r.syntax:<14} senders={senders} {med:7.1f} img/s "
+                        f"(min {lo:.1f}, max {hi:.1f}) {r.mbytes / r.median:7.1f} MB/s  "
+                        f"runs={runs} s",
                         flush=True,
                     )
         print()
-        for syntax in ("explicit", "jpeg-lossless"):
-            for senders in (1, 4):
-                ours = [
-                    r
-                    for r in results
-                    if r.name == "cspine" and r.syntax == syntax and r.senders == senders
-                ]
-                ref = [
-                    r
-                    for r in results
-                    if r.name == "storescp" and r.syntax == syntax and r.senders == senders
-                ]
-                if ours and ref:
-                    print(
-                        f"ratio cspine/storescp {syntax} senders={senders}: "
-                        f"{ours[0].rate / ref[0].rate:.2f}"
-                    )
+        for syntax, senders, ref, ratio in ratios(results):
+            print(f"ratio cspine/{ref} {syntax} senders={senders}: {ratio:.2f}")
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)

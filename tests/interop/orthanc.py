@@ -35,6 +35,14 @@ def orthanc_binary() -> str:
     raise RuntimeError("Orthanc is not installed: apt-get install -y orthanc (make test does it)")
 
 
+def orthanc_version() -> str:
+    """The version Orthanc prints (``Orthanc --version``), e.g. ``"1.10.1"``."""
+    out = subprocess.run(
+        [orthanc_binary(), "--version"], capture_output=True, text=True, timeout=30, check=True
+    )
+    return out.stdout.split()[1] if len(out.stdout.split()) > 1 else out.stdout.strip()
+
+
 @dataclass
 class Orthanc:
     """One Orthanc process.
@@ -49,12 +57,17 @@ class Orthanc:
         Orthanc's own AE title.
     extra
         More configuration keys (they override the defaults written here).
+    env
+        More environment variables for the process (e.g. ``{"TCP_NODELAY": "1"}``: Orthanc's
+        DICOM server is dcmtk's, which reads Nagle's setting from the environment; Orthanc
+        has no configuration option for it, ``TcpNoDelay`` is for its HTTP server only).
     """
 
     workdir: Path
     modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     aet: str = "ORTHANC"
     extra: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
@@ -113,6 +126,7 @@ class Orthanc:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
+            env={**os.environ, **self.env},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

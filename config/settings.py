@@ -14,14 +14,24 @@ Nothing reads the environment at import time.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import os
+import secrets
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from config.errors import ConfigError
@@ -70,14 +80,127 @@ class Peer(_Section):
             return False
 
 
+def _readable_file(path: str) -> bool:
+    return bool(path) and os.path.isfile(path) and os.access(path, os.R_OK)
+
+
 class TLSSettings(_Section):
-    """DICOM TLS (PS3.15 BCP195 profile)."""
+    """DICOM TLS (PS3.15 BCP195 profile): TLS 1.2 minimum, 1.3 preferred.
+
+    One certificate, key and CA bundle serve both the SCP (``enabled``) and the SCU
+    for destinations with ``tls = true``.
+    """
 
     enabled: bool = False
     certificate: str = ""
     private_key: str = ""
     ca_bundle: str = ""
     require_client_certificate: bool = True
+    check_hostname: bool = Field(
+        default=True,
+        description="SCU: the destination's certificate must name the host it is reached at",
+    )
+
+    @model_validator(mode="after")
+    def _v_files(self) -> TLSSettings:
+        if self.enabled:
+            self.check_files()
+        return self
+
+    def check_files(self) -> None:
+        """Raise ``ValueError`` unless certificate, key and CA bundle are readable files."""
+        bad = [
+            f"{name} ({getattr(self, name) or 'not set'})"
+            for name in ("certificate", "private_key", "ca_bundle")
+            if not _readable_file(getattr(self, name))
+        ]
+        if bad:
+            raise ValueError(
+                "DICOM TLS needs readable PEM files for certificate, private_key and "
+                "ca_bundle; missing or unreadable: " + ", ".join(bad)
+            )
+
+
+_HASH_SCHEME = "pbkdf2_sha256"
+_HASH_ITERATIONS = 200_000
+
+
+def hash_password(password: str, *, iterations: int = _HASH_ITERATIONS) -> str:
+    """Hash a passcode for ``[[node.user_identity.users]]``.
+
+    Returns
+    -------
+    str
+        ``pbkdf2_sha256$<iterations>$<salt hex>$<hash hex>``; only this goes into
+        the configuration, never the passcode.
+    """
+    if not password:
+        raise ValueError("a passcode must not be empty")
+    salt = secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    return f"{_HASH_SCHEME}${iterations}${salt.hex()}${digest.hex()}"
+
+
+class UserAccount(_Section):
+    """A user allowed by User Identity Negotiation (username and passcode, type 2)."""
+
+    username: str = Field(min_length=1, max_length=64)
+    password_hash: str = Field(description="from config.settings.hash_password, never plain")
+
+    def __repr__(self) -> str:
+        return f"UserAccount(username={self.username!r})"
+
+    @field_validator("password_hash")
+    @classmethod
+    def _v_hash(cls, v: str) -> str:
+        parts = v.split("$")
+        try:
+            ok = (
+                len(parts) == 4
+                and parts[0] == _HASH_SCHEME
+                and int(parts[1]) >= 10_000
+                and len(bytes.fromhex(parts[2])) >= 8
+                and len(bytes.fromhex(parts[3])) == 32
+            )
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                "password_hash must be pbkdf2_sha256$<iterations>=10000+$<salt hex>$<sha256 hex>"
+                " as written by config.settings.hash_password (never a plain passcode)"
+            )
+        return v
+
+    def verify(self, passcode: bytes | str) -> bool:
+        """Whether ``passcode`` matches (constant-time comparison)."""
+        if isinstance(passcode, str):
+            passcode = passcode.encode("utf-8")
+        _, iterations, salt, expected = self.password_hash.split("$")
+        digest = hashlib.pbkdf2_hmac("sha256", passcode, bytes.fromhex(salt), int(iterations))
+        return hmac.compare_digest(digest, bytes.fromhex(expected))
+
+
+class UserIdentitySettings(_Section):
+    """DICOM User Identity Negotiation (PS3.7 D.3.3.7), only over TLS."""
+
+    enabled: bool = False
+    required: bool = Field(
+        default=True, description="reject associations that carry no user identity"
+    )
+    users: tuple[UserAccount, ...] = ()
+
+    @model_validator(mode="after")
+    def _v_users(self) -> UserIdentitySettings:
+        if self.enabled and not self.users:
+            raise ValueError("user identity is enabled but no [[node.user_identity.users]]")
+        names = [u.username for u in self.users]
+        if len(names) != len(set(names)):
+            raise ValueError("user identity usernames must be unique")
+        return self
+
+    def find(self, username: str) -> UserAccount | None:
+        """The account with this username, if any."""
+        return next((u for u in self.users if u.username == username), None)
 
 
 class NodeSettings(_Section):
@@ -94,12 +217,27 @@ class NodeSettings(_Section):
     dimse_timeout: float = Field(default=30.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
     max_association_seconds: float = Field(default=3600.0, gt=0)
-    max_pdu_size: int = Field(default=131072, ge=0)
+    max_pdu_size: int = Field(
+        default=131072,
+        ge=4096,
+        le=16 * 1024**2,
+        description="largest P-DATA PDU accepted; 0 (unlimited) is not allowed",
+    )
     max_instance_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_pixels: int = Field(default=512 * 1024 * 1024, gt=0)
     tls: TLSSettings = TLSSettings()
+    user_identity: UserIdentitySettings = UserIdentitySettings()
 
     _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @model_validator(mode="after")
+    def _v_identity_needs_tls(self) -> NodeSettings:
+        if self.user_identity.enabled and not self.tls.enabled:
+            raise ValueError(
+                "node.user_identity needs node.tls.enabled = true: User Identity "
+                "passcodes travel in clear text without TLS"
+            )
+        return self
 
 
 class StorageSettings(_Section):
@@ -229,6 +367,18 @@ class Settings(BaseSettings):
     selection: SelectionSettings = SelectionSettings()
     worker: WorkerSettings = WorkerSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _v_destination_tls(self) -> Settings:
+        tls_dests = [f"{d.ae_title}@{d.host}:{d.port}" for d in self.destinations if d.tls]
+        if tls_dests:
+            try:
+                self.node.tls.check_files()
+            except ValueError as exc:
+                raise ValueError(
+                    f"destination {tls_dests[0]} has tls = true, which uses node.tls: {exc}"
+                ) from None
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -6,7 +6,9 @@
 * 0xA9xx, 0xCxxx and any other failure status: DEAD (dead-lettered, visible in
   ``cspine status``), never retried automatically.
 
-Re-sends use the same files, hence the same SOP Instance UIDs and bytes.
+Re-sends use the same files, hence the same SOP Instance UIDs and bytes. A
+destination configured with ``tls = true`` is reached over DICOM TLS with the node's
+certificate (``node.tls``); a TLS failure counts as a failed association (retried).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
-from config import Settings, parse_ae_spec
+from config import ConfigError, Settings, parse_ae_spec
 from dicom_node.scu import SendError, send_paths
+from dicom_node.tls import destination_context
 from storage import Catalog, FileStore
 from storage.jobs import due_deliveries, record_delivery
 from storage.models import OutboxState
@@ -54,6 +57,9 @@ def deliver_due(settings: Settings, catalog: Catalog, store: FileStore) -> int:
         ae, host, port = parse_ae_spec(dest)
         paths = {store.root / item.output.file_path: item for item in items}
         try:
+            # ConfigError: a TLS file became unreadable after start-up; retried like a
+            # refused association so the outputs wait for the fix
+            ssl_context = destination_context(settings, ae, host, port)
             summary = send_paths(
                 list(paths),
                 ae,
@@ -61,8 +67,9 @@ def deliver_due(settings: Settings, catalog: Catalog, store: FileStore) -> int:
                 port,
                 settings.node.ae_title,
                 timeout=settings.node.dimse_timeout,
+                ssl_context=ssl_context,
             )
-        except SendError as exc:
+        except (SendError, ConfigError) as exc:
             for item in items:
                 wait = backoff(item.attempts)
                 record_delivery(

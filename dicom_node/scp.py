@@ -3,6 +3,12 @@
 Handlers follow pynetdicom's style, ``handle_<event>(event, ...)``; they never
 raise and never run inference. Received data is streamed to a spool file on the
 store's filesystem (pynetdicom's chunked receive) and renamed into place.
+
+Every accepted connection is wrapped by :class:`GuardedServer` before pynetdicom
+reads from it (see :class:`ConnectionLimits`): a per-read idle timeout, a deadline
+for the whole association, a cap on every declared PDU length and on the data set
+bytes of one message, and a cap on open connections. With ``node.tls.enabled`` the
+listener speaks DICOM TLS only; the handshake runs in the association's own thread.
 """
 
 from __future__ import annotations
@@ -11,18 +17,23 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
+import struct
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from config import Settings, check_bind_safety
 from dicom_node.receive import Receiver
+from dicom_node.tls import describe, server_context
 from dicom_node.validate import (
     ACCEPTED_TRANSFER_SYNTAXES,
     CANNOT_UNDERSTAND,
@@ -63,32 +74,106 @@ def handle_store(event: evt.Event, receiver: Receiver) -> Dataset | int:
     return status
 
 
+def _reject(event: evt.Event, result: int, source: int, reason: int, why: str) -> None:
+    requestor = event.assoc.requestor
+    LOGGER.warning(
+        "association rejected reason=%s rj=(%d,%d,%d) calling_ae=%s address=%s",
+        why,
+        result,
+        source,
+        reason,
+        str(requestor.primitive.calling_ae_title).strip(),
+        requestor.address,
+    )
+    event.assoc.acse.send_reject(result, source, reason)
+    event.assoc.is_rejected = True
+    event.assoc.kill()
+
+
 def handle_requested(event: evt.Event, settings: Settings) -> None:
-    """A-ASSOCIATE-RQ: apply the peer allow-list (calling AE, optional IP or network)."""
-    peers = settings.node.peers
-    if not peers:
-        return
+    """A-ASSOCIATE-RQ: apply the peer allow-list and the user-identity requirement.
+
+    * calling AE title not in ``node.peers``, or from outside its ``host`` network:
+      A-ASSOCIATE-RJ (1, 1, 3), rejected-permanent, service-user, calling AE title
+      not recognised;
+    * ``node.user_identity.required`` and no User Identity item: (1, 1, 1),
+      rejected-permanent, service-user, no reason given.
+
+    The called AE title (1, 1, 7), a refused identity (2, 2, 1) and the association
+    limit (2, 3, 2) are checked afterwards by pynetdicom's negotiation.
+    """
+    node = settings.node
     requestor = event.assoc.requestor
     ae_title = str(requestor.primitive.calling_ae_title).strip()
-    if not any(peer.matches(ae_title, requestor.address) for peer in peers):
-        LOGGER.warning(
-            "association rejected reason=calling-ae-not-allowed calling_ae=%s address=%s",
-            ae_title,
-            requestor.address,
-        )
+    if node.peers and not any(peer.matches(ae_title, requestor.address) for peer in node.peers):
         # (1, 1, 3): rejected-permanent, service-user, calling AE title not recognised
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-        event.assoc.is_rejected = True
-        event.assoc.kill()
+        _reject(event, 0x01, 0x01, 0x03, "calling-ae-not-allowed")
+        return
+    identity = node.user_identity
+    if identity.enabled and identity.required and requestor.user_identity is None:
+        _reject(event, 0x01, 0x01, 0x01, "user-identity-missing")
 
 
-def handle_conn_open(event: evt.Event, started: dict[int, float]) -> None:
-    """New TCP connection: set TCP_NODELAY and remember when it started."""
-    with contextlib.suppress(Exception):
-        sock = event.assoc.dul.socket.socket
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def handle_user_id(event: evt.Event, settings: Settings) -> tuple[bool, bytes | None]:
+    """User Identity Negotiation: username and passcode (type 2), over TLS only.
+
+    Returns ``(False, None)``, which pynetdicom answers with A-ASSOCIATE-RJ (2, 2, 1),
+    for a plain-TCP association, another identity type, an unknown user or a wrong
+    passcode. Passcodes are never logged.
+    """
+    address = event.assoc.requestor.address
+    if not isinstance(event.assoc.dul.socket.socket, ssl.SSLSocket):
+        LOGGER.warning("user identity refused reason=not-tls address=%s", address)
+        return False, None
+    if event.user_id_type != 2:
+        LOGGER.warning(
+            "user identity refused reason=unsupported-type type=%s address=%s",
+            event.user_id_type,
+            address,
+        )
+        return False, None
+    username = bytes(event.primary_field or b"").decode("utf-8", "replace")
+    account = settings.node.user_identity.find(username)
+    ok = account is not None and account.verify(bytes(event.secondary_field or b""))
+    LOGGER.log(
+        logging.INFO if ok else logging.WARNING,
+        "user identity %s username=%s address=%s",
+        "accepted" if ok else "refused reason=bad-credentials",
+        username[:64],
+        address,
+    )
+    return ok, None
+
+
+def handle_conn_open(
+    event: evt.Event, started: dict[int, float], limits: ConnectionLimits | None = None
+) -> None:
+    """New TCP connection: TLS handshake (in this association's thread), TCP_NODELAY.
+
+    A failed handshake (no or untrusted client certificate, TLS below 1.2, plain
+    TCP on the TLS port) is logged and the connection shut down.
+    """
     started[id(event.assoc)] = time.monotonic()
-    LOGGER.info("connection opened address=%s", event.address[0])
+    sock = event.assoc.dul.socket.socket
+    with contextlib.suppress(Exception):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if isinstance(sock, ssl.SSLSocket):
+        try:
+            if limits is not None:
+                sock.settimeout(limits.handshake_timeout)
+            sock.do_handshake()
+            if limits is not None:
+                sock.settimeout(limits.idle_timeout)
+        except (OSError, ValueError) as exc:
+            LOGGER.warning(
+                "connection refused reason=tls-handshake-failed address=%s error=%s",
+                event.address[0],
+                getattr(exc, "reason", None) or type(exc).__name__,
+            )
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            return
+    LOGGER.info("connection opened address=%s transport=%s", event.address[0], describe(sock))
 
 
 def handle_conn_close(event: evt.Event, started: dict[int, float]) -> None:
@@ -112,6 +197,215 @@ def handle_assoc_event(event: evt.Event) -> None:
         str(event.assoc.requestor.ae_title).strip(),
         event.assoc.requestor.address,
     )
+
+
+class LimitExceeded(ConnectionAbortedError):
+    """A peer broke a connection limit; the connection is dropped."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Per-connection limits enforced on the raw byte stream, before pynetdicom.
+
+    Attributes
+    ----------
+    idle_timeout
+        Seconds one socket read may wait (``node.network_timeout``).
+    handshake_timeout
+        Seconds for the TLS handshake (``node.acse_timeout``).
+    max_seconds
+        Lifetime of a connection (``node.max_association_seconds``).
+    max_pdu_length
+        Largest P-DATA-TF PDU length accepted (``node.max_pdu_size``, which the node
+        also advertises as its Maximum Length).
+    max_control_pdu_length
+        Largest length of any other PDU (A-ASSOCIATE-RQ with many contexts).
+    max_dataset_bytes
+        Largest data set of one DIMSE message (``node.max_instance_bytes``).
+    max_connections
+        Open connections beyond which new ones are closed at once.
+    """
+
+    idle_timeout: float
+    handshake_timeout: float
+    max_seconds: float
+    max_pdu_length: int
+    max_control_pdu_length: int
+    max_dataset_bytes: int
+    max_connections: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionLimits:
+        """Limits from ``node`` settings."""
+        node = settings.node
+        return cls(
+            idle_timeout=node.network_timeout,
+            handshake_timeout=node.acse_timeout,
+            max_seconds=node.max_association_seconds,
+            max_pdu_length=node.max_pdu_size,
+            max_control_pdu_length=1024 * 1024,
+            max_dataset_bytes=node.max_instance_bytes,
+            max_connections=2 * node.max_associations + 2,
+        )
+
+
+class _StreamGuard:
+    """Follow the PDU and PDV framing of the bytes read and enforce the limits."""
+
+    def __init__(self, limits: ConnectionLimits, address: str) -> None:
+        self.limits = limits
+        self.address = address
+        self.deadline = time.monotonic() + limits.max_seconds
+        self.tripped: str | None = None
+        self._head = bytearray()  # pending PDU or PDV header bytes
+        self._pdu_type = 0
+        self._pdu_left = 0  # body bytes left in the current PDU
+        self._pdv_left = 0  # value bytes left in the current PDV item
+        self._dataset_bytes = 0  # data set bytes of the current message so far
+
+    def trip(self, reason: str, detail: str) -> LimitExceeded:
+        self.tripped = reason
+        LOGGER.warning("association aborted reason=%s %s address=%s", reason, detail, self.address)
+        return LimitExceeded(f"{reason}: {detail}")
+
+    def check_deadline(self) -> None:
+        if self.tripped:
+            raise LimitExceeded(self.tripped)
+        if time.monotonic() > self.deadline:
+            raise self.trip("max-duration", f"limit={self.limits.max_seconds:g}s")
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self._pdu_left == 0:  # PDU header: type, reserved, 32-bit length
+                take = min(6 - len(self._head), n - i)
+                self._head += data[i : i + take]
+                i += take
+                if len(self._head) == 6:
+                    pdu_type, _, length = struct.unpack(">BBL", self._head)
+                    self._head.clear()
+                    self._start_pdu(pdu_type, length)
+                continue
+            if self._pdu_type != 0x04:  # not P-DATA: skip the body
+                take = min(self._pdu_left, n - i)
+                i += take
+                self._pdu_left -= take
+                continue
+            if self._pdv_left == 0:  # PDV item header: length, context id, control byte
+                take = min(6 - len(self._head), n - i, self._pdu_left)
+                self._head += data[i : i + take]
+                i += take
+                self._pdu_left -= take
+                if len(self._head) == 6:
+                    length, _, control = struct.unpack(">LBB", self._head)
+                    self._head.clear()
+                    self._start_pdv(max(0, length - 2), control)
+                elif self._pdu_left == 0:  # malformed; pynetdicom will refuse the PDU
+                    self._head.clear()
+                continue
+            take = min(self._pdv_left, self._pdu_left, n - i)
+            i += take
+            self._pdv_left -= take
+            self._pdu_left -= take
+            if self._pdu_left == 0:
+                self._pdv_left = 0
+
+    def _start_pdu(self, pdu_type: int, length: int) -> None:
+        limit = (
+            self.limits.max_pdu_length if pdu_type == 0x04 else self.limits.max_control_pdu_length
+        )
+        if length > limit:
+            raise self.trip(
+                "pdu-too-large", f"pdu_type=0x{pdu_type:02X} length={length} limit={limit}"
+            )
+        self._pdu_type = pdu_type
+        self._pdu_left = length
+
+    def _start_pdv(self, value_length: int, control: int) -> None:
+        self._pdv_left = value_length
+        if control & 0x01:  # command fragment
+            return
+        self._dataset_bytes += value_length
+        if self._dataset_bytes > self.limits.max_dataset_bytes:
+            raise self.trip(
+                "instance-too-large",
+                f"bytes>{self.limits.max_dataset_bytes}",
+            )
+        if control & 0x02:  # last fragment of the data set
+            self._dataset_bytes = 0
+
+
+class _GuardMixin:
+    """``recv`` that feeds the :class:`_StreamGuard` and enforces the deadline."""
+
+    _guard: _StreamGuard | None = None
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        guard = self._guard
+        if guard is None:
+            return super().recv(bufsize, flags)  # type: ignore[misc]
+        guard.check_deadline()
+        data = super().recv(bufsize, flags)  # type: ignore[misc]
+        try:
+            guard.feed(data)
+        except LimitExceeded:
+            with contextlib.suppress(OSError):
+                self.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+            raise
+        return data
+
+
+class GuardedSocket(_GuardMixin, socket.socket):
+    """A plain TCP connection under :class:`ConnectionLimits`."""
+
+
+class GuardedSSLSocket(_GuardMixin, ssl.SSLSocket):
+    """A TLS connection under :class:`ConnectionLimits` (plaintext side)."""
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with guarded, optionally TLS, connections.
+
+    Parameters
+    ----------
+    *args
+        As :class:`pynetdicom.transport.AssociationServer`.
+    limits
+        The :class:`ConnectionLimits` of every connection.
+    """
+
+    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
+        self.limits = limits
+        super().__init__(*args, **kwargs)
+        if self.ssl_context is not None:
+            self.ssl_context.sslsocket_class = GuardedSSLSocket
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept, wrap in the guard (and TLS, handshake deferred to the thread)."""
+        raw, address = self.socket.accept()
+        raw.settimeout(self.limits.idle_timeout)
+        sock: socket.socket
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(
+                raw, server_side=True, do_handshake_on_connect=False
+            )
+        else:
+            sock = GuardedSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+            sock.settimeout(self.limits.idle_timeout)
+        sock._guard = _StreamGuard(self.limits, str(address[0]))  # type: ignore[attr-defined]
+        return sock, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Close a new connection at once when too many associations are running."""
+        running = len(self.active_associations)
+        if running >= self.limits.max_connections:
+            LOGGER.warning(
+                "connection refused reason=too-many-connections running=%d address=%s",
+                running,
+                client_address[0],
+            )
+            return False
+        return True
 
 
 def build_ae(settings: Settings) -> AE:
@@ -175,11 +469,17 @@ class StorageNode:
     ) -> None:
         """Bind and serve; with ``block=False`` return once listening.
 
+        ``ssl_context`` overrides the context built from ``node.tls`` (which is used
+        when ``node.tls.enabled``); with either, the listener accepts TLS only.
         ``extra_jobs`` are ``(function, interval_s, name)`` run by the same scheduler.
         """
         from apscheduler.schedulers.background import BackgroundScheduler
 
         check_bind_safety(self.settings)
+        node = self.settings.node
+        if ssl_context is None and node.tls.enabled:
+            ssl_context = server_context(node.tls)
+        limits = ConnectionLimits.from_settings(self.settings)
         _config.STORE_RECV_CHUNKED_DATASET = True
         # pynetdicom spools into tempfile's folder: keep it on the store's filesystem
         tempfile.tempdir = str(self.receiver.store.tmp_dir)
@@ -187,12 +487,14 @@ class StorageNode:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.receiver]),
             (evt.EVT_REQUESTED, handle_requested, [self.settings]),
-            (evt.EVT_CONN_OPEN, handle_conn_open, [self._started]),
+            (evt.EVT_CONN_OPEN, handle_conn_open, [self._started, limits]),
             (evt.EVT_CONN_CLOSE, handle_conn_close, [self._started]),
             (evt.EVT_ABORTED, handle_assoc_event),
             (evt.EVT_ACCEPTED, handle_assoc_event),
             (evt.EVT_RELEASED, handle_assoc_event),
         ]
+        if node.user_identity.enabled:
+            handlers.append((evt.EVT_USER_ID, handle_user_id, [self.settings]))
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
         )
@@ -202,14 +504,31 @@ class StorageNode:
             seconds=self.settings.completion.check_interval_seconds,
             id="completion",
         )
-        self._scheduler.add_job(self._safe(self._watchdog), "interval", seconds=5, id="watchdog")
+        watch_every = min(5.0, max(0.2, node.max_association_seconds / 4))
+        self._scheduler.add_job(
+            self._safe(self._watchdog), "interval", seconds=watch_every, id="watchdog"
+        )
         for fn, interval, name in extra_jobs:
             self._scheduler.add_job(self._safe(fn), "interval", seconds=interval, id=name)
         self._scheduler.start()
-        node = self.settings.node
-        LOGGER.info("listening ae_title=%s host=%s port=%d", node.ae_title, node.host, node.port)
-        self._server = self.ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        server = self.ae.make_server(
+            (node.host, node.port),
+            ssl_context=ssl_context,
+            evt_handlers=handlers,
+            server_class=GuardedServer,
+            limits=limits,
+        )
+        # as AE.start_server does: the AE tracks its servers (AE.shutdown, server.shutdown)
+        self.ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name="cspine-scp", daemon=True).start()
+        self._server = server
+        LOGGER.info(
+            "listening ae_title=%s host=%s port=%d tls=%s user_identity=%s",
+            node.ae_title,
+            node.host,
+            self.port,
+            "on" if ssl_context is not None else "off",
+            "on" if node.user_identity.enabled else "off",
         )
         if block:
             try:
@@ -234,18 +553,24 @@ class StorageNode:
         return run
 
     def _watchdog(self) -> None:
-        """Abort associations older than the maximum association duration."""
+        """Cut connections older than the maximum association duration.
+
+        The socket is shut down rather than ``assoc.abort()`` called: abort waits for
+        the association's reader, which may be blocked in a read, so it could hang this
+        thread. The shutdown wakes the reader, which then ends the association.
+        """
         limit = self.settings.node.max_association_seconds
         now = time.monotonic()
         if self._server is None:
             return
         for assoc in list(self._server.active_associations):
             began = self._started.get(id(assoc))
-            if began is not None and now - began > limit:
+            if began is not None and now - began > limit + 1.0:
                 LOGGER.warning(
-                    "association aborted reason=max-duration address=%s", assoc.requestor.address
+                    "association cut reason=max-duration address=%s", assoc.requestor.address
                 )
-                assoc.abort()
+                with contextlib.suppress(Exception):
+                    assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
         """Stop serving and housekeeping."""

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ def send_paths(
     *,
     progress: Callable[[Path, int | None], None] | None = None,
     timeout: float = 30.0,
-    ssl_context: object | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> SendSummary:
     """C-STORE files to a remote AE over one association.
 
@@ -99,7 +100,8 @@ def send_paths(
     timeout
         ACSE/DIMSE/network timeout in seconds.
     ssl_context
-        Client TLS context, or ``None`` for plain TCP.
+        Client TLS context (see :func:`dicom_node.tls.client_context`), or ``None``
+        for plain TCP. The server certificate is checked against ``host``.
 
     Returns
     -------
@@ -128,13 +130,14 @@ def send_paths(
     ae.requested_contexts = _contexts(metas)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     tls_args = (ssl_context, host) if ssl_context is not None else None
+    transport = "TLS" if ssl_context is not None else "TCP"
     try:
         assoc = ae.associate(host, port, ae_title=ae_title, tls_args=tls_args)
     except (OSError, RuntimeError) as exc:
-        raise SendError(f"cannot connect to {ae_title}@{host}:{port}: {exc}") from exc
+        raise SendError(f"cannot connect to {ae_title}@{host}:{port} ({transport}): {exc}") from exc
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        raise SendError(f"association with {ae_title}@{host}:{port} {reason}")
+        raise SendError(f"association with {ae_title}@{host}:{port} ({transport}) {reason}")
     with contextlib.suppress(Exception):
         assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:

@@ -315,7 +315,7 @@ def train(cfg: TrainConfig) -> Path:
         total_steps = min(total_steps, cfg.max_steps)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    dice_loss = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    dice_loss = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
     bce = torch.nn.BCEWithLogitsLoss(
         pos_weight=torch.full((N_LABELS, 1, 1, 1), float(cfg.pos_weight), device=device)
     )

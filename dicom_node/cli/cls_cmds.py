@@ -138,6 +138,15 @@ def _setup_torch(threads: int | None) -> None:
     type=click.FloatRange(0),
     help="Weight of the per-slice loss from train_bounding_boxes.csv (0: off).",
 )
+@click.option(
+    "--pretrain-steps",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Steps of balanced single-slice encoder pre-training before the study-level epochs.",
+)
+@click.option("--pretrain-batch", default=64, show_default=True, type=click.IntRange(2))
+@click.option("--pretrain-lr", default=3e-4, show_default=True, type=float)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
 def train_cls(
@@ -168,6 +177,9 @@ def train_cls(
     layer_scale: float,
     pooling: str,
     slice_loss: float,
+    pretrain_steps: int,
+    pretrain_batch: int,
+    pretrain_lr: float,
     device: str,
     threads: int | None,
 ) -> None:
@@ -219,6 +231,9 @@ def train_cls(
         layer_scale=layer_scale,
         pooling=pooling,
         slice_loss=slice_loss,
+        pretrain_steps=pretrain_steps,
+        pretrain_batch=pretrain_batch,
+        pretrain_lr=pretrain_lr,
     )
     meta = {
         "name": name,
@@ -311,6 +326,15 @@ def _is_synthetic(root: Path) -> bool:
 )
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--markdown", "md_out", type=click.Path(dir_okay=False), default=None)
+@click.option(
+    "--pretrain-steps",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Steps of balanced single-slice encoder pre-training before the study-level epochs.",
+)
+@click.option("--pretrain-batch", default=64, show_default=True, type=click.IntRange(2))
+@click.option("--pretrain-lr", default=3e-4, show_default=True, type=float)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
 def evaluate_cls(

@@ -15,7 +15,7 @@ from ai.cls import ClsModel, CropConfig, extract_crops
 from ai.cls.convnext import VARIANTS, ConvNeXt, convnext
 from ai.cls.data import StudyCrops
 from ai.cls.net import FractureNet
-from ai.cls.train import TrainConfig, fold_split, train, weighted_bce
+from ai.cls.train import TrainConfig, fold_split, pretrain_encoder, train, weighted_bce
 from ai.errors import ModelLoadError
 from ai.modelpkg import DEMO_LABEL
 from ai.types import CTVolume
@@ -176,3 +176,39 @@ def test_training_smoke_writes_a_loadable_package(tmp_path: Path) -> None:
     (out / "model.safetensors").write_bytes(b"corrupt")
     with pytest.raises(ModelLoadError, match="sha256"):
         ClsModel.load(out)
+
+
+def test_slice_pretraining_learns_fractured_slices_and_keeps_the_encoder(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    crop = CropConfig(size=32, n_slices=3, min_volume_mm3=10)
+    items = []
+    for i in range(8):
+        fractured = i % 7 if i % 2 else None
+        vol, lm, labels = _study(i, fractured)
+        batch = extract_crops(vol, lm, crop)
+        slice_labels = np.zeros((int(batch.present.sum()), 3), np.float32)
+        if fractured is not None:
+            slice_labels[fractured, 1] = 1.0  # the middle slice shows the gap
+            slice_labels[fractured, 0] = -1.0  # unknown: never used
+        items.append(
+            StudyCrops(
+                str(i),
+                (batch.crops * 255).round().to(torch.uint8),
+                batch.present,
+                labels,
+                [v.reason for v in batch.vertebrae],
+                slice_labels,
+            )
+        )
+    cfg = TrainConfig(pretrain_steps=150, pretrain_batch=16, pretrain_lr=3e-3, seed=1, **TINY)
+    net = FractureNet(in_chans=6, **TINY)
+    before = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+    history = pretrain_encoder(net, items, cfg, torch.device("cpu"))
+    assert [h["step"] for h in history] == [50, 100, 150]
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"], history
+    after = net.encoder.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # no usable slice labels: nothing happens
+    for it in items:
+        it.slice_labels = None
+    assert pretrain_encoder(net, items, cfg, torch.device("cpu")) == []

@@ -35,6 +35,24 @@ from storage.models import Job, JobState, Series, Study
 
 LOGGER = logging.getLogger(__name__)
 SERIES_NUMBERS = {"seg": 9001, "sr": 9002, "summary": 9003}
+PLAUSIBLE_HU = (-3100, 4000)
+"""HU range of real CT voxels, air and scanner padding (-3024, -2048) included."""
+MAX_IMPLAUSIBLE_FRACTION = 0.05
+"""Above this fraction of voxels outside :data:`PLAUSIBLE_HU` the pixels are garbage."""
+
+
+def implausible_fraction(hu: Any) -> float:
+    """Fraction of voxels outside :data:`PLAUSIBLE_HU`.
+
+    Compressed pixel data can decode without error into garbage (a corrupt JPEG
+    lossless stream); real CT keeps nearly all voxels in this range.
+    """
+    import numpy as np
+
+    lo, hi = PLAUSIBLE_HU
+    if hu.size == 0:
+        return 0.0
+    return float(np.count_nonzero((hu < lo) | (hu > hi))) / float(hu.size)
 
 
 def software_version() -> str:
@@ -221,6 +239,19 @@ class Worker:
             )
             return
         timings["load"] = time.perf_counter() - t1
+        bad = implausible_fraction(vol.hu)
+        if bad > MAX_IMPLAUSIBLE_FRACTION:
+            lo, hi = PLAUSIBLE_HU
+            self._not_processed(
+                job,
+                study,
+                candidates,
+                f"pixel data implausible: {bad:.0%} of voxels outside [{lo}, {hi}] HU "
+                "(corrupt or mis-encoded pixel data)",
+                when,
+                series_uid=selection.series.series_instance_uid,
+            )
+            return
         result = self.pipeline.run(vol)
         timings.update({k: float(v) for k, v in result.timings.items()})
         t2 = time.perf_counter()

@@ -566,8 +566,10 @@ class StorageNode:
         for assoc in list(self._server.active_associations):
             began = self._started.get(id(assoc))
             if began is not None and now - began > limit + 1.0:
+                self._started.pop(id(assoc), None)  # cut once, log once
                 LOGGER.warning(
-                    "association cut reason=max-duration address=%s", assoc.requestor.address
+                    "association aborted reason=max-duration by=watchdog address=%s",
+                    assoc.requestor.address,
                 )
                 with contextlib.suppress(Exception):
                     assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)

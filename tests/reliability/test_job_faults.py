@@ -1,0 +1,96 @@
+"""SIGKILL of a worker process during inference: the job is re-queued and completes
+once, its outputs keep their SOP Instance UIDs, and each reaches the PACS once.
+
+The end-to-end version with the real demo models and ``cspine serve`` restarting the
+worker is ``test_storescu_in_worker_killed_mid_job_results_once`` in
+``tests/dicom_node/test_end_to_end.py``; this one pins the kill inside ``pipeline.run``
+with a stand-in pipeline, in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from sqlalchemy import select
+
+from dicom_node.delivery import deliver_due
+from dicom_node.receive import Receiver, open_node_storage
+from dicom_node.worker import Worker
+from storage.catalog import mark_complete, receiving_studies
+from storage.models import Job, JobState, OutboxItem, Output
+from tests.dicom_node.pacs import LoopbackPACS
+from tests.helpers import write_series
+from tests.reliability.outbox import with_destinations
+from tests.reliability.test_hostile_input import EmptyPipeline
+
+# a worker process whose pipeline blocks: the test kills it there
+WORKER = """
+import json, sys, time
+from config import load_settings
+from dicom_node.receive import open_node_storage
+from dicom_node.worker import Worker
+
+class Stuck:
+    def run(self, vol):
+        print("INFERENCE", flush=True)
+        time.sleep(120)
+
+settings = load_settings(overrides=json.loads(sys.argv[1]), environ={})
+catalog, store = open_node_storage(settings)
+Worker(settings, catalog, store, pipeline_factory=Stuck).run_once()
+"""
+
+
+def test_sigkill_during_inference_job_completes_once(tmp_path):
+    pacs = LoopbackPACS().start()
+    settings = with_destinations(
+        tmp_path,
+        [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        selection={"min_slices": 3, "min_coverage_mm": 0},
+    )
+    catalog, store = open_node_storage(settings)
+    receiver = Receiver(settings, catalog, store, environ={})
+    for path in write_series(tmp_path / "series", 5):
+        assert receiver.accept(path, consume=False).status == 0
+    ((study_id, seen),) = receiving_studies(catalog)
+    assert mark_complete(catalog, study_id, seen, "test")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER, json.dumps(settings.model_dump(mode="json"))],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "INFERENCE"  # inside pipeline.run
+        with catalog.read() as s:
+            job = s.scalars(select(Job)).one()
+            assert job.state is JobState.RUNNING and job.worker.endswith(f":{proc.pid}")
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(10) == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    try:
+        # a new worker process: it re-queues the dead worker's job and runs it
+        worker = Worker(settings, catalog, store, pipeline_factory=EmptyPipeline)
+        assert worker.recover() == [job.id]
+        assert worker.run_once() and not worker.run_once()
+        assert deliver_due(settings, catalog, store) == 2  # SR and summary (nothing segmented)
+        time.sleep(0.2)
+    finally:
+        pacs.stop()
+    with catalog.read() as s:
+        (job,) = s.scalars(select(Job))
+        outputs = list(s.scalars(select(Output)))
+        outbox = list(s.scalars(select(OutboxItem)))
+    catalog.dispose()
+    assert job.state is JobState.DONE and job.attempts == 2  # completed once, on retry
+    assert sorted(o.kind for o in outputs) == ["sr", "summary"]
+    assert len(outbox) == 2 and {i.state.value for i in outbox} == {"SENT"}
+    assert sorted(pacs.uids()) == sorted(o.sop_instance_uid for o in outputs)

@@ -170,6 +170,9 @@ def handle_conn_open(
                 event.address[0],
                 getattr(exc, "reason", None) or type(exc).__name__,
             )
+            guard = getattr(sock, "_guard", None)
+            if guard is not None:  # no further reads: after shutdown() they would bypass TLS
+                guard.tripped = "tls-handshake-failed"
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             return
@@ -199,8 +202,8 @@ def handle_assoc_event(event: evt.Event) -> None:
     )
 
 
-class LimitExceeded(ConnectionAbortedError):
-    """A peer broke a connection limit; the connection is dropped."""
+class _LimitExceeded(Exception):
+    """A peer broke a connection limit (internal to the stream guard)."""
 
 
 @dataclass(frozen=True)
@@ -263,16 +266,16 @@ class _StreamGuard:
         self._pdv_left = 0  # value bytes left in the current PDV item
         self._dataset_bytes = 0  # data set bytes of the current message so far
 
-    def trip(self, reason: str, detail: str) -> LimitExceeded:
+    def trip(self, reason: str, detail: str) -> _LimitExceeded:
         self.tripped = reason
         LOGGER.warning("association aborted reason=%s %s address=%s", reason, detail, self.address)
-        return LimitExceeded(f"{reason}: {detail}")
+        return _LimitExceeded(f"{reason}: {detail}")
 
-    def check_deadline(self) -> None:
-        if self.tripped:
-            raise LimitExceeded(self.tripped)
-        if time.monotonic() > self.deadline:
-            raise self.trip("max-duration", f"limit={self.limits.max_seconds:g}s")
+    def expired(self) -> bool:
+        """Whether the connection is over: a limit was broken or the deadline passed."""
+        if not self.tripped and time.monotonic() > self.deadline:
+            self.trip("max-duration", f"limit={self.limits.max_seconds:g}s")
+        return self.tripped is not None
 
     def feed(self, data: bytes) -> None:
         i, n = 0, len(data)
@@ -336,7 +339,12 @@ class _StreamGuard:
 
 
 class _GuardMixin:
-    """``recv`` that feeds the :class:`_StreamGuard` and enforces the deadline."""
+    """``recv`` that feeds the :class:`_StreamGuard` and enforces the deadline.
+
+    Once a limit is broken the connection is shut down and every further read
+    returns end-of-file, which pynetdicom handles as a closed transport (its
+    association then ends with an A-P-ABORT).
+    """
 
     _guard: _StreamGuard | None = None
 
@@ -344,15 +352,20 @@ class _GuardMixin:
         guard = self._guard
         if guard is None:
             return super().recv(bufsize, flags)  # type: ignore[misc]
-        guard.check_deadline()
+        if guard.expired():
+            self._cut()
+            return b""
         data = super().recv(bufsize, flags)  # type: ignore[misc]
         try:
             guard.feed(data)
-        except LimitExceeded:
-            with contextlib.suppress(OSError):
-                self.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
-            raise
+        except _LimitExceeded:
+            self._cut()
+            return b""
         return data
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
 
 
 class GuardedSocket(_GuardMixin, socket.socket):

@@ -337,6 +337,36 @@ def test_delivery_to_a_tls_destination(tmp_path, pki):
         box.catalog.dispose()
 
 
+def test_delivery_to_dcmtk_storescp_over_tls(tmp_path, pki):
+    """A third-party TLS PACS (dcmtk storescp, BCP 195 profile) that requires our certificate."""
+    port, out = free_port(), tmp_path / "pacs"
+    out.mkdir()
+    pacs = subprocess.Popen(
+        [
+            "storescp", "-aet", "TLSPACS", "+tls", str(pki / "pacs.key"), str(pki / "pacs.crt"),
+            "+cf", str(pki / "site-ca.crt"), "-rc", "-od", str(out), str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert _wait(lambda: _port_open(port), 10), "storescp did not start"
+        dest = {"ae_title": "TLSPACS", "host": "127.0.0.1", "port": port, "tls": True}
+        box = outbox_node(tmp_path, [dest], node={"tls": _tls(pki, "node")})
+        assert deliver_due(box.settings, box.catalog, box.store) == 3
+        box.catalog.dispose()
+        stored = {str(pydicom.dcmread(p).SOPInstanceUID) for p in out.iterdir()}
+        assert stored == set(box.sent)
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def describe_tls(sock) -> str:
     return sock.version() if isinstance(sock, ssl.SSLSocket) else "plain"
 

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
-SYSTEM_TOOLS := storescu:dcmtk dciodvfy:dicom3tools /usr/sbin/Orthanc:orthanc
+SYSTEM_TOOLS := storescu:dcmtk dciodvfy:dicom3tools /usr/sbin/Orthanc:orthanc openssl:openssl
 
 .PHONY: run test lint bench reliability venv system-tools clean
 

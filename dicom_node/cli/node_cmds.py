@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import signal
+import ssl
 import sys
 
 import click
 
-from config import NodeError, parse_ae_spec
+from config import NodeError, Settings, parse_ae_spec
 from dicom_node.cli.common import make_settings, quiet_client_logging, settings_options
 
 
@@ -69,13 +70,37 @@ def serve(
     run_service(settings, config_file=config_file)
 
 
+def _tls_context(
+    settings: Settings, use_tls: bool | None, ae_title: str, host: str, port: int
+) -> ssl.SSLContext | None:
+    """Client TLS context for ``echo``/``send``: forced by ``--tls``, off with ``--no-tls``,
+    otherwise that of a matching ``[[destinations]]`` entry."""
+    from dicom_node.tls import client_context, destination_context
+
+    if use_tls is None:
+        return destination_context(settings, ae_title, host, port)
+    return client_context(settings.node.tls) if use_tls else None
+
+
 @click.command()
 @settings_options
 @click.argument("target", metavar="HOST:PORT")
 @click.option("--ae-title", "called", default="ANY-SCP", help="Called AE title.")
 @click.option("--calling-ae", default=None, help="Our AE title (default: node AE title).")
+@click.option(
+    "--tls/--no-tls",
+    "use_tls",
+    default=None,
+    help="DICOM TLS with the node's certificate and CA bundle (node.tls). Default: TLS when "
+    "the target is a [[destinations]] entry with tls = true.",
+)
 def echo(
-    config_file: str | None, data_dir: str | None, target: str, called: str, calling_ae: str | None
+    config_file: str | None,
+    data_dir: str | None,
+    target: str,
+    called: str,
+    calling_ae: str | None,
+    use_tls: bool | None,
 ) -> None:
     """Send a C-ECHO to HOST:PORT (or AE@HOST:PORT)."""
     from pynetdicom import AE
@@ -93,7 +118,8 @@ def echo(
     ae = AE(ae_title=calling_ae or settings.node.ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = settings.node.acse_timeout
-    assoc = ae.associate(host, port, ae_title=called)
+    ctx = _tls_context(settings, use_tls, called, host, port)
+    assoc = ae.associate(host, port, ae_title=called, tls_args=(ctx, host) if ctx else None)
     if not assoc.is_established:
         raise NodeError(f"C-ECHO to {host}:{port}: association not established")
     rsp = assoc.send_c_echo()
@@ -109,12 +135,20 @@ def echo(
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--to", "to", required=True, metavar="AE@HOST:PORT", help="Destination AE.")
 @click.option("--calling-ae", default=None, help="Our AE title (default: node AE title).")
+@click.option(
+    "--tls/--no-tls",
+    "use_tls",
+    default=None,
+    help="DICOM TLS with the node's certificate and CA bundle (node.tls). Default: TLS when "
+    "the target is a [[destinations]] entry with tls = true.",
+)
 def send(
     config_file: str | None,
     data_dir: str | None,
     paths: tuple[str, ...],
     to: str,
     calling_ae: str | None,
+    use_tls: bool | None,
 ) -> None:
     """C-STORE files and folders to AE@HOST:PORT."""
     from tqdm import tqdm
@@ -136,6 +170,7 @@ def send(
         calling_ae or settings.node.ae_title,
         progress=lambda _p, _s: bar.update(1),
         timeout=settings.node.dimse_timeout,
+        ssl_context=_tls_context(settings, use_tls, ae, host, port),
     )
     bar.close()
     counts: dict[str, int] = {}

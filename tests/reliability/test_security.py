@@ -657,3 +657,26 @@ def test_model_weights_never_go_through_unrestricted_pickle():
     assert offenders == []
     modelpkg = (ROOT / "ai" / "modelpkg.py").read_text()
     assert "safetensors" in modelpkg
+
+
+def test_cli_echo_and_send_over_tls(start_node, pki, tmp_path):
+    from tests.dicom_node.proc import cspine
+
+    running = _tls_node(start_node, pki)
+    tls = _tls(pki, "scanner", enabled=True)
+    cfg = tmp_path / "scanner.toml"
+    cfg.write_text(
+        "[node]\nae_title = \"SCANNER\"\n[node.tls]\n"
+        + "".join(f'{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}\n'
+                  for k, v in tls.items())
+    )  # fmt: skip
+    target = f"CSPINE@127.0.0.1:{running.port}"
+    common = ["--config", str(cfg), "--data-dir", str(tmp_path / "cli-var")]
+    ok = cspine("echo", *common, "--tls", target)
+    assert ok.returncode == 0 and "success" in ok.stdout, ok.stderr
+    plain = cspine("echo", *common, "--no-tls", target)
+    assert plain.returncode != 0
+    paths = write_series(tmp_path / "in", 2)
+    sent = cspine("send", *common, "--tls", "--to", target, *map(str, paths))
+    assert sent.returncode == 0 and "sent 2 of 2" in sent.stdout, sent.stderr
+    assert len(_instances(running)) == 2

@@ -78,11 +78,23 @@ class Catalog:
     """The engine, its session factory and the in-process writer lock.
 
     Create one per process and pass it down.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL of the catalog.
+    busy_deadline_s
+        How long :meth:`write` keeps retrying while another process holds the lock.
+    busy_timeout_ms
+        How long one SQLite statement waits for the lock before a retry; a write can
+        thus wait up to ``busy_deadline_s`` plus this.
     """
 
-    def __init__(self, url: str, *, busy_deadline_s: float = 20.0) -> None:
+    def __init__(
+        self, url: str, *, busy_deadline_s: float = 20.0, busy_timeout_ms: int = 5000
+    ) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, busy_timeout_ms)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.busy_deadline_s = busy_deadline_s
         self._write_lock = threading.Lock()

@@ -43,7 +43,7 @@ NETWORK_FAULTS = {
     "refuse": (("--refuse",), "no association"),
     "abort-during": (("--abort-during",), "no response"),
     "abort-after": (("--abort-after",), "no response"),
-    "sleep-during": (("--sleep-during", "4"), "no response"),
+    "sleep-during": (("--sleep-during", "3"), "no response"),
 }
 
 
@@ -51,7 +51,7 @@ NETWORK_FAULTS = {
 def test_network_fault_is_retried_then_delivered_once(tmp_path, fault):
     switches, label = NETWORK_FAULTS[fault]
     pacs = Storescp(tmp_path / "pacs")
-    node = outbox_node(tmp_path, [pacs.destination], node={"dimse_timeout": 2})
+    node = outbox_node(tmp_path, [pacs.destination], node={"dimse_timeout": 1})
     pacs.start(*switches)
     try:
         assert deliver_due(node.settings, node.catalog, node.store) == 0

@@ -63,7 +63,8 @@ HOSTILE_UIDS = {
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_UIDS))
-def test_hostile_uid_refused_a900_and_nothing_written(node, tmp_path, case):
+def test_hostile_uid_refused_a900_and_nothing_written(module_node, tmp_path, case):
+    node = module_node
     keyword, value = HOSTILE_UIDS[case]
     ds = ct_slice(generate_uid(), generate_uid(), 0)
     _with_uid(keyword, value)(ds)

@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 from io import BytesIO
@@ -21,13 +22,18 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import generate_uid
+from pynetdicom import _config
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from sqlalchemy import select
 
+from dicom_node.receive import Receiver
+from dicom_node.scp import StorageNode
+from storage import Catalog
 from storage.filestore import FileStore, sha256_file
 from storage.models import Instance
+from tests.dicom_node.conftest import RunningNode, make_settings
 from tests.dicom_node.scu_tools import associate, chunked_send, store_files
 from tests.helpers import CT, ct_slice, write_series
 
@@ -210,14 +216,25 @@ def test_catalog_write_lock_held_10s_stores_slower_never_c211(node, tmp_path):
     assert_intact(node, 4)
 
 
-def test_catalog_locked_past_the_deadline_gives_a700_not_c211(node, tmp_path):
-    # one attempt waits SQLite's busy timeout (5 s), then the 1 s deadline has passed
-    node.receiver.catalog.busy_deadline_s = 1.0
-    paths = write_series(tmp_path / "in", 2)
-    statuses, _ = _store_during_lock(node, paths, 6.0)
-    assert statuses[0] == 0xA700  # out of resources: the sender retries later
-    assert 0xC211 not in statuses and None not in statuses
-    stored = statuses.count(0)
-    assert_intact(node, stored)  # the refused one left no file behind
-    assert store_files(node.port, paths) == [0, 0]  # the retry succeeds
-    assert_intact(node, 2)
+def test_catalog_locked_past_the_deadline_gives_a700_not_c211(tmp_path):
+    # a node whose catalog gives up after 0.5 s (+ one 0.25 s busy wait), not 20 s
+    settings = make_settings(tmp_path)
+    catalog = Catalog(settings.storage.url, busy_deadline_s=0.5, busy_timeout_ms=250)
+    store = FileStore(settings.storage.store_path)
+    receiver = Receiver(settings, catalog, store, environ={})
+    running = RunningNode(settings, StorageNode(settings, receiver), receiver, None)
+    old_tempdir, old_chunked = tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET
+    running.node.start()
+    try:
+        paths = write_series(tmp_path / "in", 2)
+        statuses, _ = _store_during_lock(running, paths, 1.5)
+        assert statuses[0] == 0xA700  # out of resources: the sender retries later
+        assert 0xC211 not in statuses and None not in statuses
+        assert_intact(running, statuses.count(0))  # the refused one left no file behind
+        assert store_files(running.port, paths) == [0, 0]  # the retry succeeds
+        assert_intact(running, 2)
+        assert_other_peer_served(running.port)
+    finally:
+        running.node.stop()
+        catalog.dispose()
+        tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET = old_tempdir, old_chunked

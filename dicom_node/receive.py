@@ -31,8 +31,10 @@ from dicom_node.validate import (
     Limits,
     Rejection,
     inspect_file,
+    valid_uid,
 )
 from storage import Catalog, CatalogBusyError, FileStore, IngestOutcome, ingest
+from storage.catalog import record_refusal
 
 LOGGER = logging.getLogger(__name__)
 
@@ -186,6 +188,7 @@ class Receiver:
                 self._checkpoint("before-response")
         except Rejection as exc:
             LOGGER.info("instance refused status=0x%04X reason=%s", exc.status, exc.reason)
+            self._record(exc.status, exc.reason, calling_ae, affected_sop_instance_uid)
             return Outcome(exc.status, exc.reason)
         except CatalogBusyError as exc:
             LOGGER.error("instance refused status=0xA700 reason=%s", exc)
@@ -205,6 +208,7 @@ class Receiver:
                 result.study_id,
                 result.detail,
             )
+            self._record(DATASET_MISMATCH, result.detail, calling_ae, header.sop_instance_uid)
             return Outcome(DATASET_MISMATCH, result.detail, result.study_id)
         LOGGER.debug(
             "instance %s study_id=%s instance_id=%s uid=%s ae=%s",
@@ -219,6 +223,17 @@ class Receiver:
                 "instance quarantined study_id=%s reason=%s", result.study_id, result.detail
             )
         return Outcome(SUCCESS, result.outcome.value, result.study_id, result.instance_id)
+
+
+    def _record(self, status: int, reason: str, calling_ae: str | None, uid: str | None) -> None:
+        """Keep the reason of a refusal in the catalog; never raises (it is best effort)."""
+        uid = uid.rstrip("\0 ") if uid else None
+        try:
+            record_refusal(
+                self.catalog, status, reason, calling_ae, uid if valid_uid(uid) else None
+            )
+        except Exception as exc:
+            LOGGER.warning("refusal not recorded: %s", type(exc).__name__)
 
 
 def open_node_storage(settings: Settings) -> tuple[Catalog, FileStore]:

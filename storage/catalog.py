@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from storage.db import Catalog
@@ -25,6 +25,7 @@ from storage.filestore import FileStore, sha256_file
 from storage.models import (
     Instance,
     QuarantinedInstance,
+    Refusal,
     Series,
     Study,
     StudyEvent,
@@ -261,6 +262,45 @@ def _ingest_known(
     except BaseException:
         (store.root / rel).unlink(missing_ok=True)
         raise
+
+
+REFUSALS_KEPT = 10_000
+"""The refusals table keeps the newest rows only, so a hostile flood cannot grow it."""
+
+
+def record_refusal(
+    catalog: Catalog,
+    status: int,
+    reason: str,
+    calling_ae: str | None,
+    sop_instance_uid: str | None,
+    *,
+    deadline_s: float = 2.0,
+) -> None:
+    """Record why an instance was refused (the caller has checked the UID is valid).
+
+    Waits at most ``deadline_s`` for the write lock; older rows beyond
+    :data:`REFUSALS_KEPT` are pruned.
+
+    Raises
+    ------
+    CatalogBusyError
+        When the catalog stays locked past the deadline.
+    """
+
+    def add(session: Session) -> None:
+        row = Refusal(
+            calling_ae=(calling_ae or None) and calling_ae[:16],
+            sop_instance_uid=sop_instance_uid,
+            status=int(status),
+            reason=reason[:500],
+        )
+        session.add(row)
+        session.flush()
+        if row.id % 100 == 0:
+            session.execute(delete(Refusal).where(Refusal.id <= row.id - REFUSALS_KEPT))
+
+    catalog.write(add, deadline_s=deadline_s)
 
 
 def reconcile(catalog: Catalog, store: FileStore) -> dict[str, int]:

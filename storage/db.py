@@ -105,17 +105,19 @@ class Catalog:
         with self.sessions() as session:
             yield session
 
-    def write(self, fn: Callable[[Session], T]) -> T:
+    def write(self, fn: Callable[[Session], T], *, deadline_s: float | None = None) -> T:
         """Run ``fn(session)`` in one ``BEGIN IMMEDIATE`` transaction and commit it.
 
-        Retries while another process holds the write lock, up to ``busy_deadline_s``.
+        Retries while another process holds the write lock, up to ``deadline_s``
+        (default ``busy_deadline_s``).
 
         Raises
         ------
         CatalogBusyError
             When the lock is still held by another process after the deadline.
         """
-        deadline = time.monotonic() + self.busy_deadline_s
+        limit = self.busy_deadline_s if deadline_s is None else deadline_s
+        deadline = time.monotonic() + limit
         delay = 0.05
         while True:
             try:
@@ -134,8 +136,7 @@ class Catalog:
                     raise
                 if time.monotonic() >= deadline:
                     raise CatalogBusyError(
-                        f"catalog locked by another writer for more than "
-                        f"{self.busy_deadline_s:.0f} s"
+                        f"catalog locked by another writer for more than {limit:.0f} s"
                     ) from exc
                 LOGGER.warning("catalog busy, retrying in %.2f s", delay)
                 time.sleep(delay)

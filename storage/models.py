@@ -148,6 +148,23 @@ class QuarantinedInstance(Base):
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class Refusal(Base):
+    """An instance refused on receipt (nothing of it is kept): who sent it and why.
+
+    ``sop_instance_uid`` is recorded only when it is a valid UID; a hostile value
+    never reaches the catalog.
+    """
+
+    __tablename__ = "refusals"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    refused_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+
+
 class StudyEvent(Base):
     """Audit trail of a study: what happened, when, and why."""
 

@@ -25,7 +25,11 @@ from tests.conftest import free_port
 from tests.dicom_node.proc import Server, echo_ok
 from tests.dicom_node.scu_tools import chunked_send, store_file
 from tests.helpers import CT, ct_slice, dataset_bytes, lenient_writing
-from tests.reliability.test_receive_faults import assert_intact, assert_other_peer_served
+from tests.reliability.test_receive_faults import (
+    assert_intact,
+    assert_other_peer_served,
+    latest_refusal,
+)
 
 REAL_BAD_JPEG = "pylibjpeg-data/JPEGLossless_1s_1f_i_16_16_bad.dcm"
 REAL_GOOD_JPEG = (
@@ -72,6 +76,11 @@ def test_hostile_uid_refused_a900_and_nothing_written(module_node, tmp_path, cas
     rsp = store_file(node.port, _save(ds, tmp_path / "bad.dcm"))
     assert rsp is not None and rsp.Status == 0xA900
     assert f"{keyword} is not a valid UID" in rsp.ErrorComment
+    refusal = latest_refusal(node.receiver)  # the reason is kept in the catalog
+    assert refusal is not None and refusal.status == 0xA900
+    assert refusal.reason == f"{keyword} is not a valid UID" and refusal.calling_ae == "TESTSCU"
+    # a hostile UID never reaches the catalog; a valid one is kept to find the sender's copy
+    assert refusal.sop_instance_uid == (None if keyword == "SOPInstanceUID" else ds.SOPInstanceUID)
     assert_intact(node, 0)
     assert not Path("/tmp/evil").exists() and not Path("/etc/cron.d/evil").exists()
     assert {p for p in set(Path("/tmp").iterdir()) - before if "evil" in p.name} == set()
@@ -115,6 +124,8 @@ def test_same_uid_other_content_quarantined_other_study_refused(node, tmp_path):
     ds.StudyInstanceUID = generate_uid()  # same UID, another study
     rsp = store_file(node.port, _save(ds, tmp_path / "c.dcm"))
     assert rsp.Status == 0xA900 and "SOP Instance UID already stored" in rsp.ErrorComment
+    refusal = latest_refusal(node.receiver)
+    assert refusal.sop_instance_uid == ds.SOPInstanceUID and "another series" in refusal.reason
     with node.receiver.catalog.read() as s:
         (row,) = s.scalars(select(Instance))
         (q,) = s.scalars(select(QuarantinedInstance))
@@ -139,6 +150,8 @@ def test_declared_65535x65535x10000_refused_before_any_allocation(node, tmp_path
         tracemalloc.stop()
     assert rsp.Status == 0xA700 and "65535x65535x10000 exceeds the pixel limit" in rsp.ErrorComment
     assert peak < 64 * 1024**2  # 85 TB declared; nothing near it was allocated
+    refusal = latest_refusal(node.receiver)
+    assert refusal.status == 0xA700 and "exceeds the pixel limit" in refusal.reason
     assert_intact(node, 0)
     assert_other_peer_served(node.port)
 

@@ -29,7 +29,7 @@ from storage.models import Instance, QuarantinedInstance
 from tests.conftest import free_port, real_data_dir
 from tests.helpers import dataset_bytes
 from tests.reliability.real_files import dicom_candidates, send_one, send_plan
-from tests.reliability.test_receive_faults import assert_other_peer_served
+from tests.reliability.test_receive_faults import assert_other_peer_served, latest_refusal
 
 A900 = "0xA900"
 # (file pattern, outcome, reason in the Error Comment): every refusal, and why it is right
@@ -145,6 +145,8 @@ def _stored_copies(node: StorageNode) -> dict[str, list[Path]]:
 def test_every_real_file_is_stored_exactly_or_refused_with_its_reason(real_data, real_node, rel):
     node, scratch = real_node
     path, sop_class, ts, _mode = send_plan(real_data / rel, scratch)
+    newest = latest_refusal(node.receiver)
+    before = newest.id if newest is not None else 0
     outcome, comment = send_one(node.port, path, sop_class, ts)
     refusal = expected(rel)
     if refusal is None:
@@ -160,6 +162,10 @@ def test_every_real_file_is_stored_exactly_or_refused_with_its_reason(real_data,
         assert (outcome, comment.startswith(refusal[1])) == (refusal[0], True), (
             f"{rel}: {outcome} {comment}"
         )
+        if outcome != "context-rejected":  # it reached the receiver: the reason is kept
+            row = latest_refusal(node.receiver)
+            assert row is not None and row.id > before and row.reason.startswith(refusal[1])
+            assert f"0x{row.status:04X}" == outcome and row.calling_ae == "REALSCU"
     assert not list(node.receiver.store.tmp_dir.iterdir())  # nothing half-received
     assert_other_peer_served(node.port)
 

@@ -32,7 +32,7 @@ from dicom_node.receive import Receiver
 from dicom_node.scp import StorageNode
 from storage import Catalog
 from storage.filestore import FileStore, sha256_file
-from storage.models import Instance
+from storage.models import Instance, Refusal
 from tests.dicom_node.conftest import RunningNode, make_settings
 from tests.dicom_node.scu_tools import associate, chunked_send, store_files
 from tests.helpers import CT, ct_slice, write_series
@@ -57,6 +57,12 @@ def assert_other_peer_served(port: int) -> None:
         assert assoc.send_c_echo().Status == 0
     finally:
         assoc.release()
+
+
+def latest_refusal(receiver) -> Refusal | None:
+    """The newest row of the catalog's refusals table."""
+    with receiver.catalog.read() as s:
+        return s.scalars(select(Refusal).order_by(Refusal.id.desc()).limit(1)).first()
 
 
 def assert_intact(running, expected: int) -> None:
@@ -238,3 +244,19 @@ def test_catalog_locked_past_the_deadline_gives_a700_not_c211(tmp_path):
         running.node.stop()
         catalog.dispose()
         tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET = old_tempdir, old_chunked
+
+
+def test_refusals_table_stays_bounded_under_a_flood(tmp_path, monkeypatch):
+    import storage.catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "REFUSALS_KEPT", 10)
+    settings = make_settings(tmp_path)
+    catalog = Catalog(settings.storage.url)
+    try:
+        for _ in range(210):
+            catalog_module.record_refusal(catalog, 0xA900, "x", "FLOOD", None)
+        with catalog.read() as s:
+            ids = list(s.scalars(select(Refusal.id)))
+    finally:
+        catalog.dispose()
+    assert max(ids) == 210 and len(ids) <= 10 + 100  # pruned every 100 rows

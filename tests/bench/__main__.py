@@ -2,99 +2,500 @@
 
 Benchmarks are not tests: they measure, print ratios against the reference tools run in
 the same session, and record the machine, versions and commands.
+
+Environment (defaults are the full benchmark)::
+
+    CSPINE_BENCH_RUNS=3               ingest runs per receiver and configuration
+    CSPINE_BENCH_SLICES=300           slices of the ingest series
+    CSPINE_BENCH_STUDIES=150,300,600,1200   turnaround study sizes
+    CSPINE_BENCH_RSS_STUDIES=10       studies in the receiver-RSS series
+    CSPINE_BENCH_RSS_SLICES=300       slices of each study of the RSS series
+    CSPINE_BENCH_STABLE=2             stable window of the turnaround node (seconds)
+    CSPINE_BENCH_DOC=docs/performance.md    where the report is written
+    CSPINE_BENCH_TMP=                 folder for series and receivers' storage
+
+A quick functional run (not a measurement)::
+
+    CSPINE_BENCH_RUNS=1 CSPINE_BENCH_SLICES=30 CSPINE_BENCH_STUDIES=40,60 \\
+    CSPINE_BENCH_RSS_STUDIES=3 CSPINE_BENCH_RSS_SLICES=40 CSPINE_BENCH_DOC=/tmp/perf.md \\
+    python -m tests.bench
+
+Studies shorter than about 32 slices are not processed by the node (coverage below the
+40 mm minimum of series selection), so turnaround sizes must be at least 40.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 from tests.bench import ingest, turnaround
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "performance.md"
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULTS = {
+    "CSPINE_BENCH_RUNS": "3",
+    "CSPINE_BENCH_SLICES": "300",
+    "CSPINE_BENCH_STUDIES": "150,300,600,1200",
+    "CSPINE_BENCH_RSS_STUDIES": "10",
+    "CSPINE_BENCH_RSS_SLICES": "300",
+    "CSPINE_BENCH_STABLE": "2",
+}
+DOC = Path(os.environ.get("CSPINE_BENCH_DOC") or ROOT / "docs" / "performance.md")
+
+# targets of issue #9
+INGEST_VS_ORTHANC = 1.0
+INGEST_VS_STORESCP = 0.5  # stretch
+TURNAROUND_CPU_300_S = 20.0
+TURNAROUND_GPU_300_S = 3.0
+LINEAR_EXPONENT_MAX = 1.2
+WORKER_PEAK_1200_MB = 2500.0
+RSS_FLAT_FRACTION = 0.05
+
+STAGE_LABELS = {
+    "wait_for_stability_s": "stable window",
+    "queue_s": "queue",
+    "select_s": "select",
+    "load_s": "load/decode",
+    "stage1_s": "stage 1",
+    "stage2_s": "stage 2",
+    "write_s": "write",
+    "send_s": "send",
+    "total_excl_stable_s": "total excl. stable",
+}
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name) or DEFAULTS[name]
 
 
 def _tool_version(cmd: list[str]) -> str:
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         return (out.stdout or out.stderr).splitlines()[0].strip()
     except Exception:
         return "not installed"
 
 
-def main() -> None:
-    results = ingest.main()
+def _cpuinfo() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _mem_total_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
+
+
+def _filesystem(path: str) -> str:
+    try:
+        out = subprocess.run(
+            ["findmnt", "-n", "-o", "SOURCE,FSTYPE", "-T", path],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return " ".join(out.stdout.split()) or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _orthanc_version() -> str:
+    try:
+        from tests.interop.orthanc import orthanc_version
+
+        return orthanc_version()
+    except Exception as exc:
+        return f"not available ({exc})"
+
+
+def _exponent(sizes: list[int], times: list[float]) -> float | None:
+    """Least-squares slope of log(time) against log(slices); None if undefined."""
+    pts = [(math.log(n), math.log(t)) for n, t in zip(sizes, times, strict=True) if t > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else None
+
+
+def _verdict_at_least(measured: float | None, target: float) -> str:
+    if measured is None:
+        return "not measured"
+    if measured >= target:
+        return "met"
+    return f"missed: {measured / target:.2f} of the target (needs {target / measured:.1f}x)"
+
+
+def _verdict_below(measured: float | None, target: float, unit: str) -> str:
+    if measured is None:
+        return "not measured"
+    if measured < target:
+        return "met"
+    return f"missed by {measured - target:.2f} {unit} ({measured / target:.2f}x the target)"
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def ingest_section(results: list[ingest.Result]) -> list[str]:
     lines = [
-        "# Performance",
+        "## Ingest",
         "",
-        f"Written by `make bench` on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC.",
+        f"dcmtk `storescu -xs` sends the same synthetic {ingest.SLICES}-slice 512x512 series "
+        "to three receivers one after another in the same run (the order rotates from run to "
+        "run; each receiver starts fresh on an empty folder of the same disk; `TCP_NODELAY=1` "
+        "for every dcmtk process, Orthanc's DICOM server included). With 4 senders the files "
+        "are split round-robin over 4 concurrent `storescu` processes. Time: first "
+        "association request to the last C-STORE response; afterwards the bench checks that "
+        f"each receiver holds every instance. {ingest.RUNS} run(s) per cell.",
+        "",
+        "- **cspine**: `cspine serve --no-worker` with fsync and the catalog on (every "
+        "0x0000 is written, fsynced, renamed and committed to SQLite first).",
+        "- **storescp**: dcmtk `storescp +xa [--fork] -od DIR`: writes files, no fsync, no index.",
+        "- **orthanc**: Debian's Orthanc with a generated configuration: SQLite index, "
+        "`SyncStorageArea: true` (fsync of every file, the default since 1.7.4), "
+        "`StorageCompression: false`, no plugins, `DicomThreadsCount` default (4), storage "
+        "and index on the same disk. Orthanc 1.10.1 has no configuration option for "
+        "Nagle's algorithm on its DICOM port (`TcpNoDelay` is for its HTTP server); its "
+        "DICOM server is dcmtk's and reads `TCP_NODELAY=1` from the environment.",
+        "",
+        "| receiver | transfer syntax | senders | img/s median | img/s min | img/s max "
+        "| MB/s median | s median | s min | s max |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        med, lo, hi = r.rates
+        lines.append(
+            f"| {r.name} | {r.syntax} | {r.senders} | {med:.1f} | {lo:.1f} | {hi:.1f} "
+            f"| {r.mbytes / r.median:.1f} | {r.median:.2f} | {min(r.seconds):.2f} "
+            f"| {max(r.seconds):.2f} |"
+        )
+    lines += [
+        "",
+        "Ratios, ours / reference (images per second at the median time):",
+        "",
+        "| transfer syntax | senders | cspine / storescp | cspine / Orthanc |",
+        "|---|---|---|---|",
+    ]
+    table: dict[tuple[str, int], dict[str, float]] = {}
+    for syntax, senders, ref, ratio in ingest.ratios(results):
+        table.setdefault((syntax, senders), {})[ref] = ratio
+    for (syntax, senders), refs in table.items():
+        lines.append(
+            f"| {syntax} | {senders} | {_fmt(refs.get('storescp'))} | {_fmt(refs.get('orthanc'))} |"
+        )
+    return lines
+
+
+def turnaround_table(rows: list[dict]) -> list[str]:
+    keys = ["receive_s", *STAGE_LABELS, "turnaround_s"]
+    labels = ["receive", *STAGE_LABELS.values(), "turnaround"]
+    lines = [
+        "| slices | " + " | ".join(labels) + " |",
+        "|---" * (len(labels) + 1) + "|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['slices']} | " + " | ".join(f"{row.get(k, 0.0):.2f}" for k in keys) + " |"
+        )
+    return lines
+
+
+def growth_lines(rows: list[dict]) -> tuple[list[str], dict[str, float | None]]:
+    """Seconds per 100 slices per stage across sizes and exponents b (time ~ slices^b)."""
+    sizes = [int(r["slices"]) for r in rows]
+    header = " / ".join(str(n) for n in sizes)
+    lines = [
+        f"Cost growth, seconds per 100 slices at {header} slices; `b` is the exponent of "
+        "time ~ slices^b fitted over all sizes, `b (last two)` between the two largest "
+        "(b = 1 is linear; a fixed cost gives b < 1; superlinear stages have b > 1):",
+        "",
+        "| stage | s per 100 slices | b | b (last two) |",
+        "|---|---|---|---|",
+    ]
+    tail: dict[str, float | None] = {}
+    for key, label in STAGE_LABELS.items():
+        times = [float(r.get(key, 0.0)) for r in rows]
+        per100 = " / ".join(f"{100 * t / n:.3f}" for t, n in zip(times, sizes, strict=True))
+        b_all = _exponent(sizes, times)
+        b_tail = _exponent(sizes[-2:], times[-2:]) if len(sizes) >= 2 else None
+        tail[key] = b_tail
+        lines.append(f"| {label} | {per100} | {_fmt(b_all)} | {_fmt(b_tail)} |")
+    return lines, tail
+
+
+def memory_section(cpu_rows: list[dict], gpu_rows: list[dict], rss: dict) -> list[str]:
+    lines = [
+        "## Memory",
+        "",
+        "Peak resident set size (`VmHWM` in `/proc/<pid>/status`, MB = 10^6 bytes) of the "
+        "receiver (`cspine serve`) and of its worker child (found through the process tree), "
+        "one fresh node per study size, read after the last output was acknowledged; models "
+        "loaded included.",
+        "",
+        "| slices | device | receiver peak MB | worker peak MB |",
+        "|---|---|---|---|",
+    ]
+    for row in cpu_rows + gpu_rows:
+        lines.append(
+            f"| {row['slices']} | {row['device']} | {row['receiver_peak_mb']:.0f} "
+            f"| {row['worker_peak_mb']:.0f} |"
+        )
+    after = rss["after"]
+    lines += [
+        "",
+        f"Receiver and worker RSS (`VmRSS`, MB) over {rss['studies']} consecutive studies "
+        f"into one node: the same {rss['slices']}-slice series each time with new Study, "
+        "Series and SOP Instance UIDs, read after each study's three outputs were delivered "
+        "to the loopback PACS.",
+        "",
+        "| after study | receiver MB | worker MB |",
+        "|---|---|---|",
+        f"| start (models loaded) | {rss['start'].get('receiver_mb', 0):.1f} "
+        f"| {rss['start'].get('worker_mb', 0):.1f} |",
+    ]
+    for i, sample in enumerate(after, 1):
+        lines.append(
+            f"| {i} | {sample.get('receiver_mb', 0):.1f} | {sample.get('worker_mb', 0):.1f} |"
+        )
+    growth = _rss_growth(rss)
+    lines += [
+        "",
+        f"Receiver growth: start to last {growth['from_start']:+.1f} MB; after study 1 to "
+        f"after study {len(after)} {growth['steady']:+.1f} MB "
+        f"({100 * growth['steady_fraction']:+.1f} %). Peaks over the series: receiver "
+        f"{rss['receiver_peak_mb']:.0f} MB, worker {rss['worker_peak_mb']:.0f} MB.",
+    ]
+    return lines
+
+
+def _rss_growth(rss: dict) -> dict[str, float]:
+    after = [s.get("receiver_mb", 0.0) for s in rss["after"]]
+    start = rss["start"].get("receiver_mb", 0.0)
+    steady = after[-1] - after[0] if after else 0.0
+    return {
+        "from_start": (after[-1] - start) if after else 0.0,
+        "steady": steady,
+        "steady_fraction": steady / after[0] if after and after[0] else 0.0,
+    }
+
+
+def _row(rows: list[dict], slices: int) -> dict | None:
+    found = [r for r in rows if int(r["slices"]) == slices]
+    return found[0] if found else None
+
+
+def targets_section(
+    results: list[ingest.Result],
+    cpu_rows: list[dict],
+    gpu_rows: list[dict],
+    gpu_name: str | None,
+    tail: dict[str, float | None],
+    rss: dict,
+) -> list[str]:
+    lines = [
+        "## Targets",
+        "",
+        "Issue #9's targets against this run's figures.",
+        "",
+        "| target | measured | verdict |",
+        "|---|---|---|",
+    ]
+    by_reference = sorted(ingest.ratios(results), key=lambda r: r[2] != "orthanc")
+    for syntax, senders, ref, ratio in by_reference:
+        target = INGEST_VS_ORTHANC if ref == "orthanc" else INGEST_VS_STORESCP
+        name = "Orthanc" if ref == "orthanc" else "storescp (stretch)"
+        lines.append(
+            f"| ingest {syntax}, {senders} sender(s) >= {target:.1f}x {name} "
+            f"| {ratio:.2f}x | {_verdict_at_least(ratio, target)} |"
+        )
+    sizes = ", ".join(str(r["slices"]) for r in cpu_rows)
+    cpu300 = _row(cpu_rows, 300)
+    t300 = float(cpu300["total_excl_stable_s"]) if cpu300 else None
+    lines.append(
+        f"| turnaround 300 slices, CPU, excl. stable window < {TURNAROUND_CPU_300_S:g} s "
+        f"| {f'{t300:.2f} s' if t300 is not None else f'not run (sizes {sizes})'} "
+        f"| {_verdict_below(t300, TURNAROUND_CPU_300_S, 's')} |"
+    )
+    gpu300 = _row(gpu_rows, 300)
+    if gpu_name is None:
+        lines.append(
+            f"| turnaround 300 slices, H100, excl. stable window < {TURNAROUND_GPU_300_S:g} s "
+            "| n/a: no GPU in this run | n/a |"
+        )
+    else:
+        note = "" if "H100" in gpu_name else f" (on {gpu_name}, not an H100)"
+        measured = gpu300["total_excl_stable_s"] if gpu300 else None
+        lines.append(
+            f"| turnaround 300 slices, H100, excl. stable window < {TURNAROUND_GPU_300_S:g} s "
+            f"| {_fmt(measured)} s{note} "
+            f"| {_verdict_below(measured, TURNAROUND_GPU_300_S, 's')} |"
+        )
+    if len(cpu_rows) >= 2:
+        last = cpu_rows[-1]
+        big = int(last["slices"])
+        relevant = {
+            k: b
+            for k, b in tail.items()
+            if b is not None and k != "wait_for_stability_s" and float(last.get(k, 0.0)) >= 0.5
+        }
+        worst = max(relevant, key=lambda k: relevant[k]) if relevant else None
+        total_b = tail.get("total_excl_stable_s")
+        measured = f"total b = {_fmt(total_b)}" + (
+            f"; steepest stage of >= 0.5 s: {STAGE_LABELS[worst]} b = {relevant[worst]:.2f}"
+            if worst
+            else ""
+        )
+        b_max = max(relevant.values()) if relevant else (total_b or 0.0)
+        verdict = (
+            "met"
+            if b_max <= LINEAR_EXPONENT_MAX
+            else f"missed: b = {b_max:.2f} > {LINEAR_EXPONENT_MAX}"
+        )
+        lines.append(
+            f"| cost growth close to linear (b <= {LINEAR_EXPONENT_MAX} between the two "
+            f"largest sizes, CPU, {int(cpu_rows[-2]['slices'])} -> {big} slices) "
+            f"| {measured} | {verdict} |"
+        )
+    else:
+        lines.append("| cost growth close to linear | not measured (one size) | not measured |")
+    cpu1200 = _row(cpu_rows, 1200)
+    peak = cpu1200["worker_peak_mb"] if cpu1200 else None
+    lines.append(
+        f"| worker peak RSS at 1,200 slices < {WORKER_PEAK_1200_MB / 1000:g} GB "
+        f"| {_fmt(peak, '.0f') + ' MB' if peak is not None else f'not run (sizes {sizes})'} "
+        f"| {_verdict_below(peak, WORKER_PEAK_1200_MB, 'MB')} |"
+    )
+    growth = _rss_growth(rss)
+    n = rss["studies"]
+    excess = 100 * (abs(growth["steady_fraction"]) - RSS_FLAT_FRACTION)
+    flat = excess <= 0
+    lines.append(
+        f"| receiver RSS flat over 10 studies (after study 1 to the last within "
+        f"{100 * RSS_FLAT_FRACTION:g} %) | {growth['steady']:+.1f} MB "
+        f"({100 * growth['steady_fraction']:+.1f} %) over {n} studies "
+        f"| {'met' if flat else f'missed by {excess:.1f} percentage points'}"
+        f"{'' if n >= 10 else f' (only {n} studies)'} |"
+    )
+    return lines
+
+
+def main() -> None:
+    sizes = [int(x) for x in _env("CSPINE_BENCH_STUDIES").split(",")]
+    rss_studies = int(_env("CSPINE_BENCH_RSS_STUDIES"))
+    rss_slices = int(_env("CSPINE_BENCH_RSS_SLICES"))
+    started = dt.datetime.now(dt.UTC)
+    load_start = os.getloadavg()
+    gpu_name = turnaround.cuda_device()
+
+    results = ingest.main()
+    cpu_rows = turnaround.main([str(n) for n in sizes], devices=["cpu"])
+    gpu_rows = turnaround.main([str(n) for n in sizes], devices=["cuda"]) if gpu_name else []
+    rss = turnaround.main_rss(rss_studies, rss_slices)
+    load_end = os.getloadavg()
+
+    quick = {k: os.environ[k] for k in DEFAULTS if os.environ.get(k, DEFAULTS[k]) != DEFAULTS[k]}
+    knobs = " ".join(f"{k}={v}" for k, v in quick.items())
+    lines = ["# Performance", ""]
+    if quick:
+        lines += [
+            f"**Quick functional run ({knobs}): not the benchmark; figures are not "
+            "comparable with the targets.**",
+            "",
+        ]
+    lines += [
+        f"Written by `make bench` on {started:%Y-%m-%d %H:%M} UTC "
+        f"(finished {dt.datetime.now(dt.UTC):%H:%M} UTC).",
         "",
         "## Machine and versions",
         "",
-        f"- {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        f"- {platform.platform()}; {_cpuinfo()}, {os.cpu_count()} logical CPUs, "
+        f"{_mem_total_gb():.1f} GB memory; Python {platform.python_version()}",
+        f"- bench folder on {_filesystem(ingest.TMP or tempfile.gettempdir())}",
+        f"- load average (1 min) {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end",
+        f"- GPU: {gpu_name or 'none (torch.cuda.is_available() is False)'}",
         f"- pynetdicom {version('pynetdicom')}, pydicom {version('pydicom')}, "
-        f"torch {version('torch')}, SQLAlchemy {version('sqlalchemy')}",
+        f"torch {version('torch')}, monai {version('monai')}, numpy {version('numpy')}, "
+        f"SQLAlchemy {version('sqlalchemy')}",
         f"- dcmtk: {_tool_version(['storescp', '--version'])}",
+        f"- Orthanc: {_orthanc_version()} (Debian package)",
         "",
-        "## Ingest",
+        "## Commands",
         "",
-        f"dcmtk `storescu -xs` sends the same synthetic {ingest.SLICES}-slice 512x512 series to "
-        "each receiver, one after another in the same run (`TCP_NODELAY=1` for dcmtk). Our node "
-        "runs `cspine serve --no-worker` with fsync and the catalog on (every 0x0000 is "
-        "fsynced, renamed and committed); dcmtk `storescp +xa -od DIR` stores files without "
-        f"fsync. {ingest.RUNS} runs each; median, min and max seconds.",
+        "`make bench` (= `.venv/bin/python -m tests.bench`) with "
+        + (f"`{knobs}`" if knobs else "the defaults")
+        + ". Knobs: `CSPINE_BENCH_RUNS` (ingest runs, default 3), `CSPINE_BENCH_SLICES` "
+        "(ingest series, default 300), `CSPINE_BENCH_STUDIES` (turnaround sizes, "
+        "default 150,300,600,1200), `CSPINE_BENCH_RSS_STUDIES` (default 10), "
+        "`CSPINE_BENCH_RSS_SLICES` (default 300), "
+        "`CSPINE_BENCH_STABLE` (default 2), `CSPINE_BENCH_DOC` (output, default "
+        "docs/performance.md), `CSPINE_BENCH_TMP` (work folder). Parts: "
+        "`python -m tests.bench.ingest`, `python -m tests.bench.turnaround 300 1200`.",
         "",
-        "| receiver | transfer syntax | senders | img/s (median) | MB/s "
-        "| median s | min s | max s |",
-        "|---|---|---|---|---|---|---|---|",
+        "Processes run by the bench (all on 127.0.0.1, `TCP_NODELAY=1` for dcmtk):",
+        "",
+        "- `python -m dicom_node serve --data-dir DIR --port P --no-worker "
+        "--stable-seconds 3600` (ingest)",
+        "- `storescp +xa [--fork] -od DIR P`",
+        "- `Orthanc orthanc.json` (configuration generated by `tests/interop/orthanc.py` "
+        f"plus `{json.dumps(ingest.ORTHANC_BENCH_CONFIG)}`, environment `TCP_NODELAY=1`)",
+        "- `storescu -aec AET -xs 127.0.0.1 P FILES...` (1 or 4 at once)",
+        "- `python -m dicom_node serve --data-dir DIR --port P --stable-seconds "
+        f"{turnaround.STABLE:g} --destination PACS@127.0.0.1:P` with "
+        "`CSPINE_MODELS__DEVICE=cpu` (or `cuda`), and `storescu -aec CSPINE +sd 127.0.0.1 "
+        "P FOLDER` (turnaround, memory)",
+        "",
     ]
-    for r in results:
-        lines.append(
-            f"| {r.name} | {r.syntax} | {r.senders} | {r.rate:.1f} | {r.mbytes / r.median:.1f} "
-            f"| {r.median:.2f} | {min(r.seconds):.2f} | {max(r.seconds):.2f} |"
-        )
-    lines += ["", "Ratios (ours / reference, images per second):", ""]
-    for r in results:
-        if r.name != "cspine":
-            continue
-        ref = [
-            x
-            for x in results
-            if x.name == "storescp" and x.syntax == r.syntax and x.senders == r.senders
-        ]
-        if ref:
-            lines.append(
-                f"- {r.syntax}, {r.senders} sender(s): {r.rate / ref[0].rate:.2f} x storescp"
-            )
-    sizes = [int(x) for x in os.environ.get("CSPINE_BENCH_STUDIES", "150,300").split(",")]
-    rows = turnaround.main([str(n) for n in sizes])
-    keys = [k for k in rows[0] if k != "slices"]
+    lines += ingest_section(results)
     lines += [
         "",
         "## Turnaround",
         "",
-        "Last instance acknowledged (dcmtk `storescu`) to last output acknowledged by a "
-        f"loopback PACS, `cspine serve --stable-seconds {turnaround.STABLE:g}` with the shipped "
-        "demo models on the CPU. One run per size; seconds.",
+        "Last instance acknowledged (dcmtk `storescu`) to last output (SEG, SR, summary) "
+        "acknowledged by a loopback pynetdicom PACS; `cspine serve --stable-seconds "
+        f"{turnaround.STABLE:g}` with the shipped demo models, a fresh node per size whose "
+        "worker has loaded its models before the study is sent. One run per size; seconds. "
+        "Stable window, queue and send come from the catalog's timestamps; select, "
+        "load/decode, stage 1, stage 2 and write from the job's own timings; total excl. "
+        "stable = turnaround - stable window.",
         "",
-        "| slices | " + " | ".join(k.removesuffix("_s") for k in keys) + " |",
-        "|---" * (len(keys) + 1) + "|",
-    ]
-    for row in rows:
-        lines.append(f"| {row['slices']} | " + " | ".join(f"{row[k]:.2f}" for k in keys) + " |")
-    lines += ["", "No GPU was available to this run: there is no GPU figure."]
-    lines += [
-        "",
-        "Command: `make bench` (`python -m tests.bench`); "
-        "`CSPINE_BENCH_RUNS` and `CSPINE_BENCH_SLICES` change the run count and size.",
+        "### CPU",
         "",
     ]
-    DOC.parent.mkdir(exist_ok=True)
+    lines += turnaround_table(cpu_rows)
+    growth, tail = growth_lines(cpu_rows)
+    lines += ["", *growth, ""]
+    lines += ["### GPU", ""]
+    if gpu_rows:
+        lines += [f"Same runs with `CSPINE_MODELS__DEVICE=cuda` on {gpu_name}.", ""]
+        lines += turnaround_table(gpu_rows)
+        gpu_growth, _ = growth_lines(gpu_rows)
+        lines += ["", *gpu_growth]
+    else:
+        lines += ["No GPU was available to this run: there is no GPU figure."]
+    lines += [""]
+    lines += memory_section(cpu_rows, gpu_rows, rss)
+    lines += [""]
+    lines += targets_section(results, cpu_rows, gpu_rows, gpu_name, tail, rss)
+    lines += [""]
+    DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(lines))
     print(f"wrote {DOC}", file=sys.stderr)
 

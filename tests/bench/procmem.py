@@ -3,7 +3,8 @@
 ``cspine serve`` is the receiver; its child ``python -m dicom_node worker`` is the worker.
 ``VmHWM`` is the kernel's peak resident set size of a process since it started, so one
 read before the process ends gives its peak; the poller reads every ``interval`` seconds
-so that a worker that is restarted (new pid) still counts.
+so that a worker that is restarted (new pid) still counts. The process tree is scanned
+only until the worker is found, and again once that pid is no longer its child.
 """
 
 from __future__ import annotations
@@ -29,19 +30,21 @@ def status_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def parent(pid: int) -> int | None:
+    """Parent pid of ``pid`` (None if the process is gone)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # the command name may hold spaces or parentheses: fields start after the last ")"
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
 def children(pid: int) -> list[int]:
     """Pids whose parent is ``pid`` (scan of ``/proc/*/stat``)."""
     found = []
     for entry in PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        # the command name may hold spaces or parentheses: fields start after the last ")"
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == pid:
+        if entry.name.isdigit() and parent(int(entry.name)) == pid:
             found.append(int(entry.name))
     return found
 
@@ -63,7 +66,7 @@ class NodeMemory:
     """Polls the receiver and its worker; peaks and current values in MB (10^6 bytes)."""
 
     serve_pid: int
-    interval: float = 0.2
+    interval: float = 0.5
     receiver_peak_mb: float = 0.0
     worker_peak_mb: float = 0.0
     worker_pids: set[int] = field(default_factory=set)
@@ -77,7 +80,8 @@ class NodeMemory:
         if rec:
             self.receiver_peak_mb = max(self.receiver_peak_mb, rec["VmHWM"] * 1024 / 1e6)
             now["receiver_mb"] = rec["VmRSS"] * 1024 / 1e6
-        wpid = worker_pid(self.serve_pid)
+        known = [p for p in self.worker_pids if parent(p) == self.serve_pid]
+        wpid = known[0] if known else worker_pid(self.serve_pid)
         if wpid is not None:
             self.worker_pids.add(wpid)
             wrk = status_kib(wpid)

@@ -122,13 +122,16 @@ class Node:
         )
         log.close()
         self.memory = NodeMemory(self.proc.pid).start()
-        wait_port(self.port)
-        deadline = time.monotonic() + timeout
-        while "worker ready" not in self.log():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"worker never became ready:\n{self.log()[-3000:]}")
-            time.sleep(0.2)
+        try:
+            wait_port(self.port)
+            deadline = time.monotonic() + timeout
+            while "worker ready" not in self.log():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker never became ready:\n{self.log()[-3000:]}")
+                time.sleep(0.2)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def log(self) -> str:
@@ -243,7 +246,7 @@ def run(slices: int, work: Path, device: str = "cpu") -> dict[str, float | str]:
         "total_excl_stable_s": turnaround - stages["wait_for_stability_s"],
         "receiver_peak_mb": node.memory.receiver_peak_mb,
         "worker_peak_mb": node.memory.worker_peak_mb,
-        "worker_restarts": len(node.memory.worker_pids) - 1,
+        "worker_restarts": max(0, len(node.memory.worker_pids) - 1),
     }
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(data, ignore_errors=True)

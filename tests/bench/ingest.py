@@ -249,7 +249,8 @@ def main() -> list[Result]:
             for senders in SENDERS:
                 seconds: dict[str, list[float]] = {k: [] for k in RECEIVERS}
                 for run in range(RUNS):
-                    order = RECEIVERS[run % 3 :] + RECEIVERS[: run % 3]
+                    k = run % len(RECEIVERS)
+                    order = RECEIVERS[k:] + RECEIVERS[:k]
                     for kind in order:
                         target = work / f"{kind}-{syntax}-{senders}-{run}"
                         seconds[kind].append(measure(kind, folder, senders, target))

@@ -41,7 +41,7 @@ bench: $(STAMP) system-tools
 	$(PY) -m tests.bench
 
 reliability: $(STAMP) system-tools
-	$(PY) -m pytest -q tests/reliability
+	CSPINE_RELIABILITY_FULL=1 $(PY) -m pytest -q tests/reliability
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -102,6 +102,20 @@ class Outcome:
     instance_id: int | None = None
 
 
+
+def zero_preamble(path: Path) -> None:
+    """Overwrite the 128-byte preamble of a Part-10 file with zeros, in place.
+
+    A preamble may carry an executable header (CVE-2019-11687); the node never keeps one.
+    Files without the ``DICM`` prefix at offset 128 are left alone (they have no preamble).
+    """
+    with open(path, "r+b") as fh:
+        head = fh.read(132)
+        if len(head) == 132 and head[128:132] == b"DICM" and head[:128] != bytes(128):
+            fh.seek(0)
+            fh.write(bytes(128))
+
+
 class Receiver:
     """Validate, store and catalog instances.
 
@@ -172,6 +186,7 @@ class Receiver:
             else:
                 spool = self.store.new_temp()
                 shutil.copyfile(path, spool)
+                zero_preamble(spool)
             if self._checkpoint is not None:
                 self._checkpoint("after-temp-write")
             header = inspect_file(

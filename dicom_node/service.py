@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -45,6 +46,8 @@ class WorkerSupervisor:
                     "worker",
                     "--settings-file",
                     str(self.settings_file),
+                    "--parent-pid",
+                    str(os.getpid()),
                 ],
             )
             LOGGER.info("worker started pid=%d", self.proc.pid)

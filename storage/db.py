@@ -10,6 +10,7 @@ until a deadline, after which :class:`CatalogBusyError` is raised.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +47,9 @@ def make_engine(url: str, busy_timeout_ms: int = 5000) -> Engine:
     path = _sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        # Create the file ourselves, owner + group only: SQLite gives its -wal and -shm
+        # files the mode of the database file.
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o640))
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000}

@@ -14,10 +14,19 @@ from dicom_node.cli.common import configure_logging, make_settings, settings_opt
 @click.command()
 @settings_options
 @click.option("--settings-file", type=click.Path(dir_okay=False), default=None, hidden=True)
-def worker(config_file: str | None, data_dir: str | None, settings_file: str | None) -> None:
+@click.option("--parent-pid", type=int, default=None, hidden=True)
+def worker(
+    config_file: str | None,
+    data_dir: str | None,
+    settings_file: str | None,
+    parent_pid: int | None,
+) -> None:
     """Run an inference worker on its own (``serve`` starts one by default)."""
     from dicom_node.receive import open_node_storage
     from dicom_node.worker import Worker
+
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
 
     if settings_file:
         settings = Settings.model_validate_json(Path(settings_file).read_text())
@@ -33,6 +42,25 @@ def worker(config_file: str | None, data_dir: str | None, settings_file: str | N
         pass
     finally:
         catalog.dispose()
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when ``parent_pid`` (``cspine serve``) dies.
+
+    A worker must never outlive the node that started it: a restarted node starts its
+    own worker, and re-queues the RUNNING job of the killed one. Linux only
+    (``PR_SET_PDEATHSIG``); if the parent is already gone, exit at once.
+    """
+    import ctypes
+    import os
+    import sys
+
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        raise SystemExit("parent process is gone; worker not started")
 
 
 @click.command()

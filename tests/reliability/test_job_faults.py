@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -94,3 +95,56 @@ def test_sigkill_during_inference_job_completes_once(tmp_path):
     assert sorted(o.kind for o in outputs) == ["sr", "summary"]
     assert len(outbox) == 2 and {i.state.value for i in outbox} == {"SENT"}
     assert sorted(pacs.uids()) == sorted(o.sop_instance_uid for o in outputs)
+
+
+def _children(pid: int) -> list[int]:
+    """Child pids of ``pid`` from /proc (Linux)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigkill_of_serve_takes_its_worker_down_and_a_restart_runs_one_worker(tmp_path):
+    from tests.conftest import free_port
+    from tests.dicom_node.proc import Server
+
+    port = free_port()
+    server = Server(tmp_path / "var", port).start()
+    try:
+        deadline = time.monotonic() + 30
+        workers: list[int] = []
+        while time.monotonic() < deadline and not workers:
+            workers = _children(server.proc.pid)
+            time.sleep(0.2)
+        assert len(workers) == 1, server.log()[-2000:]
+        (worker,) = workers
+        server.kill()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(worker):
+            time.sleep(0.1)
+        assert not _alive(worker), "the worker outlived the killed node"
+        server.start()
+        deadline = time.monotonic() + 30
+        workers = []
+        while time.monotonic() < deadline and not workers:
+            workers = _children(server.proc.pid)
+            time.sleep(0.2)
+        assert len(workers) == 1 and worker not in workers
+    finally:
+        server.stop()

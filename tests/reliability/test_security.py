@@ -640,6 +640,10 @@ def test_stored_files_have_zero_preamble_no_exec_bit_private_dirs(start_node, tm
     for folder in (running.store_root, *running.store_root.iterdir()):
         assert folder.is_dir()
         assert folder.stat().st_mode & 0o007 == 0, folder
+    # the catalog and its WAL files are not world-readable either (whatever the umask)
+    for name in ("catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm"):
+        path = running.store_root.parent / name
+        assert path.is_file() and path.stat().st_mode & 0o007 == 0, path
 
 
 def test_model_weights_never_go_through_unrestricted_pickle():
@@ -680,3 +684,21 @@ def test_cli_echo_and_send_over_tls(start_node, pki, tmp_path):
     sent = cspine("send", *common, "--tls", "--to", target, *map(str, paths))
     assert sent.returncode == 0 and "sent 2 of 2" in sent.stdout, sent.stderr
     assert len(_instances(running)) == 2
+
+
+def test_imported_files_get_a_zero_preamble_too(tmp_path):
+    from tests.dicom_node.proc import cspine
+
+    ds = ct_slice(generate_uid(), generate_uid(), 0)
+    ds.preamble = b"MZ\x90\x00" + b"\xcc" * 124
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ds.save_as(folder / "polyglot.dcm", enforce_file_format=True)
+    original = (folder / "polyglot.dcm").read_bytes()
+    run = cspine("import", "--data-dir", str(tmp_path / "var"), str(folder))
+    assert run.returncode == 0, run.stderr
+    (stored,) = (tmp_path / "var" / "store" / "instances").rglob("*.dcm")
+    data = stored.read_bytes()
+    assert data[:132] == b"\0" * 128 + b"DICM"
+    assert data[128:] == original[128:]  # everything after the preamble is kept as sent
+    assert (folder / "polyglot.dcm").read_bytes() == original  # the source is not modified

@@ -49,6 +49,22 @@ def storage_sop_classes(settings: Settings) -> list[str]:
     return [CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, *settings.node.extra_storage_sop_classes]
 
 
+def register_storage_class(uid: str) -> None:
+    """Make pynetdicom route C-STOREs of ``uid`` (e.g. a private class) to the Storage service.
+
+    pynetdicom accepts a presentation context for any UID, but aborts a C-STORE whose
+    SOP class it does not know ("No supported service class"). Known classes are left as
+    they are.
+    """
+    from pynetdicom import sop_class as known
+    from pynetdicom.service_class import StorageServiceClass
+
+    if known.uid_to_service_class(uid) is StorageServiceClass:
+        return
+    keyword = "CspineExtraStorage" + uid.replace(".", "_")
+    known.register_uid(uid, keyword, StorageServiceClass)
+
+
 def handle_echo(event: evt.Event) -> int:
     """C-ECHO: always success."""
     return 0x0000
@@ -427,6 +443,7 @@ def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=node.ae_title)
     ae.add_supported_context(Verification)
     for sop_class in storage_sop_classes(settings):
+        register_storage_class(sop_class)
         ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
     ae.maximum_associations = node.max_associations
     ae.maximum_pdu_size = node.max_pdu_size

@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from config import Settings
 from dicom_node.selection import SeriesCandidate, select_series
+from dicom_node.writers.common import blank_invalid_dates
 from storage import Catalog, FileStore
 from storage.filestore import sha256_file
 from storage.jobs import NewOutput, claim_next, complete_job, finish_job, heartbeat, requeue_orphans
@@ -256,7 +257,7 @@ class Worker:
         timings.update({k: float(v) for k, v in result.timings.items()})
         t2 = time.perf_counter()
         sources = [
-            pydicom.dcmread(by_uid[uid], stop_before_pixels=True)
+            blank_invalid_dates(pydicom.dcmread(by_uid[uid], stop_before_pixels=True))
             for uid in vol.source_sop_instance_uids
         ]
         outputs = self._write_outputs(
@@ -349,7 +350,9 @@ class Worker:
             for cand in candidates:
                 for path in cand.paths:
                     try:
-                        source = pydicom.dcmread(path, stop_before_pixels=True)
+                        source = blank_invalid_dates(
+                            pydicom.dcmread(path, stop_before_pixels=True)
+                        )
                         break
                     except Exception:
                         continue

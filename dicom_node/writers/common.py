@@ -388,6 +388,28 @@ def stamp(ds: Dataset, when: datetime.datetime) -> None:
             item.ContributionDateTime = DT(when)
 
 
+def blank_invalid_dates(ds: Dataset) -> Dataset:
+    """Blank top-level DA, TM and DT values of ``ds`` that are not valid dates or times.
+
+    Some senders write placeholders such as ``00000000``; the writers copy and parse the
+    source's study dates, and an unparseable one would stop every output. The values
+    are blanked in place (they are Type 2 in the modules the writers copy); the stored
+    source file is not touched. Returns ``ds``.
+    """
+    from pydicom.valuerep import DA, DT, TM
+
+    parsers = {"DA": DA, "TM": TM, "DT": DT}
+    for elem in list(ds):
+        parse = parsers.get(elem.VR)
+        if parse is None or elem.VM != 1 or not elem.value:
+            continue
+        try:
+            parse(str(elem.value))
+        except (ValueError, TypeError, OverflowError):
+            ds[elem.tag].value = None
+    return ds
+
+
 def copy_patient_study(source: Dataset, target: Dataset) -> None:
     """Copy the Patient and General Study attributes of ``source`` onto ``target``."""
     for keyword in _PATIENT_STUDY_KEYWORDS:

@@ -168,3 +168,17 @@ def test_image_over_the_pixel_limit_gets_a700(serve, tmp_path):
     rsp = store_file(node.port, path)
     assert rsp is not None and rsp.Status == 0xA700
     assert "pixel limit" in rsp.ErrorComment
+
+
+def test_private_storage_class_is_stored_when_configured(serve, tmp_path):
+    private = "1.2.826.0.1.3680043.8.498.1.424242"
+    node = serve(node={"extra_storage_sop_classes": [private]})
+    ds = ct_slice(generate_uid(), generate_uid(), 0)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = private
+    path = tmp_path / "private.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assoc = _associate(node.port, contexts=((private, [EXPLICIT_LE]),))
+    assert assoc.is_established
+    rsp = assoc.send_c_store(path)
+    assoc.release()
+    assert rsp.Status == 0x0000

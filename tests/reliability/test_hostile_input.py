@@ -20,7 +20,7 @@ from ai.types import VERTEBRAE, ModelIdentity, PipelineResult, VertebraResult
 from ai.volume import load_series
 from dicom_node.worker import Worker
 from storage.catalog import mark_complete, receiving_studies
-from storage.models import Instance, Job, JobState, QuarantinedInstance, Study
+from storage.models import Instance, Job, JobState, Output, QuarantinedInstance, Study
 from tests.conftest import free_port
 from tests.dicom_node.proc import Server, echo_ok
 from tests.dicom_node.scu_tools import chunked_send, store_file
@@ -239,6 +239,13 @@ def test_jpeg_lossless_decoding_to_garbage_is_stored_then_not_processed(
     assert job.state is JobState.NOT_PROCESSED
     assert "pixel data implausible" in job.reason and "outside [-3100, 4000] HU" in job.reason
     assert pipeline.volumes == []
+    # the source's placeholder dates (00000000) do not stop the not-processed SR
+    with running.receiver.catalog.read() as s:
+        (out,) = s.scalars(select(Output).where(Output.job_id == job.id))
+    sr = pydicom.dcmread(running.store_root / out.file_path)
+    assert out.kind == "sr" and sr.Modality == "SR"
+    texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+    assert any("pixel data implausible" in t for t in texts), texts
     assert_other_peer_served(running.port)
 
 

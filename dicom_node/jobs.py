@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from storage.models import Job, JobState, OutboxItem, OutboxState, Output
+from storage.models import Job, JobState, OutboxItem, OutboxState, Output, Refusal
 
 
 def latest_job(session: Session, study_id: int, states: tuple[JobState, ...] = ()) -> Job | None:
@@ -103,3 +103,11 @@ def status_lines(session: Session, recent: int = 10) -> Iterator[str]:
         kind = out.kind if out else "?"
         why = f"{item.last_status} {item.last_error or ''}"
         yield f"  delivery {item.id} {kind} -> {item.destination} DEAD: {why}"
+    refusals = session.scalars(select(Refusal).order_by(Refusal.id.desc()).limit(recent)).all()
+    if refusals:
+        yield "recent refusals on receipt:"
+    for ref in refusals:
+        yield (
+            f"  {ref.refused_at:%Y-%m-%d %H:%M:%S}Z from {ref.calling_ae or '(import)'} "
+            f"0x{ref.status:04X}: {ref.reason}"
+        )

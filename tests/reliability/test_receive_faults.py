@@ -260,3 +260,21 @@ def test_refusals_table_stays_bounded_under_a_flood(tmp_path, monkeypatch):
     finally:
         catalog.dispose()
     assert max(ids) == 210 and len(ids) <= 10 + 100  # pruned every 100 rows
+
+
+def test_cspine_status_lists_recent_refusals(start_node, tmp_path):
+    from dicom_node.jobs import status_lines
+    from tests.dicom_node.proc import cspine
+
+    node = start_node()
+    ds = ct_slice(generate_uid(), generate_uid(), 0)
+    del ds.PixelData
+    path = tmp_path / "no-pixels.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert store_files(node.port, [path]) == [0xA900]
+    with node.receiver.catalog.read() as s:
+        lines = list(status_lines(s))
+    assert "recent refusals on receipt:" in lines
+    assert any("0xA900" in line and "Pixel Data" in line for line in lines), lines
+    out = cspine("status", "--data-dir", str(node.settings.storage.data_dir))
+    assert out.returncode == 0 and "0xA900" in out.stdout, out.stderr

@@ -326,15 +326,6 @@ def _is_synthetic(root: Path) -> bool:
 )
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--markdown", "md_out", type=click.Path(dir_okay=False), default=None)
-@click.option(
-    "--pretrain-steps",
-    default=0,
-    show_default=True,
-    type=click.IntRange(0),
-    help="Steps of balanced single-slice encoder pre-training before the study-level epochs.",
-)
-@click.option("--pretrain-batch", default=64, show_default=True, type=click.IntRange(2))
-@click.option("--pretrain-lr", default=3e-4, show_default=True, type=float)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
 def evaluate_cls(

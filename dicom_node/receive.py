@@ -102,7 +102,6 @@ class Outcome:
     instance_id: int | None = None
 
 
-
 def zero_preamble(path: Path) -> None:
     """Overwrite the 128-byte preamble of a Part-10 file with zeros, in place.
 
@@ -238,7 +237,6 @@ class Receiver:
                 "instance quarantined study_id=%s reason=%s", result.study_id, result.detail
             )
         return Outcome(SUCCESS, result.outcome.value, result.study_id, result.instance_id)
-
 
     def _record(self, status: int, reason: str, calling_ae: str | None, uid: str | None) -> None:
         """Keep the reason of a refusal in the catalog; never raises (it is best effort)."""

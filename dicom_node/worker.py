@@ -350,9 +350,7 @@ class Worker:
             for cand in candidates:
                 for path in cand.paths:
                     try:
-                        source = blank_invalid_dates(
-                            pydicom.dcmread(path, stop_before_pixels=True)
-                        )
+                        source = blank_invalid_dates(pydicom.dcmread(path, stop_before_pixels=True))
                         break
                     except Exception:
                         continue

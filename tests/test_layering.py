@@ -30,9 +30,7 @@ def _imports(path: Path) -> set[str]:
 def test_package_never_imports_what_it_must_not(package):
     files = sorted((ROOT / package).rglob("*.py"))
     assert files
-    offenders = {
-        str(f.relative_to(ROOT)): sorted(_imports(f) & FORBIDDEN[package]) for f in files
-    }
+    offenders = {str(f.relative_to(ROOT)): sorted(_imports(f) & FORBIDDEN[package]) for f in files}
     offenders = {k: v for k, v in offenders.items() if v}
     assert offenders == {}
 

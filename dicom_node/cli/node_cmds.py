@@ -70,6 +70,15 @@ def serve(
     run_service(settings, config_file=config_file)
 
 
+tls_option = click.option(
+    "--tls/--no-tls",
+    "use_tls",
+    default=None,
+    help="DICOM TLS with the node's certificate and CA bundle (node.tls). Default: TLS when "
+    "the target is a [[destinations]] entry with tls = true.",
+)
+
+
 def _tls_context(
     settings: Settings, use_tls: bool | None, ae_title: str, host: str, port: int
 ) -> ssl.SSLContext | None:
@@ -87,13 +96,7 @@ def _tls_context(
 @click.argument("target", metavar="HOST:PORT")
 @click.option("--ae-title", "called", default="ANY-SCP", help="Called AE title.")
 @click.option("--calling-ae", default=None, help="Our AE title (default: node AE title).")
-@click.option(
-    "--tls/--no-tls",
-    "use_tls",
-    default=None,
-    help="DICOM TLS with the node's certificate and CA bundle (node.tls). Default: TLS when "
-    "the target is a [[destinations]] entry with tls = true.",
-)
+@tls_option
 def echo(
     config_file: str | None,
     data_dir: str | None,
@@ -135,13 +138,7 @@ def echo(
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--to", "to", required=True, metavar="AE@HOST:PORT", help="Destination AE.")
 @click.option("--calling-ae", default=None, help="Our AE title (default: node AE title).")
-@click.option(
-    "--tls/--no-tls",
-    "use_tls",
-    default=None,
-    help="DICOM TLS with the node's certificate and CA bundle (node.tls). Default: TLS when "
-    "the target is a [[destinations]] entry with tls = true.",
-)
+@tls_option
 def send(
     config_file: str | None,
     data_dir: str | None,

@@ -106,6 +106,26 @@ def _study(seed: int, fractured: int | None) -> tuple[CTVolume, np.ndarray, np.n
     return CTVolume(hu=hu, affine=affine), lm, labels
 
 
+def _cached(
+    i: int,
+    vol: CTVolume,
+    lm: np.ndarray,
+    labels: np.ndarray,
+    crop: CropConfig,
+    slice_labels: np.ndarray | None = None,
+) -> StudyCrops:
+    """Crops of one toy study as the crop cache stores them."""
+    batch = extract_crops(vol, lm, crop)
+    return StudyCrops(
+        str(i),
+        (batch.crops * 255).round().to(torch.uint8),
+        batch.present,
+        labels,
+        [v.reason for v in batch.vertebrae],
+        slice_labels,
+    )
+
+
 def test_training_smoke_writes_a_loadable_package(tmp_path: Path) -> None:
     torch.manual_seed(0)
     crop = CropConfig(size=32, n_slices=3, min_volume_mm3=10)
@@ -114,16 +134,7 @@ def test_training_smoke_writes_a_loadable_package(tmp_path: Path) -> None:
         vol, lm, labels = _study(i, i % 7 if i % 2 else None)
         if i == 0:
             lm[lm == 7] = 0  # C7 missing in one study
-        batch = extract_crops(vol, lm, crop)
-        items.append(
-            StudyCrops(
-                str(i),
-                (batch.crops * 255).round().to(torch.uint8),
-                batch.present,
-                labels,
-                [v.reason for v in batch.vertebrae],
-            )
-        )
+        items.append(_cached(i, vol, lm, labels, crop))
     cfg = TrainConfig(epochs=2, batch_size=2, folds=3, fold=1, seed=3, mixup=1.0, **TINY)
     out = tmp_path / "pkg"
     meta = train(
@@ -185,21 +196,11 @@ def test_slice_pretraining_learns_fractured_slices_and_keeps_the_encoder(tmp_pat
     for i in range(8):
         fractured = i % 7 if i % 2 else None
         vol, lm, labels = _study(i, fractured)
-        batch = extract_crops(vol, lm, crop)
-        slice_labels = np.zeros((int(batch.present.sum()), 3), np.float32)
+        slice_labels = np.zeros((7, 3), np.float32)
         if fractured is not None:
             slice_labels[fractured, 1] = 1.0  # the middle slice shows the gap
             slice_labels[fractured, 0] = -1.0  # unknown: never used
-        items.append(
-            StudyCrops(
-                str(i),
-                (batch.crops * 255).round().to(torch.uint8),
-                batch.present,
-                labels,
-                [v.reason for v in batch.vertebrae],
-                slice_labels,
-            )
-        )
+        items.append(_cached(i, vol, lm, labels, crop, slice_labels))
     cfg = TrainConfig(pretrain_steps=150, pretrain_batch=16, pretrain_lr=3e-3, seed=1, **TINY)
     net = FractureNet(in_chans=6, **TINY)
     before = {k: v.clone() for k, v in net.encoder.state_dict().items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,12 +66,17 @@ def store_files(port: int, paths: list[Path], **kw) -> list[int | None]:
     return out
 
 
-def cut_off_store(port: int, ds: Dataset, fraction: float = 0.5) -> None:
-    """Start a C-STORE, send part of the data set's PDUs, then drop the TCP connection."""
+def partial_store(port: int, ds: Dataset, fraction: float = 0.5) -> socket.socket:
+    """Start a C-STORE and send part of the data set's PDUs; return the raw socket, open.
+
+    The association object lets go of the socket: the caller owns it from here (close it,
+    reset it, or let it stall).
+    """
     from io import BytesIO
 
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
+    from pynetdicom.pdu import P_DATA_TF
 
     assoc = associate(port)
     assert assoc.is_established
@@ -87,17 +93,27 @@ def cut_off_store(port: int, ds: Dataset, fraction: float = 0.5) -> None:
     msg.primitive_to_message(req)
     cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CT)
     pdus = list(msg.encode_msg(cx.context_id, 4096))
-    keep = max(2, int(len(pdus) * fraction))
     sock = assoc.dul.socket.socket
-    from pynetdicom.pdu import P_DATA_TF
-
-    for primitive in pdus[:keep]:
+    assoc.dul.socket.socket = None
+    for primitive in pdus[: max(2, int(len(pdus) * fraction))]:
         pdu = P_DATA_TF()
         pdu.from_primitive(primitive)
         sock.sendall(pdu.encode())
-    # vanish without A-ABORT or A-RELEASE
-    assoc.dul.socket.socket = None
-    sock.close()
+    return sock
 
 
-__all__ = ["MR", "associate", "chunked_send", "cut_off_store", "store_file", "store_files"]
+def cut_off_store(port: int, ds: Dataset, fraction: float = 0.5) -> None:
+    """Start a C-STORE, send part of the data set's PDUs, then drop the TCP connection
+    (no A-ABORT, no A-RELEASE)."""
+    partial_store(port, ds, fraction).close()
+
+
+__all__ = [
+    "MR",
+    "associate",
+    "chunked_send",
+    "cut_off_store",
+    "partial_store",
+    "store_file",
+    "store_files",
+]

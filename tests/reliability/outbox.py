@@ -45,15 +45,24 @@ def with_destinations(tmp_path: Path, destinations: list[dict], **sections: dict
     return load_settings(overrides={**base, "destinations": destinations}, environ={})
 
 
-def outbox_node(tmp_path: Path, destinations: list[dict], **sections: dict) -> OutboxNode:
-    """Receive a small study, finish its job with three outputs queued for delivery."""
-    settings = with_destinations(tmp_path, destinations, **sections)
+def complete_study(settings, folder: Path, slices: int) -> tuple:
+    """Import a ``slices``-slice series and mark its study complete (its job is queued).
+
+    Returns ``(catalog, store)``.
+    """
     catalog, store = open_node_storage(settings)
     receiver = Receiver(settings, catalog, store, environ={})
-    for path in write_series(tmp_path / "source", 3):
+    for path in write_series(folder, slices):
         assert receiver.accept(path, consume=False).status == 0
     ((study_id, seen),) = receiving_studies(catalog)
     assert mark_complete(catalog, study_id, seen, "test")
+    return catalog, store
+
+
+def outbox_node(tmp_path: Path, destinations: list[dict], **sections: dict) -> OutboxNode:
+    """Receive a small study, finish its job with three outputs queued for delivery."""
+    settings = with_destinations(tmp_path, destinations, **sections)
+    catalog, store = complete_study(settings, tmp_path / "source", 3)
     job = claim_next(catalog, "test-host:1")
     assert job is not None
     outputs, sent = [], {}

@@ -20,13 +20,10 @@ from pathlib import Path
 from sqlalchemy import select
 
 from dicom_node.delivery import deliver_due
-from dicom_node.receive import Receiver, open_node_storage
 from dicom_node.worker import Worker
-from storage.catalog import mark_complete, receiving_studies
 from storage.models import Job, JobState, OutboxItem, Output
 from tests.dicom_node.pacs import LoopbackPACS
-from tests.helpers import write_series
-from tests.reliability.outbox import with_destinations
+from tests.reliability.outbox import complete_study, with_destinations
 from tests.reliability.test_hostile_input import EmptyPipeline
 
 # a worker process whose pipeline blocks: the test kills it there
@@ -54,12 +51,7 @@ def test_sigkill_during_inference_job_completes_once(tmp_path):
         [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
         selection={"min_slices": 3, "min_coverage_mm": 0},
     )
-    catalog, store = open_node_storage(settings)
-    receiver = Receiver(settings, catalog, store, environ={})
-    for path in write_series(tmp_path / "series", 5):
-        assert receiver.accept(path, consume=False).status == 0
-    ((study_id, seen),) = receiving_studies(catalog)
-    assert mark_complete(catalog, study_id, seen, "test")
+    catalog, store = complete_study(settings, tmp_path / "series", 5)
     proc = subprocess.Popen(
         [sys.executable, "-c", WORKER, json.dumps(settings.model_dump(mode="json"))],
         stdout=subprocess.PIPE,

@@ -14,18 +14,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import generate_uid
 from pynetdicom import _config
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
+from pynetdicom.pdu import A_ABORT_RQ
 from sqlalchemy import select
 
 from dicom_node.receive import Receiver
@@ -34,8 +29,8 @@ from storage import Catalog
 from storage.filestore import FileStore, sha256_file
 from storage.models import Instance, Refusal
 from tests.dicom_node.conftest import RunningNode, make_settings
-from tests.dicom_node.scu_tools import associate, chunked_send, store_files
-from tests.helpers import CT, ct_slice, write_series
+from tests.dicom_node.scu_tools import associate, chunked_send, partial_store, store_files
+from tests.helpers import ct_slice, write_series
 
 
 def _rows(running) -> list[Instance]:
@@ -86,39 +81,13 @@ def _wait_no_spool(running, timeout: float = 10) -> None:
         time.sleep(0.05)
 
 
-def _partial_store(port: int, ds: pydicom.Dataset, fraction: float) -> socket.socket:
-    """Send part of a C-STORE's data set; return the raw socket, still open."""
-    assoc = associate(port)
-    assert assoc.is_established
-    buf = DicomBytesIO()
-    buf.is_little_endian, buf.is_implicit_VR = True, False
-    write_dataset(buf, ds)
-    req = C_STORE()
-    req.MessageID = 1
-    req.AffectedSOPClassUID = CT
-    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    req.Priority = 2
-    req.DataSet = BytesIO(buf.getvalue())
-    msg = C_STORE_RQ()
-    msg.primitive_to_message(req)
-    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CT)
-    pdus = list(msg.encode_msg(cx.context_id, 4096))
-    sock = assoc.dul.socket.socket
-    assoc.dul.socket.socket = None  # the test owns the raw socket from here
-    for primitive in pdus[: max(2, int(len(pdus) * fraction))]:
-        pdu = P_DATA_TF()
-        pdu.from_primitive(primitive)
-        sock.sendall(pdu.encode())
-    return sock
-
-
 @pytest.mark.parametrize("ending", ["abort", "reset", "stall"])
 def test_association_ended_mid_transfer_leaves_nothing_partial(start_node, tmp_path, ending):
     running = start_node(node={"network_timeout": 1.0})
     first = write_series(tmp_path / "ok", 2)
     assert store_files(running.port, first) == [0, 0]
     ds = ct_slice(generate_uid(), generate_uid(), 0, rows=256, cols=256)
-    sock = _partial_store(running.port, ds, 0.5)
+    sock = partial_store(running.port, ds, 0.5)
     deadline = time.monotonic() + 5
     while not _leftovers(running)[1] and time.monotonic() < deadline:
         time.sleep(0.02)

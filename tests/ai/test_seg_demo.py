@@ -40,7 +40,6 @@ def test_demo_mask_on_the_source_grid_overlaps_the_truth(model, seed, position) 
     # C1 lies above C7 along the patient's head-foot axis (+z in LPS)
     z = {}
     for i, name in enumerate(VERTEBRAE, start=1):
-        k = np.nonzero(out.label_map == i)[0]
-        centre = np.array([float(k.mean()), 0.0, 0.0, 1.0])
+        centre = np.append(np.argwhere(out.label_map == i).mean(axis=0), 1.0)  # (k, j, i, 1)
         z[name] = float((study.volume.affine @ centre)[2])
     assert [z[n] for n in VERTEBRAE] == sorted(z.values(), reverse=True), z

@@ -111,7 +111,29 @@ class FractureNet(nn.Module):
         x = crops.flatten(0, 1)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.encoder(x).view(n, s, -1)
+        return self.forward_features(self.encoder(x).view(n, s, -1), present)
+
+    def forward_features(
+        self, feats: torch.Tensor, present: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Run the slice LSTM and the heads on encoder features.
+
+        Parameters
+        ----------
+        feats
+            ``[N, S, D]`` ConvNeXt features of the slices of the assessed vertebrae
+            (``D = encoder.out_dim``).
+        present
+            Boolean ``[B, 7]`` as in :meth:`forward`.
+
+        Returns
+        -------
+        dict
+            As :meth:`forward`.
+        """
+        n, s = feats.shape[:2]
+        if int(present.sum()) != n:
+            raise ValueError(f"present marks {int(present.sum())} vertebrae but {n} given")
         seq, _ = self.lstm(feats)
         slice_logits = self.slice_head(self.drop(seq)).squeeze(-1)
         b = present.shape[0]

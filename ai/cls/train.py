@@ -70,6 +70,9 @@ class TrainConfig:
     pretrain_steps: int = 0
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-4
+    head_epochs: int = 0
+    head_lr: float = 1e-3
+    head_batch: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
 
     def net_params(self, in_chans: int) -> dict[str, Any]:
@@ -178,12 +181,7 @@ def _batch(
         if augment is not None:
             x, flipped = _augment(x, augment)
         crops.append(x)
-        n, s = it.crops.shape[:2]
-        sl = it.slice_labels
-        if sl is None or sl.shape != (n, s):
-            # no box information: positives unknown, negatives known to be 0
-            sl = np.where(it.labels[:7][it.present][:, None] > 0.5, -1.0, 0.0) * np.ones((1, s))
-        sl_t = torch.from_numpy(np.asarray(sl, dtype=np.float32))
+        sl_t = torch.from_numpy(_slice_targets(it))
         slice_labels.append(sl_t.flip(1) if flipped else sl_t)
     present = torch.from_numpy(np.stack([it.present for it in items]))
     labels = torch.from_numpy(np.stack([it.labels for it in items]))
@@ -197,9 +195,16 @@ def _batch(
 
 @torch.inference_mode()
 def predict_cached(
-    net: FractureNet, items: Sequence[StudyCrops], device: torch.device, batch_size: int = 4
+    net: FractureNet,
+    items: Sequence[StudyCrops],
+    device: torch.device,
+    batch_size: int = 4,
+    features: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, np.ndarray]:
     """Probabilities for cached studies.
+
+    With ``features`` (one ``[n_present, S, D]`` tensor per item, from
+    :func:`encode_items`), the encoder is skipped.
 
     Returns
     -------
@@ -215,10 +220,16 @@ def predict_cached(
     idx = [i for i, it in enumerate(items) if it.present.any()]
     for s in range(0, len(idx), batch_size):
         chunk = idx[s : s + batch_size]
-        x, present, _, _ = _batch([items[i] for i in chunk], device, None)
         amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
-        with amp:
-            out = net(x, present)
+        if features is not None:
+            present = torch.from_numpy(np.stack([items[i].present for i in chunk])).to(device)
+            feats = torch.cat([features[i] for i in chunk]).to(device)
+            with amp:
+                out = net.forward_features(feats, present)
+        else:
+            x, present, _, _ = _batch([items[i] for i in chunk], device, None)
+            with amp:
+                out = net(x, present)
         v = torch.sigmoid(out["vertebra_logits"].float()).cpu().numpy()
         p = torch.sigmoid(out["patient_logits"].float()).cpu().numpy()
         for j, i in enumerate(chunk):
@@ -345,6 +356,137 @@ def pretrain_encoder(
     return history
 
 
+@torch.inference_mode()
+def encode_items(
+    net: FractureNet,
+    items: Sequence[StudyCrops],
+    device: torch.device,
+    *,
+    flip: bool = False,
+    batch_slices: int = 256,
+) -> list[torch.Tensor]:
+    """ConvNeXt features of every crop slice, one float32 ``[n_present, S, D]`` per item.
+
+    ``flip`` mirrors the crops left-right first (the head phase's flip augmentation).
+    """
+    net.eval()
+    cuda = device.type == "cuda"
+    out = []
+    for it in items:
+        n, s = it.crops.shape[:2]
+        flat = it.crops.flatten(0, 1)
+        parts = []
+        for i in range(0, flat.shape[0], batch_slices):
+            x = flat[i : i + batch_slices].to(device).float() / 255.0
+            if flip:
+                x = x.flip(-1)
+            amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
+            with amp:
+                parts.append(net.encoder(x).float().cpu())
+        out.append(torch.cat(parts).view(n, s, -1) if parts else torch.zeros((0, s, 1)))
+    return out
+
+
+def train_heads(
+    net: FractureNet,
+    train_items: Sequence[StudyCrops],
+    val_items: Sequence[StudyCrops],
+    cfg: TrainConfig,
+    device: torch.device,
+    prior: np.ndarray,
+    progress: Any = None,
+) -> list[dict[str, Any]]:
+    """Train the slice LSTM and the heads on fixed encoder features (``head_epochs``).
+
+    The encoder (pre-trained by :func:`pretrain_encoder`) is frozen; its features of every
+    training crop, as is and mirrored left-right, are computed once, so an epoch costs only
+    the LSTM and the heads. Augmentation: the mirrored features (p 0.5) and reversal of the
+    slice order (p 0.2). Loss as in :func:`train`. The weights with the lowest validation
+    weighted log loss are kept.
+
+    Returns
+    -------
+    list of dict
+        Per epoch: ``head_epoch``, ``train_loss`` and the validation losses.
+    """
+    feats = [
+        encode_items(net, train_items, device),
+        encode_items(net, train_items, device, flip=True),
+    ]
+    val_feats = encode_items(net, val_items, device) if val_items else []
+    params = [p for name, p in net.named_parameters() if not name.startswith("encoder.")]
+    opt = torch.optim.AdamW(params, lr=cfg.head_lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 11)
+    steps_per_epoch = math.ceil(len(train_items) / cfg.head_batch)
+    total = steps_per_epoch * cfg.head_epochs
+    warmup = max(1, steps_per_epoch)
+    history: list[dict[str, Any]] = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    epochs = range(cfg.head_epochs)
+    it = progress(list(epochs), desc="head epochs") if progress else epochs
+    for epoch in it:
+        net.train()
+        net.encoder.eval()
+        order = torch.randperm(len(train_items), generator=gen).tolist()
+        losses = []
+        for b in range(steps_per_epoch):
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(epoch * steps_per_epoch + b, total, warmup, cfg.head_lr)
+            chunk = order[b * cfg.head_batch : (b + 1) * cfg.head_batch]
+            f_list, sl_list = [], []
+            for i in chunk:
+                item = train_items[i]
+                flipped = bool(torch.rand((), generator=gen) < 0.5)
+                f = feats[int(flipped)][i]
+                sl = torch.from_numpy(_slice_targets(item))
+                if torch.rand((), generator=gen) < 0.2:
+                    f, sl = f.flip(1), sl.flip(1)
+                f_list.append(f)
+                sl_list.append(sl)
+            present = torch.from_numpy(np.stack([train_items[i].present for i in chunk]))
+            labels = torch.from_numpy(np.stack([train_items[i].labels for i in chunk]))
+            res = net.forward_features(torch.cat(f_list).to(device), present.to(device))
+            loss = weighted_bce(
+                res["vertebra_logits"], res["patient_logits"], labels.to(device), present.to(device)
+            )
+            if cfg.slice_loss > 0:
+                loss = loss + cfg.slice_loss * slice_bce(
+                    res["slice_logits"], torch.cat(sl_list).to(device)
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 2.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+        entry: dict[str, Any] = {"head_epoch": epoch + 1, "train_loss": float(np.mean(losses))}
+        if val_items:
+            preds = predict_cached(net, val_items, device, cfg.head_batch, features=val_feats)
+            for mode in PATIENT_MODES:
+                entry[f"val_loss_{mode}"] = score(val_items, preds, mode, prior)[
+                    "weighted_log_loss"
+                ]
+            val_loss = min(entry[f"val_loss_{m}"] for m in PATIENT_MODES)
+            if best is None or val_loss < best[0]:
+                best = (val_loss, {k: v.detach().clone() for k, v in net.state_dict().items()})
+        history.append(entry)
+        if progress and hasattr(it, "set_postfix"):
+            it.set_postfix(
+                loss=f"{entry['train_loss']:.4f}", val=f"{entry.get('val_loss_head', 0):.4f}"
+            )
+    if best is not None:
+        net.load_state_dict(best[1])
+    return history
+
+
+def _slice_targets(item: StudyCrops) -> np.ndarray:
+    """``[n_present, S]`` slice labels of an item; unknown positives where it has none."""
+    n, s = item.crops.shape[:2]
+    sl = item.slice_labels
+    if sl is None or sl.shape != (n, s):
+        sl = np.where(item.labels[:7][item.present][:, None] > 0.5, -1.0, 0.0) * np.ones((1, s))
+    return np.asarray(sl, dtype=np.float32)
+
+
 def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -440,6 +582,12 @@ def train(
         pretrain_history = pretrain_encoder(net, train_items, cfg, device, progress)
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * start_epoch)
     prior = np.stack([it.labels for it in train_items]).mean(axis=0).clip(0.01, 0.99)
+    head_history: list[dict[str, Any]] = []
+    if start_epoch == 0 and cfg.head_epochs > 0:
+        head_history = train_heads(net, train_items, val_items, cfg, device, prior, progress)
+        if val_items and best is None:
+            loss_now = min(min(e[f"val_loss_{m}"] for m in PATIENT_MODES) for e in head_history)
+            best = (loss_now, {k: v.detach().clone() for k, v in net.state_dict().items()})
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
@@ -555,6 +703,10 @@ def train(
             "pretrain_batch": cfg.pretrain_batch,
             "pretrain_lr": cfg.pretrain_lr,
             "pretrain_history": pretrain_history,
+            "head_epochs": cfg.head_epochs,
+            "head_lr": cfg.head_lr,
+            "head_batch": cfg.head_batch,
+            "head_history": head_history,
             "n_train_studies": len(train_items),
             "n_validation_studies": len(val_items),
             "history": history,

@@ -147,6 +147,15 @@ def _setup_torch(threads: int | None) -> None:
 )
 @click.option("--pretrain-batch", default=64, show_default=True, type=click.IntRange(2))
 @click.option("--pretrain-lr", default=3e-4, show_default=True, type=float)
+@click.option(
+    "--head-epochs",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Epochs of LSTM and head training on frozen encoder features, after pre-training.",
+)
+@click.option("--head-lr", default=1e-3, show_default=True, type=float)
+@click.option("--head-batch", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
 def train_cls(
@@ -180,6 +189,9 @@ def train_cls(
     pretrain_steps: int,
     pretrain_batch: int,
     pretrain_lr: float,
+    head_epochs: int,
+    head_lr: float,
+    head_batch: int,
     device: str,
     threads: int | None,
 ) -> None:
@@ -234,6 +246,9 @@ def train_cls(
         pretrain_steps=pretrain_steps,
         pretrain_batch=pretrain_batch,
         pretrain_lr=pretrain_lr,
+        head_epochs=head_epochs,
+        head_lr=head_lr,
+        head_batch=head_batch,
     )
     meta = {
         "name": name,

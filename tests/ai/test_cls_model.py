@@ -15,7 +15,15 @@ from ai.cls import ClsModel, CropConfig, extract_crops
 from ai.cls.convnext import VARIANTS, ConvNeXt, convnext
 from ai.cls.data import StudyCrops
 from ai.cls.net import FractureNet
-from ai.cls.train import TrainConfig, fold_split, pretrain_encoder, train, weighted_bce
+from ai.cls.train import (
+    TrainConfig,
+    encode_items,
+    fold_split,
+    pretrain_encoder,
+    train,
+    train_heads,
+    weighted_bce,
+)
 from ai.errors import ModelLoadError
 from ai.modelpkg import DEMO_LABEL
 from ai.types import CTVolume
@@ -213,3 +221,54 @@ def test_slice_pretraining_learns_fractured_slices_and_keeps_the_encoder(tmp_pat
     for it in items:
         it.slice_labels = None
     assert pretrain_encoder(net, items, cfg, torch.device("cpu")) == []
+
+
+def test_head_phase_trains_lstm_and_heads_on_a_frozen_encoder(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    crop = CropConfig(size=32, n_slices=3, min_volume_mm3=10)
+    items = []
+    for i in range(8):
+        fractured = i % 7 if i % 2 else None
+        vol, lm, labels = _study(i, fractured)
+        slice_labels = np.zeros((7, 3), np.float32)
+        if fractured is not None:
+            slice_labels[fractured, 1] = 1.0
+        items.append(_cached(i, vol, lm, labels, crop, slice_labels))
+    net = FractureNet(in_chans=6, **TINY)
+    # features through the split forward equal the full forward
+    x = items[0].crops.float() / 255.0
+    present = torch.from_numpy(items[0].present[None])
+    net.eval()
+    with torch.inference_mode():
+        full = net(x, present)
+        feats = encode_items(net, items[:1], torch.device("cpu"))[0]
+        split = net.forward_features(feats, present)
+    assert torch.allclose(full["patient_logits"], split["patient_logits"], atol=1e-5)
+    mirrored = encode_items(net, items[:1], torch.device("cpu"), flip=True)[0]
+    assert mirrored.shape == feats.shape and not torch.allclose(mirrored, feats)
+
+    encoder_before = {k: v.clone() for k, v in net.encoder.state_dict().items()}
+    lstm_before = {k: v.clone() for k, v in net.lstm.state_dict().items()}
+    cfg = TrainConfig(head_epochs=40, head_lr=1e-2, head_batch=4, folds=4, fold=0, seed=2, **TINY)
+    prior = np.full(8, 0.3)
+    history = train_heads(net, items[:6], items[6:], cfg, torch.device("cpu"), prior)
+    assert [h["head_epoch"] for h in history] == list(range(1, 41))
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"], history
+    assert all("val_loss_head" in h and "val_loss_noisy_or" in h for h in history)
+    after = net.encoder.state_dict()
+    assert all(torch.equal(encoder_before[k], after[k]) for k in encoder_before)
+    assert any(not torch.equal(lstm_before[k], v) for k, v in net.lstm.state_dict().items())
+
+    # through train(): the head phase is recorded in model.json, no end-to-end epoch needed
+    cfg2 = TrainConfig(epochs=0, head_epochs=3, head_batch=4, folds=4, fold=0, seed=2, **TINY)
+    meta = train(
+        items,
+        crop,
+        cfg2,
+        tmp_path / "pkg",
+        device=torch.device("cpu"),
+        meta={"name": "cls-head", "version": "0"},
+    )
+    assert [h["head_epoch"] for h in meta["training"]["head_history"]] == [1, 2, 3]
+    assert meta["training"]["history"] == []
+    assert ClsModel.load(tmp_path / "pkg", device="cpu").identity.name == "cls-head"

@@ -85,6 +85,10 @@ class ConvNeXt(nn.Module):
     layer_scale
         Initial value of the per-channel residual scale (1e-6 in the paper; a larger value
         lets the blocks contribute from the start when training from scratch on little data).
+    pool
+        Spatial pooling of the last stage: ``"mean"`` (the paper's global average) or
+        ``"max"`` (global maximum: a small finding, such as a fracture line, is not averaged
+        away over the whole crop).
     """
 
     def __init__(
@@ -94,8 +98,12 @@ class ConvNeXt(nn.Module):
         dims: Sequence[int] = VARIANTS["atto"][1],
         drop_path: float = 0.0,
         layer_scale: float = 1e-6,
+        pool: str = "mean",
     ) -> None:
         super().__init__()
+        if pool not in ("mean", "max"):
+            raise ValueError(f"pool must be 'mean' or 'max', got {pool!r}")
+        self.pool = pool
         if len(depths) != len(dims) or not depths:
             raise ValueError(f"depths {depths} and dims {dims} must be equally long, non-empty")
         self.out_dim = int(dims[-1])
@@ -131,7 +139,8 @@ class ConvNeXt(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for down, stage in zip(self.downsample, self.stages, strict=True):
             x = stage(down(x))
-        return self.norm(x.mean(dim=(2, 3)))
+        pooled = x.amax(dim=(2, 3)) if self.pool == "max" else x.mean(dim=(2, 3))
+        return self.norm(pooled)
 
 
 def convnext(variant: str = "atto", in_chans: int = 3, drop_path: float = 0.0) -> ConvNeXt:

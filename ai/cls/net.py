@@ -46,6 +46,8 @@ class FractureNet(nn.Module):
         Stochastic depth of the encoder; dropout before the heads.
     layer_scale
         Initial ConvNeXt layer scale.
+    encoder_pool
+        Spatial pooling of the ConvNeXt features (``"mean"`` or ``"max"``).
     pooling
         Slice logits to vertebra logit: ``"mean"`` (1st-place type 1) or ``"lse"``
         (log-mean-exp, a smooth maximum that lets one fractured slice dominate).
@@ -62,6 +64,7 @@ class FractureNet(nn.Module):
         dropout: float = 0.1,
         layer_scale: float = 1e-6,
         pooling: str = "mean",
+        encoder_pool: str = "mean",
     ) -> None:
         super().__init__()
         if pooling not in ("mean", "lse"):
@@ -73,7 +76,7 @@ class FractureNet(nn.Module):
                     f"unknown ConvNeXt variant {variant!r}; choose from {sorted(VARIANTS)}"
                 )
             depths, dims = list(VARIANTS[variant][0]), list(VARIANTS[variant][1])
-        self.encoder = ConvNeXt(in_chans, depths, dims, drop_path, layer_scale)
+        self.encoder = ConvNeXt(in_chans, depths, dims, drop_path, layer_scale, encoder_pool)
         h = int(lstm_hidden)
         self.lstm = nn.LSTM(
             self.encoder.out_dim,

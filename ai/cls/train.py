@@ -65,6 +65,7 @@ class TrainConfig:
     dropout: float = 0.1
     layer_scale: float = 1e-6
     pooling: str = "mean"
+    encoder_pool: str = "mean"
     slice_loss: float = 1.0
     threshold: float = 0.5
     pretrain_steps: int = 0
@@ -86,6 +87,8 @@ class TrainConfig:
             "layer_scale": self.layer_scale,
             "pooling": self.pooling,
         }
+        if self.encoder_pool != "mean":  # packages of the default keep their old params
+            params["encoder_pool"] = self.encoder_pool
         if self.depths is not None and self.dims is not None:
             params["depths"] = list(self.depths)
             params["dims"] = list(self.dims)

@@ -132,6 +132,13 @@ def _setup_torch(threads: int | None) -> None:
     help="Slice logits to vertebra logit.",
 )
 @click.option(
+    "--encoder-pool",
+    type=click.Choice(["mean", "max"]),
+    default="mean",
+    show_default=True,
+    help="Spatial pooling of the ConvNeXt features.",
+)
+@click.option(
     "--slice-loss",
     default=1.0,
     show_default=True,
@@ -185,6 +192,7 @@ def train_cls(
     init: str | None,
     layer_scale: float,
     pooling: str,
+    encoder_pool: str,
     slice_loss: float,
     pretrain_steps: int,
     pretrain_batch: int,
@@ -242,6 +250,7 @@ def train_cls(
         threshold=threshold,
         layer_scale=layer_scale,
         pooling=pooling,
+        encoder_pool=encoder_pool,
         slice_loss=slice_loss,
         pretrain_steps=pretrain_steps,
         pretrain_batch=pretrain_batch,

@@ -42,6 +42,25 @@ def test_convnext_variants_follow_the_paper_family() -> None:
     assert out.shape == (3, 16)
     with pytest.raises(ValueError, match="variant"):
         convnext("huge")
+    # max pooling: one bright spot moves the pooled feature however small it is
+    torch.manual_seed(0)
+    mx = ConvNeXt(6, [1, 1, 1, 1], [8, 8, 16, 16], pool="max").eval()
+    mean = ConvNeXt(6, [1, 1, 1, 1], [8, 8, 16, 16], pool="mean").eval()
+    mean.load_state_dict(mx.state_dict())
+    flat = 0.2 + 0.05 * torch.rand(1, 6, 64, 64)
+    spot = flat.clone()
+    spot[..., 30:32, 30:32] = 1.0
+    with torch.no_grad():
+        assert not torch.allclose(mx(flat), mean(flat))
+        d_max = (mx(spot) - mx(flat)).abs().sum()
+        d_mean = (mean(spot) - mean(flat)).abs().sum()
+    assert d_max > d_mean
+    with pytest.raises(ValueError, match="pool"):
+        ConvNeXt(6, pool="sum")
+    net = FractureNet(in_chans=6, encoder_pool="max", **TINY)
+    assert net.encoder.pool == "max"
+    assert "encoder_pool" not in TrainConfig(**TINY).net_params(6)
+    assert TrainConfig(encoder_pool="max", **TINY).net_params(6)["encoder_pool"] == "max"
 
 
 def test_network_handles_missing_vertebrae() -> None:

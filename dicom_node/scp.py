@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -29,7 +30,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from config import Settings, check_bind_safety
 from dicom_node.receive import Receiver
@@ -161,6 +162,90 @@ def handle_user_id(event: evt.Event, settings: Settings) -> tuple[bool, bytes | 
     return ok, None
 
 
+class FastAssociationSocket(AssociationSocket):
+    """pynetdicom's acceptor socket, reading whole PDUs and waking on work, not on a timer.
+
+    pynetdicom reads a PDU in 4 KiB ``recv`` calls, and its DUL thread polls the socket
+    with a zero timeout and sleeps 1 ms whenever nothing happened, so every PDU and every
+    response can wait up to a millisecond. Here :meth:`recv` fills the PDU with
+    ``recv_into`` calls as large as the kernel allows, and :attr:`ready` blocks in
+    ``select`` on the socket and on a wake-up pipe that is written whenever a primitive
+    is queued for sending (the DUL's ``to_provider_queue``), for at most
+    :attr:`WAIT_S`; the DUL's own sleep is set to zero. An idle association thus costs
+    one wake-up per :attr:`WAIT_S` instead of one per millisecond.
+
+    Installed on each accepted connection by :meth:`adopt`, before its threads start.
+    """
+
+    WAIT_S = 0.005
+    _wake_r: socket.socket | None = None
+    _wake_w: socket.socket | None = None
+
+    @classmethod
+    def adopt(cls, assoc: Any) -> None:
+        """Turn ``assoc``'s socket into a :class:`FastAssociationSocket` (once)."""
+        sock = assoc.dul.socket
+        if sock is None or isinstance(sock, cls) or type(sock) is not AssociationSocket:
+            return
+        sock.__class__ = cls
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        sock._wake_r, sock._wake_w = wake_r, wake_w
+        outgoing = assoc.dul.to_provider_queue
+        put = outgoing.put
+
+        def put_and_wake(item: Any, *args: Any, **kwargs: Any) -> None:
+            put(item, *args, **kwargs)
+            with contextlib.suppress(OSError):
+                wake_w.send(b"\0")
+
+        outgoing.put = put_and_wake
+        assoc.dul._run_loop_delay = 0.0
+
+    def close_wakeup(self) -> None:
+        """Close the wake-up pipe (the connection is gone)."""
+        for end in (self._wake_r, self._wake_w):
+            if end is not None:
+                end.close()
+
+    @property
+    def ready(self) -> bool:
+        """Whether a PDU can be read; waits up to :attr:`WAIT_S` for data or work."""
+        sock = self.socket
+        if sock is None or not self._is_connected or self._wake_r is None:
+            time.sleep(0.001)  # the DUL's loop has no other pacing now
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        if not self.assoc.dul.to_provider_queue.empty():
+            return False  # let the DUL send first
+        try:
+            readable, _, _ = select.select([sock, self._wake_r], [], [], self.WAIT_S)
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # as pynetdicom: transport closed
+            return False
+        if self._wake_r in readable:
+            with contextlib.suppress(OSError):
+                self._wake_r.recv(4096)
+        return sock in readable
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read ``nr_bytes`` (fewer only when the peer closed the connection)."""
+        sock = self.socket
+        assert sock is not None
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        got = 0
+        while got < nr_bytes:
+            n = sock.recv_into(view[got:], nr_bytes - got)
+            if not n:
+                del view
+                return buf[:got]
+            got += n
+        return buf
+
+
 def handle_conn_open(
     event: evt.Event, started: dict[int, float], limits: ConnectionLimits | None = None
 ) -> None:
@@ -170,6 +255,7 @@ def handle_conn_open(
     TCP on the TLS port) is logged and the connection shut down.
     """
     started[id(event.assoc)] = time.monotonic()
+    FastAssociationSocket.adopt(event.assoc)
     sock = event.assoc.dul.socket.socket
     with contextlib.suppress(Exception):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -198,6 +284,10 @@ def handle_conn_open(
 def handle_conn_close(event: evt.Event, started: dict[int, float]) -> None:
     """Connection closed: drop a half-received spool file left by an aborted transfer."""
     started.pop(id(event.assoc), None)
+    with contextlib.suppress(Exception):
+        sock = event.assoc.dul.socket
+        if isinstance(sock, FastAssociationSocket):
+            sock.close_wakeup()
     with contextlib.suppress(Exception):
         message = event.assoc.dimse.message
         spool = getattr(message, "_data_set_file", None)
@@ -293,7 +383,7 @@ class _StreamGuard:
             self.trip("max-duration", f"limit={self.limits.max_seconds:g}s")
         return self.tripped is not None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         i, n = 0, len(data)
         while i < n:
             if self._pdu_left == 0:  # PDU header: type, reserved, 32-bit length
@@ -378,6 +468,21 @@ class _GuardMixin:
             self._cut()
             return b""
         return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        guard = self._guard
+        if guard is None:
+            return super().recv_into(buffer, nbytes, flags)  # type: ignore[misc]
+        if guard.expired():
+            self._cut()
+            return 0
+        n = super().recv_into(buffer, nbytes or len(buffer), flags)  # type: ignore[misc]
+        try:
+            guard.feed(memoryview(buffer)[:n])
+        except _LimitExceeded:
+            self._cut()
+            return 0
+        return n
 
     def _cut(self) -> None:
         with contextlib.suppress(OSError):

@@ -135,9 +135,13 @@ def ingest(
     if checkpoint is not None:
         checkpoint("before-commit")
 
+    keep = False  # the file at ``rel`` is another row's (a race on identical bytes)
+
     def record(session: Session) -> IngestResult:
+        nonlocal keep
         again = _existing(session, header.sop_instance_uid)
         if again is not None:  # a concurrent association stored the same UID first
+            keep = again[0].file_path == rel
             return IngestResult(IngestOutcome.DUPLICATE, again[2].id, again[0].id, "race")
         study = session.scalar(
             select(Study).where(Study.study_instance_uid == header.study_instance_uid)
@@ -203,10 +207,12 @@ def ingest(
     try:
         result = catalog.write(record)
     except BaseException:
-        # Not recorded: the file must not stay behind as an orphan.
-        (store.root / rel).unlink(missing_ok=True)
+        # Not recorded: the file must not stay behind as an orphan (unless it is the
+        # file of an identical instance another association has just committed).
+        if not keep:
+            (store.root / rel).unlink(missing_ok=True)
         raise
-    if result.outcome is not IngestOutcome.STORED:
+    if result.outcome is not IngestOutcome.STORED and not keep:
         (store.root / rel).unlink(missing_ok=True)
     return result
 

@@ -2,8 +2,9 @@
 
 SQLite runs in WAL mode with ``synchronous=FULL`` (a committed transaction survives
 power loss), a busy timeout, and foreign keys on. Writers in one process are
-serialised by a lock; writers in other processes (worker, import) wait on the busy
-timeout and :func:`write_retry` keeps a "database is locked" error away from callers
+serialised by a lock, and those waiting for it together share one commit (group
+commit, :meth:`Catalog.write`); writers in other processes (worker, import) wait on the busy
+timeout and :meth:`Catalog.write` keeps a "database is locked" error away from callers
 until a deadline, after which :class:`CatalogBusyError` is raised.
 """
 
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import OperationalError
@@ -78,6 +79,37 @@ def make_engine(url: str, busy_timeout_ms: int = 5000) -> Engine:
     return engine
 
 
+class _Pending:
+    """One :meth:`Catalog.write` call waiting for, or done with, its commit."""
+
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[Session], Any]) -> None:
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+def _in_savepoint(session: Session, fn: Callable[[Session], Any]) -> tuple[Any, Exception | None]:
+    """``fn(session)`` in a SAVEPOINT: its result, or its exception after a rollback to it.
+
+    A lock error is raised (the whole batch is retried), any other error is returned.
+    """
+    try:
+        with session.begin_nested():
+            result = fn(session)
+            session.flush()
+        return result, None
+    except OperationalError as exc:
+        text = str(exc).lower()
+        if "locked" in text or "busy" in text:
+            raise
+        return None, exc
+    except Exception as exc:
+        return None, exc
+
+
 class Catalog:
     """The engine, its session factory and the in-process writer lock.
 
@@ -102,6 +134,8 @@ class Catalog:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.busy_deadline_s = busy_deadline_s
         self._write_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: list[_Pending] = []
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -110,7 +144,14 @@ class Catalog:
             yield session
 
     def write(self, fn: Callable[[Session], T], *, deadline_s: float | None = None) -> T:
-        """Run ``fn(session)`` in one ``BEGIN IMMEDIATE`` transaction and commit it.
+        """Run ``fn(session)`` in a ``BEGIN IMMEDIATE`` transaction and commit it.
+
+        Group commit: calls from several threads of this process that wait for the
+        writer lock at the same time are run by whichever gets it first, each in its own
+        SAVEPOINT of one transaction, and committed together, so they share one commit
+        (one WAL fsync with ``synchronous=FULL``). An exception in one ``fn`` rolls back
+        its savepoint only and is raised to its caller; none of them returns before the
+        common commit is durable. A call with its own ``deadline_s`` runs alone.
 
         Retries while another process holds the write lock, up to ``deadline_s``
         (default ``busy_deadline_s``).
@@ -120,20 +161,52 @@ class Catalog:
         CatalogBusyError
             When the lock is still held by another process after the deadline.
         """
-        limit = self.busy_deadline_s if deadline_s is None else deadline_s
+        item = _Pending(fn)
+        if deadline_s is not None:
+            with self._write_lock:
+                self._run_batch([item], deadline_s)
+        else:
+            with self._pending_lock:
+                self._pending.append(item)
+            while not item.done:
+                with self._write_lock:
+                    if item.done:
+                        break
+                    with self._pending_lock:
+                        batch, self._pending = self._pending, []
+                    self._run_batch(batch, self.busy_deadline_s)
+        if item.error is not None:
+            raise item.error
+        return item.result  # type: ignore[return-value]
+
+    def _run_batch(self, batch: list[_Pending], limit: float) -> None:
+        """Run and commit ``batch`` (under the writer lock); every item ends done."""
+        try:
+            self._commit_batch(batch, limit)
+        except BaseException as exc:
+            for item in batch:
+                if not item.done:
+                    item.error, item.done = exc, True
+            raise
+
+    def _commit_batch(self, batch: list[_Pending], limit: float) -> None:
         deadline = time.monotonic() + limit
         delay = 0.05
         while True:
+            outcomes: list[tuple[Any, BaseException | None]] = []
             try:
-                with self._write_lock, self.engine.connect() as conn:
+                with self.engine.connect() as conn:
                     conn.info["write"] = True
                     try:
                         with conn.begin(), Session(bind=conn, expire_on_commit=False) as session:
-                            result = fn(session)
-                            session.flush()
+                            if len(batch) == 1:
+                                outcomes.append((batch[0].fn(session), None))
+                                session.flush()
+                            else:
+                                for item in batch:
+                                    outcomes.append(_in_savepoint(session, item.fn))
                     finally:
                         conn.info.pop("write", None)
-                return result
             except OperationalError as exc:
                 text = str(exc).lower()
                 if "locked" not in text and "busy" not in text:
@@ -145,6 +218,10 @@ class Catalog:
                 LOGGER.warning("catalog busy, retrying in %.2f s", delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+                continue
+            for item, (result, error) in zip(batch, outcomes, strict=True):
+                item.result, item.error, item.done = result, error, True
+            return
 
     def dispose(self) -> None:
         """Close pooled connections."""

@@ -1,0 +1,132 @@
+"""Catalog group commit and the receive path's file placement."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event, func, select
+
+from storage import Catalog, FileStore, IngestOutcome, ingest
+from storage.catalog import InstanceHeader
+from storage.models import Instance, Refusal
+
+
+def _refusal(reason: str) -> Refusal:
+    return Refusal(calling_ae="T", sop_instance_uid=None, status=0xA900, reason=reason)
+
+
+def test_concurrent_writes_share_commits_and_keep_their_own_errors(tmp_path: Path) -> None:
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    commits = []
+    event.listen(catalog.engine, "commit", lambda conn: commits.append(1))
+    start = threading.Barrier(16)
+    results: dict[int, object] = {}
+
+    def work(i: int) -> None:
+        start.wait()
+        for j in range(10):
+
+            def add(session, i=i, j=j):  # type: ignore[no-untyped-def]
+                session.add(_refusal(f"{i}-{j}"))
+                session.flush()
+                if j == 5 and i % 4 == 0:
+                    raise ValueError(f"boom {i}")
+                return (i, j)
+
+            try:
+                results[i * 100 + j] = catalog.write(add)
+            except ValueError as exc:
+                results[i * 100 + j] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with catalog.read() as session:
+        reasons = set(session.scalars(select(Refusal.reason)))
+    failed = {f"{i}-5" for i in range(0, 16, 4)}
+    assert reasons == {f"{i}-{j}" for i in range(16) for j in range(10)} - failed
+    for i in range(16):
+        for j in range(10):
+            got = results[i * 100 + j]
+            if f"{i}-{j}" in failed:
+                assert isinstance(got, ValueError) and str(got) == f"boom {i}"
+            else:
+                assert got == (i, j)
+    # 160 writes from 16 threads at once: some of them shared a commit
+    assert 0 < len(commits) < 160
+    catalog.dispose()
+
+
+def test_a_lone_write_that_raises_commits_nothing(tmp_path: Path) -> None:
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
+
+    def add(session):  # type: ignore[no-untyped-def]
+        session.add(_refusal("x"))
+        session.flush()
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError, match="no"):
+        catalog.write(add)
+    with catalog.read() as session:
+        assert session.scalar(select(func.count(Refusal.id))) == 0
+    catalog.dispose()
+
+
+def _header(uid: str) -> InstanceHeader:
+    return InstanceHeader(
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.4",
+        sop_instance_uid=uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )
+
+
+def test_identical_instance_stored_by_a_racing_association_keeps_its_file(
+    tmp_path: Path,
+) -> None:
+    """Both associations rename identical bytes to the same path: the loser must not delete it."""
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    store = FileStore(tmp_path / "store")
+    data = b"identical bytes of one instance" * 100
+    first, second = store.new_temp(), store.new_temp()
+    first.write_bytes(data)
+    second.write_bytes(data)
+    inner: list[object] = []
+
+    def racing(point: str) -> None:
+        # the other association commits the same UID after our duplicate check
+        if point == "before-commit" and not inner:
+            inner.append(ingest(catalog, store, second, _header("1.2.3.4.5"), "OTHER"))
+
+    result = ingest(catalog, store, first, _header("1.2.3.4.5"), "ME", checkpoint=racing)
+    assert inner[0].outcome is IngestOutcome.STORED  # type: ignore[attr-defined]
+    assert result.outcome is IngestOutcome.DUPLICATE and result.detail == "race"
+    with catalog.read() as session:
+        rel = session.scalar(select(Instance.file_path))
+    path = store.root / rel
+    assert path.read_bytes() == data
+    assert path.name == hashlib.sha256(data).hexdigest() + ".dcm"
+    assert list(store.tmp_dir.iterdir()) == []
+    catalog.dispose()
+
+
+def test_placing_into_new_folders(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    for i in range(20):
+        tmp = store.new_temp()
+        payload = f"instance {i}".encode()
+        tmp.write_bytes(payload)
+        rel = store.commit_instance(tmp, hashlib.sha256(payload).hexdigest())
+        assert (store.root / rel).read_bytes() == payload
+        assert (store.root / rel).stat().st_mode & 0o777 == 0o640
+        assert not tmp.exists()
+    assert sorted(store.iter_instance_files()) == sorted(
+        f"instances/{h[:2]}/{h[2:4]}/{h}.dcm"
+        for h in (hashlib.sha256(f"instance {i}".encode()).hexdigest() for i in range(20))
+    )

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 ARCH_CLASS = "monai.networks.nets.FlexibleUNet"
 N_LABELS = len(VERTEBRAE)
 DEFAULT_PACKAGE = "seg-demo"
+_POST_SLAB = 16
+"""Slices of a label's box handled at once by the post-processing."""
 
 
 def default_arch_params(
@@ -114,20 +116,28 @@ def _boxes(label_map: np.ndarray) -> list[tuple[slice, ...] | None]:
 def keep_largest_components(label_map: np.ndarray) -> None:
     """Keep only the largest 26-connected component of every label, in place.
 
-    Works inside each label's bounding box, so memory stays small on large grids.
+    Works inside each label's bounding box; the component sizes are counted and the
+    small components cleared slab by slab, so besides the box's int32 component map
+    only slab-sized temporaries exist (a whole-box ``bincount`` would first cast the
+    component map to int64, 8 bytes per voxel).
     """
     structure = np.ones((3, 3, 3), dtype=bool)
     for value, box in enumerate(_boxes(label_map), start=1):
         if box is None:
             continue
         sub = label_map[box]
-        mask = sub == value
-        comps, n = ndimage.label(mask, structure=structure)
+        comps, n = ndimage.label(sub == value, structure=structure)
         if n <= 1:
             continue
-        sizes = np.bincount(comps.ravel())
+        sizes = np.zeros(n + 1, dtype=np.int64)
+        for start in range(0, comps.shape[0], _POST_SLAB):
+            sizes += np.bincount(comps[start : start + _POST_SLAB].ravel(), minlength=n + 1)
         sizes[0] = 0
-        sub[(comps != 0) & (comps != int(np.argmax(sizes)))] = 0
+        keep = int(np.argmax(sizes))
+        for start in range(0, comps.shape[0], _POST_SLAB):
+            part = comps[start : start + _POST_SLAB]
+            sub[start : start + _POST_SLAB][(part != 0) & (part != keep)] = 0
+        del comps
 
 
 def label_counts(label_map: np.ndarray) -> dict[int, int]:

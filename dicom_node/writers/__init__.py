@@ -21,6 +21,7 @@ from dicom_node.writers.summary import (
     render_summary,
     render_summary_png,
     write_summary,
+    write_summary_image,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "write_seg",
     "write_sr",
     "write_summary",
+    "write_summary_image",
 ]

@@ -307,9 +307,20 @@ def check_result(result: PipelineResult, n_slices: int, rows: int, columns: int)
 
 
 def present_vertebrae(label_map: np.ndarray) -> list[str]:
-    """Names of the vertebrae with at least one voxel in ``label_map``, in C1..C7 order."""
-    counts = np.bincount(label_map.ravel().astype(np.int64), minlength=len(VERTEBRAE) + 1)
-    return [name for n, name in enumerate(VERTEBRAE, start=1) if counts[n] > 0]
+    """Names of the vertebrae with at least one voxel in ``label_map``, in C1..C7 order.
+
+    One pass of :func:`scipy.ndimage.find_objects` over the array as it is: no copy (a
+    ``bincount`` would first cast a 1,200-slice uint8 map to 2.5 GB of int64).
+    """
+    from scipy import ndimage
+
+    labels = np.asarray(label_map)
+    if labels.size == 0:
+        return []
+    if labels.dtype.kind not in "ui":
+        labels = labels.astype(np.int32)
+    boxes = ndimage.find_objects(labels, max_label=len(VERTEBRAE))
+    return [name for name, box in zip(VERTEBRAE, boxes, strict=True) if box is not None]
 
 
 def models_text(models: Sequence[ModelIdentity]) -> str:

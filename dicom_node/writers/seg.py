@@ -144,7 +144,11 @@ def write_seg(
                 ),
             )
         )
-    pixel_array = lut[result.label_map]
+    if present == list(VERTEBRAE[: len(present)]) and result.label_map.dtype == np.uint8:
+        # label value n is already segment n: hand the map over as it is, no copy
+        pixel_array = result.label_map
+    else:
+        pixel_array = lut[result.label_map]
     demo = is_demo(result)
 
     seg = hd.seg.Segmentation(

@@ -119,6 +119,32 @@ def _reformat(
     return grey, lab, float(spacing[vertical_axis]), float(spacing[horizontal_axis])
 
 
+def _label_centroid(labels: np.ndarray, slab: int = 16) -> np.ndarray | None:
+    """Mean voxel index of the non-zero labels (``None`` when there is none).
+
+    Counted slab by slab along the first axis from per-axis projections, in exact
+    integer arithmetic (the same value as ``np.argwhere(labels > 0).mean(axis=0)``
+    without its whole-volume mask and N x 3 index array).
+    """
+    n0, n1, n2 = labels.shape
+    sums = np.zeros(3, dtype=np.int64)
+    total = 0
+    idx1, idx2 = np.arange(n1, dtype=np.int64), np.arange(n2, dtype=np.int64)
+    for start in range(0, n0, slab):
+        mask = labels[start : start + slab] != 0
+        per_slice = np.count_nonzero(mask, axis=(1, 2)).astype(np.int64)
+        count = int(per_slice.sum())
+        if count == 0:
+            continue
+        total += count
+        sums[0] += int(per_slice @ np.arange(start, start + mask.shape[0], dtype=np.int64))
+        sums[1] += int(np.count_nonzero(mask, axis=(0, 2)).astype(np.int64) @ idx1)
+        sums[2] += int(np.count_nonzero(mask, axis=(0, 1)).astype(np.int64) @ idx2)
+    if total == 0:
+        return None
+    return sums / total
+
+
 def _crop(grey: np.ndarray, lab: np.ndarray, row_mm: float, col_mm: float):
     if not lab.any():
         return grey, lab
@@ -323,9 +349,8 @@ def render_summary(
         raise ValueError("affine must be an invertible 4x4 voxel-to-patient matrix.")
     labels = np.asarray(result.label_map)
     lr, ap, si = _axes(affine)
-    if labels.any():
-        centroid = np.argwhere(labels > 0).mean(axis=0)
-    else:
+    centroid = _label_centroid(labels)
+    if centroid is None:
         centroid = (np.array(volume.shape) - 1) / 2.0
     height, width, _ = SUMMARY_SHAPE
     box = (_PANEL_W, height - _TITLE_H - _MARGIN)
@@ -392,6 +417,9 @@ def write_summary(
 ) -> hd.sc.SCImage:
     """Write the summary image as an RGB Secondary Capture in the source study.
 
+    Renders with :func:`render_summary` and wraps the image with
+    :func:`write_summary_image`.
+
     Parameters
     ----------
     source_datasets
@@ -424,6 +452,62 @@ def write_summary(
     sources = check_sources(source_datasets)
     first = sources[0]
     check_result(result, len(sources), int(first.Rows), int(first.Columns))
+    if np.shape(volume_hu) != result.label_map.shape:
+        raise ValueError(
+            f"volume_hu shape {np.shape(volume_hu)} must equal result.label_map shape "
+            f"{result.label_map.shape}."
+        )
+    check_identity(
+        sources,
+        series_instance_uid,
+        sop_instance_uid,
+        series_number,
+        instance_number,
+        software_version,
+    )
+    pixels = render_summary(
+        volume_hu, affine, result, threshold=threshold, software_version=software_version
+    )
+    return write_summary_image(
+        sources,
+        pixels,
+        result,
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
+        software_version=software_version,
+        instance_number=instance_number,
+        content_datetime=content_datetime,
+    )
+
+
+def write_summary_image(
+    source_datasets: Sequence[Dataset],
+    pixels: np.ndarray,
+    result: PipelineResult,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    software_version: str,
+    instance_number: int = 1,
+    content_datetime: datetime.datetime | None = None,
+) -> hd.sc.SCImage:
+    """Wrap an image drawn by :func:`render_summary` as an RGB Secondary Capture.
+
+    The worker renders first and writes later, so that the CT volume can be released
+    before the SEG is built (it is the largest array of a job). Arguments and result as
+    :func:`write_summary`, with ``pixels`` the rendered image.
+
+    Raises
+    ------
+    ValueError
+        On invalid identity arguments, sources or result, or when ``pixels`` is not a
+        uint8 array of shape ``SUMMARY_SHAPE``.
+    """
+    sources = check_sources(source_datasets)
+    first = sources[0]
+    check_result(result, len(sources), int(first.Rows), int(first.Columns))
     series_number, instance_number = check_identity(
         sources,
         series_instance_uid,
@@ -432,15 +516,17 @@ def write_summary(
         instance_number,
         software_version,
     )
-    if np.shape(volume_hu) != result.label_map.shape:
+    if (
+        not isinstance(pixels, np.ndarray)
+        or pixels.dtype != np.uint8
+        or pixels.shape != SUMMARY_SHAPE
+    ):
         raise ValueError(
-            f"volume_hu shape {np.shape(volume_hu)} must equal result.label_map shape "
-            f"{result.label_map.shape}."
+            f"pixels must be a uint8 array of shape {SUMMARY_SHAPE} drawn by render_summary, "
+            f"got {getattr(pixels, 'dtype', type(pixels).__name__)} "
+            f"{getattr(pixels, 'shape', '')}."
         )
     when = resolve_datetime(content_datetime)
-    pixels = render_summary(
-        volume_hu, affine, result, threshold=threshold, software_version=software_version
-    )
     demo = is_demo(result)
     sc = hd.sc.SCImage(
         pixel_array=pixels,

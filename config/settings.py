@@ -213,6 +213,12 @@ class NodeSettings(_Section):
     allow_any_peer: bool = False
     extra_storage_sop_classes: tuple[str, ...] = ()
     max_associations: int = Field(default=10, ge=1)
+    receivers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="receiver processes sharing the listening socket (cspine serve)",
+    )
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=30.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)

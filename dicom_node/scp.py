@@ -301,10 +301,11 @@ def handle_conn_close(event: evt.Event, started: dict[int, float]) -> None:
 def handle_assoc_event(event: evt.Event) -> None:
     """Log association lifecycle with AE titles and peer addresses only."""
     LOGGER.info(
-        "association %s calling_ae=%s address=%s",
+        "association %s calling_ae=%s address=%s pid=%d",
         event.event.name.replace("EVT_", "").lower(),
         str(event.assoc.requestor.ae_title).strip(),
         event.assoc.requestor.address,
+        os.getpid(),
     )
 
 
@@ -354,8 +355,18 @@ class ConnectionLimits:
             max_pdu_length=node.max_pdu_size,
             max_control_pdu_length=1024 * 1024,
             max_dataset_bytes=node.max_instance_bytes,
-            max_connections=2 * node.max_associations + 2,
+            max_connections=2 * associations_per_receiver(settings) + 2,
         )
+
+
+def associations_per_receiver(settings: Settings) -> int:
+    """Associations one receiver process accepts at once.
+
+    ``node.max_associations`` is divided over the ``node.receivers`` processes, rounded
+    up: each process enforces its share (A-ASSOCIATE-RJ (2, 3, 2) beyond it).
+    """
+    node = settings.node
+    return -(-node.max_associations // node.receivers)
 
 
 class _StreamGuard:
@@ -508,11 +519,39 @@ class GuardedServer(ThreadedAssociationServer):
         The :class:`ConnectionLimits` of every connection.
     """
 
-    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        limits: ConnectionLimits,
+        listener: socket.socket | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.limits = limits
+        self._listener = listener
         super().__init__(*args, **kwargs)
         if self.ssl_context is not None:
             self.ssl_context.sslsocket_class = GuardedSSLSocket
+
+    def server_bind(self) -> None:
+        """Bind, or adopt the listening socket shared by several receiver processes."""
+        if self._listener is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self._listener
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Listen (a shared listener already listens)."""
+        if self._listener is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        """Close; a shared listener is closed here only, never shut down for all."""
+        if self._listener is None:
+            super().server_close()
+        else:
+            self.socket.close()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept, wrap in the guard (and TLS, handshake deferred to the thread)."""
@@ -550,7 +589,7 @@ def build_ae(settings: Settings) -> AE:
     for sop_class in storage_sop_classes(settings):
         register_storage_class(sop_class)
         ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
-    ae.maximum_associations = node.max_associations
+    ae.maximum_associations = associations_per_receiver(settings)
     ae.maximum_pdu_size = node.max_pdu_size
     ae.acse_timeout = node.acse_timeout
     ae.dimse_timeout = node.dimse_timeout
@@ -601,12 +640,17 @@ class StorageNode:
         block: bool = False,
         ssl_context: Any = None,
         extra_jobs: list[tuple[Callable[[], Any], float, str]] = (),  # type: ignore[assignment]
+        listener: socket.socket | None = None,
+        completion: bool = True,
     ) -> None:
         """Bind and serve; with ``block=False`` return once listening.
 
         ``ssl_context`` overrides the context built from ``node.tls`` (which is used
         when ``node.tls.enabled``); with either, the listener accepts TLS only.
         ``extra_jobs`` are ``(function, interval_s, name)`` run by the same scheduler.
+        ``listener`` is a listening socket shared with other receiver processes (none:
+        bind ``node.host``/``node.port``); ``completion=False`` leaves the completion
+        checker to another process.
         """
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -633,12 +677,13 @@ class StorageNode:
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
         )
-        self._scheduler.add_job(
-            self._safe(self.checker.tick),
-            "interval",
-            seconds=self.settings.completion.check_interval_seconds,
-            id="completion",
-        )
+        if completion:
+            self._scheduler.add_job(
+                self._safe(self.checker.tick),
+                "interval",
+                seconds=self.settings.completion.check_interval_seconds,
+                id="completion",
+            )
         watch_every = min(5.0, max(0.2, node.max_association_seconds / 4))
         self._scheduler.add_job(
             self._safe(self._watchdog), "interval", seconds=watch_every, id="watchdog"
@@ -652,18 +697,20 @@ class StorageNode:
             evt_handlers=handlers,
             server_class=GuardedServer,
             limits=limits,
+            listener=listener,
         )
         # as AE.start_server does: the AE tracks its servers (AE.shutdown, server.shutdown)
         self.ae._servers.append(server)
         threading.Thread(target=server.serve_forever, name="cspine-scp", daemon=True).start()
         self._server = server
         LOGGER.info(
-            "listening ae_title=%s host=%s port=%d tls=%s user_identity=%s",
+            "listening ae_title=%s host=%s port=%d tls=%s user_identity=%s pid=%d",
             node.ae_title,
             node.host,
             self.port,
             "on" if ssl_context is not None else "off",
             "on" if node.user_identity.enabled else "off",
+            os.getpid(),
         )
         if block:
             try:

@@ -1,12 +1,31 @@
-"""``cspine serve``: open storage, repair after a crash, serve, deliver, supervise the worker."""
+"""``cspine serve``: open storage, repair after a crash, serve, deliver, supervise the worker.
+
+With ``node.receivers`` > 1, ``cspine serve`` binds the listening socket once and starts
+``receivers - 1`` receiver child processes (``python -m dicom_node.service``) that
+inherit it: every process accepts associations on the same port with its own catalog
+connection (SQLite WAL; writers of different processes wait on the busy timeout and
+:meth:`storage.Catalog.write` retries), so C-STORE handling is spread over several
+interpreters instead of one GIL. Only this (parent) process sweeps the spool at start-up
+and runs the completion checker, the delivery and the worker supervisor; it restarts a
+receiver that died, and the kernel kills the receivers when it dies.
+
+The process also caps glibc's malloc arenas and returns freed heap memory to the
+system periodically (:func:`tune_malloc`, :func:`trim_malloc`), so the resident size of
+a long-running receiver stays flat instead of growing with every study it handles.
+"""
 
 from __future__ import annotations
 
+import argparse
+import ctypes
+import ctypes.util
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from config import Settings, check_bind_safety
@@ -16,16 +35,67 @@ from storage import reconcile
 
 LOGGER = logging.getLogger(__name__)
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+MALLOC_ARENA_MAX = 2
+"""Arenas for all threads: each association thread would otherwise get its own."""
+MALLOC_MMAP_THRESHOLD = 1024 * 1024
+"""Blocks of this size and larger are mmapped, hence returned to the system when freed.
+
+Setting it also stops glibc from raising the threshold after each large free (up to
+32 MiB by default), which left large buffers (PDUs, delivered outputs) in the heaps."""
+MALLOC_TRIM_THRESHOLD = 4 * 1024 * 1024
+TRIM_INTERVAL_S = 30.0
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def tune_malloc() -> bool:
+    """Cap glibc malloc arenas and fix the mmap/trim thresholds for this process.
+
+    Returns
+    -------
+    bool
+        Whether the settings were applied (glibc only; elsewhere nothing is done).
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    ok = all(
+        libc.mallopt(param, value) == 1
+        for param, value in (
+            (_M_ARENA_MAX, MALLOC_ARENA_MAX),
+            (_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD),
+            (_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD),
+        )
+    )
+    LOGGER.debug("malloc tuned ok=%s", ok)
+    return ok
+
+
+def trim_malloc() -> None:
+    """Return free heap memory of every arena to the system (``malloc_trim(0)``)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
 
 class WorkerSupervisor:
     """Keep one ``cspine worker`` child process running."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        run_dir = Path(settings.storage.data_dir) / "run"
-        run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        self.settings_file = run_dir / "settings.json"
-        self.settings_file.write_text(settings.model_dump_json())
+        self.settings_file = write_settings_file(settings)
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self._lock = threading.Lock()
@@ -63,14 +133,99 @@ class WorkerSupervisor:
                     self.proc.kill()
 
 
+def write_settings_file(settings: Settings) -> Path:
+    """Write the settings as JSON to ``<data_dir>/run/settings.json`` for child processes."""
+    run_dir = Path(settings.storage.data_dir) / "run"
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    path = run_dir / "settings.json"
+    path.write_text(settings.model_dump_json())
+    os.chmod(path, 0o640)
+    return path
+
+
+def open_listener(settings: Settings) -> socket.socket:
+    """Bind and listen on ``node.host``:``node.port`` for several receiver processes.
+
+    The socket is non-blocking: the processes that woke up for one connection and lost
+    the race to accept it get ``EAGAIN`` and go back to waiting.
+    """
+    node = settings.node
+    family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((node.host, node.port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ReceiverPool:
+    """Keep ``node.receivers - 1`` receiver child processes on the shared listener."""
+
+    def __init__(self, settings: Settings, listener: socket.socket, count: int) -> None:
+        self.settings_file = write_settings_file(settings)
+        self.listener = listener
+        self.procs: list[subprocess.Popen | None] = [None] * count
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def ensure_running(self) -> None:
+        """Start missing receivers, or restart those that died."""
+        with self._lock:
+            if self._stopped:
+                return
+            for i, proc in enumerate(self.procs):
+                if proc is not None and proc.poll() is None:
+                    continue
+                if proc is not None:
+                    self.restarts += 1
+                    LOGGER.warning(
+                        "receiver %d exited code=%s; restarting", i + 1, proc.returncode
+                    )
+                self.procs[i] = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "dicom_node.service",
+                        "--settings-file",
+                        str(self.settings_file),
+                        "--listen-fd",
+                        str(self.listener.fileno()),
+                        "--parent-pid",
+                        str(os.getpid()),
+                    ],
+                    pass_fds=(self.listener.fileno(),),
+                )
+                LOGGER.info("receiver %d started pid=%d", i + 1, self.procs[i].pid)
+
+    def stop(self) -> None:
+        """Terminate every receiver and wait for them."""
+        with self._lock:
+            self._stopped = True
+            running = [p for p in self.procs if p is not None and p.poll() is None]
+            for proc in running:
+                proc.terminate()
+            for proc in running:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
 def run_service(settings: Settings, *, config_file: str | None = None) -> None:
     """Run the node until interrupted.
 
     Start-up order: refuse an unsafe bind, open the catalog and store, sweep orphans
-    left by a crash, start the worker, then listen.
+    left by a crash, start the worker, then listen (and start the other receivers).
     """
     from dicom_node.delivery import deliver_due
 
+    tune_malloc()
     check_bind_safety(settings)
     catalog, store = open_node_storage(settings)
     repaired = reconcile(catalog, store)
@@ -78,14 +233,79 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
     receiver = Receiver(settings, catalog, store)
     node = StorageNode(settings, receiver)
     supervisor = WorkerSupervisor(settings) if settings.worker.enabled else None
-    extra = [(lambda: deliver_due(settings, catalog, store), 1.0, "delivery")]
+    extra = [
+        (lambda: deliver_due(settings, catalog, store), 1.0, "delivery"),
+        (trim_malloc, TRIM_INTERVAL_S, "malloc-trim"),
+    ]
+    listener = pool = None
+    if settings.node.receivers > 1:
+        listener = open_listener(settings)
+        pool = ReceiverPool(settings, listener, settings.node.receivers - 1)
+        extra.append((pool.ensure_running, 2.0, "receiver-supervisor"))
     if supervisor is not None:
         supervisor.ensure_running()
         extra.append((supervisor.ensure_running, 5.0, "worker-supervisor"))
     try:
-        node.start(block=True, extra_jobs=extra)
+        if pool is not None:
+            pool.ensure_running()
+        node.start(block=True, extra_jobs=extra, listener=listener)
     finally:
         node.stop()
+        if pool is not None:
+            pool.stop()
+        if listener is not None:
+            listener.close()
         if supervisor is not None:
             supervisor.stop()
         catalog.dispose()
+
+
+def run_receiver(settings: Settings, listener: socket.socket) -> None:
+    """A receiver child: serve C-STOREs on the inherited listener until terminated.
+
+    No spool sweep (the parent did it before starting receivers, and a sweep now would
+    delete the other processes' transfers in flight), no completion checker, no
+    delivery, no worker.
+    """
+    tune_malloc()
+    catalog, store = open_node_storage(settings)
+    node = StorageNode(settings, Receiver(settings, catalog, store))
+    try:
+        node.start(
+            block=True,
+            listener=listener,
+            completion=False,
+            extra_jobs=[(trim_malloc, TRIM_INTERVAL_S, "malloc-trim")],
+        )
+    finally:
+        node.stop()
+        catalog.dispose()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of a receiver child process (started by :class:`ReceiverPool`)."""
+    import signal
+
+    from dicom_node.cli.common import configure_logging
+    from dicom_node.cli.job_cmds import die_with_parent
+
+    parser = argparse.ArgumentParser(prog="python -m dicom_node.service")
+    parser.add_argument("--settings-file", required=True)
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    die_with_parent(args.parent_pid)
+    settings = Settings.model_validate_json(Path(args.settings_file).read_text())
+    configure_logging(settings.logging.level)
+    listener = socket.socket(fileno=args.listen_fd)
+    listener.setblocking(False)
+
+    def _term(_signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _term)
+    run_receiver(settings, listener)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Several receiver processes on one port (``node.receivers``): ``cspine serve`` for real."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
+
+from config import load_settings
+from dicom_node.receive import open_node_storage
+from storage.filestore import sha256_file
+from storage.models import Instance
+from tests.conftest import free_port
+from tests.dicom_node.proc import Server, echo_ok
+from tests.dicom_node.scu_tools import associate, chunked_send, store_files
+from tests.helpers import write_series
+
+# 2 processes; max_associations is divided over them (10 each)
+RECEIVERS = {"CSPINE_NODE__RECEIVERS": "2", "CSPINE_NODE__MAX_ASSOCIATIONS": "20"}
+
+
+def _pids(log: str, what: str) -> set[int]:
+    return {int(m) for m in re.findall(rf"{what}.*? pid=(\d+)", log)}
+
+
+def _start(server: Server) -> Server:
+    """Start and wait until both processes listen."""
+    before = len(server.log()) if server.log_path.exists() else 0
+    server.start()
+    deadline = time.monotonic() + 60
+    while len(_pids(server.log()[before:], "listening ae_title")) < 2:
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"the second receiver never listened: {server.log()[-2000:]}")
+        time.sleep(0.1)
+    return server
+
+
+def _catalog(data_dir: Path) -> tuple[dict[str, str], set[str], list[Path]]:
+    """``{uid: file_path}`` of every row (files checked against their sha256), the
+    instance files on disk, and what is left in the spool."""
+    settings = load_settings(overrides={"storage": {"data_dir": str(data_dir)}}, environ={})
+    catalog, store = open_node_storage(settings)
+    try:
+        with catalog.read() as session:
+            rows = list(session.scalars(select(Instance)))
+        for row in rows:
+            assert sha256_file(store.root / row.file_path) == row.sha256
+        files = set(store.iter_instance_files())
+        return {r.sop_instance_uid: r.file_path for r in rows}, files, list(store.tmp_dir.iterdir())
+    finally:
+        catalog.dispose()
+
+
+def _send_concurrently(port: int, groups: list[list[Path]]) -> list[list[int | None]]:
+    results: list[list[int | None]] = [[] for _ in groups]
+    start = threading.Barrier(len(groups))
+
+    def send(i: int) -> None:
+        start.wait()
+        results[i] = store_files(port, groups[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(groups))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_two_receivers_share_the_port_and_every_ack_is_cataloged(tmp_path):
+    paths = write_series(tmp_path / "series", 24, rows=64, cols=64)
+    data_dir = tmp_path / "var"
+    server = _start(Server(data_dir, free_port(), "--no-worker", env=RECEIVERS))
+    try:
+        for _ in range(3):  # three waves of 8 concurrent associations
+            wave, paths = paths[:8], paths[8:]
+            statuses = _send_concurrently(server.port, [[p] for p in wave])
+            assert statuses == [[0]] * 8
+        log = server.log()
+    finally:
+        server.stop()
+    assert len(_pids(log, "listening ae_title")) == 2
+    # both processes took associations
+    assert len(_pids(log, "association accepted")) == 2, log[-3000:]
+    rows, files, spool = _catalog(data_dir)
+    assert len(rows) == 24
+    assert files == set(rows.values()) and spool == []
+
+
+def test_a_dead_receiver_is_restarted_and_receivers_die_with_serve(tmp_path):
+    data_dir = tmp_path / "var"
+    server = _start(Server(data_dir, free_port(), "--no-worker", env=RECEIVERS))
+    try:
+        started = re.findall(r"receiver 1 started pid=(\d+)", server.log())
+        assert len(started) == 1
+        child = int(started[0])
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            again = re.findall(r"receiver 1 started pid=(\d+)", server.log())
+            if len(again) == 2:
+                break
+            time.sleep(0.2)
+        assert len(again) == 2, server.log()[-2000:]
+        assert "receiver 1 exited code=-9; restarting" in server.log()
+        replacement = int(again[1])
+        assert echo_ok(server.port)
+    finally:
+        server.kill()  # SIGKILL: the kernel must take the receivers down with it
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{replacement}").exists():
+        time.sleep(0.1)
+    status = Path(f"/proc/{replacement}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text()
+
+
+def _send_until_broken(port: int, paths: list[Path]) -> list[str]:
+    acked: list[str] = []
+    assoc = associate(port)
+    if not assoc.is_established:
+        return acked
+    with chunked_send():
+        for path in paths:
+            try:
+                rsp = assoc.send_c_store(path)
+            except Exception:
+                break
+            if rsp.get("Status") != 0:
+                break
+            acked.append(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    if assoc.is_established:
+        assoc.release()
+    return acked
+
+
+def test_kill_points_with_two_receivers_lose_nothing_acknowledged(tmp_path):
+    """Every receiver SIGKILLs itself with its 2nd instance between rename and commit."""
+    paths = write_series(tmp_path / "series", 16, rows=64, cols=64)
+    data_dir = tmp_path / "var"
+    port = free_port()
+    armed = _start(
+        Server(
+            data_dir,
+            port,
+            "--no-worker",
+            env={**RECEIVERS, "CSPINE_FAULT_KILL_AT": "before-commit:2"},
+        )
+    )
+    acked: list[list[str]] = [[] for _ in range(4)]
+    try:
+        groups = [paths[i::4] for i in range(4)]
+
+        def send(i: int) -> None:
+            acked[i] = _send_until_broken(port, groups[i])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        log = armed.log()
+    finally:
+        armed.kill()
+    assert "fault injection: SIGKILL at before-commit" in log
+    confirmed = {uid for group in acked for uid in group}
+    assert len(confirmed) < len(paths)  # the kills did cut transfers
+    # restart (the start-up repair runs) and check what was acknowledged
+    server = _start(Server(data_dir, port, "--no-worker", env=RECEIVERS))
+    try:
+        rows, files, spool = _catalog(data_dir)
+        assert confirmed <= set(rows)
+        assert files == set(rows.values()) and spool == []  # no orphan, no phantom
+        assert _send_concurrently(port, [paths[i::4] for i in range(4)]) == [[0] * 4] * 4
+    finally:
+        server.stop()
+    rows, files, spool = _catalog(data_dir)
+    assert len(rows) == len(paths) and files == set(rows.values()) and spool == []

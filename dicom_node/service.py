@@ -184,9 +184,7 @@ class ReceiverPool:
                     continue
                 if proc is not None:
                     self.restarts += 1
-                    LOGGER.warning(
-                        "receiver %d exited code=%s; restarting", i + 1, proc.returncode
-                    )
+                    LOGGER.warning("receiver %d exited code=%s; restarting", i + 1, proc.returncode)
                 self.procs[i] = subprocess.Popen(
                     [
                         sys.executable,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from storage.db import Catalog
@@ -78,14 +78,62 @@ def add_event(session: Session, study_id: int, kind: str, detail: str | None = N
     session.add(StudyEvent(study_id=study_id, kind=kind, detail=detail))
 
 
-def _existing(session: Session, sop_uid: str) -> tuple[Instance, Series, Study] | None:
-    row = session.execute(
-        select(Instance, Series, Study)
-        .join(Series, Instance.series_id == Series.id)
-        .join(Study, Series.study_id == Study.id)
-        .where(Instance.sop_instance_uid == sop_uid)
-    ).first()
-    return None if row is None else (row[0], row[1], row[2])
+@dataclass(frozen=True)
+class _Known:
+    """The stored instance with a given SOP Instance UID (plain columns, no ORM objects)."""
+
+    instance_id: int
+    sha256: str
+    file_path: str
+    series_instance_uid: str
+    study_id: int
+    study_instance_uid: str
+
+
+# The receive path's statements, built once (each call only binds its parameters).
+_EXISTING = (
+    select(
+        Instance.id,
+        Instance.sha256,
+        Instance.file_path,
+        Series.series_instance_uid,
+        Study.id,
+        Study.study_instance_uid,
+    )
+    .join(Series, Instance.series_id == Series.id)
+    .join(Study, Series.study_id == Study.id)
+    .where(Instance.sop_instance_uid == bindparam("uid"))
+)
+_FIND_STUDY = select(Study.id, Study.state).where(Study.study_instance_uid == bindparam("uid"))
+_FIND_SERIES = select(Series.id, Series.study_id).where(
+    Series.series_instance_uid == bindparam("uid")
+)
+_REOPEN_STUDY = update(Study).where(Study.id == bindparam("sid")).values(state=StudyState.RECEIVING)
+_COUNT_SERIES = (
+    update(Series)
+    .where(Series.id == bindparam("sid"))
+    .values(instance_count=Series.instance_count + 1)
+)
+_COUNT_LOSSY_SERIES = (
+    update(Series)
+    .where(Series.id == bindparam("sid"))
+    .values(instance_count=Series.instance_count + 1, lossy=True)
+)
+_COUNT_STUDY = (
+    update(Study)
+    .where(Study.id == bindparam("sid"))
+    .values(
+        instance_count=Study.instance_count + 1,
+        received_count=Study.received_count + 1,
+        last_received_at=bindparam("now", type_=Study.last_received_at.type),
+    )
+)
+_INSERT_INSTANCE = insert(Instance)
+
+
+def _existing(session: Session, sop_uid: str) -> _Known | None:
+    row = session.connection().execute(_EXISTING, {"uid": sop_uid}).first()
+    return None if row is None else _Known(*row)
 
 
 def ingest(
@@ -141,13 +189,12 @@ def ingest(
         nonlocal keep
         again = _existing(session, header.sop_instance_uid)
         if again is not None:  # a concurrent association stored the same UID first
-            keep = again[0].file_path == rel
-            return IngestResult(IngestOutcome.DUPLICATE, again[2].id, again[0].id, "race")
-        study = session.scalar(
-            select(Study).where(Study.study_instance_uid == header.study_instance_uid)
-        )
+            keep = again.file_path == rel
+            return IngestResult(IngestOutcome.DUPLICATE, again.study_id, again.instance_id, "race")
         now = utcnow()
-        if study is None:
+        conn = session.connection()  # Core statements: no ORM overhead on the hot path
+        found_study = conn.execute(_FIND_STUDY, {"uid": header.study_instance_uid}).first()
+        if found_study is None:
             study = Study(
                 study_instance_uid=header.study_instance_uid,
                 state=StudyState.RECEIVING,
@@ -160,16 +207,17 @@ def ingest(
             )
             session.add(study)
             session.flush()
-            add_event(session, study.id, "created", f"first instance from {calling_ae or 'import'}")
-        elif study.state is StudyState.COMPLETE:
-            study.state = StudyState.RECEIVING
-            add_event(session, study.id, "reopened", "instance arrived after completion")
-        series = session.scalar(
-            select(Series).where(Series.series_instance_uid == header.series_instance_uid)
-        )
-        if series is None:
+            study_id = study.id
+            add_event(session, study_id, "created", f"first instance from {calling_ae or 'import'}")
+        else:
+            study_id = found_study[0]
+            if found_study[1] is StudyState.COMPLETE:
+                conn.execute(_REOPEN_STUDY, {"sid": study_id})
+                add_event(session, study_id, "reopened", "instance arrived after completion")
+        found_series = conn.execute(_FIND_SERIES, {"uid": header.series_instance_uid}).first()
+        if found_series is None:
             series = Series(
-                study_id=study.id,
+                study_id=study_id,
                 series_instance_uid=header.series_instance_uid,
                 modality=header.modality,
                 series_number=header.series_number,
@@ -179,30 +227,34 @@ def ingest(
             )
             session.add(series)
             session.flush()
-        elif series.study_id != study.id:
+            series_id = series.id
+        elif found_series[1] != study_id:
             return IngestResult(
-                IngestOutcome.CONFLICT, study.id, None, "series belongs to another study"
+                IngestOutcome.CONFLICT, study_id, None, "series belongs to another study"
             )
-        series.lossy = series.lossy or header.lossy
-        series.instance_count += 1
-        study.instance_count += 1
-        study.received_count += 1
-        study.last_received_at = now
-        inst = Instance(
-            series_id=series.id,
-            sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            instance_number=header.instance_number,
-            file_path=rel,
-            sha256=sha,
-            size_bytes=size,
-            calling_ae=calling_ae,
-            received_at=now,
+        else:
+            series_id = found_series[0]
+        conn.execute(
+            _COUNT_LOSSY_SERIES if header.lossy else _COUNT_SERIES,
+            {"sid": series_id},
         )
-        session.add(inst)
-        session.flush()
-        return IngestResult(IngestOutcome.STORED, study.id, inst.id)
+        conn.execute(_COUNT_STUDY, {"sid": study_id, "now": now})
+        inserted = conn.execute(
+            _INSERT_INSTANCE,
+            {
+                "series_id": series_id,
+                "sop_instance_uid": header.sop_instance_uid,
+                "sop_class_uid": header.sop_class_uid,
+                "transfer_syntax_uid": header.transfer_syntax_uid,
+                "instance_number": header.instance_number,
+                "file_path": rel,
+                "sha256": sha,
+                "size_bytes": size,
+                "calling_ae": calling_ae,
+                "received_at": now,
+            },
+        )
+        return IngestResult(IngestOutcome.STORED, study_id, inserted.inserted_primary_key[0])
 
     try:
         result = catalog.write(record)
@@ -224,28 +276,28 @@ def _ingest_known(
     header: InstanceHeader,
     calling_ae: str | None,
     sha: str,
-    found: tuple[Instance, Series, Study],
+    found: _Known,
 ) -> IngestResult:
-    inst, series, study = found
     if (
-        series.series_instance_uid != header.series_instance_uid
-        or study.study_instance_uid != header.study_instance_uid
+        found.series_instance_uid != header.series_instance_uid
+        or found.study_instance_uid != header.study_instance_uid
     ):
         tmp_path.unlink(missing_ok=True)
         return IngestResult(
             IngestOutcome.CONFLICT,
-            study.id,
-            inst.id,
-            f"SOP Instance UID already stored as instance {inst.id} in another series or study",
+            found.study_id,
+            found.instance_id,
+            f"SOP Instance UID already stored as instance {found.instance_id} "
+            "in another series or study",
         )
-    if inst.sha256 == sha:
+    if found.sha256 == sha:
         tmp_path.unlink(missing_ok=True)
-        return IngestResult(IngestOutcome.DUPLICATE, study.id, inst.id)
+        return IngestResult(IngestOutcome.DUPLICATE, found.study_id, found.instance_id)
     rel = store.quarantine(tmp_path, sha)
-    reason = f"SOP Instance UID of instance {inst.id} re-sent with different content"
+    reason = f"SOP Instance UID of instance {found.instance_id} re-sent with different content"
 
     def record(session: Session) -> IngestResult:
-        st = session.get(Study, study.id)
+        st = session.get(Study, found.study_id)
         assert st is not None
         st.flagged = True
         st.flag_reason = reason
@@ -259,9 +311,9 @@ def _ingest_known(
                 calling_ae=calling_ae,
             )
         )
-        detail = f"{reason}; sha256 {inst.sha256[:12]} kept, {sha[:12]} quarantined"
+        detail = f"{reason}; sha256 {found.sha256[:12]} kept, {sha[:12]} quarantined"
         add_event(session, st.id, "quarantine", detail)
-        return IngestResult(IngestOutcome.QUARANTINED, st.id, inst.id, reason)
+        return IngestResult(IngestOutcome.QUARANTINED, st.id, found.instance_id, reason)
 
     try:
         return catalog.write(record)

@@ -84,10 +84,11 @@ def handle_store(event: evt.Event, receiver: Receiver) -> Dataset | int:
     except Exception:  # the receive path itself never raises; this is a last guard
         LOGGER.exception("C-STORE handler failed")
         return CANNOT_UNDERSTAND
+    if outcome.status == 0x0000 or not outcome.reason:
+        return outcome.status
     status = Dataset()
     status.Status = outcome.status
-    if outcome.status != 0x0000 and outcome.reason:
-        status.ErrorComment = outcome.reason[:64]
+    status.ErrorComment = outcome.reason[:64]
     return status
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -111,17 +113,87 @@ def destination_kinds(settings: Settings) -> dict[str, tuple[str, ...]]:
     return {f"{d.ae_title}@{d.host}:{d.port}": tuple(d.outputs) for d in settings.destinations}
 
 
-def _encode(ds: pydicom.Dataset) -> io.BytesIO:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf
+class _Chunks(io.RawIOBase):
+    """A write-only file that keeps references to the written buffers.
+
+    pydicom writes the Pixel Data value with one ``write`` call; a ``BytesIO`` would
+    copy it in and grow by reallocation (at times two copies of a 0.3 GB SEG). Here
+    the value is only referenced, and :meth:`join` copies everything once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parts: list[bytes | memoryview] = []
+        self._size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        part = data if isinstance(data, bytes) else bytes(data)
+        self._parts.append(part)
+        self._size += len(part)
+        return len(part)
+
+    def tell(self) -> int:
+        return self._size
+
+    def join(self) -> bytes:
+        """All written bytes in one buffer; the parts are released."""
+        out = b"".join(self._parts)
+        self._parts.clear()
+        return out
+
+
+_PIXEL_DATA = 0x7FE00010
+
+
+def _encode(ds: pydicom.Dataset) -> bytes:
+    """``ds`` as a DICOM file, the bytes ``ds.save_as(..., enforce_file_format=True)`` writes.
+
+    pydicom encodes every element value into a temporary buffer and copies that out again
+    (two extra copies of a SEG's Pixel Data). When Pixel Data is native, explicit VR little
+    endian and the last element, the rest is encoded by pydicom and the Pixel Data element
+    is appended here by reference, so the whole file costs one copy (the final join).
+    """
+    out = _Chunks()
+    elem = ds.get(_PIXEL_DATA)
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None)
+    if elem is not None and elem.VR == "OB or OW":  # as pydicom resolves it when writing
+        elem = correct_ambiguous_vr_element(elem, ds, True)
+    fast = (
+        elem is not None
+        and elem.VR in ("OB", "OW")
+        and isinstance(elem.value, bytes)
+        and syntax == pydicom.uid.ExplicitVRLittleEndian
+        and int(max(ds.keys())) == _PIXEL_DATA
+    )
+    if not fast:
+        ds.save_as(out, enforce_file_format=True)
+        return out.join()
+    del ds[_PIXEL_DATA]
+    try:
+        ds.save_as(out, enforce_file_format=True)
+    finally:
+        ds[_PIXEL_DATA] = elem
+    value: bytes = elem.value
+    pad = len(value) % 2
+    out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, elem.VR.encode(), 0, len(value) + pad))
+    out.write(value)
+    if pad:
+        out.write(b"\x00")
+    return out.join()
 
 
 _LIBC: Any = None
+M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-"""``mallopt`` parameter number of glibc's mmap threshold (``malloc.h``)."""
-MMAP_THRESHOLD_BYTES = 4 << 20
+"""``mallopt`` parameter numbers of glibc (``malloc.h``)."""
+MMAP_THRESHOLD_BYTES = 16 << 20
 """Allocations from this size up get their own mapping, returned to the OS when freed."""
+TRIM_THRESHOLD_BYTES = 64 << 20
+"""Free memory kept at the top of the heap before glibc gives it back on its own."""
 
 
 def _libc() -> Any:
@@ -137,17 +209,25 @@ def _libc() -> Any:
 
 
 def tune_malloc() -> bool:
-    """Give every allocation of 4 MiB or more its own mapping (glibc only).
+    """Fix glibc's mmap threshold at 16 MiB and its trim threshold at 64 MiB.
 
-    glibc raises its mmap threshold each time a large mapped block is freed (up to
-    32 MiB), after which blocks of that size come from the heap, and a freed heap
-    block below a live one cannot be returned. Stage 1 resamples the volume in slabs
-    of about 30 MB, so a 1,200-slice job left 1.2 GB of freed but resident heap behind
-    it. A fixed threshold (which also turns that adjustment off) makes freed large
-    blocks go back to the OS at once. Returns whether it was applied.
+    By default glibc raises its mmap threshold each time a large mapped block is freed
+    (up to 32 MiB); blocks of that size then come from the heap, and freed heap blocks
+    below a live one are not returned. Stage 1 used to resample the volume in slabs of
+    about 30 MB, and a 1,200-slice job left 1.2 GB of freed but resident heap behind.
+    Fixed thresholds turn that adjustment off: the volume, the label map and other
+    blocks of 16 MiB or more are unmapped when freed, and the heap reuses the smaller
+    per-slab blocks (a trim threshold as low as the default 128 kB would hand them back
+    and fault them in again on every slab). :func:`release_memory` trims the rest
+    between stages. Returns whether glibc accepted both settings.
     """
     libc = _libc()
-    return bool(libc) and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    if not libc:
+        return False
+    return (
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+        and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
+    )
 
 
 def release_memory() -> None:
@@ -357,10 +437,7 @@ class Worker:
         LOGGER.info("job done job_id=%d seconds=%.2f", job.id, time.perf_counter() - t0)
 
     def _save(self, job: Job, kind: str, ds: pydicom.Dataset) -> NewOutput:
-        buf = _encode(ds)
-        with buf.getbuffer() as data:  # the encoded bytes, not a copy of them
-            rel = self.store.write_output(job.id, f"{kind}.dcm", data)  # type: ignore[arg-type]
-        buf.close()
+        rel = self.store.write_output(job.id, f"{kind}.dcm", _encode(ds))
         return NewOutput(
             kind=kind,
             sop_class_uid=str(ds.SOPClassUID),

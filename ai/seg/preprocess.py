@@ -47,8 +47,13 @@ from torch.nn import functional as F  # noqa: N812
 
 SLAB = 32
 """Source slices read at once when resampling down to the working grid."""
-UP_SLAB = 8
-"""Source slices produced at once when resampling logits back (7 float channels each)."""
+UP_SLAB = 2
+"""Source slices produced at once when resampling logits back (7 float channels each).
+
+Each slice is interpolated on its own, so the slab size changes no value (beyond the last
+float32 bit of the sigmoid at the tail of a vectorised buffer); two slices
+keep each slab's buffers (7 x 2 x Y x X float32, 13 MB for a whole 468 x 512 field)
+under the worker's 16 MiB mmap threshold, where the heap reuses them slab after slab."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,15 @@ def _normalize(t: torch.Tensor, spec: InputSpec, lo_hi: tuple[float, float]) -> 
     return (t - lo) / max(hi - lo, 1e-6)
 
 
+def _normalize_(t: torch.Tensor, spec: InputSpec, lo_hi: tuple[float, float]) -> torch.Tensor:
+    """:func:`_normalize` in place on a float32 tensor (the same operations, same order)."""
+    lo, hi = lo_hi
+    if spec.normalization == "bone_window":
+        lo, hi = spec.window
+        t.clamp_(lo, hi)
+    return t.sub_(lo).div_(max(hi - lo, 1e-6))
+
+
 def _resize_1d_axis0(t: torch.Tensor, n: int) -> torch.Tensor:
     """Resize ``t`` of shape (D, ...) along axis 0 to ``n`` (area down, linear up)."""
     d = t.shape[0]
@@ -227,11 +241,18 @@ def prepare_input(
     z0, z1, y0, y1, x0, x1 = roi
     lo_hi = (float(hu.min()), float(hu.max())) if spec.normalization == "minmax" else spec.window
     d, h, w = spec.size
+    # One float32 slab buffer, reused: converting, windowing and scaling happen in it, so
+    # the slab loop allocates nothing large (fresh 30 MB temporaries per slab cost page
+    # faults or, in glibc's heap, fragmentation that outlived the call).
+    region = view[z0:z1, y0:y1, x0:x1]  # a view
+    buf = torch.empty((min(SLAB, region.shape[0]), *region.shape[1:]), dtype=torch.float32)
     planes = []
-    for start in range(z0, z1, SLAB):
-        chunk = np.ascontiguousarray(view[start : min(start + SLAB, z1), y0:y1, x0:x1])
-        t = _normalize(torch.from_numpy(chunk), spec, lo_hi).unsqueeze(1)  # (s, 1, Y, X)
-        planes.append(_resize_2d(t, h, w))
+    for start in range(0, region.shape[0], SLAB):
+        t = buf[: min(SLAB, region.shape[0] - start)]
+        np.copyto(t.numpy(), region[start : start + SLAB], casting="unsafe")
+        _normalize_(t, spec, lo_hi)
+        planes.append(_resize_2d(t.unsqueeze(1), h, w))  # (s, 1, Y, X) -> (s, 1, h, w)
+    del buf
     low = torch.cat(planes, dim=0)[:, 0]  # (Z, h, w)
     low = _resize_1d_axis0(low, d)
     return low[None, None].contiguous(), canon, roi
@@ -315,4 +336,4 @@ def iter_source_slabs(logits: torch.Tensor, roi: Box) -> Iterator[tuple[int, tor
     for start in range(0, z1 - z0, UP_SLAB):
         chunk = along[start : start + UP_SLAB]
         up = F.interpolate(chunk, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
-        yield z0 + start, torch.sigmoid(up).permute(1, 0, 2, 3)
+        yield z0 + start, up.sigmoid_().permute(1, 0, 2, 3)  # in place: one buffer per slab

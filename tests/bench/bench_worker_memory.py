@@ -1,6 +1,9 @@
 """Peak RSS of the worker processing one N-slice 512x512 study, stage by stage (not a test).
 
-Run: ``.venv/bin/python -m tests.bench.bench_worker_memory [SLICES ...]`` (default 600 1200).
+Run: ``.venv/bin/python -m tests.bench.bench_worker_memory [--truth] [SLICES ...]`` (default
+600 1200). With ``--truth`` the label map the demo model returns is replaced, before the
+writers run, by the synthetic truth (all seven vertebrae, so the SEG has 7 x SLICES frames:
+the writers' worst case; the demo model finds fewer vertebrae on large series).
 
 For each size the parent writes a synthetic study (the series of
 :func:`tests.bench.turnaround.write_study`, cached in ``$CSPINE_BENCH_TMP`` or the system
@@ -89,6 +92,19 @@ def _settings(data: Path):  # type: ignore[no-untyped-def]
     )
 
 
+def truth_labels(slices: int) -> Path:
+    """The synthetic truth label map (0 or C1..C7) of the ``slices`` study, as ``.npy``."""
+    import numpy as np
+
+    from ai.synthetic import StudySpec, generate_study
+
+    path = TMP / f"truth{slices}.npy"
+    if not path.exists():
+        study = generate_study(300 + slices, StudySpec(n_slices=slices, fracture_rate=1.0))
+        np.save(path, np.where(study.labels <= 7, study.labels, 0).astype(np.uint8))
+    return path
+
+
 def prepare(slices: int) -> Path:
     """Write (or reuse) the series and ingest it into a fresh node folder with a queued job."""
     from dicom_node.receive import Receiver, open_node_storage
@@ -115,7 +131,7 @@ def prepare(slices: int) -> Path:
     return data
 
 
-def child(data: Path) -> dict[str, Any]:
+def child(data: Path, truth: Path | None = None) -> dict[str, Any]:
     """Run one job in this process; return the per-step peaks and the job's timings."""
     import torch
 
@@ -130,6 +146,20 @@ def child(data: Path) -> dict[str, Any]:
     catalog, store = open_node_storage(settings)
     worker = worker_mod.Worker(settings, catalog, store)
     pipeline = worker.pipeline  # models loaded, as in run_forever
+    if truth is not None:
+        import dataclasses
+
+        import numpy as np
+
+        run_pipeline = pipeline.run
+
+        def run_with_truth(vol):  # type: ignore[no-untyped-def]
+            result = run_pipeline(vol)
+            labels = np.load(truth)
+            assert labels.shape == result.label_map.shape
+            return dataclasses.replace(result, label_map=labels)
+
+        pipeline.run = run_with_truth
     marks = Marks()
     marks.wrap(ai.volume, "load_series", "load_series")
     marks.wrap(worker_mod, "implausible_fraction", "implausible_fraction")
@@ -156,12 +186,13 @@ def child(data: Path) -> dict[str, Any]:
     }
 
 
-def run(slices: int) -> dict[str, Any]:
+def run(slices: int, truth: bool = False) -> dict[str, Any]:
     """Prepare an ``slices`` study and run the job in a fresh child process."""
     data = prepare(slices)
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    extra = [str(truth_labels(slices))] if truth else []
     out = subprocess.run(
-        [sys.executable, "-m", "tests.bench.bench_worker_memory", "--child", str(data)],
+        [sys.executable, "-m", "tests.bench.bench_worker_memory", "--child", str(data), *extra],
         cwd=ROOT,
         env=env,
         check=True,
@@ -176,11 +207,14 @@ def run(slices: int) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     """Print the per-step peaks for each size."""
     if argv[:1] == ["--child"]:
-        print(json.dumps(child(Path(argv[1]))))
+        print(json.dumps(child(Path(argv[1]), Path(argv[2]) if len(argv) > 2 else None)))
         return
-    for slices in [int(a) for a in argv] or [600, 1200]:
-        r = run(slices)
-        print(f"\n{slices} slices: job {r['state']} ({r['reason']}) in {r['seconds']:.1f} s")
+    truth = "--truth" in argv
+    for slices in [int(a) for a in argv if a != "--truth"] or [600, 1200]:
+        r = run(slices, truth)
+        labels = "truth labels" if truth else "demo-model labels"
+        state = f"job {r['state']} ({r['reason']}) in {r['seconds']:.1f} s"
+        print(f"\n{slices} slices ({labels}): {state}")
         print(f"  {'step':<32} {'peak MB':>9} {'RSS after MB':>13} {'seconds':>8}")
         for label, peak, rss, seconds in r["rows"]:
             print(f"  {label:<32} {peak:>9.0f} {rss:>13.0f} {seconds:>8.2f}")

@@ -7,18 +7,31 @@ temporaries are measured with tracemalloc (numpy reports its buffers there).
 from __future__ import annotations
 
 import dataclasses
+import io
 import tracemalloc
 import weakref
 
 import numpy as np
 import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+)
 from sqlalchemy import select
 
 from ai.synthetic import StudySpec, generate_study, write_study
 from ai.types import VERTEBRAE, ModelIdentity, PipelineResult, VertebraResult
 from dicom_node import writers
 from dicom_node.receive import Receiver, open_node_storage
-from dicom_node.worker import Worker, implausible_fraction, release_memory, tune_malloc
+from dicom_node.worker import (
+    Worker,
+    _encode,
+    implausible_fraction,
+    release_memory,
+    tune_malloc,
+)
 from dicom_node.writers import render_summary, write_seg, write_summary, write_summary_image
 from dicom_node.writers.common import present_vertebrae
 from dicom_node.writers.summary import _label_centroid
@@ -174,3 +187,62 @@ def test_worker_frees_the_volume_before_the_seg_and_stores_it_whole(tmp_path, mo
 def test_malloc_tuning_and_release_work_on_this_platform() -> None:
     assert tune_malloc()  # glibc: a fixed mmap threshold
     release_memory()
+
+
+def _pydicom_bytes(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _image(pixel_bytes: bytes, syntax: str = ExplicitVRLittleEndian) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, "1.2.3.4"
+    ds.Rows, ds.Columns, ds.BitsAllocated = max(1, len(pixel_bytes) // 4096), 4096, 8
+    ds.PixelData = pixel_bytes
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def test_encoded_outputs_are_the_bytes_pydicom_writes() -> None:
+    sources, hu = make_ct_series(pixels=False)
+    result = make_result()
+    seg = write_seg(sources, result, **_identity("seg"), content_datetime=WHEN)
+    sc = write_summary(
+        sources,
+        hu,
+        ct_affine(),
+        result,
+        threshold=THRESHOLD,
+        **_identity("sc"),
+        content_datetime=WHEN,
+    )
+    sr = writers.write_sr(
+        sources, seg, result, threshold=THRESHOLD, **_identity("sr"), content_datetime=WHEN
+    )
+    odd = _image(b"\x01\x02\x03")  # padded to even length
+    implicit = _image(b"\x01\x02", ImplicitVRLittleEndian)  # pydicom writes it all
+    trailing = _image(b"\x01\x02")
+    trailing.DataSetTrailingPadding = b"\x00\x00"  # an element after Pixel Data
+    for ds in (seg, sc, sr, odd, implicit, trailing):
+        before = sorted(ds.keys())
+        pixels = ds.get("PixelData")
+        assert _encode(ds) == _pydicom_bytes(ds)
+        assert sorted(ds.keys()) == before  # Pixel Data is back
+        assert ds.get("PixelData") is pixels
+
+
+def test_encoding_copies_large_pixel_data_once() -> None:
+    ds = _image(bytes(range(256)) * (64 << 10))  # 16 MiB
+    ds["PixelData"].VR = "OB or OW"  # as highdicom leaves it; resolved as pydicom does
+    size = len(ds.PixelData)
+    encoded, peak = _peak(_encode, ds)
+    assert len(encoded) > size
+    assert peak < 1.2 * size  # the joined file; pydicom's own path holds 3 copies at once
+    del encoded
+    _, pydicom_peak = _peak(_pydicom_bytes, ds)
+    assert pydicom_peak > 1.8 * size  # what this saves

@@ -407,10 +407,22 @@ def blank_invalid_dates(ds: Dataset) -> Dataset:
     are blanked in place (they are Type 2 in the modules the writers copy); the stored
     source file is not touched. Returns ``ds``.
     """
+    from pydicom.datadict import dictionary_VR
     from pydicom.valuerep import DA, DT, TM
 
     parsers = {"DA": DA, "TM": TM, "DT": DT}
-    for elem in list(ds):
+    date_tags = []
+    for raw in ds.elements():  # as stored: only date and time elements get decoded below
+        vr = raw.VR
+        if vr in (None, "UN"):  # implicit VR, or unknown: decoding uses the dictionary VR
+            try:
+                vr = dictionary_VR(raw.tag)
+            except KeyError:
+                continue
+        if vr in parsers:
+            date_tags.append(raw.tag)
+    for tag in date_tags:
+        elem = ds[tag]
         parse = parsers.get(elem.VR)
         if parse is None or elem.VM != 1 or not elem.value:
             continue

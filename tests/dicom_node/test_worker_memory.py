@@ -13,6 +13,7 @@ import weakref
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -33,7 +34,7 @@ from dicom_node.worker import (
     tune_malloc,
 )
 from dicom_node.writers import render_summary, write_seg, write_summary, write_summary_image
-from dicom_node.writers.common import present_vertebrae
+from dicom_node.writers.common import blank_invalid_dates, present_vertebrae
 from dicom_node.writers.summary import _label_centroid
 from storage.catalog import mark_complete
 from storage.models import Job, JobState, Study
@@ -246,3 +247,20 @@ def test_encoding_copies_large_pixel_data_once() -> None:
     del encoded
     _, pydicom_peak = _peak(_pydicom_bytes, ds)
     assert pydicom_peak > 1.8 * size  # what this saves
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_invalid_dates_are_blanked_in_files_of_either_vr_encoding(tmp_path, syntax) -> None:
+    ds = _image(b"\x00\x01", syntax)
+    ds.StudyDate, ds.StudyTime = "00000000", "101500"
+    ds.SeriesDate, ds.ContentTime = "20240230", "2599"
+    ds.AcquisitionDateTime = "20240101120000"
+    ds.PatientName = "Date^Test"
+    path = tmp_path / "dates.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    read = blank_invalid_dates(pydicom.dcmread(path, stop_before_pixels=True))
+    assert read.StudyDate in (None, "") and read.SeriesDate in (None, "")
+    assert read.ContentTime in (None, "")
+    assert read.StudyTime == "101500" and read.AcquisitionDateTime == "20240101120000"
+    assert read.PatientName == "Date^Test"

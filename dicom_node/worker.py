@@ -230,15 +230,18 @@ def tune_malloc() -> bool:
     )
 
 
-def release_memory() -> None:
-    """Collect garbage and hand the freed heap back to the operating system.
+def release_memory(collect: bool = True) -> None:
+    """Collect garbage (unless ``collect`` is false) and hand the freed heap back to the OS.
 
     Small blocks (the SEG's 32 kB frames, pydicom elements) live in glibc's arenas;
     freed, they stay resident until trimmed and would add to the next stage's peak.
     ``malloc_trim(0)`` returns the free pages of every arena. Elsewhere than glibc
-    this only collects garbage.
+    this only collects garbage. A collection walks every live object (0.5 s with a
+    1,200-slice SEG's 8,400 frame items alive), so it is skipped where reference
+    counting alone frees what matters.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     libc = _libc()
     if libc:
         libc.malloc_trim(0)
@@ -475,14 +478,14 @@ class Worker:
         threshold = self.settings.models.fracture_threshold
         outputs = []
         seg = None
-        if (result.label_map > 0).any():
+        if result.label_map.any():  # no whole-map boolean temporary
             seg = writers.write_seg(
                 sources, result, content_datetime=when, **self._ids(study_key, job.version, "seg")
             )
             outputs.append(self._save(job, "seg", seg))
             # stored: the SR needs the SEG's identity and segments, not its frames
             del seg.PixelData
-            release_memory()
+            release_memory(collect=False)
         sr = writers.write_sr(
             sources,
             seg,

@@ -68,7 +68,9 @@ class Marks:
 
     def wrap(self, owner: Any, attr: str, label: str) -> None:
         """Replace ``owner.attr`` by a wrapper that marks before and after each call."""
-        func = getattr(owner, attr)
+        func = getattr(owner, attr, None)
+        if func is None:  # not in this checkout
+            return
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             self.mark(f"until {label}")
@@ -165,7 +167,8 @@ def child(data: Path, truth: Path | None = None) -> dict[str, Any]:
     marks.wrap(worker_mod, "implausible_fraction", "implausible_fraction")
     marks.wrap(pipeline.seg, "predict", "stage 1 (seg.predict)")
     marks.wrap(pipeline.cls, "predict", "stage 2 (cls.predict)")
-    for name in ("render_summary", "write_seg", "write_sr", "write_summary_image"):
+    # write_summary: what the worker called before it rendered first (older checkouts)
+    for name in ("render_summary", "write_seg", "write_sr", "write_summary", "write_summary_image"):
         marks.wrap(writers, name, name)
     marks.wrap(worker_mod.Worker, "_save", "_save (encode + store)")
     t0 = time.perf_counter()

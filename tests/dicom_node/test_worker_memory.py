@@ -188,6 +188,7 @@ def test_worker_frees_the_volume_before_the_seg_and_stores_it_whole(tmp_path, mo
 def test_malloc_tuning_and_release_work_on_this_platform() -> None:
     assert tune_malloc()  # glibc: a fixed mmap threshold
     release_memory()
+    release_memory(collect=False)
 
 
 def _pydicom_bytes(ds: pydicom.Dataset) -> bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import select
 import socket
 import ssl
@@ -172,8 +173,10 @@ class FastAssociationSocket(AssociationSocket):
     ``recv_into`` calls as large as the kernel allows, and :attr:`ready` blocks in
     ``select`` on the socket and on a wake-up pipe that is written whenever a primitive
     is queued for sending (the DUL's ``to_provider_queue``), for at most
-    :attr:`WAIT_S`; the DUL's own sleep is set to zero. An idle association thus costs
-    one wake-up per :attr:`WAIT_S` instead of one per millisecond.
+    :attr:`WAIT_S`; the DUL's own sleep is set to zero. The association thread's poll for
+    a decoded message likewise waits on the message queue for up to :attr:`WAIT_S`. An
+    idle association thus costs one wake-up per :attr:`WAIT_S` instead of one per
+    millisecond, and a release request is noticed within :attr:`WAIT_S`.
 
     Installed on each accepted connection by :meth:`adopt`, before its threads start.
     """
@@ -203,6 +206,20 @@ class FastAssociationSocket(AssociationSocket):
 
         outgoing.put = put_and_wake
         assoc.dul._run_loop_delay = 0.0
+        # The association's own loop sleeps 1 ms and then polls for a decoded message:
+        # its poll waits on the message queue for up to WAIT_S instead.
+        dimse = assoc.dimse
+        messages = dimse.msg_queue
+
+        def get_msg(block: bool = False) -> tuple[Any, Any]:
+            try:
+                return messages.get(
+                    block=True, timeout=dimse.dimse_timeout if block else cls.WAIT_S
+                )
+            except queue.Empty:
+                return None, None
+
+        dimse.get_msg = get_msg
 
     def close_wakeup(self) -> None:
         """Close the wake-up pipe (the connection is gone)."""

@@ -678,6 +678,10 @@ class StorageNode:
             ssl_context = server_context(node.tls)
         limits = ConnectionLimits.from_settings(self.settings)
         _config.STORE_RECV_CHUNKED_DATASET = True
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            # pynetdicom's standard handlers format a DEBUG dump of every PDU and DIMSE
+            # message whether or not it is logged: bind them only when it is
+            _config.LOG_HANDLER_LEVEL = "none"
         # pynetdicom spools into tempfile's folder: keep it on the store's filesystem
         tempfile.tempdir = str(self.receiver.store.tmp_dir)
         handlers = [

@@ -63,7 +63,13 @@ def _setup_torch(threads: int | None) -> None:
     show_default=True,
     help="Label maps from stage-1 predictions or ground truth.",
 )
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--epochs",
+    default=10,
+    show_default=True,
+    type=click.IntRange(0),
+    help="End-to-end epochs (after any pre-training and head epochs; 0 with --head-epochs).",
+)
 @click.option(
     "--batch-size",
     default=4,
@@ -213,6 +219,10 @@ def train_cls(
     from ai.cls.train import TrainConfig, train
     from ai.modelpkg import DEMO_LABEL, select_device
 
+    if epochs == 0 and head_epochs == 0:
+        raise click.BadParameter(
+            "give --epochs or --head-epochs (both are 0)", param_hint="--epochs"
+        )
     if fold >= folds:
         raise click.BadParameter(f"--fold must be < --folds ({folds})", param_hint="--fold")
     dev = select_device(device)

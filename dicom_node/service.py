@@ -231,10 +231,12 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
     receiver = Receiver(settings, catalog, store)
     node = StorageNode(settings, receiver)
     supervisor = WorkerSupervisor(settings) if settings.worker.enabled else None
-    extra = [
-        (lambda: deliver_due(settings, catalog, store), 1.0, "delivery"),
-        (trim_malloc, TRIM_INTERVAL_S, "malloc-trim"),
-    ]
+
+    def deliver() -> None:
+        if deliver_due(settings, catalog, store):
+            trim_malloc()  # the outputs were read into memory to be sent
+
+    extra = [(deliver, 1.0, "delivery"), (trim_malloc, TRIM_INTERVAL_S, "malloc-trim")]
     listener = pool = None
     if settings.node.receivers > 1:
         listener = open_listener(settings)

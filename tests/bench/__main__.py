@@ -201,7 +201,38 @@ def ingest_section(results: list[ingest.Result]) -> list[str]:
         lines.append(
             f"| {syntax} | {senders} | {_fmt(refs.get('storescp'))} | {_fmt(refs.get('orthanc'))} |"
         )
-    return lines
+    return lines + INGEST_LIMITS
+
+
+INGEST_LIMITS = [
+    "",
+    "### What limits ingest",
+    "",
+    (
+        "- **Durability per 0x0000.** cspine answers 0x0000 only after the stored file, its "
+        "folders and the catalog's SQLite WAL are flushed (a power cut loses nothing "
+        "acknowledged). Orthanc flushes each stored file but its SQLite index only at "
+        "checkpoints. Count it with `.venv/bin/python -m tests.bench.sync_calls 100` (strace "
+        "of both receivers over the same 100 instances): Orthanc about 1 fdatasync per "
+        "instance, cspine about 1 file fsync, parallel folder fsyncs and 1 WAL fdatasync per "
+        "instance. With one sender two flushes in a row cannot be hidden, because the sender "
+        "waits for each response."
+    ),
+    (
+        "- **Pure-Python DICOM.** pynetdicom's PDU and DIMSE handling costs a few ms of CPU "
+        "per instance in one GIL; with 4 senders the receiver is CPU-bound on 2 cores shared "
+        "with the senders. `node.receivers` (processes accepting on one shared listening "
+        "socket, `max_associations` divided between them) lifts the GIL limit where there are"
+        " free cores; it is 1 by default because on 2 cores 2 receivers were not faster."
+    ),
+    (
+        "- **Done in this code** (measure with `make bench`): whole-PDU socket reads and an "
+        "event wake-up instead of pynetdicom's 1 ms polls, folder and file fsyncs issued in "
+        "parallel, group commit of concurrent catalog writes, prebuilt SQL on the hot path, "
+        "success statuses without a status dataset, and capped glibc malloc arenas with "
+        "periodic trimming in the receiver."
+    ),
+]
 
 
 def turnaround_table(rows: list[dict]) -> list[str]:

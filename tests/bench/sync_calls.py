@@ -1,0 +1,103 @@
+"""Durability work per stored instance: cspine vs Orthanc, counted with strace.
+
+Usage::
+
+    .venv/bin/python -m tests.bench.sync_calls [N]
+
+Sends the same synthetic N-slice (default 100) 512x512 series with dcmtk ``storescu``
+(one association, ``TCP_NODELAY=1``) to Orthanc (the ingest bench's configuration) and
+to ``cspine serve --no-worker``, each traced with ``strace -f -e trace=<sync and rename
+calls>``, and prints per receiver how many ``fsync``/``fdatasync`` calls hit which kind
+of file (stored instance, folder, SQLite database or WAL). It explains the ingest ratio:
+both receivers flush every stored file, but only cspine also flushes the file's folders
+and the catalog's WAL before it answers 0x0000 (power-loss durability of the name and the
+index row, not just the bytes). A plain script, not a test; needs ``strace``.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.bench.ingest import send, start_receiver  # noqa: E402
+
+CALLS = "fsync,fdatasync,sync_file_range,syncfs"
+
+
+def _pid_of(marker: str) -> int:
+    """The process whose command line mentions ``marker`` (the receiver's folder)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmd and "strace" not in cmd:
+            return int(proc.name)
+    raise RuntimeError(f"no process for {marker}")
+
+
+def _kind(path: str) -> str:
+    """What a synced path is (checked after the run, while the receiver's folder exists)."""
+    if path.endswith("-wal"):
+        return "SQLite WAL"
+    if path.endswith((".sqlite", "/index", "-journal")):
+        return "SQLite database"
+    return "folder" if Path(path).is_dir() else "stored file"
+
+
+def trace(kind: str, series: Path, work: Path) -> tuple[float, collections.Counter]:
+    """Send ``series`` to a fresh ``kind`` under strace; images/s and sync calls by target."""
+    target = work / kind
+    running = start_receiver(kind, target, 1)
+    log = work / f"strace-{kind}.txt"
+    try:
+        pid = _pid_of(str(target))
+        tracer = subprocess.Popen(
+            ["strace", "-f", "-y", "-qq", "-o", str(log), "-e", f"trace={CALLS}", "-p", str(pid)]
+        )
+        time.sleep(1.5)  # strace attaches to every thread
+        seconds = send(series, running.port, running.called, 1)
+        time.sleep(0.5)
+        tracer.terminate()
+        tracer.wait()
+    finally:
+        running.stop()
+    counts: collections.Counter = collections.Counter()
+    for call, path in re.findall(r"(\w+)\(\d+<([^>]*)>", log.read_text()):
+        counts[f"{call} {_kind(path)}"] += 1
+    n = sum(1 for _ in series.iterdir())
+    return n / seconds, counts
+
+
+def main() -> None:
+    from ai.synthetic import StudySpec, generate_study, write_series
+
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100
+    if shutil.which("strace") is None:
+        raise SystemExit("strace is not installed (apt-get install -y strace)")
+    work = Path(tempfile.mkdtemp(prefix="cspine-sync-"))
+    try:
+        series = work / "series"
+        write_series(generate_study(2024, StudySpec(n_slices=n)), series, "explicit")
+        for kind in ("orthanc", "cspine"):
+            rate, counts = trace(kind, series, work)
+            print(f"{kind}: {n} instances, {rate:.0f} img/s under strace")
+            for key, value in sorted(counts.items()):
+                print(f"  {value:6d} {key} ({value / n:.2f} per instance)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -463,14 +463,7 @@ def train_heads(
             losses.append(float(loss.detach()))
         entry: dict[str, Any] = {"head_epoch": epoch + 1, "train_loss": float(np.mean(losses))}
         if val_items:
-            preds = predict_cached(net, val_items, device, cfg.head_batch, features=val_feats)
-            for mode in PATIENT_MODES:
-                entry[f"val_loss_{mode}"] = score(val_items, preds, mode, prior)[
-                    "weighted_log_loss"
-                ]
-            val_loss = min(entry[f"val_loss_{m}"] for m in PATIENT_MODES)
-            if best is None or val_loss < best[0]:
-                best = (val_loss, {k: v.detach().clone() for k, v in net.state_dict().items()})
+            best = _validate(net, val_items, device, cfg.head_batch, prior, entry, best, val_feats)
         history.append(entry)
         if progress and hasattr(it, "set_postfix"):
             it.set_postfix(
@@ -479,6 +472,32 @@ def train_heads(
     if best is not None:
         net.load_state_dict(best[1])
     return history
+
+
+_Best = tuple[float, dict[str, torch.Tensor]] | None
+
+
+def _validate(
+    net: FractureNet,
+    val_items: Sequence[StudyCrops],
+    device: torch.device,
+    batch_size: int,
+    prior: np.ndarray,
+    entry: dict[str, Any],
+    best: _Best,
+    features: Sequence[torch.Tensor] | None = None,
+) -> _Best:
+    """Add the validation losses of each patient mode to ``entry``; return the new best.
+
+    The best is ``(loss, weights)`` with the lowest loss over the modes so far.
+    """
+    preds = predict_cached(net, val_items, device, batch_size, features=features)
+    for mode in PATIENT_MODES:
+        entry[f"val_loss_{mode}"] = score(val_items, preds, mode, prior)["weighted_log_loss"]
+    val_loss = min(entry[f"val_loss_{m}"] for m in PATIENT_MODES)
+    if best is None or val_loss < best[0]:
+        return val_loss, {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return best
 
 
 def _slice_targets(item: StudyCrops) -> np.ndarray:
@@ -625,14 +644,7 @@ def train(
                 it.set_postfix(loss=f"{np.mean(losses):.4f}")
         entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
         if val_items:
-            preds = predict_cached(net, val_items, device, cfg.batch_size)
-            for mode in PATIENT_MODES:
-                entry[f"val_loss_{mode}"] = score(val_items, preds, mode, prior)[
-                    "weighted_log_loss"
-                ]
-            val_loss = min(entry[f"val_loss_{m}"] for m in PATIENT_MODES)
-            if best is None or val_loss < best[0]:
-                best = (val_loss, {k: v.detach().clone() for k, v in net.state_dict().items()})
+            best = _validate(net, val_items, device, cfg.batch_size, prior, entry, best)
         history.append(entry)
         log.info("epoch %s", entry)
         if progress is not None and hasattr(progress, "write"):

@@ -216,8 +216,8 @@ def test_training_smoke_writes_a_loadable_package(tmp_path: Path) -> None:
         ClsModel.load(out)
 
 
-def test_slice_pretraining_learns_fractured_slices_and_keeps_the_encoder(tmp_path: Path) -> None:
-    torch.manual_seed(0)
+def _slice_labelled_items(*, unknown_first_slice: bool) -> list[StudyCrops]:
+    """8 tiny cached studies, every other one with a fracture seen on the middle slice."""
     crop = CropConfig(size=32, n_slices=3, min_volume_mm3=10)
     items = []
     for i in range(8):
@@ -226,8 +226,15 @@ def test_slice_pretraining_learns_fractured_slices_and_keeps_the_encoder(tmp_pat
         slice_labels = np.zeros((7, 3), np.float32)
         if fractured is not None:
             slice_labels[fractured, 1] = 1.0  # the middle slice shows the gap
-            slice_labels[fractured, 0] = -1.0  # unknown: never used
+            if unknown_first_slice:
+                slice_labels[fractured, 0] = -1.0  # unknown: never used
         items.append(_cached(i, vol, lm, labels, crop, slice_labels))
+    return items
+
+
+def test_slice_pretraining_learns_fractured_slices_and_keeps_the_encoder(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    items = _slice_labelled_items(unknown_first_slice=True)
     cfg = TrainConfig(pretrain_steps=150, pretrain_batch=16, pretrain_lr=3e-3, seed=1, **TINY)
     net = FractureNet(in_chans=6, **TINY)
     before = {k: v.clone() for k, v in net.encoder.state_dict().items()}
@@ -245,14 +252,7 @@ def test_slice_pretraining_learns_fractured_slices_and_keeps_the_encoder(tmp_pat
 def test_head_phase_trains_lstm_and_heads_on_a_frozen_encoder(tmp_path: Path) -> None:
     torch.manual_seed(0)
     crop = CropConfig(size=32, n_slices=3, min_volume_mm3=10)
-    items = []
-    for i in range(8):
-        fractured = i % 7 if i % 2 else None
-        vol, lm, labels = _study(i, fractured)
-        slice_labels = np.zeros((7, 3), np.float32)
-        if fractured is not None:
-            slice_labels[fractured, 1] = 1.0
-        items.append(_cached(i, vol, lm, labels, crop, slice_labels))
+    items = _slice_labelled_items(unknown_first_slice=False)
     net = FractureNet(in_chans=6, **TINY)
     # features through the split forward equal the full forward
     x = items[0].crops.float() / 255.0

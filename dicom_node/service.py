@@ -17,8 +17,6 @@ a long-running receiver stays flat instead of growing with every study it handle
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import logging
 import os
 import socket
@@ -29,16 +27,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from config import Settings, check_bind_safety
+from dicom_node import memory
+from dicom_node.memory import trim_malloc
 from dicom_node.receive import Receiver, open_node_storage
 from dicom_node.scp import StorageNode
 from storage import reconcile
 
 LOGGER = logging.getLogger(__name__)
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
 MALLOC_ARENA_MAX = 2
 """Arenas for all threads: each association thread would otherwise get its own."""
 MALLOC_MMAP_THRESHOLD = 1024 * 1024
@@ -50,44 +46,19 @@ MALLOC_TRIM_THRESHOLD = 4 * 1024 * 1024
 TRIM_INTERVAL_S = 30.0
 
 
-def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
 def tune_malloc() -> bool:
-    """Cap glibc malloc arenas and fix the mmap/trim thresholds for this process.
+    """Cap glibc malloc arenas and fix the mmap/trim thresholds of a receiver process.
 
     Returns
     -------
     bool
         Whether the settings were applied (glibc only; elsewhere nothing is done).
     """
-    libc = _libc()
-    if libc is None:
-        return False
-    ok = all(
-        libc.mallopt(param, value) == 1
-        for param, value in (
-            (_M_ARENA_MAX, MALLOC_ARENA_MAX),
-            (_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD),
-            (_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD),
-        )
+    return memory.tune_malloc(
+        mmap_threshold=MALLOC_MMAP_THRESHOLD,
+        trim_threshold=MALLOC_TRIM_THRESHOLD,
+        arena_max=MALLOC_ARENA_MAX,
     )
-    LOGGER.debug("malloc tuned ok=%s", ok)
-    return ok
-
-
-def trim_malloc() -> None:
-    """Return free heap memory of every arena to the system (``malloc_trim(0)``)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 class WorkerSupervisor:

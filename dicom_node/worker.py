@@ -9,7 +9,6 @@ after a crash reproduces the same objects, and a new version gets new UIDs.
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import gc
 import io
@@ -31,6 +30,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from config import Settings
+from dicom_node import memory
 from dicom_node.selection import SeriesCandidate, select_series
 from dicom_node.writers.common import blank_invalid_dates
 from storage import Catalog, FileStore
@@ -186,26 +186,10 @@ def _encode(ds: pydicom.Dataset) -> bytes:
     return out.join()
 
 
-_LIBC: Any = None
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-"""``mallopt`` parameter numbers of glibc (``malloc.h``)."""
 MMAP_THRESHOLD_BYTES = 16 << 20
 """Allocations from this size up get their own mapping, returned to the OS when freed."""
 TRIM_THRESHOLD_BYTES = 64 << 20
 """Free memory kept at the top of the heap before glibc gives it back on its own."""
-
-
-def _libc() -> Any:
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        except (OSError, AttributeError):
-            _LIBC = False
-    return _LIBC
 
 
 def tune_malloc() -> bool:
@@ -221,12 +205,8 @@ def tune_malloc() -> bool:
     and fault them in again on every slab). :func:`release_memory` trims the rest
     between stages. Returns whether glibc accepted both settings.
     """
-    libc = _libc()
-    if not libc:
-        return False
-    return (
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-        and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
+    return memory.tune_malloc(
+        mmap_threshold=MMAP_THRESHOLD_BYTES, trim_threshold=TRIM_THRESHOLD_BYTES
     )
 
 
@@ -242,9 +222,7 @@ def release_memory(collect: bool = True) -> None:
     """
     if collect:
         gc.collect()
-    libc = _libc()
-    if libc:
-        libc.malloc_trim(0)
+    memory.trim_malloc()
 
 
 class Worker:

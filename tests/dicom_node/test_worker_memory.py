@@ -187,6 +187,9 @@ def test_worker_frees_the_volume_before_the_seg_and_stores_it_whole(tmp_path, mo
 
 def test_malloc_tuning_and_release_work_on_this_platform() -> None:
     assert tune_malloc()  # glibc: a fixed mmap threshold
+    from dicom_node import service
+
+    assert service.tune_malloc()  # the receiver's settings, arena cap included
     release_memory()
     release_memory(collect=False)
 

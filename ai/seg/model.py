@@ -109,20 +109,24 @@ class PostSpec:
         return {"threshold": self.threshold, "min_visible_mm3": self.min_visible_mm3}
 
 
-def _boxes(label_map: np.ndarray) -> list[tuple[slice, ...] | None]:
+_Boxes = list[tuple[slice, ...] | None]
+
+
+def _boxes(label_map: np.ndarray) -> _Boxes:
     return ndimage.find_objects(label_map, max_label=N_LABELS)
 
 
-def keep_largest_components(label_map: np.ndarray) -> None:
+def keep_largest_components(label_map: np.ndarray, boxes: _Boxes | None = None) -> None:
     """Keep only the largest 26-connected component of every label, in place.
 
     Works inside each label's bounding box; the component sizes are counted and the
     small components cleared slab by slab, so besides the box's int32 component map
     only slab-sized temporaries exist (a whole-box ``bincount`` would first cast the
-    component map to int64, 8 bytes per voxel).
+    component map to int64, 8 bytes per voxel). ``boxes`` (from :func:`_boxes`, or boxes
+    that contain them) saves a pass over the whole volume.
     """
     structure = np.ones((3, 3, 3), dtype=bool)
-    for value, box in enumerate(_boxes(label_map), start=1):
+    for value, box in enumerate(_boxes(label_map) if boxes is None else boxes, start=1):
         if box is None:
             continue
         sub = label_map[box]
@@ -140,10 +144,10 @@ def keep_largest_components(label_map: np.ndarray) -> None:
         del comps
 
 
-def label_counts(label_map: np.ndarray) -> dict[int, int]:
-    """Voxel count of each label 1..7 (computed inside bounding boxes)."""
+def label_counts(label_map: np.ndarray, boxes: _Boxes | None = None) -> dict[int, int]:
+    """Voxel count of each label 1..7 (computed inside bounding boxes, or ``boxes``)."""
     counts = {}
-    for value, box in enumerate(_boxes(label_map), start=1):
+    for value, box in enumerate(_boxes(label_map) if boxes is None else boxes, start=1):
         counts[value] = 0 if box is None else int(np.count_nonzero(label_map[box] == value))
     return counts
 
@@ -153,15 +157,17 @@ def _centroid(label_map: np.ndarray, value: int, box: tuple[slice, ...]) -> np.n
     return np.array([b.start + c for b, c in zip(box, local, strict=True)], dtype=float)
 
 
-def enforce_cranio_caudal_order(label_map: np.ndarray, affine: np.ndarray) -> list[str]:
+def enforce_cranio_caudal_order(
+    label_map: np.ndarray, affine: np.ndarray, boxes: _Boxes | None = None
+) -> list[str]:
     """Make C1 lie above C7 along the patient (superior) axis.
 
     Compares the superior (LPS z) coordinate of the centroids of the lowest-numbered and
     the highest-numbered present labels; if the lowest number (nearest C1) lies *below*
-    the highest one, the labels are reversed (n -> 8 - n) in place. Returns notes
-    describing what was done.
+    the highest one, the labels are reversed (n -> 8 - n) in place (the boxes of the new
+    labels are then ``boxes[::-1]``). Returns notes describing what was done.
     """
-    boxes = _boxes(label_map)
+    boxes = _boxes(label_map) if boxes is None else boxes
     present = [v for v, box in enumerate(boxes, start=1) if box is not None]
     if len(present) < 2:
         return []
@@ -174,8 +180,14 @@ def enforce_cranio_caudal_order(label_map: np.ndarray, affine: np.ndarray) -> li
         return []
     lut = np.arange(256, dtype=np.uint8)
     lut[1 : N_LABELS + 1] = np.arange(N_LABELS, 0, -1, dtype=np.uint8)
-    for start in range(0, label_map.shape[0], 16):
-        label_map[start : start + 16] = lut[label_map[start : start + 16]]
+    # only inside the union of the label boxes: nothing outside it changes
+    known = [b for b in boxes if b is not None]
+    union = tuple(
+        slice(min(b[a].start for b in known), max(b[a].stop for b in known)) for a in range(3)
+    )
+    region = label_map[union]
+    for start in range(0, region.shape[0], 16):
+        region[start : start + 16] = lut[region[start : start + 16]]
     note = f"labels reversed: {VERTEBRAE[lo - 1]} was below {VERTEBRAE[hi - 1]}"
     logger.warning("stage-1 post-processing %s", note)
     return [note]
@@ -282,13 +294,17 @@ class SegModel:
             best, arg = probs.max(dim=0)
             lab = torch.where(best > thr, arg + 1, 0).to(torch.uint8).numpy()
             view[start : start + lab.shape[0], y0:y1, x0:x1] = lab
-        keep_largest_components(label_map)
-        notes = enforce_cranio_caudal_order(label_map, vol.affine)
+        # one pass over the whole volume for the label boxes; each step below works
+        # inside them (they stay valid supersets as components are cleared)
+        boxes = _boxes(label_map)
+        keep_largest_components(label_map, boxes)
+        notes = enforce_cranio_caudal_order(label_map, vol.affine, boxes)
+        if notes:  # labels n -> 8 - n
+            boxes = boxes[::-1]
         voxel_mm3 = float(abs(np.linalg.det(vol.affine[:3, :3])))
-        counts = label_counts(label_map)
+        counts = label_counts(label_map, boxes)
         volumes = {name: counts[i] * voxel_mm3 for i, name in enumerate(VERTEBRAE, start=1)}
         visible = {name: volumes[name] >= self.post.min_visible_mm3 for name in VERTEBRAE}
-        boxes = _boxes(label_map)
         for i, name in enumerate(VERTEBRAE, start=1):
             box = boxes[i - 1]
             if not visible[name] and box is not None:  # too small to count: drop the specks

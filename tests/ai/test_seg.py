@@ -12,7 +12,13 @@ import torch
 from ai.errors import ModelLoadError
 from ai.modelpkg import save_package
 from ai.seg import InputSpec, SegModel, build_network, default_arch_params
-from ai.seg.model import ARCH_CLASS, enforce_cranio_caudal_order, keep_largest_components
+from ai.seg.model import (
+    ARCH_CLASS,
+    _boxes,
+    enforce_cranio_caudal_order,
+    keep_largest_components,
+    label_counts,
+)
 from ai.seg.preprocess import canonical_view, iter_source_slabs, prepare_input, prepare_labels
 from ai.seg.train import dice_per_label
 from ai.types import VERTEBRAE, CTVolume
@@ -101,6 +107,26 @@ def test_post_processing_largest_component_and_order() -> None:
     notes = enforce_cranio_caudal_order(flipped, affine)
     assert notes and "reversed" in notes[0]
     np.testing.assert_array_equal(flipped, lab)
+
+
+def test_post_processing_with_boxes_computed_once_matches_fresh_boxes() -> None:
+    rng = np.random.default_rng(3)
+    lab = np.zeros((40, 12, 12), np.uint8)
+    for v in range(1, 8):  # C1 at the bottom, C7 on top: the order gets reversed
+        z = 2 + (v - 1) * 5
+        lab[z : z + 4, 2:9, 2:9] = v
+        lab[z, 10 + rng.integers(0, 2), 11] = v  # a speck that is not the largest part
+    fresh = lab.copy()
+    keep_largest_components(fresh)
+    affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
+    fresh_notes = enforce_cranio_caudal_order(fresh, affine)
+    boxes = _boxes(lab)
+    keep_largest_components(lab, boxes)
+    notes = enforce_cranio_caudal_order(lab, affine, boxes)
+    assert notes == fresh_notes and notes
+    np.testing.assert_array_equal(lab, fresh)
+    # after the reversal the boxes of the new labels are the old list reversed
+    assert label_counts(lab, boxes[::-1]) == label_counts(lab) == {v: 4 * 49 for v in range(1, 8)}
 
 
 def _tiny_package(folder: Path, size: int = 32) -> Path:

@@ -66,6 +66,30 @@ def store_files(port: int, paths: list[Path], **kw) -> list[int | None]:
     return out
 
 
+def send_until_refused(assoc, paths: list[Path], on_ack=None) -> list[str]:
+    """C-STORE ``paths`` byte for byte until one fails; the SOP Instance UIDs acked 0x0000.
+
+    ``on_ack(acked)`` runs after each success (e.g. to kill the server mid-transfer).
+    The association is left as it is (released, aborted or still open: the caller's
+    business).
+    """
+    import pydicom
+
+    acked: list[str] = []
+    with chunked_send():
+        for path in paths:
+            try:
+                rsp = assoc.send_c_store(path)
+            except Exception:
+                break
+            if rsp.get("Status") != 0:
+                break
+            acked.append(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            if on_ack is not None:
+                on_ack(acked)
+    return acked
+
+
 def partial_store(port: int, ds: Dataset, fraction: float = 0.5) -> socket.socket:
     """Start a C-STORE and send part of the data set's PDUs; return the raw socket, open.
 

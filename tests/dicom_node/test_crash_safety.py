@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 
-import pydicom
 import pytest
 from sqlalchemy import select
 
@@ -13,28 +12,22 @@ from storage.filestore import sha256_file
 from storage.models import Instance
 from tests.conftest import free_port
 from tests.dicom_node.proc import Server
-from tests.dicom_node.scu_tools import associate, chunked_send
+from tests.dicom_node.scu_tools import associate, send_until_refused
 from tests.helpers import write_series
 
 
 def _send_until_killed(server: Server, paths, kill_after: int | None, kill_delay: float | None):
     """Send paths; SIGKILL the server after `kill_after` acks or after `kill_delay` s."""
-    acked: list[str] = []
     assoc = associate(server.port)
     assert assoc.is_established
     if kill_delay is not None:
         threading.Timer(kill_delay, server.kill).start()
-    with chunked_send():
-        for path in paths:
-            try:
-                rsp = assoc.send_c_store(path)
-            except Exception:
-                break
-            if rsp.get("Status") != 0:
-                break
-            acked.append(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-            if kill_after is not None and len(acked) == kill_after:
-                server.kill()
+
+    def on_ack(acked: list[str]) -> None:
+        if kill_after is not None and len(acked) == kill_after:
+            server.kill()
+
+    acked = send_until_refused(assoc, paths, on_ack)
     if assoc.is_established:
         assoc.abort()
     server.kill()

@@ -9,7 +9,6 @@ import threading
 import time
 from pathlib import Path
 
-import pydicom
 from sqlalchemy import select
 
 from config import load_settings
@@ -18,7 +17,7 @@ from storage.filestore import sha256_file
 from storage.models import Instance
 from tests.conftest import free_port
 from tests.dicom_node.proc import Server, echo_ok
-from tests.dicom_node.scu_tools import associate, chunked_send, store_files
+from tests.dicom_node.scu_tools import associate, send_until_refused, store_files
 from tests.helpers import write_series
 
 # 2 processes; max_associations is divided over them (10 each)
@@ -122,19 +121,10 @@ def test_a_dead_receiver_is_restarted_and_receivers_die_with_serve(tmp_path):
 
 
 def _send_until_broken(port: int, paths: list[Path]) -> list[str]:
-    acked: list[str] = []
     assoc = associate(port)
     if not assoc.is_established:
-        return acked
-    with chunked_send():
-        for path in paths:
-            try:
-                rsp = assoc.send_c_store(path)
-            except Exception:
-                break
-            if rsp.get("Status") != 0:
-                break
-            acked.append(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        return []
+    acked = send_until_refused(assoc, paths)
     if assoc.is_established:
         assoc.release()
     return acked

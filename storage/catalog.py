@@ -1,8 +1,10 @@
 """Catalog operations: ingest a verified file, completion bookkeeping, queries.
 
 Ingest order, which makes every acknowledged instance durable:
-temp file (already written and closed) -> sha256 -> fsync -> atomic rename into the
-store -> catalog commit. Only after :func:`ingest` returns may a caller acknowledge.
+temp file (already written and closed) -> sha256 -> atomic link to its content address
+in the store -> fsync of the file and its folders -> catalog commit
+(:meth:`storage.FileStore.commit_instance`). Only after :func:`ingest` returns may a
+caller acknowledge.
 """
 
 from __future__ import annotations

@@ -107,14 +107,17 @@ class FileStore:
         return removed
 
     def _place(self, src: Path, area: str, sha256: str) -> str:
-        """Rename ``src`` to its content address; durable when this returns.
+        """Move ``src`` to its content address; durable when this returns.
 
-        The rename comes first, then the file and every folder whose entries changed
-        (the destination, and the parent of each folder created here) are fsynced
-        concurrently; only when all of them are done does this return, so a caller
-        commits its catalog row after the file and its name are on stable storage.
-        Should power fail earlier, the file is at most an unrecorded orphan, which
-        :func:`storage.catalog.reconcile` removes at start-up.
+        ``src`` is hard-linked to the new name first (which never replaces a file), then
+        the file and every folder whose entries changed (the destination, and the parent
+        of each folder created here) are fsynced concurrently; only when all of them are
+        done does this return, so a caller commits its catalog row after the file and its
+        name are on stable storage. Should power fail earlier, the file is at most an
+        unrecorded orphan, which :func:`storage.catalog.reconcile` removes at start-up.
+        When the name exists already (identical bytes placed by a racing association,
+        committed or about to be), that file is kept as it is and fsynced, and ``src``
+        is dropped: a file another row may own is never swapped for one not yet on disk.
         """
         rel = f"{area}/{sha256[:2]}/{sha256[2:4]}/{sha256}.dcm"
         dest = self.root / rel
@@ -127,12 +130,20 @@ class FileStore:
                     continue
                 changed.add(folder.parent)
         os.chmod(src, FILE_MODE)
-        if not self.fsync:
-            os.replace(src, dest)
-            return rel
-        fd = os.open(src, os.O_RDONLY)
         try:
-            os.replace(src, dest)
+            os.link(src, dest)
+        except FileExistsError:
+            src.unlink()
+            if self.fsync:
+                with dest.open("rb") as fh:
+                    os.fsync(fh.fileno())
+                _fsync_dir(dest.parent)
+            return rel
+        src.unlink()
+        if not self.fsync:
+            return rel
+        fd = os.open(dest, os.O_RDONLY)
+        try:
             pending = [_FSYNC_POOL.submit(_fsync_dir, folder) for folder in changed]
             try:
                 os.fsync(fd)
@@ -144,11 +155,11 @@ class FileStore:
         return rel
 
     def commit_instance(self, src: Path, sha256: str) -> str:
-        """fsync ``src`` and rename it into ``instances/``; return the relative path."""
+        """Move ``src`` durably into ``instances/`` (see :meth:`_place`); its relative path."""
         return self._place(src, "instances", sha256)
 
     def quarantine(self, src: Path, sha256: str) -> str:
-        """fsync ``src`` and rename it into ``quarantine/``; return the relative path."""
+        """Move ``src`` durably into ``quarantine/`` (see :meth:`_place`); its relative path."""
         return self._place(src, "quarantine", sha256)
 
     def write_output(self, job_id: int, name: str, data: bytes) -> str:

@@ -130,3 +130,21 @@ def test_placing_into_new_folders(tmp_path: Path) -> None:
         f"instances/{h[:2]}/{h[2:4]}/{h}.dcm"
         for h in (hashlib.sha256(f"instance {i}".encode()).hexdigest() for i in range(20))
     )
+
+
+def test_placing_onto_an_existing_name_keeps_the_file_already_there(tmp_path: Path) -> None:
+    """Identical bytes placed twice: the first file (perhaps committed) is never replaced."""
+    store = FileStore(tmp_path / "store")
+    data = b"one instance" * 50
+    sha = hashlib.sha256(data).hexdigest()
+    first = store.new_temp()
+    first.write_bytes(data)
+    rel = store.commit_instance(first, sha)
+    inode = (store.root / rel).stat().st_ino
+    second = store.new_temp()
+    second.write_bytes(data)
+    assert store.commit_instance(second, sha) == rel
+    assert (store.root / rel).stat().st_ino == inode
+    assert (store.root / rel).read_bytes() == data
+    assert (store.root / rel).stat().st_nlink == 1  # no link left behind in the spool
+    assert list(store.tmp_dir.iterdir()) == []

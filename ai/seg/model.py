@@ -99,14 +99,52 @@ class SegOutput:
 
 @dataclass(frozen=True)
 class PostSpec:
-    """Post-processing parameters (``model.json["postprocess"]``)."""
+    """Post-processing parameters (``model.json["postprocess"]``).
+
+    Attributes
+    ----------
+    threshold
+        A source voxel gets the label of its most probable channel when that
+        probability exceeds this (also the spine-region threshold of a two-pass model).
+    min_visible_mm3
+        A vertebra with less segmented volume is "not in the field of view".
+    bone_hu
+        Bone refinement on the source grid (``None``: off). The network works on a
+        coarse grid whose voxels are several source voxels wide, so its upsampled
+        boundary cannot follow the bone surface. With refinement a source voxel is
+        labelled when its best probability exceeds ``region_threshold`` (a wider
+        region than ``threshold``) *and* its HU is at least ``bone_hu``: the label
+        comes from the network, the boundary from the image.
+    region_threshold
+        Probability defining the candidate region when ``bone_hu`` is set.
+    fill_holes
+        With refinement, fill holes that a label encloses completely in 3-D (marrow
+        below ``bone_hu`` inside the cortical shell, as in osteoporotic bone).
+    """
 
     threshold: float = 0.5
     min_visible_mm3: float = 500.0
+    bone_hu: float | None = None
+    region_threshold: float = 0.05
+    fill_holes: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "region_threshold"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"postprocess {name} must be within (0, 1), got {value}")
+        if self.bone_hu is not None and not -1024.0 <= self.bone_hu <= 3071.0:
+            raise ValueError(f"postprocess bone_hu must be within -1024..3071, got {self.bone_hu}")
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form."""
-        return {"threshold": self.threshold, "min_visible_mm3": self.min_visible_mm3}
+        return {
+            "threshold": self.threshold,
+            "min_visible_mm3": self.min_visible_mm3,
+            "bone_hu": self.bone_hu,
+            "region_threshold": self.region_threshold,
+            "fill_holes": self.fill_holes,
+        }
 
 
 _Boxes = list[tuple[slice, ...] | None]
@@ -142,6 +180,23 @@ def keep_largest_components(label_map: np.ndarray, boxes: _Boxes | None = None) 
             part = comps[start : start + _POST_SLAB]
             sub[start : start + _POST_SLAB][(part != 0) & (part != keep)] = 0
         del comps
+
+
+def fill_enclosed_holes(label_map: np.ndarray, boxes: _Boxes | None = None) -> None:
+    """Give every background hole that a label encloses completely (in 3-D) that label.
+
+    Works inside each label's bounding box, in place; a hole touching another label or
+    the box's border is not enclosed and stays background.
+    """
+    for value, box in enumerate(_boxes(label_map) if boxes is None else boxes, start=1):
+        if box is None:
+            continue
+        sub = label_map[box]
+        mine = sub == value
+        holes = ndimage.binary_fill_holes(mine)
+        holes &= ~mine
+        holes &= sub == 0
+        sub[holes] = value
 
 
 def label_counts(label_map: np.ndarray, boxes: _Boxes | None = None) -> dict[int, int]:
@@ -288,11 +343,20 @@ class SegModel:
         except RuntimeError as exc:
             raise InferenceError(f"stage-1 network failed: {exc}") from exc
         view = canonical_view(label_map, canon)
+        hu_view = canonical_view(vol.hu, canon)
         _z0, _z1, y0, y1, x0, x1 = roi
-        thr = self.post.threshold
+        post = self.post
+        refine = post.bone_hu is not None
+        thr = post.region_threshold if refine else post.threshold
         for start, probs in iter_source_slabs(logits, roi):
             best, arg = probs.max(dim=0)
-            lab = torch.where(best > thr, arg + 1, 0).to(torch.uint8).numpy()
+            keep = best > thr
+            if refine:
+                hu = torch.from_numpy(
+                    np.ascontiguousarray(hu_view[start : start + keep.shape[0], y0:y1, x0:x1])
+                )
+                keep &= hu >= post.bone_hu
+            lab = torch.where(keep, arg + 1, 0).to(torch.uint8).numpy()
             view[start : start + lab.shape[0], y0:y1, x0:x1] = lab
         # one pass over the whole volume for the label boxes; each step below works
         # inside them (they stay valid supersets as components are cleared)
@@ -301,6 +365,8 @@ class SegModel:
         notes = enforce_cranio_caudal_order(label_map, vol.affine, boxes)
         if notes:  # labels n -> 8 - n
             boxes = boxes[::-1]
+        if refine and post.fill_holes:
+            fill_enclosed_holes(label_map, boxes)
         voxel_mm3 = float(abs(np.linalg.det(vol.affine[:3, :3])))
         counts = label_counts(label_map, boxes)
         volumes = {name: counts[i] * voxel_mm3 for i, name in enumerate(VERTEBRAE, start=1)}

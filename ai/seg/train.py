@@ -26,7 +26,14 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from ai.modelpkg import DEMO_LABEL, save_package, select_device
+from ai.modelpkg import (
+    DEMO_LABEL,
+    load_module,
+    read_package,
+    resolve_package,
+    save_package,
+    select_device,
+)
 from ai.seg.model import (
     ARCH_CLASS,
     DEFAULT_PACKAGE,
@@ -70,6 +77,7 @@ class TrainConfig:
     pos_weight: float = 1.0
     device: str = "auto"
     resume: bool = False
+    init: Path | str | None = None
     cache_dir: Path | None = None
     work_dir: Path | None = None
     max_steps: int | None = None
@@ -269,6 +277,44 @@ def _looks_synthetic(root: Path) -> bool:
     return bool(markers)
 
 
+def _init_weights(
+    net: torch.nn.Module, init: Path | str, arch: dict[str, Any], spec: InputSpec
+) -> dict[str, Any]:
+    """Load a verified stage-1 package's weights into ``net`` (fine-tuning start point).
+
+    Raises
+    ------
+    ModelLoadError
+        When the package fails verification.
+    ValueError
+        When its architecture parameters or input spec differ from this run's: the
+        weights would not mean the same thing.
+    """
+    pkg = read_package(resolve_package(init))
+    if pkg.meta.get("task") != "seg":
+        raise ValueError(f"--init {pkg.path} is a {pkg.meta.get('task')!r} model, not 'seg'")
+    theirs = pkg.architecture.get("params", {})
+    if json.loads(json.dumps(theirs)) != json.loads(json.dumps(arch)):
+        raise ValueError(
+            f"--init {pkg.path} has architecture parameters {theirs}, this run needs {arch}"
+        )
+    if InputSpec.from_json(pkg.meta["input"]).to_json() != spec.to_json():
+        raise ValueError(
+            f"--init {pkg.path} was trained for input {pkg.meta['input']}, "
+            f"this run uses {spec.to_json()}"
+        )
+    src = load_module(pkg, build_network, "cpu")
+    net.load_state_dict(src.state_dict())
+    ident = pkg.identity
+    logger.info("initialised from package=%s version=%s", ident.name, ident.version)
+    return {
+        "package": str(pkg.path),
+        "name": ident.name,
+        "version": ident.version,
+        "sha256": ident.sha256,
+    }
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run a training and write the model package to ``cfg.out``.
 
@@ -308,6 +354,7 @@ def train(cfg: TrainConfig) -> Path:
 
     arch = default_arch_params(cfg.backbone, cfg.decoder_channels)
     net = build_network(arch).to(device)
+    init_from = _init_weights(net, cfg.init, arch, spec) if cfg.init is not None else None
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
     total_steps = steps_per_epoch * cfg.epochs
@@ -462,6 +509,7 @@ def train(cfg: TrainConfig) -> Path:
             "intensity scale/shift, noise",
             "seed": cfg.seed,
             "device": str(device),
+            "init": init_from,
             "command": cfg.command,
             "seconds": round(time.monotonic() - t_start, 1),
             "history": history,

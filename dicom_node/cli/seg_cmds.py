@@ -93,6 +93,13 @@ def _size(value: str) -> tuple[int, int, int]:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --work-dir.")
 @click.option(
+    "--init",
+    "init",
+    default=None,
+    help="Start from this stage-1 package's weights (folder or installed name; fine-tuning). "
+    "Its architecture and input spec must match this run's.",
+)
+@click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),
     default=None,
@@ -133,6 +140,7 @@ def train_seg(
     pos_weight: float,
     device: str,
     resume: bool,
+    init: str | None,
     cache_dir: str | None,
     work_dir: str | None,
     max_steps: int | None,
@@ -144,6 +152,7 @@ def train_seg(
     no_progress: bool,
 ) -> None:
     """Train the stage-1 C1-C7 segmentation network and write a model package."""
+    from ai.errors import ModelLoadError
     from ai.seg.train import TrainConfig, train
 
     configure_logging("INFO")
@@ -164,6 +173,7 @@ def train_seg(
         pos_weight=pos_weight,
         device=device,
         resume=resume,
+        init=init,
         cache_dir=Path(cache_dir) if cache_dir else None,
         work_dir=Path(work_dir) if work_dir else None,
         max_steps=max_steps,
@@ -175,7 +185,10 @@ def train_seg(
         command=_command_line("cspine train seg"),
         progress=not no_progress,
     )
-    path = train(cfg)
+    try:
+        path = train(cfg)
+    except (ValueError, ModelLoadError) as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"model package written to {path}")
 
 

@@ -16,6 +16,7 @@ from ai.seg.model import (
     ARCH_CLASS,
     _boxes,
     enforce_cranio_caudal_order,
+    fill_enclosed_holes,
     keep_largest_components,
     label_counts,
 )
@@ -129,6 +130,23 @@ def test_post_processing_with_boxes_computed_once_matches_fresh_boxes() -> None:
     assert label_counts(lab, boxes[::-1]) == label_counts(lab) == {v: 4 * 49 for v in range(1, 8)}
 
 
+def test_fill_enclosed_holes_fills_only_what_a_label_encloses() -> None:
+    lab = np.zeros((12, 12, 24), np.uint8)
+    lab[1:8, 1:8, 1:8] = 3
+    lab[3:6, 3:6, 3:6] = 0  # enclosed marrow: filled
+    lab[1:8, 1:8, 10:17] = 4
+    lab[3:6, 3:8, 12:15] = 0  # open to the outside on one face: stays background
+    lab[1:8, 1:8, 18:23] = 5
+    lab[3:6, 3:6, 19:22] = 6  # another label inside it: kept
+    before = lab.copy()
+    fill_enclosed_holes(lab)
+    assert (lab[3:6, 3:6, 3:6] == 3).all()
+    assert (lab[3:6, 3:8, 12:15] == 0).all()
+    assert (lab[3:6, 3:6, 19:22] == 6).all()
+    changed = lab != before
+    assert changed.sum() == 27
+
+
 def _tiny_package(folder: Path, size: int = 32) -> Path:
     torch.manual_seed(0)
     params = default_arch_params(TINY["backbone"], TINY["decoder_channels"])
@@ -193,3 +211,53 @@ def test_input_spec_validates() -> None:
         InputSpec(size=(30, 32, 32))
     with pytest.raises(ValueError, match="normalization"):
         InputSpec(normalization="zscore")
+
+
+@pytest.mark.parametrize("fill_holes", [True, False])
+def test_bone_refinement_takes_the_boundary_from_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fill_holes: bool
+) -> None:
+    """The network's labels come from a coarse grid; with ``bone_hu`` the boundary follows
+    the image on the source grid. The "network" here returns the coarse truth itself, so
+    only the mapping back is under test: plain thresholding keeps the coarse grid's
+    blocky boundary, refinement recovers the bone exactly, and marrow below ``bone_hu``
+    that the cortex encloses is filled only when ``fill_holes`` is on."""
+    hu, lab, affine = _phantom()
+    marrow = (slice(51, 54), slice(44, 56), slice(30, 50))  # inside C2 (slices 49..55)
+    assert (lab[marrow] == 2).all()
+    hu[marrow] = 120
+    spec = InputSpec(size=(32, 32, 32), two_pass=False)
+
+    def run(post: dict) -> np.ndarray:
+        pkg = _tiny_package(tmp_path / f"pkg{len(post)}{post.get('fill_holes')}")
+        meta = json.loads((pkg / "model.json").read_text())
+        meta["input"] = spec.to_json()
+        meta["postprocess"] = post
+        (pkg / "model.json").write_text(json.dumps(meta))
+        model = SegModel.load(pkg, device="cpu")
+        _, _, roi = prepare_input(hu, affine, spec)
+        coarse = prepare_labels(lab, affine, spec, roi)
+        monkeypatch.setattr(model, "logits", lambda x: torch.logit(coarse.clamp(0.01, 0.99)))
+        return model.predict(CTVolume(hu=hu, affine=affine)).label_map
+
+    plain = run({"threshold": 0.5, "min_visible_mm3": 0.0})
+    refined = run(
+        {"threshold": 0.5, "min_visible_mm3": 0.0, "bone_hu": 300.0, "fill_holes": fill_holes}
+    )
+    expected = lab.copy()
+    if not fill_holes:
+        expected[marrow] = 0
+    d_plain, d_refined = dice_per_label(plain, lab), dice_per_label(refined, expected)
+    assert min(d_plain.values()) < 0.95, d_plain  # the coarse grid's boundary
+    assert min(d_refined.values()) > 0.99, d_refined
+    assert (refined[lab == 0] == 0).all()  # soft tissue between the vertebrae stays out
+    assert (refined[marrow] == (2 if fill_holes else 0)).all()
+
+
+def test_invalid_postprocess_is_refused(tmp_path: Path) -> None:
+    pkg = _tiny_package(tmp_path / "pkg")
+    meta = json.loads((pkg / "model.json").read_text())
+    meta["postprocess"]["region_threshold"] = 1.5
+    (pkg / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="region_threshold must be within"):
+        SegModel.load(pkg, device="cpu")

@@ -73,6 +73,26 @@ def test_train_cli_two_steps_writes_a_loadable_package(tmp_path: Path) -> None:
     assert [h["epoch"] for h in meta["training"]["history"]] == [1, 2]
     assert meta["training"]["steps"] == 4
 
+    # Fine-tuning starts from a verified package with the same architecture and input.
+    first = SegModel.load(out, device="cpu")
+    tuned = tmp_path / "tuned"
+    common = [*args[:4], "--size", "32", "--decoder-channels", "16,8,8,4,4", "--folds", "1",
+              "--epochs", "1", "--max-steps", "1", "--device", "cpu", "--no-progress",
+              "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    init = CliRunner().invoke(main, [*common, "--out", str(tuned), "--init", str(out),
+                                     "--work-dir", str(tmp_path / "work2")])  # fmt: skip
+    assert init.exit_code == 0, init.output
+    meta = json.loads((tuned / "model.json").read_text())
+    assert meta["training"]["init"]["sha256"] == first.identity.sha256
+    assert "--init" in meta["training"]["command"]
+    other = [*common, "--out", str(tmp_path / "x"), "--init", str(out),
+             "--work-dir", str(tmp_path / "work3")]  # fmt: skip
+    other[other.index("16,8,8,4,4")] = "16,8,8,8,4"
+    refused = CliRunner().invoke(main, other)
+    assert refused.exit_code != 0
+    assert "architecture parameters" in refused.output
+    assert not (tmp_path / "x" / "model.json").exists()
+
 
 def test_mask_to_grid_round_trip_through_dicom(tmp_path: Path) -> None:
     """Geometry and flips: a synthetic study goes through DICOM and the loader, its truth is

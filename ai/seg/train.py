@@ -78,6 +78,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     init: Path | str | None = None
+    post: PostSpec = field(default_factory=PostSpec)
     cache_dir: Path | None = None
     work_dir: Path | None = None
     max_steps: int | None = None
@@ -484,7 +485,7 @@ def train(cfg: TrainConfig) -> Path:
         "label": DEMO_LABEL if demo else None,
         "architecture": {"class": ARCH_CLASS, "params": arch},
         "input": spec.to_json(),
-        "postprocess": PostSpec().to_json(),
+        "postprocess": cfg.post.to_json(),
         "labels": {str(i): name for i, name in enumerate(VERTEBRAE, start=1)},
         "outputs": f"{N_LABELS} sigmoid channels, channel n-1 = label n",
         "training": {
@@ -533,8 +534,12 @@ def evaluate(
     device: str = "auto",
     uids: list[str] | None = None,
     progress: bool = True,
+    post: PostSpec | None = None,
 ) -> dict[str, Any]:
     """Per-vertebra Dice of a stage-1 model on the original grid of every segmented study.
+
+    ``post`` replaces the package's post-processing for this evaluation (to compare
+    settings on a validation set); the report records which one was used.
 
     Returns
     -------
@@ -548,6 +553,8 @@ def evaluate(
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     seg = SegModel.load(model, registry=registry, device=device)
+    if post is not None:
+        seg.post = post
     dataset = RSNADataset(data)
     chosen = uids or [u for u in dataset.study_uids if dataset.has_segmentation(u)]
     per: dict[str, list[float]] = {n: [] for n in VERTEBRAE}
@@ -576,6 +583,7 @@ def evaluate(
     return {
         "model": {"name": ident.name, "version": ident.version, "sha256": ident.sha256},
         "data": str(data),
+        "postprocess": seg.post.to_json(),
         "n_studies": len(chosen),
         "dice": dice,
         "studies": studies,

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from dicom_node.cli.common import configure_logging, rsna_data_option
+
+if TYPE_CHECKING:
+    from ai.seg.model import PostSpec
 
 
 def _command_line(prefix: str) -> str:
@@ -28,6 +33,52 @@ def _command_line(prefix: str) -> str:
             continue
         parts.extend([flag, shlex.quote(str(value))])
     return " ".join(parts)
+
+
+def _post_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--bone-hu``, ``--region-threshold`` and ``--fill-holes`` (stage-1 post-processing)."""
+    f = click.option(
+        "--fill-holes/--no-fill-holes",
+        "fill_holes",
+        default=None,
+        help="With --bone-hu: fill marrow that a vertebra encloses. [default: fill]",
+    )(f)
+    f = click.option(
+        "--region-threshold",
+        type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+        default=None,
+        help="With --bone-hu: probability that defines the candidate region. [default: 0.05]",
+    )(f)
+    return click.option(
+        "--bone-hu",
+        type=float,
+        default=None,
+        help="Bone refinement on the source grid: label only voxels of at least this HU "
+        "(default: off).",
+    )(f)
+
+
+def _post_spec(
+    bone_hu: float | None, region_threshold: float | None, fill_holes: bool | None
+) -> PostSpec | None:
+    """The post-processing the options ask for; ``None`` when none was given."""
+    from ai.seg.model import PostSpec
+
+    if bone_hu is None and region_threshold is None and fill_holes is None:
+        return None
+    if bone_hu is None:
+        raise click.BadParameter("--region-threshold and --fill-holes need --bone-hu")
+    base = PostSpec()
+    try:
+        return PostSpec(
+            bone_hu=bone_hu,
+            region_threshold=(
+                base.region_threshold if region_threshold is None else region_threshold
+            ),
+            fill_holes=base.fill_holes if fill_holes is None else fill_holes,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 def _size(value: str) -> tuple[int, int, int]:
@@ -121,6 +172,7 @@ def _size(value: str) -> tuple[int, int, int]:
     default=None,
     help="Label the package as synthetic demo weights (default: auto-detect).",
 )
+@_post_options
 @click.option("--fp32", is_flag=True, help="Store float32 weights (default float16).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def train_seg(
@@ -148,14 +200,19 @@ def train_seg(
     name: str,
     version: str,
     demo: bool | None,
+    bone_hu: float | None,
+    region_threshold: float | None,
+    fill_holes: bool | None,
     fp32: bool,
     no_progress: bool,
 ) -> None:
     """Train the stage-1 C1-C7 segmentation network and write a model package."""
     from ai.errors import ModelLoadError
+    from ai.seg.model import PostSpec
     from ai.seg.train import TrainConfig, train
 
     configure_logging("INFO")
+    post = _post_spec(bone_hu, region_threshold, fill_holes)
     cfg = TrainConfig(
         data=Path(data),
         out=Path(out),
@@ -174,6 +231,7 @@ def train_seg(
         device=device,
         resume=resume,
         init=init,
+        post=post or PostSpec(),
         cache_dir=Path(cache_dir) if cache_dir else None,
         work_dir=Path(work_dir) if work_dir else None,
         max_steps=max_steps,
@@ -233,6 +291,7 @@ def train_seg(
     is_flag=True,
     help="Also store the mean/per-vertebra Dice in the package's model.json.",
 )
+@_post_options
 @click.option("--no-progress", is_flag=True)
 def evaluate_seg(
     data: str,
@@ -242,14 +301,29 @@ def evaluate_seg(
     json_out: str | None,
     md_out: str | None,
     record: bool,
+    bone_hu: float | None,
+    region_threshold: float | None,
+    fill_holes: bool | None,
     no_progress: bool,
 ) -> None:
-    """Per-vertebra Dice of a stage-1 model on the original grid (JSON + Markdown)."""
+    """Per-vertebra Dice of a stage-1 model on the original grid (JSON + Markdown).
+
+    --bone-hu/--region-threshold/--fill-holes replace the package's post-processing for
+    this evaluation only (to compare settings on a validation set).
+    """
     from ai.modelpkg import META_FILE, resolve_package
     from ai.seg.train import evaluate, markdown_table
 
     configure_logging("WARNING")
-    report = evaluate(Path(data), model, registry=registry, device=device, progress=not no_progress)
+    post = _post_spec(bone_hu, region_threshold, fill_holes)
+    if record and post is not None:
+        raise click.UsageError(
+            "--record stores the package's own held-out metrics; "
+            "it cannot be combined with post-processing overrides"
+        )
+    report = evaluate(
+        Path(data), model, registry=registry, device=device, progress=not no_progress, post=post
+    )
     table = markdown_table(report)
     click.echo(table)
     if json_out:

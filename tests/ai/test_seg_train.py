@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,51 @@ def test_shipped_demo_model_predicts_on_the_source_grid(tmp_path: Path) -> None:
     assert out.label_map.shape == study.volume.hu.shape
     assert out.label_map.dtype == np.uint8
     assert set(out.visible) == {"C1", "C2", "C3", "C4", "C5", "C6", "C7"}
+
+
+def test_evaluate_cli_reports_dice_and_records_only_the_packages_own_settings(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "rsna"
+    write_rsna_dataset(
+        root, (generate_study(s, StudySpec.small(field_of_view="full")) for s in (21, 22))
+    )
+    pkg = tmp_path / "seg-demo"
+    shutil.copytree(BUILTIN_REGISTRY / "seg-demo", pkg)
+    base = ["evaluate", "seg", "--data", str(root), "--model", str(pkg), "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+
+    def report(*extra: str) -> dict:
+        out = tmp_path / f"r{len(list(tmp_path.glob('r*.json')))}.json"
+        md = out.with_suffix(".md")
+        result = CliRunner().invoke(
+            main, [*base, "--json", str(out), "--markdown", str(md), *extra]
+        )
+        assert result.exit_code == 0, result.output
+        assert "| mean |" in md.read_text() or "mean" in md.read_text()
+        return json.loads(out.read_text())
+
+    own = report()
+    assert own["n_studies"] == 2
+    assert own["postprocess"] == SegModel.load(pkg, device="cpu").post.to_json()
+    per = [own["dice"][n] for n in ("C1", "C2", "C3", "C4", "C5", "C6", "C7")]
+    assert all(0.0 <= d <= 1.0 for d in per)
+    assert own["dice"]["mean"] == pytest.approx(float(np.mean(per)))
+
+    other = report("--bone-hu", "3000")  # nothing is that dense: every vertebra is lost
+    assert other["postprocess"]["bone_hu"] == 3000.0
+    assert other["dice"]["mean"] == 0.0
+
+    mixed = CliRunner().invoke(main, [*base, "--record", "--bone-hu", "150"])
+    assert mixed.exit_code != 0 and "--record" in mixed.output
+    beyond = CliRunner().invoke(main, [*base, "--bone-hu", "5000"])
+    assert beyond.exit_code == 2 and "bone_hu must be within -1024..3071" in beyond.output
+    lone = CliRunner().invoke(main, [*base, "--region-threshold", "0.2"])
+    assert lone.exit_code != 0 and "need --bone-hu" in lone.output
+
+    recorded = CliRunner().invoke(main, [*base, "--record"])
+    assert recorded.exit_code == 0, recorded.output
+    meta = json.loads((pkg / "model.json").read_text())
+    held = meta["metrics"]["heldout_dice_original_grid"]
+    assert held["mean"] == pytest.approx(own["dice"]["mean"]) and held["n_studies"] == 2
+    SegModel.load(pkg, device="cpu")  # model.json changed, the weights' hash still holds

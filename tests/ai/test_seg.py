@@ -147,6 +147,21 @@ def test_fill_enclosed_holes_fills_only_what_a_label_encloses() -> None:
     assert changed.sum() == 27
 
 
+def test_fill_enclosed_holes_equals_scipy_fill_holes_on_random_shells() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        lab = np.zeros((20, 24, 22), np.uint8)
+        z, y, x = np.mgrid[:20, :24, :22]
+        r = ((z - 10) / 8) ** 2 + ((y - 12) / 10) ** 2 + ((x - 11) / 9) ** 2
+        shell = (r < 1) & (r > 0.5) & (rng.random(lab.shape) > 0.03)  # some pin holes
+        lab[shell] = 2
+        expected = np.where(ndimage.binary_fill_holes(lab == 2), 2, 0).astype(np.uint8)
+        fill_enclosed_holes(lab)
+        np.testing.assert_array_equal(lab, expected)
+
+
 def _tiny_package(folder: Path, size: int = 32) -> Path:
     torch.manual_seed(0)
     params = default_arch_params(TINY["backbone"], TINY["decoder_channels"])

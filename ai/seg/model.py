@@ -15,6 +15,8 @@ from scipy import ndimage
 from ai.errors import InferenceError, ModelLoadError
 from ai.modelpkg import ModelPackage, load_module, read_package, resolve_package, select_device
 from ai.seg.preprocess import (
+    Box,
+    Canon,
     InputSpec,
     canonical_view,
     iter_source_slabs,
@@ -258,6 +260,75 @@ def enforce_cranio_caudal_order(
     return [note]
 
 
+def labels_from_logits(
+    vol: CTVolume,
+    logits: torch.Tensor,
+    canon: Canon,
+    roi: Box,
+    post: PostSpec,
+    label_map: np.ndarray | None = None,
+) -> SegOutput:
+    """Map working-grid logits onto the source grid and post-process them.
+
+    Parameters
+    ----------
+    vol
+        The source volume (its HU values are used by the bone refinement).
+    logits
+        ``(7, d, h, w)`` network output over ``roi``.
+    canon, roi
+        The canonical transform and region the logits were computed for
+        (from :func:`ai.seg.preprocess.prepare_input`).
+    post
+        The post-processing.
+    label_map
+        A zeroed uint8 array of the volume's shape to fill (allocated when ``None``).
+
+    Returns
+    -------
+    SegOutput
+        With ``seconds`` 0 (the caller times the whole prediction).
+    """
+    if label_map is None:
+        label_map = np.zeros(vol.hu.shape, dtype=np.uint8)
+    view = canonical_view(label_map, canon)
+    hu_view = canonical_view(vol.hu, canon)
+    _z0, _z1, y0, y1, x0, x1 = roi
+    refine = post.bone_hu is not None
+    thr = post.region_threshold if refine else post.threshold
+    for start, probs in iter_source_slabs(logits, roi):
+        best, arg = probs.max(dim=0)
+        keep = best > thr
+        if refine:
+            hu = torch.from_numpy(
+                np.ascontiguousarray(hu_view[start : start + keep.shape[0], y0:y1, x0:x1])
+            )
+            keep &= hu >= post.bone_hu
+        lab = torch.where(keep, arg + 1, 0).to(torch.uint8).numpy()
+        view[start : start + lab.shape[0], y0:y1, x0:x1] = lab
+    # one pass over the whole volume for the label boxes; each step below works
+    # inside them (they stay valid supersets as components are cleared)
+    boxes = _boxes(label_map)
+    keep_largest_components(label_map, boxes)
+    notes = enforce_cranio_caudal_order(label_map, vol.affine, boxes)
+    if notes:  # labels n -> 8 - n
+        boxes = boxes[::-1]
+    if refine and post.fill_holes:
+        fill_enclosed_holes(label_map, boxes)
+    voxel_mm3 = float(abs(np.linalg.det(vol.affine[:3, :3])))
+    counts = label_counts(label_map, boxes)
+    volumes = {name: counts[i] * voxel_mm3 for i, name in enumerate(VERTEBRAE, start=1)}
+    visible = {name: volumes[name] >= post.min_visible_mm3 for name in VERTEBRAE}
+    for i, name in enumerate(VERTEBRAE, start=1):
+        box = boxes[i - 1]
+        if not visible[name] and box is not None:  # too small to count: drop the specks
+            sub = label_map[box]
+            sub[sub == i] = 0
+    return SegOutput(
+        label_map=label_map, visible=visible, seconds=0.0, volumes_mm3=volumes, notes=notes
+    )
+
+
 class SegModel:
     """A loaded stage-1 segmentation model. Load once per process, then call :meth:`predict`."""
 
@@ -352,46 +423,12 @@ class SegModel:
                     logits = torch.full_like(logits, -20.0)  # nothing found in pass 1
         except RuntimeError as exc:
             raise InferenceError(f"stage-1 network failed: {exc}") from exc
-        view = canonical_view(label_map, canon)
-        hu_view = canonical_view(vol.hu, canon)
-        _z0, _z1, y0, y1, x0, x1 = roi
-        post = self.post
-        refine = post.bone_hu is not None
-        thr = post.region_threshold if refine else post.threshold
-        for start, probs in iter_source_slabs(logits, roi):
-            best, arg = probs.max(dim=0)
-            keep = best > thr
-            if refine:
-                hu = torch.from_numpy(
-                    np.ascontiguousarray(hu_view[start : start + keep.shape[0], y0:y1, x0:x1])
-                )
-                keep &= hu >= post.bone_hu
-            lab = torch.where(keep, arg + 1, 0).to(torch.uint8).numpy()
-            view[start : start + lab.shape[0], y0:y1, x0:x1] = lab
-        # one pass over the whole volume for the label boxes; each step below works
-        # inside them (they stay valid supersets as components are cleared)
-        boxes = _boxes(label_map)
-        keep_largest_components(label_map, boxes)
-        notes = enforce_cranio_caudal_order(label_map, vol.affine, boxes)
-        if notes:  # labels n -> 8 - n
-            boxes = boxes[::-1]
-        if refine and post.fill_holes:
-            fill_enclosed_holes(label_map, boxes)
-        voxel_mm3 = float(abs(np.linalg.det(vol.affine[:3, :3])))
-        counts = label_counts(label_map, boxes)
-        volumes = {name: counts[i] * voxel_mm3 for i, name in enumerate(VERTEBRAE, start=1)}
-        visible = {name: volumes[name] >= self.post.min_visible_mm3 for name in VERTEBRAE}
-        for i, name in enumerate(VERTEBRAE, start=1):
-            box = boxes[i - 1]
-            if not visible[name] and box is not None:  # too small to count: drop the specks
-                sub = label_map[box]
-                sub[sub == i] = 0
+        out = labels_from_logits(vol, logits, canon, roi, self.post, label_map)
         seconds = time.perf_counter() - t0
+        out.seconds = seconds
         logger.info(
             "stage-1 done seconds=%.2f visible=%s",
             seconds,
-            ",".join(k for k, v in visible.items() if v),
+            ",".join(k for k, v in out.visible.items() if v),
         )
-        return SegOutput(
-            label_map=label_map, visible=visible, seconds=seconds, volumes_mm3=volumes, notes=notes
-        )
+        return out

@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python -m tests.bench.seg_ceiling RSNA_ROOT [DxHxW] [N]
+    .venv/bin/python -m tests.bench.seg_ceiling RSNA_ROOT [DxHxW] [N] [--bone-hu HU]
 
 For the first N studies (default 20) of an RSNA-layout root with segmentations, the truth
 label map is resampled onto the working grid exactly as the stage-1 model sees its
@@ -10,11 +10,14 @@ second-pass region (the truth's bounding box plus the model's margin, area-avera
 soft labels, the same code as training), turned into logits and mapped back onto the
 source grid by the inference code (linear upsampling, threshold, arg-max). The mean
 Dice of that round trip is what a perfect network could score at this working size
-(default: the shipped ``seg-demo`` size). A plain script, not a test.
+(default: the shipped ``seg-demo`` size). ``--bone-hu`` maps back with the bone
+refinement of :class:`ai.seg.model.PostSpec` (labels from the grid, boundary from the
+image) instead of plain thresholding. A plain script, not a test.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -26,16 +29,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
-def ceiling_dice(truth: np.ndarray, affine: np.ndarray, spec) -> dict[str, float]:
+def ceiling_dice(truth: np.ndarray, hu: np.ndarray, affine: np.ndarray, spec, post) -> dict:
     """Per-vertebra Dice of ``truth`` after the round trip through ``spec``'s grid."""
-    from ai.seg.preprocess import (
-        canonical_transform,
-        canonical_view,
-        iter_source_slabs,
-        prepare_labels,
-        roi_from_mask,
-    )
+    from ai.seg.model import labels_from_logits
+    from ai.seg.preprocess import canonical_transform, canonical_view, prepare_labels, roi_from_mask
     from ai.seg.train import dice_per_label
+    from ai.types import CTVolume
 
     canon = canonical_transform(affine)
     view_t = canonical_view(truth, canon)
@@ -43,36 +42,45 @@ def ceiling_dice(truth: np.ndarray, affine: np.ndarray, spec) -> dict[str, float
     roi = roi_from_mask(view_t > 0, whole, view_t.shape, canon.spacing, spec.roi_margin_mm)
     soft = prepare_labels(truth, affine, spec, roi).clamp(1e-4, 1 - 1e-4)
     logits = torch.log(soft / (1 - soft))
-    out = np.zeros_like(truth)
-    view = canonical_view(out, canon)
-    _z0, _z1, y0, y1, x0, x1 = roi
-    for start, probs in iter_source_slabs(logits, roi):
-        best, arg = probs.max(dim=0)
-        lab = torch.where(best > 0.5, arg + 1, 0).to(torch.uint8).numpy()
-        view[start : start + lab.shape[0], y0:y1, x0:x1] = lab
-    return dice_per_label(out, truth)
+    out = labels_from_logits(CTVolume(hu=hu, affine=affine), logits, canon, roi, post)
+    return dice_per_label(out.label_map, truth)
 
 
 def main() -> None:
     from ai.rsna import RSNADataset
     from ai.seg import SegModel
+    from ai.seg.model import PostSpec
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root")
+    parser.add_argument("size", nargs="?", default=None, help="DxHxW")
+    parser.add_argument("n", nargs="?", type=int, default=20)
+    parser.add_argument("--bone-hu", type=float, default=None)
+    parser.add_argument("--region-threshold", type=float, default=0.05)
+    args = parser.parse_args()
     torch.set_num_threads(2)
-    root = sys.argv[1]
+    root = args.root
     spec = SegModel.load("seg-demo", device="cpu").input_spec
-    if len(sys.argv) > 2:
-        spec = dataclasses.replace(spec, size=tuple(int(x) for x in sys.argv[2].split("x")))
-    n = int(sys.argv[3]) if len(sys.argv) > 3 else 20
+    if args.size:
+        spec = dataclasses.replace(spec, size=tuple(int(x) for x in args.size.split("x")))
+    n = args.n
+    post = PostSpec(
+        min_visible_mm3=0.0, bone_hu=args.bone_hu, region_threshold=args.region_threshold
+    )
     ds = RSNADataset(root)
     means = []
     for uid in [u for u in ds.study_uids if ds.has_segmentation(u)][:n]:
         study = ds.load(uid)
         truth = np.asarray(study.segmentation).astype(np.uint8)
         truth = np.where(truth <= 7, truth, 0).astype(np.uint8)
-        dice = ceiling_dice(truth, study.volume.affine, spec)
+        dice = ceiling_dice(truth, study.volume.hu, study.volume.affine, spec, post)
         means.append(float(np.nanmean(list(dice.values()))))
     size = "x".join(str(s) for s in spec.size)
-    print(f"working size {size}: ceiling mean Dice {np.mean(means):.4f} over {len(means)} studies")
+    how = "plain threshold" if args.bone_hu is None else f"bone refinement at {args.bone_hu:g} HU"
+    print(
+        f"working size {size}, {how}: ceiling mean Dice {np.mean(means):.4f} "
+        f"over {len(means)} studies"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,26 +226,39 @@ def _centroid(label_map: np.ndarray, value: int, box: tuple[slice, ...]) -> np.n
 
 
 def enforce_cranio_caudal_order(
-    label_map: np.ndarray, affine: np.ndarray, boxes: _Boxes | None = None
+    label_map: np.ndarray,
+    affine: np.ndarray,
+    boxes: _Boxes | None = None,
+    min_voxels: int = 0,
 ) -> list[str]:
     """Make C1 lie above C7 along the patient (superior) axis.
 
-    Compares the superior (LPS z) coordinate of the centroids of the lowest-numbered and
-    the highest-numbered present labels; if the lowest number (nearest C1) lies *below*
-    the highest one, the labels are reversed (n -> 8 - n) in place (the boxes of the new
-    labels are then ``boxes[::-1]``). Returns notes describing what was done.
+    Compares the superior (LPS z) coordinates of the centroids of every pair of present
+    labels: a pair is in order when the lower number (nearer C1) lies above. Only when
+    more pairs are out of order than in order are the labels reversed (n -> 8 - n) in
+    place (the boxes of the new labels are then ``boxes[::-1]``), so one misplaced speck
+    cannot flip a whole spine. Labels smaller than ``min_voxels`` (specks that will not
+    count as visible) take part only when fewer than two labels are larger. Returns
+    notes describing what was done.
     """
     boxes = _boxes(label_map) if boxes is None else boxes
     present = [v for v, box in enumerate(boxes, start=1) if box is not None]
+    if min_voxels > 0:
+        counts = label_counts(label_map, boxes)
+        large = [v for v in present if counts[v] >= min_voxels]
+        if len(large) >= 2:
+            present = large
     if len(present) < 2:
         return []
-    lo, hi = present[0], present[-1]
-    z = []
-    for v in (lo, hi):
+    z = {}
+    for v in present:
         idx = _centroid(label_map, v, boxes[v - 1])  # type: ignore[arg-type]
-        z.append(float((affine @ np.append(idx, 1.0))[2]))
-    if z[0] >= z[1]:
+        z[v] = float((affine @ np.append(idx, 1.0))[2])
+    in_order = sum(z[a] > z[b] for i, a in enumerate(present) for b in present[i + 1 :])
+    out_of_order = sum(z[a] < z[b] for i, a in enumerate(present) for b in present[i + 1 :])
+    if out_of_order <= in_order:
         return []
+    lo, hi = present[0], present[-1]
     lut = np.arange(256, dtype=np.uint8)
     lut[1 : N_LABELS + 1] = np.arange(N_LABELS, 0, -1, dtype=np.uint8)
     # only inside the union of the label boxes: nothing outside it changes
@@ -255,7 +269,10 @@ def enforce_cranio_caudal_order(
     region = label_map[union]
     for start in range(0, region.shape[0], 16):
         region[start : start + 16] = lut[region[start : start + 16]]
-    note = f"labels reversed: {VERTEBRAE[lo - 1]} was below {VERTEBRAE[hi - 1]}"
+    note = (
+        f"labels reversed: {out_of_order} of {in_order + out_of_order} label pairs had the "
+        f"lower number below ({VERTEBRAE[lo - 1]} .. {VERTEBRAE[hi - 1]})"
+    )
     logger.warning("stage-1 post-processing %s", note)
     return [note]
 
@@ -310,12 +327,13 @@ def labels_from_logits(
     # inside them (they stay valid supersets as components are cleared)
     boxes = _boxes(label_map)
     keep_largest_components(label_map, boxes)
-    notes = enforce_cranio_caudal_order(label_map, vol.affine, boxes)
+    voxel_mm3 = float(abs(np.linalg.det(vol.affine[:3, :3])))
+    min_voxels = math.ceil(post.min_visible_mm3 / voxel_mm3) if voxel_mm3 > 0 else 0
+    notes = enforce_cranio_caudal_order(label_map, vol.affine, boxes, min_voxels)
     if notes:  # labels n -> 8 - n
         boxes = boxes[::-1]
     if refine and post.fill_holes:
         fill_enclosed_holes(label_map, boxes)
-    voxel_mm3 = float(abs(np.linalg.det(vol.affine[:3, :3])))
     counts = label_counts(label_map, boxes)
     volumes = {name: counts[i] * voxel_mm3 for i, name in enumerate(VERTEBRAE, start=1)}
     visible = {name: volumes[name] >= post.min_visible_mm3 for name in VERTEBRAE}

@@ -51,27 +51,33 @@ def _post_options(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
     return click.option(
         "--bone-hu",
-        type=float,
         default=None,
-        help="Bone refinement on the source grid: label only voxels of at least this HU "
-        "(default: off).",
+        metavar="HU|off",
+        help="Bone refinement on the source grid: label only voxels of at least this HU; "
+        "'off' maps back by the probability threshold alone. [default: off]",
     )(f)
 
 
 def _post_spec(
-    bone_hu: float | None, region_threshold: float | None, fill_holes: bool | None
+    bone_hu: str | None, region_threshold: float | None, fill_holes: bool | None
 ) -> PostSpec | None:
     """The post-processing the options ask for; ``None`` when none was given."""
     from ai.seg.model import PostSpec
 
     if bone_hu is None and region_threshold is None and fill_holes is None:
         return None
-    if bone_hu is None:
-        raise click.BadParameter("--region-threshold and --fill-holes need --bone-hu")
+    if bone_hu is None or (bone_hu == "off" and (region_threshold, fill_holes) != (None, None)):
+        raise click.BadParameter("--region-threshold and --fill-holes need --bone-hu HU")
     base = PostSpec()
+    if bone_hu == "off":
+        return base
+    try:
+        hu = float(bone_hu)
+    except ValueError:
+        raise click.BadParameter(f"--bone-hu takes a number or 'off', got {bone_hu!r}") from None
     try:
         return PostSpec(
-            bone_hu=bone_hu,
+            bone_hu=hu,
             region_threshold=(
                 base.region_threshold if region_threshold is None else region_threshold
             ),
@@ -200,7 +206,7 @@ def train_seg(
     name: str,
     version: str,
     demo: bool | None,
-    bone_hu: float | None,
+    bone_hu: str | None,
     region_threshold: float | None,
     fill_holes: bool | None,
     fp32: bool,
@@ -301,7 +307,7 @@ def evaluate_seg(
     json_out: str | None,
     md_out: str | None,
     record: bool,
-    bone_hu: float | None,
+    bone_hu: str | None,
     region_threshold: float | None,
     fill_holes: bool | None,
     no_progress: bool,

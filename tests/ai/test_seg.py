@@ -110,6 +110,30 @@ def test_post_processing_largest_component_and_order() -> None:
     np.testing.assert_array_equal(flipped, lab)
 
 
+def test_one_misplaced_label_does_not_reverse_the_spine() -> None:
+    """C1..C5 in order and a C6 speck above C1 (the extreme pair is out of order): the
+    majority of pairs is in order, so nothing is reversed, with or without the speck
+    taking part."""
+    lab = np.zeros((60, 10, 10), np.uint8)
+    for v in range(1, 6):
+        z = 50 - 8 * v  # C1 highest
+        lab[z : z + 6, 2:8, 2:8] = v
+    lab[55:57, 2:4, 2:4] = 6  # 8 voxels above C1
+    affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
+    before = lab.copy()
+    assert enforce_cranio_caudal_order(lab, affine) == []
+    assert enforce_cranio_caudal_order(lab, affine, min_voxels=50) == []
+    np.testing.assert_array_equal(lab, before)
+    # a whole spine stored upside down is still reversed, speck or not
+    upside = np.where(lab > 0, 6 - lab, 0).astype(np.uint8)
+    upside[lab == 6] = 6
+    notes = enforce_cranio_caudal_order(upside, affine, min_voxels=50)
+    assert notes and "reversed" in notes[0]
+    for v in range(1, 6):  # stored as 6 - v, reversed to 8 - (6 - v)
+        assert (upside[before == v] == v + 2).all()
+    assert (upside[before == 6] == 2).all()
+
+
 def test_post_processing_with_boxes_computed_once_matches_fresh_boxes() -> None:
     rng = np.random.default_rng(3)
     lab = np.zeros((40, 12, 12), np.uint8)

@@ -171,6 +171,11 @@ def test_evaluate_cli_reports_dice_and_records_only_the_packages_own_settings(
     assert other["postprocess"]["bone_hu"] == 3000.0
     assert other["dice"]["mean"] == 0.0
 
+    plain = report("--bone-hu", "off")  # the probability threshold alone
+    assert plain["postprocess"]["bone_hu"] is None
+    word = CliRunner().invoke(main, [*base, "--bone-hu", "dense"])
+    assert word.exit_code == 2 and "a number or 'off'" in word.output
+
     mixed = CliRunner().invoke(main, [*base, "--record", "--bone-hu", "150"])
     assert mixed.exit_code != 0 and "--record" in mixed.output
     beyond = CliRunner().invoke(main, [*base, "--bone-hu", "5000"])

@@ -339,6 +339,10 @@ def train(cfg: TrainConfig) -> Path:
     if len(uids) < 2:
         raise ValueError(f"{cfg.data} holds {len(uids)} segmented studies; at least 2 are needed")
     train_uids, val_uids = split_folds(uids, cfg.folds, cfg.fold, cfg.seed)
+    arch = default_arch_params(cfg.backbone, cfg.decoder_channels)
+    net = build_network(arch).to(device)
+    # before the (long) caching, so that a mismatched --init fails at once
+    init_from = _init_weights(net, cfg.init, arch, spec) if cfg.init is not None else None
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out).parent / ".seg-cache"
     work_dir = Path(cfg.work_dir) if cfg.work_dir else Path(cfg.out).parent / ".seg-work"
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -353,9 +357,6 @@ def train(cfg: TrainConfig) -> Path:
     )
     n_train = x_train.shape[0]
 
-    arch = default_arch_params(cfg.backbone, cfg.decoder_channels)
-    net = build_network(arch).to(device)
-    init_from = _init_weights(net, cfg.init, arch, spec) if cfg.init is not None else None
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
     total_steps = steps_per_epoch * cfg.epochs

@@ -283,7 +283,6 @@ def labels_from_logits(
     canon: Canon,
     roi: Box,
     post: PostSpec,
-    label_map: np.ndarray | None = None,
 ) -> SegOutput:
     """Map working-grid logits onto the source grid and post-process them.
 
@@ -298,16 +297,13 @@ def labels_from_logits(
         (from :func:`ai.seg.preprocess.prepare_input`).
     post
         The post-processing.
-    label_map
-        A zeroed uint8 array of the volume's shape to fill (allocated when ``None``).
 
     Returns
     -------
     SegOutput
         With ``seconds`` 0 (the caller times the whole prediction).
     """
-    if label_map is None:
-        label_map = np.zeros(vol.hu.shape, dtype=np.uint8)
+    label_map = np.zeros(vol.hu.shape, dtype=np.uint8)
     view = canonical_view(label_map, canon)
     hu_view = canonical_view(vol.hu, canon)
     _z0, _z1, y0, y1, x0, x1 = roi
@@ -426,7 +422,6 @@ class SegModel:
         if vol.hu.ndim != 3 or vol.hu.size == 0:
             raise InferenceError(f"volume must be a non-empty 3-D array, got shape {vol.hu.shape}")
         spec = self.input_spec
-        label_map = np.zeros(vol.hu.shape, dtype=np.uint8)
         try:
             x, canon, roi = prepare_input(vol.hu, vol.affine, spec)
             logits = self.logits(x)
@@ -441,7 +436,7 @@ class SegModel:
                     logits = torch.full_like(logits, -20.0)  # nothing found in pass 1
         except RuntimeError as exc:
             raise InferenceError(f"stage-1 network failed: {exc}") from exc
-        out = labels_from_logits(vol, logits, canon, roi, self.post, label_map)
+        out = labels_from_logits(vol, logits, canon, roi, self.post)
         seconds = time.perf_counter() - t0
         out.seconds = seconds
         logger.info(

@@ -8,7 +8,8 @@ For the first N studies (default 20) of an RSNA-layout root with segmentations, 
 label map is resampled onto the working grid exactly as the stage-1 model sees its
 second-pass region (the truth's bounding box plus the model's margin, area-averaged
 soft labels, the same code as training), turned into logits and mapped back onto the
-source grid by the inference code (linear upsampling, threshold, arg-max). The mean
+source grid by the inference code (``labels_from_logits``: linear upsampling, threshold,
+arg-max, then the post-processing). The mean
 Dice of that round trip is what a perfect network could score at this working size
 (default: the shipped ``seg-demo`` size). ``--bone-hu`` maps back with the bone
 refinement of :class:`ai.seg.model.PostSpec` (labels from the grid, boundary from the

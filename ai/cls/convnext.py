@@ -136,11 +136,34 @@ class ConvNeXt(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output map of every stage (strides 4, 8, 16, 32 for the four stages).
+
+        Parameters
+        ----------
+        x
+            ``[N, in_chans, H, W]`` input.
+
+        Returns
+        -------
+        list of torch.Tensor
+            ``[N, dims[k], H / 2**(k + 2), W / 2**(k + 2)]`` per stage ``k``.
+        """
+        maps = []
+        for down, stage in zip(self.downsample, self.stages, strict=True):
+            x = stage(down(x))
+            maps.append(x)
+        return maps
+
+    def pool_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool the last stage's map ``[N, C, h, w]`` to the normalised feature ``[N, C]``."""
+        pooled = x.amax(dim=(2, 3)) if self.pool == "max" else x.mean(dim=(2, 3))
+        return self.norm(pooled)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for down, stage in zip(self.downsample, self.stages, strict=True):
             x = stage(down(x))
-        pooled = x.amax(dim=(2, 3)) if self.pool == "max" else x.mean(dim=(2, 3))
-        return self.norm(pooled)
+        return self.pool_features(x)
 
 
 def convnext(variant: str = "atto", in_chans: int = 3, drop_path: float = 0.0) -> ConvNeXt:

@@ -67,6 +67,8 @@ class TrainConfig:
     pooling: str = "mean"
     encoder_pool: str = "mean"
     slice_loss: float = 1.0
+    box_loss: float = 0.0
+    box_stage: int = 1
     threshold: float = 0.5
     pretrain_steps: int = 0
     pretrain_batch: int = 64
@@ -153,10 +155,15 @@ def fold_split(n: int, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np
     return train, val
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, bool]:
+def _augment(
+    x: torch.Tensor, gen: torch.Generator, n_image: int | None = None
+) -> tuple[torch.Tensor, bool]:
     """Augment one study's crops ``[n, S, C, H, W]`` (float in [0, 1]).
 
-    Returns the crops and whether the slice order was reversed.
+    The first ``n_image`` channels (default: all but the last, the mask) are images and
+    get an intensity change; the others (the mask, and a box map when one is appended)
+    only follow the geometric changes. Returns the crops and whether the slice order was
+    reversed.
     """
     if torch.rand((), generator=gen) < 0.5:
         x = x.flip(-1)
@@ -170,8 +177,9 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, bool]
         x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
     scale = 1.0 + 0.2 * (torch.rand((), generator=gen) - 0.5)
     shift = 0.1 * (torch.rand((), generator=gen) - 0.5)
-    img = (x[:, :, :-1] * scale + shift).clamp(0.0, 1.0)
-    return torch.cat([img, x[:, :, -1:]], dim=2), reversed_order
+    k = x.shape[2] - 1 if n_image is None else n_image
+    img = (x[:, :, :k] * scale + shift).clamp(0.0, 1.0)
+    return torch.cat([img, x[:, :, k:]], dim=2), reversed_order
 
 
 def _batch(
@@ -289,12 +297,46 @@ def score(
     return out
 
 
+def _slice_index(items: Sequence[StudyCrops]) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """``(item, vertebra row, slice)`` of every slice with a known label, and the labels."""
+    index: list[tuple[int, int, int]] = []
+    labels: list[float] = []
+    for i, it in enumerate(items):
+        if it.slice_labels is None:
+            continue
+        sl = np.asarray(it.slice_labels)
+        for v, s in zip(*np.nonzero(sl >= 0), strict=True):
+            index.append((i, int(v), int(s)))
+            labels.append(float(sl[v, s]))
+    return index, np.asarray(labels)
+
+
+@torch.inference_mode()
+def _slice_auc(
+    encoder: nn.Module,
+    head: nn.Module,
+    items: Sequence[StudyCrops],
+    index: list[tuple[int, int, int]],
+    labels: np.ndarray,
+    device: torch.device,
+) -> float:
+    was_training = encoder.training
+    encoder.eval()
+    scores = []
+    for c in range(0, len(index), 256):
+        x = torch.stack([items[i].crops[v, s] for i, v, s in index[c : c + 256]])
+        scores.append(head(encoder(x.float().div_(255.0).to(device))).squeeze(1).float().cpu())
+    encoder.train(was_training)
+    return metrics.auc(labels, torch.cat(scores).numpy())
+
+
 def pretrain_encoder(
     net: FractureNet,
     items: Sequence[StudyCrops],
     cfg: TrainConfig,
     device: torch.device,
     progress: Any = None,
+    val_items: Sequence[StudyCrops] = (),
 ) -> list[dict[str, float]]:
     """Pre-train the slice encoder on single slices with balanced fracture labels.
 
@@ -305,21 +347,24 @@ def pretrain_encoder(
     half without (``0``), for ``pretrain_steps`` steps. Slices of unknown label (``-1``)
     are never used.
 
+    With ``box_loss > 0`` and box maps in the cache, a second temporary head (a 1x1
+    convolution on the output map of ConvNeXt stage ``box_stage``) learns where the
+    fracture boxes are: a per-position BCE against the box map max-pooled to that stage's
+    grid, weighted by ``box_loss``. It tells the encoder *where* to look, which a single
+    label per slice does not; the head is discarded after pre-training.
+
+    Every 500 steps and at the end, the slice AUC of the temporary head on the labelled
+    slices of ``val_items`` is recorded (when they have both classes).
+
     Returns
     -------
     list of dict
-        Loss every 50 steps (``{"step": .., "loss": ..}``).
+        Loss every 50 steps (``{"step": .., "loss": ..}``, plus the box-map term
+        ``"box_loss"`` when used and ``"val_slice_auc"`` where measured).
     """
-    index: list[tuple[int, int, int]] = []
-    labels: list[float] = []
-    for i, it in enumerate(items):
-        if it.slice_labels is None:
-            continue
-        sl = np.asarray(it.slice_labels)
-        for v, s in zip(*np.nonzero(sl >= 0), strict=True):
-            index.append((i, int(v), int(s)))
-            labels.append(float(sl[v, s]))
-    y_all = np.asarray(labels)
+    index, y_all = _slice_index(items)
+    val_index, val_y = _slice_index(val_items)
+    monitor = bool(val_index) and 0 < int(val_y.sum()) < len(val_y)
     pos, neg = np.nonzero(y_all > 0.5)[0], np.nonzero(y_all <= 0.5)[0]
     if cfg.pretrain_steps <= 0 or pos.size == 0 or neg.size == 0:
         log.info("slice pre-training skipped pos=%d neg=%d", pos.size, neg.size)
@@ -327,6 +372,23 @@ def pretrain_encoder(
     encoder = net.encoder
     head = nn.Linear(encoder.out_dim, 1).to(device)
     params = list(encoder.parameters()) + list(head.parameters())
+    use_boxes = cfg.box_loss > 0 and all(
+        it.box_maps is not None for it in items if it.slice_labels is not None
+    )
+    if cfg.box_loss > 0 and not use_boxes:
+        raise ValueError(
+            "box_loss > 0 needs box maps for every study with slice labels; "
+            "rebuild the crop cache with this version"
+        )
+    stage = int(cfg.box_stage)
+    if not 0 <= stage < len(encoder.stages):
+        raise ValueError(f"box_stage must lie in 0..{len(encoder.stages) - 1}, got {stage}")
+    stride = 2 ** (stage + 2)
+    box_head: nn.Module | None = None
+    if use_boxes:
+        dim = encoder.stages[stage][0].dwconv.in_channels
+        box_head = nn.Conv2d(dim, 1, 1).to(device)
+        params += list(box_head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     rng = np.random.default_rng(cfg.seed + 7)
@@ -336,6 +398,7 @@ def pretrain_encoder(
     it = progress(list(steps), desc="slice pre-training") if progress else steps
     history: list[dict[str, float]] = []
     losses: list[float] = []
+    box_losses: list[float] = []
     encoder.train()
     for step in it:
         for g in opt.param_groups:
@@ -343,10 +406,27 @@ def pretrain_encoder(
         chosen = np.concatenate([rng.choice(pos, half), rng.choice(neg, half)])
         x = torch.stack([items[index[k][0]].crops[index[k][1], index[k][2]] for k in chosen])
         x = x.float() / 255.0
-        x, _ = _augment(x[:, None], gen)
+        n_image = x.shape[1] - 1
+        if box_head is not None:
+            maps = [items[index[k][0]].box_maps[index[k][1], index[k][2]] for k in chosen]
+            x = torch.cat([x, torch.stack(maps)[:, None].float()], dim=1)
+        x, _ = _augment(x[:, None], gen, n_image=n_image)
+        x = x[:, 0].to(device)
         y = torch.from_numpy(y_all[chosen].astype(np.float32)).to(device)
-        logits = head(encoder(x[:, 0].to(device))).squeeze(1)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+        if box_head is None:
+            logits = head(encoder(x)).squeeze(1)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+        else:
+            feats = encoder.feature_maps(x[:, : n_image + 1])
+            logits = head(encoder.pool_features(feats[-1])).squeeze(1)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+            target = nn.functional.max_pool2d(x[:, n_image + 1 :], stride)
+            box_logits = box_head(feats[stage])
+            box_term = nn.functional.binary_cross_entropy_with_logits(
+                box_logits.float(), target.float()
+            )
+            box_losses.append(float(box_term.detach()))
+            loss = loss + cfg.box_loss * box_term
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 2.0)
@@ -355,7 +435,17 @@ def pretrain_encoder(
         if progress and hasattr(it, "set_postfix"):
             it.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % 50 == 0 or step + 1 == cfg.pretrain_steps:
-            history.append({"step": step + 1, "loss": float(np.mean(losses[-50:]))})
+            entry = {"step": step + 1, "loss": float(np.mean(losses[-50:]))}
+            if box_losses:
+                entry["box_loss"] = float(np.mean(box_losses[-50:]))
+            if monitor and ((step + 1) % 500 == 0 or step + 1 == cfg.pretrain_steps):
+                entry["val_slice_auc"] = _slice_auc(
+                    encoder, head, val_items, val_index, val_y, device
+                )
+                log.info(
+                    "pre-training step %d val slice AUC %.3f", step + 1, entry["val_slice_auc"]
+                )
+            history.append(entry)
     return history
 
 
@@ -601,7 +691,9 @@ def train(
         log.info("resumed at epoch %d", start_epoch)
     pretrain_history: list[dict[str, float]] = []
     if start_epoch == 0 and init is None and cfg.pretrain_steps > 0:
-        pretrain_history = pretrain_encoder(net, train_items, cfg, device, progress)
+        pretrain_history = pretrain_encoder(
+            net, train_items, cfg, device, progress, val_items=val_items
+        )
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * start_epoch)
     prior = np.stack([it.labels for it in train_items]).mean(axis=0).clip(0.01, 0.99)
     head_history: list[dict[str, Any]] = []
@@ -714,6 +806,8 @@ def train(
             "seed": cfg.seed,
             "mixup": cfg.mixup,
             "slice_loss": cfg.slice_loss,
+            "box_loss": cfg.box_loss,
+            "box_stage": cfg.box_stage,
             "pretrain_steps": cfg.pretrain_steps,
             "pretrain_batch": cfg.pretrain_batch,
             "pretrain_lr": cfg.pretrain_lr,

@@ -152,6 +152,21 @@ def _setup_torch(threads: int | None) -> None:
     help="Weight of the per-slice loss from train_bounding_boxes.csv (0: off).",
 )
 @click.option(
+    "--box-loss",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Weight of the box-map loss during slice pre-training (where the fracture boxes "
+    "are, on a ConvNeXt feature map; 0: off).",
+)
+@click.option(
+    "--box-stage",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0, 3),
+    help="ConvNeXt stage whose output map predicts the box map (0: stride 4 .. 3: stride 32).",
+)
+@click.option(
     "--pretrain-steps",
     default=0,
     show_default=True,
@@ -200,6 +215,8 @@ def train_cls(
     pooling: str,
     encoder_pool: str,
     slice_loss: float,
+    box_loss: float,
+    box_stage: int,
     pretrain_steps: int,
     pretrain_batch: int,
     pretrain_lr: float,
@@ -262,6 +279,8 @@ def train_cls(
         pooling=pooling,
         encoder_pool=encoder_pool,
         slice_loss=slice_loss,
+        box_loss=box_loss,
+        box_stage=box_stage,
         pretrain_steps=pretrain_steps,
         pretrain_batch=pretrain_batch,
         pretrain_lr=pretrain_lr,

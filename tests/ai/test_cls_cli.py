@@ -17,7 +17,10 @@ def test_train_then_evaluate_cls_from_truth_crops(tmp_path: Path) -> None:
     root = tmp_path / "rsna"
     spec = StudySpec.small(fracture_rate=0.5)
     write_rsna_dataset(
-        root, (generate_study(s, spec) for s in range(4)), transfer_syntax="explicit"
+        # seed 5 is the one with a fracture (C2, with boxes); it lands in the training fold
+        root,
+        (generate_study(s, spec) for s in (5, 1, 2, 0)),
+        transfer_syntax="explicit",
     )
     out = tmp_path / "pkg"
     cache = tmp_path / "cache"
@@ -27,10 +30,14 @@ def test_train_then_evaluate_cls_from_truth_crops(tmp_path: Path) -> None:
         main,
         ["train", "cls", "--data", str(root), "--out", str(out), "--cache", str(cache),
          "--crop-source", "truth", "--epochs", "1", "--size", "32", "--slices", "3",
-         "--folds", "2", "--seed", "5", "--demo", "--threads", "1", *tiny],
+         "--folds", "2", "--seed", "5", "--demo", "--threads", "1", "--pretrain-steps",
+         "50", "--pretrain-batch", "4", "--box-loss", "0.5", "--box-stage", "0", *tiny],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "model.json").read_text())
+    assert meta["training"]["box_loss"] == 0.5 and meta["training"]["box_stage"] == 0
+    pre = meta["training"]["pretrain_history"]
+    assert [h["step"] for h in pre] == [50] and "box_loss" in pre[0]
     assert meta["description"] == DEMO_LABEL
     assert meta["training"]["seed"] == 5
     assert meta["training"]["crop_source"] == "ground truth"

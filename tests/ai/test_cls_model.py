@@ -291,3 +291,58 @@ def test_head_phase_trains_lstm_and_heads_on_a_frozen_encoder(tmp_path: Path) ->
     assert [h["head_epoch"] for h in meta["training"]["head_history"]] == [1, 2, 3]
     assert meta["training"]["history"] == []
     assert ClsModel.load(tmp_path / "pkg", device="cpu").identity.name == "cls-head"
+
+
+def _with_box_maps(items: list[StudyCrops], crop: CropConfig) -> list[StudyCrops]:
+    """Box maps for the toy items: the gap columns (18:21 of 40) on the labelled slices."""
+    for it in items:
+        n, s = it.crops.shape[:2]
+        maps = torch.zeros((n, s, crop.size, crop.size), dtype=torch.uint8)
+        assert it.slice_labels is not None
+        rows, cols = np.nonzero(it.slice_labels == 1)
+        for v, k in zip(rows, cols, strict=True):
+            # crop box: bone 12:28 grown by the margins, clipped to 0:40 -> whole slice
+            maps[v, k, :, int(18 / 40 * crop.size) : int(np.ceil(21 / 40 * crop.size))] = 1
+        it.box_maps = maps
+    return items
+
+
+def test_box_loss_pretraining_trains_both_terms_and_reports_val_auc() -> None:
+    torch.manual_seed(0)
+    crop = CropConfig(size=32, n_slices=3, min_volume_mm3=10)
+    items = _with_box_maps(_slice_labelled_items(unknown_first_slice=False), crop)
+    cfg = TrainConfig(
+        pretrain_steps=150, pretrain_batch=16, pretrain_lr=3e-3, seed=1, box_loss=1.0, **TINY
+    )
+    net = FractureNet(in_chans=6, **TINY)
+    history = pretrain_encoder(net, items[:6], cfg, torch.device("cpu"), val_items=items[6:])
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"], history
+    # the box-map term is trained too (recorded separately)
+    assert history[-1]["box_loss"] < 0.5 * history[0]["box_loss"], history
+    # the validation slice AUC is measured at the end (both classes are in items[6:])
+    assert "val_slice_auc" in history[-1]
+    assert 0.0 <= history[-1]["val_slice_auc"] <= 1.0
+    # the package's encoder keeps no trace of the temporary heads
+    assert set(net.encoder.state_dict()) == set(ConvNeXt(6, [1] * 4, [8, 8, 16, 16]).state_dict())
+    # box loss without box maps, or on a stage that does not exist, is refused
+    for it in items:
+        it.box_maps = None
+    with pytest.raises(ValueError, match="box maps"):
+        pretrain_encoder(net, items, cfg, torch.device("cpu"))
+    _with_box_maps(items, crop)
+    bad = TrainConfig(pretrain_steps=5, box_loss=1.0, box_stage=4, **TINY)
+    with pytest.raises(ValueError, match="box_stage"):
+        pretrain_encoder(net, items, bad, torch.device("cpu"))
+
+
+def test_box_maps_survive_the_crop_cache_round_trip(tmp_path: Path) -> None:
+    from ai.cls.data import _load, _save
+
+    crop = CropConfig(size=32, n_slices=3, min_volume_mm3=10)
+    item = _with_box_maps(_slice_labelled_items(unknown_first_slice=False)[1:2], crop)[0]
+    _save(tmp_path / "a.npz", item)
+    back = _load(tmp_path / "a.npz", "a")
+    assert back.box_maps is not None and torch.equal(back.box_maps, item.box_maps)
+    item.box_maps = None
+    _save(tmp_path / "b.npz", item)
+    assert _load(tmp_path / "b.npz", "b").box_maps is None

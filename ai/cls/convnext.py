@@ -18,6 +18,13 @@ inverted bottleneck (Linear to 4x, GELU, Linear back), a learnable per-channel l
 scale, optional stochastic depth, and a residual connection. The stem is a 4x4 stride-4
 convolution plus LayerNorm; each later stage starts with LayerNorm plus a 2x2 stride-2
 convolution. The output is the global average of the last stage followed by a LayerNorm.
+
+``stem="conv"`` replaces the 4x4 patchify stem by a small convolutional stem with the same
+output stride (3x3 stride 1, 3x3 stride 2, 2x2 stride 2, each but the last followed by
+LayerNorm and GELU), as in "Early convolutions help transformers see better" (Xiao et al.,
+2021). A linear 4x4 patch embedding has to detect a one-pixel fracture line in one step;
+the convolutional stem sees it at full resolution first. On stage-2 crops trained from
+scratch it is what makes the slice encoder learn (see the model package's training record).
 """
 
 from __future__ import annotations
@@ -89,6 +96,9 @@ class ConvNeXt(nn.Module):
         Spatial pooling of the last stage: ``"mean"`` (the paper's global average) or
         ``"max"`` (global maximum: a small finding, such as a fracture line, is not averaged
         away over the whole crop).
+    stem
+        ``"patch"`` (the paper's 4x4 stride-4 patchify convolution) or ``"conv"`` (a
+        convolutional stem of the same stride; see the module notes).
     """
 
     def __init__(
@@ -99,18 +109,35 @@ class ConvNeXt(nn.Module):
         drop_path: float = 0.0,
         layer_scale: float = 1e-6,
         pool: str = "mean",
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         if pool not in ("mean", "max"):
             raise ValueError(f"pool must be 'mean' or 'max', got {pool!r}")
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
         self.pool = pool
         if len(depths) != len(dims) or not depths:
             raise ValueError(f"depths {depths} and dims {dims} must be equally long, non-empty")
         self.out_dim = int(dims[-1])
         self.downsample = nn.ModuleList()
-        self.downsample.append(
-            nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
-        )
+        if stem == "patch":
+            first: nn.Module = nn.Sequential(
+                nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6)
+            )
+        else:
+            half = max(dims[0] // 2, 1)
+            first = nn.Sequential(
+                nn.Conv2d(in_chans, half, 3, stride=1, padding=1),
+                LayerNorm2d(half, eps=1e-6),
+                nn.GELU(),
+                nn.Conv2d(half, dims[0], 3, stride=2, padding=1),
+                LayerNorm2d(dims[0], eps=1e-6),
+                nn.GELU(),
+                nn.Conv2d(dims[0], dims[0], 2, stride=2),
+                LayerNorm2d(dims[0], eps=1e-6),
+            )
+        self.downsample.append(first)
         for i in range(1, len(dims)):
             self.downsample.append(
                 nn.Sequential(

@@ -48,6 +48,8 @@ class FractureNet(nn.Module):
         Initial ConvNeXt layer scale.
     encoder_pool
         Spatial pooling of the ConvNeXt features (``"mean"`` or ``"max"``).
+    stem
+        ConvNeXt stem (``"patch"`` or ``"conv"``, see :class:`ai.cls.convnext.ConvNeXt`).
     pooling
         Slice logits to vertebra logit: ``"mean"`` (1st-place type 1) or ``"lse"``
         (log-mean-exp, a smooth maximum that lets one fractured slice dominate).
@@ -65,6 +67,7 @@ class FractureNet(nn.Module):
         layer_scale: float = 1e-6,
         pooling: str = "mean",
         encoder_pool: str = "mean",
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         if pooling not in ("mean", "lse"):
@@ -76,7 +79,7 @@ class FractureNet(nn.Module):
                     f"unknown ConvNeXt variant {variant!r}; choose from {sorted(VARIANTS)}"
                 )
             depths, dims = list(VARIANTS[variant][0]), list(VARIANTS[variant][1])
-        self.encoder = ConvNeXt(in_chans, depths, dims, drop_path, layer_scale, encoder_pool)
+        self.encoder = ConvNeXt(in_chans, depths, dims, drop_path, layer_scale, encoder_pool, stem)
         h = int(lstm_hidden)
         self.lstm = nn.LSTM(
             self.encoder.out_dim,

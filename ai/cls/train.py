@@ -66,6 +66,7 @@ class TrainConfig:
     layer_scale: float = 1e-6
     pooling: str = "mean"
     encoder_pool: str = "mean"
+    stem: str = "patch"
     slice_loss: float = 1.0
     box_loss: float = 0.0
     box_stage: int = 1
@@ -91,6 +92,8 @@ class TrainConfig:
         }
         if self.encoder_pool != "mean":  # packages of the default keep their old params
             params["encoder_pool"] = self.encoder_pool
+        if self.stem != "patch":
+            params["stem"] = self.stem
         if self.depths is not None and self.dims is not None:
             params["depths"] = list(self.depths)
             params["dims"] = list(self.dims)

@@ -145,6 +145,14 @@ def _setup_torch(threads: int | None) -> None:
     help="Spatial pooling of the ConvNeXt features.",
 )
 @click.option(
+    "--stem",
+    type=click.Choice(["patch", "conv"]),
+    default="patch",
+    show_default=True,
+    help="ConvNeXt stem: the paper's 4x4 patchify, or a convolutional stem of the same "
+    "stride that sees fine detail at full resolution.",
+)
+@click.option(
     "--slice-loss",
     default=1.0,
     show_default=True,
@@ -214,6 +222,7 @@ def train_cls(
     layer_scale: float,
     pooling: str,
     encoder_pool: str,
+    stem: str,
     slice_loss: float,
     box_loss: float,
     box_stage: int,
@@ -278,6 +287,7 @@ def train_cls(
         layer_scale=layer_scale,
         pooling=pooling,
         encoder_pool=encoder_pool,
+        stem=stem,
         slice_loss=slice_loss,
         box_loss=box_loss,
         box_stage=box_stage,

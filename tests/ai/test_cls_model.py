@@ -63,6 +63,29 @@ def test_convnext_variants_follow_the_paper_family() -> None:
     assert TrainConfig(encoder_pool="max", **TINY).net_params(6)["encoder_pool"] == "max"
 
 
+def test_conv_stem_keeps_the_stage_grids_and_starts_at_full_resolution() -> None:
+    torch.manual_seed(0)
+    patch = ConvNeXt(6, [1, 1, 1, 1], [8, 8, 16, 16])
+    conv = ConvNeXt(6, [1, 1, 1, 1], [8, 8, 16, 16], stem="conv")
+    x = torch.rand(2, 6, 64, 64)
+    shapes = [tuple(m.shape) for m in patch.feature_maps(x)]
+    assert shapes == [(2, 8, 16, 16), (2, 8, 8, 8), (2, 16, 4, 4), (2, 16, 2, 2)]
+    assert [tuple(m.shape) for m in conv.feature_maps(x)] == shapes
+    assert conv(x).shape == (2, 16)
+    # the conv stem's first layer works at full resolution (stride 1, 3x3)
+    first = conv.downsample[0][0]
+    assert isinstance(first, torch.nn.Conv2d) and first.stride == (1, 1)
+    assert first.kernel_size == (3, 3)
+    with pytest.raises(ValueError, match="stem"):
+        ConvNeXt(6, stem="pixel")
+    assert "stem" not in TrainConfig(**TINY).net_params(6)  # old packages keep their params
+    params = TrainConfig(stem="conv", **TINY).net_params(6)
+    assert params["stem"] == "conv"
+    net = FractureNet(**params)
+    assert isinstance(net.encoder.downsample[0][0], torch.nn.Conv2d)
+    assert net.encoder.downsample[0][0].stride == (1, 1)
+
+
 def test_network_handles_missing_vertebrae() -> None:
     torch.manual_seed(0)
     net = FractureNet(in_chans=6, **TINY).eval()

@@ -31,11 +31,13 @@ def test_train_then_evaluate_cls_from_truth_crops(tmp_path: Path) -> None:
         ["train", "cls", "--data", str(root), "--out", str(out), "--cache", str(cache),
          "--crop-source", "truth", "--epochs", "1", "--size", "32", "--slices", "3",
          "--folds", "2", "--seed", "5", "--demo", "--threads", "1", "--pretrain-steps",
-         "50", "--pretrain-batch", "4", "--box-loss", "0.5", "--box-stage", "0", *tiny],
+         "50", "--pretrain-batch", "4", "--box-loss", "0.5", "--box-stage", "0", "--stem",
+         "conv", *tiny],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "model.json").read_text())
     assert meta["training"]["box_loss"] == 0.5 and meta["training"]["box_stage"] == 0
+    assert meta["architecture"]["params"]["stem"] == "conv"
     pre = meta["training"]["pretrain_history"]
     assert [h["step"] for h in pre] == [50] and "box_loss" in pre[0]
     assert meta["description"] == DEMO_LABEL

@@ -202,9 +202,7 @@ class ConvNeXt(nn.Module):
         return self.norm(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for down, stage in zip(self.downsample, self.stages, strict=True):
-            x = stage(down(x))
-        return self.pool_features(x)
+        return self.pool_features(self.feature_maps(x)[-1])
 
 
 def convnext(variant: str = "atto", in_chans: int = 3, drop_path: float = 0.0) -> ConvNeXt:

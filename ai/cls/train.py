@@ -416,13 +416,10 @@ def pretrain_encoder(
         x, _ = _augment(x[:, None], gen, n_image=n_image)
         x = x[:, 0].to(device)
         y = torch.from_numpy(y_all[chosen].astype(np.float32)).to(device)
-        if box_head is None:
-            logits = head(encoder(x)).squeeze(1)
-            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
-        else:
-            feats = encoder.feature_maps(x[:, : n_image + 1])
-            logits = head(encoder.pool_features(feats[-1])).squeeze(1)
-            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+        feats = encoder.feature_maps(x[:, : n_image + 1])
+        logits = head(encoder.pool_features(feats[-1])).squeeze(1)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+        if box_head is not None:
             target = nn.functional.max_pool2d(x[:, n_image + 1 :], stride)
             box_logits = box_head(feats[stage])
             box_term = nn.functional.binary_cross_entropy_with_logits(

@@ -647,6 +647,7 @@ def train(
     dict
         The written ``model.json`` content.
     """
+    t_start = time.perf_counter()  # the whole run: pre-training, head and study epochs
     torch.manual_seed(cfg.seed)
     items = [it for it in items if it.present.any()]
     if len(items) < 2:
@@ -702,7 +703,6 @@ def train(
         if val_items and best is None:
             loss_now = min(min(e[f"val_loss_{m}"] for m in PATIENT_MODES) for e in head_history)
             best = (loss_now, {k: v.detach().clone() for k, v in net.state_dict().items()})
-    t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         order = torch.randperm(len(train_items), generator=gen).tolist()

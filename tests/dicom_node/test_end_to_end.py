@@ -125,13 +125,19 @@ def test_study_in_results_out_at_two_pacs(tmp_path, storescp):
     sr = read_sr_result(by_class[SR])
     assert results.returncode == 0, results.stderr
     assert "synthetic demo weights, not for clinical use" in results.stdout
+    probabilities: dict[str, float] = {}
     for name in ("C1", "C2", "C3", "C4", "C5", "C6", "C7"):
         row = re.search(rf"^{name}\s+(yes|no)\s+(\S+)", results.stdout, re.M)
         assert row, results.stdout
         if row.group(1) == "yes":
             assert abs(float(row.group(2)) - sr[name]["probability"]) < 1e-3
+            probabilities[name] = sr[name]["probability"]
         else:
             assert sr[name].get("probability") is None
+    # the fractured vertebra of the synthetic truth gets the highest probability
+    fractured = [n for n, f in study.vertebra_fractured.items() if f]
+    assert fractured == ["C2"]
+    assert max(probabilities, key=probabilities.__getitem__) == "C2", probabilities
     # the SEG reads back, references the source series and overlaps the synthetic truth
     seg = hd.seg.Segmentation.from_dataset(by_class[SEG])
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID

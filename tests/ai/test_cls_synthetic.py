@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -21,12 +23,19 @@ def _fractured_study():
     raise AssertionError("no fractured synthetic study in 40 seeds")
 
 
-def test_fracture_boxes_lie_inside_their_vertebra_crop_and_mask_is_that_vertebra() -> None:
+@functools.cache
+def _cropped():
+    """The fractured study, its truth label map, the crop config, its crops, and the
+    instance numbers in slice order."""
     study = _fractured_study()
     lm = np.where(study.labels <= 7, study.labels, 0).astype(np.uint8)
     cfg = CropConfig(size=48, n_slices=15)
     batch = extract_crops(study.volume, lm, cfg)
-    instance = [int(n) for n in study.instance_numbers]
+    return study, lm, cfg, batch, [int(n) for n in study.instance_numbers]
+
+
+def test_fracture_boxes_lie_inside_their_vertebra_crop_and_mask_is_that_vertebra() -> None:
+    study, lm, cfg, batch, instance = _cropped()
     checked = other_seen = 0
     for fr in study.fractures:
         v = VERTEBRAE.index(fr.vertebra) + 1
@@ -69,11 +78,7 @@ def test_fracture_boxes_lie_inside_their_vertebra_crop_and_mask_is_that_vertebra
 
 
 def test_box_maps_mark_the_fracture_boxes_on_the_slices_labelled_fractured() -> None:
-    study = _fractured_study()
-    lm = np.where(study.labels <= 7, study.labels, 0).astype(np.uint8)
-    cfg = CropConfig(size=48, n_slices=15)
-    batch = extract_crops(study.volume, lm, cfg)
-    instance = [int(n) for n in study.instance_numbers]
+    study, lm, _cfg, batch, instance = _cropped()
     boxes = [
         (instance.index(number), float(x), float(y), float(w), float(h))
         for fr in study.fractures

@@ -166,9 +166,10 @@ class ConvNeXt(nn.Module):
             k += depth
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.apply(self._init)
-        for m in self.downsample[0].modules():  # the conv stem: ResNet-style init before BN
-            if isinstance(m, nn.Conv2d) and stem == "conv" and m.bias is None:
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if stem == "conv":  # ResNet-style init of the convolutions followed by BatchNorm
+            for m in self.downsample[0].modules():
+                if isinstance(m, nn.Conv2d) and m.bias is None:
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     @staticmethod
     def _init(m: nn.Module) -> None:

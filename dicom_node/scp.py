@@ -264,8 +264,31 @@ class FastAssociationSocket(AssociationSocket):
         return buf
 
 
+class ConnectionCounts:
+    """Connections opened and closed so far (the close handler has finished its cleanup)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.opened = 0
+        self.closed = 0
+
+    def add(self, opened: int = 0, closed: int = 0) -> None:
+        with self._lock:
+            self.opened += opened
+            self.closed += closed
+
+    @property
+    def open(self) -> int:
+        """Connections whose close the node has not handled yet."""
+        with self._lock:
+            return self.opened - self.closed
+
+
 def handle_conn_open(
-    event: evt.Event, started: dict[int, float], limits: ConnectionLimits | None = None
+    event: evt.Event,
+    started: dict[int, float],
+    limits: ConnectionLimits | None = None,
+    counts: ConnectionCounts | None = None,
 ) -> None:
     """New TCP connection: TLS handshake (in this association's thread), TCP_NODELAY.
 
@@ -273,6 +296,8 @@ def handle_conn_open(
     TCP on the TLS port) is logged and the connection shut down.
     """
     started[id(event.assoc)] = time.monotonic()
+    if counts is not None:
+        counts.add(opened=1)
     FastAssociationSocket.adopt(event.assoc)
     sock = event.assoc.dul.socket.socket
     with contextlib.suppress(Exception):
@@ -299,8 +324,18 @@ def handle_conn_open(
     LOGGER.info("connection opened address=%s transport=%s", event.address[0], describe(sock))
 
 
-def handle_conn_close(event: evt.Event, started: dict[int, float]) -> None:
+def handle_conn_close(
+    event: evt.Event, started: dict[int, float], counts: ConnectionCounts | None = None
+) -> None:
     """Connection closed: drop a half-received spool file left by an aborted transfer."""
+    try:
+        _discard_partial(event, started)
+    finally:
+        if counts is not None:
+            counts.add(closed=1)
+
+
+def _discard_partial(event: evt.Event, started: dict[int, float]) -> None:
     started.pop(id(event.assoc), None)
     with contextlib.suppress(Exception):
         sock = event.assoc.dul.socket
@@ -648,6 +683,8 @@ class StorageNode:
             receiver.catalog, settings.completion.stable_seconds, clock, on_complete
         )
         self._started: dict[int, float] = {}
+        self.connections = ConnectionCounts()
+        """TCP connections opened and closed (see :class:`ConnectionCounts`)."""
         self._server: Any = None
         self._scheduler: Any = None
         self._lock = threading.Lock()
@@ -688,8 +725,8 @@ class StorageNode:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.receiver]),
             (evt.EVT_REQUESTED, handle_requested, [self.settings]),
-            (evt.EVT_CONN_OPEN, handle_conn_open, [self._started, limits]),
-            (evt.EVT_CONN_CLOSE, handle_conn_close, [self._started]),
+            (evt.EVT_CONN_OPEN, handle_conn_open, [self._started, limits, self.connections]),
+            (evt.EVT_CONN_CLOSE, handle_conn_close, [self._started, self.connections]),
             (evt.EVT_ABORTED, handle_assoc_event),
             (evt.EVT_ACCEPTED, handle_assoc_event),
             (evt.EVT_RELEASED, handle_assoc_event),

@@ -21,21 +21,51 @@ def _strict_pydicom():
     pydicom_config.settings.writing_validation_mode = old
 
 
+REAL_DATA_DEFAULT = ROOT.parent / "shared" / "data" / "real"
+"""Where the real-data folder lies beside a checkout (``.ci/run`` names it explicitly)."""
+
+
+def in_ci() -> bool:
+    """Whether the suite runs in CI (``CI=true``), where real data must be present."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
 def real_data_dir() -> Path | None:
-    """The folder of third-party DICOM files named by ``CSPINE_REAL_DATA``, if set."""
+    """The folder of real public DICOM and NIfTI files, if one is named or lies beside us.
+
+    ``CSPINE_REAL_DATA`` names it; without it, ``../shared/data/real`` is used when it
+    exists. ``None`` when neither is set or present.
+    """
     value = os.environ.get("CSPINE_REAL_DATA")
-    return Path(value).resolve() if value else None
+    if value:
+        return Path(value).resolve()
+    return REAL_DATA_DEFAULT.resolve() if REAL_DATA_DEFAULT.is_dir() else None
 
 
-@pytest.fixture
-def real_data() -> Path:
-    """Folder of real public DICOM files; tests using it run when CSPINE_REAL_DATA is set."""
+def require_real_data() -> Path:
+    """The real-data folder, or a skip with its reason (a failure in CI).
+
+    Outside CI a missing folder skips the test that needs it; with ``CI=true`` (as
+    ``.ci/run`` runs) a missing folder fails loudly, never skips.
+    """
     path = real_data_dir()
+    if path is not None and path.is_dir():
+        return path
     if path is None:
-        pytest.skip("CSPINE_REAL_DATA is not set (it is always set in CI by .ci/run)")
-    if not path.is_dir():
-        pytest.fail(f"CSPINE_REAL_DATA={path} is not a folder")
-    return path
+        reason = (
+            "no real-data folder: CSPINE_REAL_DATA is not set and ../shared/data/real is absent"
+        )
+    else:
+        reason = f"CSPINE_REAL_DATA={path} is not a folder"
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: real-data tests must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """Folder of real public DICOM files (see :func:`require_real_data`)."""
+    return require_real_data()
 
 
 def free_port() -> int:

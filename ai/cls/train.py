@@ -819,7 +819,7 @@ def train(
             "n_train_studies": len(train_items),
             "n_validation_studies": len(val_items),
             "history": history,
-            "seconds": round(seconds, 1),
+            "seconds": round(seconds, 3),
             "device": str(device),
             "loss": "RSNA 2022 competition-weighted BCE (per-study weighted mean)",
             **cfg.extra,

@@ -90,6 +90,26 @@ def send_until_refused(assoc, paths: list[Path], on_ack=None) -> list[str]:
     return acked
 
 
+def _detach(assoc) -> socket.socket:
+    """Take the raw socket from an established association and stop its threads.
+
+    The association's DUL and reactor threads would otherwise poll a socketless
+    association every millisecond until their network timeout: a few of them left
+    behind by earlier tests slow every receiver in the process, which is what made the
+    node's notice of a vanished peer late under the full suite.
+    """
+    sock = assoc.dul.socket.socket
+    assoc.dul.socket.socket = None
+    assoc._kill = True
+    assoc._reactor_checkpoint.set()
+    assoc.dul._kill_thread = True
+    for thread in (assoc.dul, assoc):
+        if thread.is_alive():
+            thread.join(timeout=5)
+    assert not assoc.dul.is_alive(), "the SCU's DUL thread did not stop"
+    return sock
+
+
 def partial_store(port: int, ds: Dataset, fraction: float = 0.5) -> socket.socket:
     """Start a C-STORE and send part of the data set's PDUs; return the raw socket, open.
 
@@ -117,8 +137,7 @@ def partial_store(port: int, ds: Dataset, fraction: float = 0.5) -> socket.socke
     msg.primitive_to_message(req)
     cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CT)
     pdus = list(msg.encode_msg(cx.context_id, 4096))
-    sock = assoc.dul.socket.socket
-    assoc.dul.socket.socket = None
+    sock = _detach(assoc)
     for primitive in pdus[: max(2, int(len(pdus) * fraction))]:
         pdu = P_DATA_TF()
         pdu.from_primitive(primitive)

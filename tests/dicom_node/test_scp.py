@@ -259,9 +259,14 @@ def test_low_disk_space_gives_a700_before_writing(node, tmp_path):
 def test_cut_off_transfer_leaves_no_partial_file_or_row(node):
     ds = ct_slice(generate_uid(), generate_uid(), 0, rows=256, cols=256)
     cut_off_store(node.port, ds, fraction=0.5)
+    # wait for the node to handle the close (its handler discards the spool), not for
+    # the spool to vanish: a spool not yet created would pass that wait at once
+    counts = node.node.connections
+    assert counts.opened == 1
     deadline = time.monotonic() + 10
-    while _tmp_files(node) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while counts.open and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert counts.open == 0, "the node did not notice the vanished peer"
     assert _tmp_files(node) == []
     assert _instances(node) == [] and _store_files(node) == []
     # and the node keeps serving

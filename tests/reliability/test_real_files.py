@@ -105,8 +105,7 @@ def _standard_storage_classes(root: Path, files: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def real_node() -> Iterator[tuple[StorageNode, Path]]:
-    assert _ROOT is not None
+def real_node(real_data: Path) -> Iterator[tuple[StorageNode, Path]]:
     scratch = Path(tempfile.mkdtemp(prefix="cspine-real-"))
     old_tempdir, old_chunked = tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET
     settings = load_settings(
@@ -114,7 +113,7 @@ def real_node() -> Iterator[tuple[StorageNode, Path]]:
             "storage": {"data_dir": str(scratch / "var"), "min_free_bytes": 0},
             "node": {
                 "port": free_port(),
-                "extra_storage_sop_classes": _standard_storage_classes(_ROOT, FILES),
+                "extra_storage_sop_classes": _standard_storage_classes(real_data, FILES),
             },
         },
         environ={},
@@ -141,7 +140,7 @@ def _stored_copies(node: StorageNode) -> dict[str, list[Path]]:
     return out
 
 
-@pytest.mark.parametrize("rel", FILES or ["(CSPINE_REAL_DATA not set)"])
+@pytest.mark.parametrize("rel", FILES or ["(no real-data folder)"])
 def test_every_real_file_is_stored_exactly_or_refused_with_its_reason(real_data, real_node, rel):
     node, scratch = real_node
     path, sop_class, ts, _mode = send_plan(real_data / rel, scratch)

@@ -33,6 +33,28 @@ class GeometryIssue:
     message: str
 
 
+@dataclass(frozen=True)
+class SeriesFacts:
+    """Acquisition facts of a series that the intended-use gate checks (``None``: unknown).
+
+    Attributes
+    ----------
+    slice_thickness
+        Nominal reconstructed slice thickness in mm (the largest over the slices).
+    convolution_kernel
+        Reconstruction kernel name(s) as the scanner wrote them, joined by ``\\``.
+    contrast_agent
+        Contrast/bolus agent when the header names one, ``""`` when it says none.
+    body_part
+        Body Part Examined as written (not trusted for anatomy, only reported).
+    """
+
+    slice_thickness: float | None = None
+    convolution_kernel: str | None = None
+    contrast_agent: str | None = None
+    body_part: str | None = None
+
+
 @dataclass
 class CTVolume:
     """A CT series as an int16 HU volume with its geometry.
@@ -49,6 +71,8 @@ class CTVolume:
         Geometry problems that were tolerated (warnings).
     lossy
         Whether any slice was lossy-compressed.
+    facts
+        Acquisition facts from the headers (all unknown for non-DICOM sources).
     """
 
     hu: np.ndarray
@@ -56,6 +80,7 @@ class CTVolume:
     source_sop_instance_uids: list[str] = field(default_factory=list)
     issues: list[GeometryIssue] = field(default_factory=list)
     lossy: bool = False
+    facts: SeriesFacts = field(default_factory=SeriesFacts)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -74,11 +99,26 @@ class ModelIdentity:
     demo: bool = False
 
 
+REASON_CODES: dict[str, str] = {
+    "not_in_fov": "not in the field of view",
+    "too_small": "too little of it in the field of view",
+    "outside_intended_use": "input outside intended use",
+    "implausible": "segmentation implausible",
+    "ood": "input unlike the training data",
+    "no_cervical_spine": "no cervical spine found",
+    "internal_error": "internal error",
+}
+"""Why a vertebra or a study was not assessed: stable code -> the words outputs lead with."""
+
+
 @dataclass(frozen=True)
 class VertebraResult:
     """Stage-2 verdict for one vertebra.
 
-    ``probability`` is ``None`` exactly when ``assessed`` is false; ``reason`` then says why.
+    ``probability`` is ``None`` exactly when ``assessed`` is false; ``reason`` then says why
+    in words (``"input outside intended use (slice thickness 3.0 mm > 1.25 mm)"``) and
+    ``reason_code`` is its key in :data:`REASON_CODES`. ``ood_score`` is the stage-2
+    out-of-distribution score of the crop when one was computed.
     """
 
     label: str
@@ -86,6 +126,35 @@ class VertebraResult:
     assessed: bool
     probability: float | None
     reason: str | None = None
+    reason_code: str | None = None
+    ood_score: float | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A study-level check that failed: why a stage did not assess (some of) the study.
+
+    Attributes
+    ----------
+    code
+        Key in :data:`REASON_CODES` (``"outside_intended_use"``, ``"implausible"``, ...).
+    stage
+        ``"stage1"`` or ``"stage2"``: the stage the check guards.
+    check
+        Stable name of the check (``"slice_thickness"``, ``"consecutive_levels"``, ...).
+    message
+        The measured value against its limit, in words.
+    """
+
+    code: str
+    stage: str
+    check: str
+    message: str
+
+    @property
+    def text(self) -> str:
+        """``"<reason words> (<message>)"``, as outputs show it."""
+        return f"{REASON_CODES.get(self.code, self.code)} ({self.message})"
 
 
 @dataclass
@@ -105,6 +174,11 @@ class PipelineResult:
         Identities of the models that produced the result.
     timings
         Seconds spent per stage (e.g. ``"stage1"``, ``"stage2"``).
+    findings
+        Study-level checks that failed (intended use, plausibility), in the order run.
+    not_processed
+        Set when the study as a whole cannot be answered (e.g. ``"no cervical spine
+        found"``): the node then delivers a NOT_PROCESSED SR with this reason, and no SEG.
     """
 
     label_map: np.ndarray
@@ -112,3 +186,5 @@ class PipelineResult:
     patient_probability: float | None
     models: list[ModelIdentity]
     timings: dict[str, float] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    not_processed: str | None = None

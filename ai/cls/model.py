@@ -171,5 +171,8 @@ class ClsModel:
             if info.assessed:
                 results.append(VertebraResult(info.label, True, True, float(probs[i]), None))
             else:
-                results.append(VertebraResult(info.label, info.visible, False, None, info.reason))
+                code = "too_small" if info.visible else "not_in_fov"
+                results.append(
+                    VertebraResult(info.label, info.visible, False, None, info.reason, code)
+                )
         return results, patient[self.patient_mode]

@@ -73,6 +73,24 @@ _PATIENT_STUDY_KEYWORDS = (
     "StudyDescription",
 )
 
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+"""Type 2 attributes of the Patient and General Study modules that every output carries:
+copied from the source, empty when the source lacks them (highdicom reads each of them
+from the first source and would stop on a missing one)."""
+
+_PATIENT_SEX_VALUES = frozenset({"M", "F", "O"})
+"""Enumerated values of Patient's Sex (0010,0040); anything else is written empty."""
+
 _GEOMETRY_KEYWORDS = (
     "StudyInstanceUID",
     "SeriesInstanceUID",
@@ -192,7 +210,7 @@ def check_sources(source_datasets: Sequence[Dataset], *, geometry: bool = True) 
             raise ValueError(
                 f"Source dataset #{index} lacks required attribute(s): {', '.join(missing)}."
             )
-    sources = [_without_empty_charset(ds) for ds in sources]
+    sources = [_with_patient_study_type2(_without_empty_charset(ds)) for ds in sources]
     first = sources[0]
     if len({ds.StudyInstanceUID for ds in sources}) != 1:
         raise ValueError("All source datasets must belong to the same study.")
@@ -241,6 +259,42 @@ def _without_empty_charset(ds: Dataset) -> Dataset:
     clone = _shallow_clone(ds)
     del clone.SpecificCharacterSet
     return clone
+
+
+def _with_patient_study_type2(ds: Dataset) -> Dataset:
+    """``ds``, or a shallow copy in which every Type 2 Patient/General Study attribute the
+    outputs carry is present, empty where ``ds`` lacks it or holds a value that cannot be
+    written (an unparseable date or time, a Patient's Sex outside M, F, O).
+
+    Empty is what the standard prescribes for an unknown Type 2 value; ``ds`` itself is
+    left untouched (its elements are replaced on the copy, never changed).
+    """
+    blank = [kw for kw in _TYPE2_PATIENT_STUDY if kw not in ds or not _writable(ds, kw)]
+    if not blank:
+        return ds
+    clone = _shallow_clone(ds)
+    for keyword in blank:
+        if keyword in clone:
+            del clone[keyword]  # a new element below, the caller's stays as it is
+        setattr(clone, keyword, None)
+    return clone
+
+
+def _writable(ds: Dataset, keyword: str) -> bool:
+    """Whether the value of ``keyword`` in ``ds`` can be copied into an output as it is."""
+    value = ds[keyword].value
+    if value in (None, ""):
+        return True
+    if keyword == "PatientSex":
+        return str(value) in _PATIENT_SEX_VALUES
+    parse = {"StudyDate": DA, "PatientBirthDate": DA, "StudyTime": TM}.get(keyword)
+    if parse is None:
+        return True
+    try:
+        parse(str(value))
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
 
 
 def _shallow_clone(ds: Dataset) -> Dataset:
@@ -434,22 +488,22 @@ def blank_invalid_dates(ds: Dataset) -> Dataset:
 
 
 def copy_patient_study(source: Dataset, target: Dataset) -> None:
-    """Copy the Patient and General Study attributes of ``source`` onto ``target``."""
+    """Copy the Patient and General Study attributes of ``source`` onto ``target``.
+
+    Type 2 attributes (``_TYPE2_PATIENT_STUDY``) are always written, empty when
+    ``source`` lacks them; Type 3 attributes are written only when ``source`` has a
+    value, and removed from ``target`` otherwise.
+    """
     for keyword in _PATIENT_STUDY_KEYWORDS:
-        if keyword in source:
+        present = keyword in source and source[keyword].value not in (None, "", [])
+        if present:
             target[keyword] = copy.deepcopy(source[keyword])
-        elif keyword in (
-            "PatientName",
-            "PatientID",
-            "PatientBirthDate",
-            "PatientSex",
-            "StudyDate",
-            "StudyTime",
-            "StudyID",
-            "AccessionNumber",
-            "ReferringPhysicianName",
-        ):
+        elif keyword in _TYPE2_PATIENT_STUDY:
+            if keyword in target:
+                del target[keyword]
             setattr(target, keyword, None)
+        elif keyword in target and keyword not in ("StudyInstanceUID", "SpecificCharacterSet"):
+            del target[keyword]
 
 
 def tracking_uid(*parts: str) -> str:

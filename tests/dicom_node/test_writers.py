@@ -642,3 +642,169 @@ def test_missing_slice_thickness_falls_back_to_spacing_without_touching_sources(
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert float(measures.SliceThickness) == pytest.approx(SLICE_MM)
     assert "SliceThickness" not in sources[0] and sources[1].SliceThickness is None
+
+
+# Type 2 and Type 3 attributes of the source headers that real CT leaves out or empty
+# (e.g. the GE HiSpeed head series of dcm_qa_ct has no Patient's Birth Date or Sex).
+# Removing or emptying any one of them must leave every writer working and its output
+# as valid as the one written from complete headers.
+OPTIONAL_SOURCE_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "SeriesDate",
+    "SeriesTime",
+    "SeriesDescription",
+    "SeriesNumber",
+    "InstanceNumber",
+    "Manufacturer",
+    "BodyPartExamined",
+    "PatientPosition",
+    "SliceThickness",
+    "AcquisitionNumber",
+)
+TYPE2_OUTPUT_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+"""Type 2 attributes of the Patient and General Study modules, in every output."""
+TYPE3_OUTPUT_ATTRIBUTES = ("PatientAge", "StudyDescription")
+
+
+def _full_header_series(seed: str) -> tuple[list[Dataset], np.ndarray]:
+    """``make_ct_series`` with every attribute of ``OPTIONAL_SOURCE_ATTRIBUTES`` set."""
+    sources, hu = make_ct_series(pixels=False, seed=seed)
+    for ds in sources:
+        ds.PatientAge = "064Y"
+        ds.StudyDescription = "CT CERVICAL SPINE"
+        ds.SeriesDate, ds.SeriesTime = "20240101", "101700"
+        ds.SeriesDescription = "C-SPINE BONE 1.0"
+        ds.BodyPartExamined = "CSPINE"
+        ds.PatientPosition = "HFS"
+        ds.AcquisitionNumber = 1
+    return sources, hu
+
+
+def _write_all(sources: list[Dataset], hu: np.ndarray, out: Path) -> dict[str, Path]:
+    """SEG, SR, summary image and not-processed SR from ``sources``, saved under ``out``."""
+    result = make_result()
+    seg = write_seg(sources, result, **_identity("seg"), content_datetime=WHEN)
+    outputs = {
+        "seg": seg,
+        "sr": write_sr(
+            sources, seg, result, threshold=THRESHOLD, **_identity("sr"), content_datetime=WHEN
+        ),
+        "sc": write_summary(
+            sources,
+            hu,
+            ct_affine(),
+            result,
+            threshold=THRESHOLD,
+            **_identity("sc"),
+            content_datetime=WHEN,
+        ),
+        "np": write_not_processed_sr(
+            sources[:1], "internal error (job 1)", **_identity("np"), content_datetime=WHEN
+        ),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, ds in outputs.items():
+        paths[name] = out / f"{name}.dcm"
+        ds.save_as(paths[name], enforce_file_format=True)
+    return paths
+
+
+def _dciodvfy_errors(path: Path) -> set[str]:
+    proc = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    return {line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line}
+
+
+@pytest.fixture(scope="module")
+def complete_header_errors(tmp_path_factory) -> dict[str, set[str]]:
+    """dciodvfy errors of each output written from complete source headers."""
+    paths = _write_all(*_full_header_series("complete"), tmp_path_factory.mktemp("complete"))
+    return {name: _dciodvfy_errors(path) for name, path in paths.items()}
+
+
+@pytest.mark.parametrize("how", ["removed", "empty"])
+@pytest.mark.parametrize("keyword", OPTIONAL_SOURCE_ATTRIBUTES)
+def test_writers_accept_missing_or_empty_optional_source_attributes(
+    keyword, how, complete_header_errors, tmp_path
+):
+    sources, hu = _full_header_series(keyword)
+    for ds in sources:
+        assert keyword in ds and ds[keyword].value not in (None, "")
+        if how == "removed":
+            del ds[keyword]
+        else:
+            ds[keyword].value = None
+    paths = _write_all(sources, hu, tmp_path)
+    for name, path in paths.items():
+        new_errors = _dciodvfy_errors(path) - complete_header_errors[name]
+        assert new_errors == set(), (name, new_errors)
+        back = pydicom.dcmread(path)
+        assert back.StudyInstanceUID == sources[0].StudyInstanceUID
+        if keyword in TYPE2_OUTPUT_ATTRIBUTES:
+            # Type 2: present, with an empty value
+            assert keyword in back and back[keyword].value in (None, ""), (name, keyword)
+        elif keyword in TYPE3_OUTPUT_ATTRIBUTES:
+            assert keyword not in back, (name, keyword)  # Type 3: left out
+        for other in TYPE2_OUTPUT_ATTRIBUTES:
+            if other != keyword:  # the attributes the source has are copied as they are
+                assert back[other].value == sources[0][other].value, (name, other)
+    # the caller's datasets are untouched
+    assert all((keyword in ds) == (how == "empty") for ds in sources)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("PatientSex", "U"), ("PatientBirthDate", "00000000"), ("StudyTime", "99")],
+)
+def test_writers_blank_type2_values_that_cannot_be_written(keyword, value, tmp_path):
+    """A value outside its enumeration or an unparseable date is written empty, not fatal."""
+    sources, hu = _full_header_series(f"bad-{keyword}")
+    for ds in sources:
+        ds[keyword].value = value
+    paths = _write_all(sources, hu, tmp_path)
+    for name, path in paths.items():
+        assert _dciodvfy_errors(path) == set(), name
+        back = pydicom.dcmread(path)
+        assert back[keyword].value in (None, ""), name
+    assert sources[0][keyword].value == value  # the caller's datasets are untouched
+
+
+@pytest.mark.parametrize(
+    "keyword", ["StudyInstanceUID", "SOPInstanceUID", "SOPClassUID", "SeriesInstanceUID"]
+)
+@pytest.mark.parametrize("how", ["removed", "empty"])
+def test_writers_refuse_a_missing_type1_source_attribute(keyword, how):
+    sources, hu = _full_header_series(f"type1-{keyword}")
+    if how == "removed":
+        del sources[0][keyword]
+    else:
+        sources[0][keyword].value = ""
+    message = f"lacks required attribute.*{keyword}"
+    with pytest.raises(ValueError, match=message):
+        write_seg(sources, make_result(), **_identity("seg"))
+    with pytest.raises(ValueError, match=message):
+        write_summary(sources, hu, ct_affine(), make_result(), threshold=0.5, **_identity("sc"))
+    with pytest.raises(ValueError, match=message):
+        write_not_processed_sr(sources[:1], "reason", **_identity("np"))

@@ -67,7 +67,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
 
 from ai.errors import VolumeError
-from ai.types import CTVolume, GeometryIssue
+from ai.types import CTVolume, GeometryIssue, SeriesFacts
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,19 @@ class _Slice:
     uid: str
     lossy: bool
     thickness: float | None
+    kernel: str | None = None
+    contrast: str | None = None
+    body_part: str | None = None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    """An attribute as one string (``None`` when absent, values joined by ``\\``)."""
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
 
 
 def _floats(value: object, n: int, what: str, path: Path) -> np.ndarray:
@@ -197,6 +210,24 @@ def _is_lossy(ds: Dataset) -> bool:
     return ts in LOSSY_TRANSFER_SYNTAXES or str(ds.get("LossyImageCompression", "")) == "01"
 
 
+def _facts(ds: Dataset) -> dict[str, str | None]:
+    """Kernel, contrast agent and body part as the header states them."""
+    kernel = _text(ds, "ConvolutionKernel")
+    if kernel is None:  # enhanced CT keeps it in the CT Reconstruction functional group
+        kernel = next(
+            (
+                str(item.get("ConvolutionKernel"))
+                for seq in ("SharedFunctionalGroupsSequence",)
+                for group in (ds.get(seq) or [])
+                for item in (group.get("CTReconstructionSequence") or [])
+                if item.get("ConvolutionKernel")
+            ),
+            None,
+        )
+    agent = _text(ds, "ContrastBolusAgent")
+    return {"kernel": kernel, "contrast": agent, "body_part": _text(ds, "BodyPartExamined")}
+
+
 def _read_headers(path: Path) -> tuple[list[_Slice], bool]:
     """Return the frames described by one file and whether it is a localizer."""
     try:
@@ -217,6 +248,7 @@ def _read_headers(path: Path) -> tuple[list[_Slice], bool]:
     n_frames = int(ds.get("NumberOfFrames") or 1)
     thickness = ds.get("SliceThickness")
     if "PerFrameFunctionalGroupsSequence" in ds:
+        facts = _facts(ds)
         shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
         frames: list[_Slice] = []
         for f, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
@@ -252,6 +284,7 @@ def _read_headers(path: Path) -> tuple[list[_Slice], bool]:
                     uid=uid,
                     lossy=lossy,
                     thickness=float(th) if th is not None else None,
+                    **facts,
                 )
             )
         return frames, localizer
@@ -281,6 +314,7 @@ def _read_headers(path: Path) -> tuple[list[_Slice], bool]:
             uid=uid,
             lossy=lossy,
             thickness=float(thickness) if thickness not in (None, "") else None,
+            **_facts(ds),
         )
     ], localizer
 
@@ -469,10 +503,18 @@ def load_series(paths: Sequence[Path | str], *, allow_issues: bool = True) -> CT
     logger.info(
         "volume built slices=%d rows=%d cols=%d issues=%d", n, first.rows, first.cols, len(issues)
     )
+    thicknesses = [s.thickness for s in slices if s.thickness is not None and s.thickness > 0]
+    facts = SeriesFacts(
+        slice_thickness=max(thicknesses) if thicknesses else None,
+        convolution_kernel=first.kernel or None,
+        contrast_agent=first.contrast,
+        body_part=first.body_part or None,
+    )
     return CTVolume(
         hu=hu,
         affine=affine,
         source_sop_instance_uids=[s.uid for s in slices],
         issues=issues,
         lossy=lossy,
+        facts=facts,
     )

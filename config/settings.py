@@ -285,6 +285,21 @@ class ModelSettings(_Section):
     fracture_threshold: float = Field(default=0.5, gt=0, lt=1)
 
 
+class GateSettings(_Section):
+    """The AI's guards: each stage's intended use and the plausibility of stage 1.
+
+    ``stage1``/``stage2`` may narrow the limits a model package states in its
+    ``model.json`` (``intended_use``), never widen them: a wider value is refused when
+    the worker loads the models.
+    """
+
+    intended_use: bool = True
+    plausibility: bool = True
+    stage1: dict[str, Any] = Field(default_factory=dict)
+    stage2: dict[str, Any] = Field(default_factory=dict)
+    plausibility_limits: dict[str, float] = Field(default_factory=dict)
+
+
 class Destination(_Section):
     """A remote AE that receives the node's results by C-STORE."""
 
@@ -350,6 +365,8 @@ class WorkerSettings(_Section):
 
     enabled: bool = True
     poll_seconds: float = Field(default=1.0, gt=0)
+    send_failed_sr: bool = True
+    """Deliver a not-processed SR ("internal error (job N)") when a job fails."""
 
 
 class LoggingSettings(_Section):
@@ -369,6 +386,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     completion: CompletionSettings = CompletionSettings()
     models: ModelSettings = ModelSettings()
+    gate: GateSettings = GateSettings()
     destinations: tuple[Destination, ...] = ()
     selection: SelectionSettings = SelectionSettings()
     worker: WorkerSettings = WorkerSettings()

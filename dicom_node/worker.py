@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from importlib.metadata import version as dist_version
 from pathlib import Path
@@ -102,6 +103,15 @@ def output_uid(study_key: str, version: int, what: str) -> str:
     creation time), so a study purged and received again never reuses old UIDs.
     """
     return generate_uid(entropy_srcs=["cspine-node", study_key, f"v{version}", what])
+
+
+def _where(exc: BaseException, frames: int = 4) -> str:
+    """Where ``exc`` was raised: the innermost ``frames`` frames as ``file:line:function``,
+    without the exception text or source lines (they may quote header values)."""
+    stack = traceback.extract_tb(exc.__traceback__)[-frames:]
+    return (
+        " < ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(stack)) or "?"
+    )
 
 
 def _study_key(study: Study) -> str:
@@ -307,11 +317,80 @@ class Worker:
         try:
             self.process(job)
         except Exception as exc:
-            LOGGER.exception("job failed job_id=%d", job.id)
-            finish_job(self.catalog, job.id, JobState.FAILED, f"{type(exc).__name__}: {exc}")
+            # the exception text may quote header values: the log gets its type and
+            # where it was raised, the catalog (cspine status / show) the full text
+            LOGGER.error(
+                "job failed job_id=%d error=%s at=%s", job.id, type(exc).__name__, _where(exc)
+            )
+            self._failed(job, f"{type(exc).__name__}: {exc}")
         finally:
             beat.set()
         return True
+
+    def _failed(self, job: Job, reason: str) -> None:
+        """Finish a job that raised as FAILED, with a not-processed SR when configured.
+
+        The SR says only ``"internal error (job N)"``: never the exception text, which
+        may quote header values. A failure while writing the SR leaves the job FAILED
+        without outputs. A job the failed step had already finished keeps its state.
+
+        Parameters
+        ----------
+        job
+            The claimed job.
+        reason
+            Exception type and text, recorded in the catalog only.
+        """
+        with self.catalog.read() as session:
+            current = session.get(Job, job.id)
+            state = None if current is None else current.state
+        if state is not JobState.RUNNING:
+            LOGGER.warning(
+                "job failed after it was finished job_id=%d state=%s",
+                job.id,
+                getattr(state, "value", state),
+            )
+            return
+        outputs: list[NewOutput] = []
+        if self.settings.worker.send_failed_sr:
+            from ai.types import REASON_CODES
+
+            words = f"{REASON_CODES.get('internal_error', 'internal error')} (job {job.id})"
+            try:
+                study, candidates, _ = self._candidates(job.study_id)
+                outputs = self._not_processed_sr(
+                    job,
+                    study,
+                    candidates,
+                    words,
+                    job.created_at.replace(tzinfo=dt.UTC),
+                    kind="failed-sr",
+                )
+            except Exception as exc:  # the job stays FAILED, without the SR
+                LOGGER.warning(
+                    "failed-job SR not written job_id=%d error=%s at=%s",
+                    job.id,
+                    type(exc).__name__,
+                    _where(exc),
+                )
+                outputs = []
+        try:
+            complete_job(
+                self.catalog,
+                job.id,
+                JobState.FAILED,
+                reason,
+                outputs,
+                destination_kinds(self.settings),
+                result_json=json.dumps({"failed": "internal error", "job_id": job.id}),
+            )
+        except Exception as exc:
+            if not outputs:
+                raise
+            LOGGER.warning(
+                "failed-job SR not recorded job_id=%d error=%s", job.id, type(exc).__name__
+            )
+            finish_job(self.catalog, job.id, JobState.FAILED, reason)
 
     def _candidates(self, study_id: int) -> tuple[Study, list[SeriesCandidate], dict[str, Path]]:
         with self.catalog.read() as session:
@@ -486,32 +565,69 @@ class Worker:
         outputs.append(self._save(job, "summary", summary))
         return outputs
 
-    def _not_processed(self, job, study, candidates, reason, when, series_uid=None) -> None:
+    def _not_processed_sr(
+        self,
+        job: Job,
+        study: Study,
+        candidates: list[SeriesCandidate],
+        reason: str,
+        when: dt.datetime,
+        kind: str = "sr",
+    ) -> list[NewOutput]:
+        """Write and store a not-processed SR for ``job``; ``[]`` when no source reads.
+
+        Parameters
+        ----------
+        job, study, candidates
+            The job, its study and the study's series.
+        reason
+            The words of the SR's ``"not processed: <reason>"`` comment.
+        when
+            Content date/time of the SR.
+        kind
+            Names the UIDs and the stored file: ``"sr"`` for a job that was not processed,
+            ``"failed-sr"`` for one that failed, so the two never share a SOP Instance
+            UID. Either is delivered as output kind ``"sr"``.
+        """
         from dicom_node import writers
 
+        source = None
+        for cand in candidates:
+            for path in cand.paths:
+                try:
+                    source = blank_invalid_dates(pydicom.dcmread(path, stop_before_pixels=True))
+                    break
+                except Exception:
+                    continue
+            if source is not None:
+                break
+        if source is None:
+            return []
+        ids = self._ids(_study_key(study), job.version, "sr")
+        if kind != "sr":
+            study_key = _study_key(study)
+            ids["series_instance_uid"] = output_uid(study_key, job.version, f"{kind}-series")
+            ids["sop_instance_uid"] = output_uid(study_key, job.version, kind)
+        sr = writers.write_not_processed_sr([source], reason, content_datetime=when, **ids)
+        rel = self.store.write_output(job.id, f"{kind.replace('-', '_')}.dcm", _encode(sr))
+        return [
+            NewOutput(
+                kind="sr",
+                sop_class_uid=str(sr.SOPClassUID),
+                sop_instance_uid=str(sr.SOPInstanceUID),
+                series_instance_uid=str(sr.SeriesInstanceUID),
+                file_path=rel,
+                sha256=sha256_file(self.store.root / rel),
+            )
+        ]
+
+    def _not_processed(self, job, study, candidates, reason, when, series_uid=None) -> None:
         outputs = []
         if self.settings.selection.send_not_processed_sr:
-            source = None
-            for cand in candidates:
-                for path in cand.paths:
-                    try:
-                        source = blank_invalid_dates(pydicom.dcmread(path, stop_before_pixels=True))
-                        break
-                    except Exception:
-                        continue
-                if source is not None:
-                    break
-            if source is not None:
-                try:
-                    sr = writers.write_not_processed_sr(
-                        [source],
-                        reason,
-                        content_datetime=when,
-                        **self._ids(_study_key(study), job.version, "sr"),
-                    )
-                    outputs.append(self._save(job, "sr", sr))
-                except (ValueError, TypeError) as exc:
-                    LOGGER.warning("not-processed SR not written job_id=%d: %s", job.id, exc)
+            try:
+                outputs = self._not_processed_sr(job, study, candidates, reason, when)
+            except (ValueError, TypeError) as exc:
+                LOGGER.warning("not-processed SR not written job_id=%d: %s", job.id, exc)
         complete_job(
             self.catalog,
             job.id,

@@ -7,6 +7,7 @@ labels and fixed probabilities) keeps the job mechanics fast to test.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 import numpy as np
 import pydicom
@@ -272,11 +273,14 @@ def test_study_without_eligible_series_is_not_processed_and_says_why(tmp_path, p
 
 
 def test_pipeline_error_fails_the_job_with_its_reason_and_no_outputs(tmp_path, study):
+    """With ``worker.send_failed_sr = false`` a failed job sends nothing."""
+
     class Broken:
         def run(self, vol):
             raise RuntimeError("stage 1 exploded")
 
-    settings, catalog, store, _ = _node(tmp_path, study)
+    _, catalog, store, _ = _node(tmp_path, study)
+    settings = make_settings(tmp_path, worker={"send_failed_sr": False})
     worker = Worker(settings, catalog, store, pipeline_factory=Broken)
     _complete(catalog)
     assert worker.run_once()
@@ -286,3 +290,92 @@ def test_pipeline_error_fails_the_job_with_its_reason_and_no_outputs(tmp_path, s
         assert job.reason == "RuntimeError: stage 1 exploded"
         assert job.outputs == []
         assert [e.state for e in job.events][-1] is JobState.FAILED
+
+
+def _sr_texts(ds) -> list[str]:
+    texts = []
+
+    def walk(items):
+        for item in items:
+            if "TextValue" in item:
+                texts.append(str(item.TextValue))
+            walk(item.get("ContentSequence", []))
+
+    walk(ds.ContentSequence)
+    return texts
+
+
+def test_failed_job_stays_visible_and_delivers_an_internal_error_sr(tmp_path, study, pacs, caplog):
+    """A pipeline exception: FAILED in cspine status, and the PACS gets a not-processed SR
+    saying only "internal error (job N)", without the exception text, in SR or logs."""
+    settings, catalog, store, _ = _node(
+        tmp_path, study, [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}]
+    )
+    assert settings.worker.send_failed_sr  # the default
+    source = pydicom.dcmread(next((tmp_path / "study" / "2_bone").iterdir()))
+    patient_name, patient_id = str(source.PatientName), str(source.PatientID)
+    secret = f"stage 1 exploded on {patient_name} {patient_id}"
+
+    class Broken:
+        def run(self, vol):
+            raise RuntimeError(secret)
+
+    worker = Worker(settings, catalog, store, pipeline_factory=Broken)
+    _complete(catalog)
+    caplog.set_level("DEBUG")
+    assert worker.run_once()
+    with catalog.read() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.state is JobState.FAILED
+        assert job.reason == f"RuntimeError: {secret}"  # the operator keeps the full reason
+        assert [o.kind for o in job.outputs] == ["sr"]
+        job_id = job.id
+        from dicom_node.jobs import status_lines
+
+        lines = list(status_lines(s))
+    assert any("FAILED 1" in line for line in lines if line.startswith("jobs:"))
+    assert any(line.startswith(f"  job {job_id} (study 1) FAILED: RuntimeError") for line in lines)
+
+    assert deliver_due(settings, catalog, store) == 1
+    (sr,) = pacs.received
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    from dicom_node.writers import read_sr_result
+
+    values = read_sr_result(sr)
+    assert list(values) == ["study not processed"]
+    assert values["study not processed"]["reason"] == f"internal error (job {job_id})"
+    assert values["study not processed"]["evaluation"] == "not assessed"
+    texts = " | ".join(_sr_texts(sr))
+    for leaked in ("exploded", "RuntimeError", "Traceback", patient_id):
+        assert leaked not in texts, leaked
+
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    logged = "\n".join(formatter.format(r) for r in caplog.records)
+    assert f"job failed job_id={job_id} error=RuntimeError at=" in logged
+    for leaked in ("exploded", "Traceback", patient_name, patient_id):
+        assert leaked not in logged, leaked
+
+
+def test_failed_job_sr_never_shares_the_uids_of_a_result_sr(tmp_path, study):
+    class Broken:
+        def run(self, vol):
+            raise RuntimeError("stage 2 exploded")
+
+    settings, catalog, store, _ = _node(tmp_path, study)
+    worker = Worker(settings, catalog, store, pipeline_factory=Broken)
+    _complete(catalog)
+    assert worker.run_once()
+    from dicom_node.worker import _study_key, output_uid
+    from storage.models import Study
+
+    with catalog.read() as s:
+        job = s.scalars(select(Job)).one()
+        (out,) = job.outputs
+        key = _study_key(s.get(Study, job.study_id))
+        assert out.file_path.endswith("failed_sr.dcm")
+        assert (store.root / out.file_path).is_file()
+        # the UIDs a DONE or NOT_PROCESSED SR of the same job version gets
+        assert out.sop_instance_uid != output_uid(key, job.version, "sr")
+        assert out.series_instance_uid != output_uid(key, job.version, "sr-series")

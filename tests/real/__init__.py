@@ -1,0 +1,1 @@
+"""Real CT end to end: public scanner series through a running node."""

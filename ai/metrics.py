@@ -202,3 +202,23 @@ def calibration_table(
             }
         )
     return rows
+
+
+def expected_calibration_error(
+    y_true: np.ndarray | Sequence[float], prob: np.ndarray | Sequence[float], n_bins: int = 10
+) -> float | None:
+    """Expected calibration error over the equal-width bins of :func:`calibration_table`.
+
+    ``ECE = sum_b (n_b / n) |mean predicted_b - observed rate_b|``; ``None`` without
+    predictions.
+    """
+    rows = calibration_table(y_true, prob, n_bins)
+    total = sum(int(r["count"]) for r in rows)  # type: ignore[arg-type]
+    if total == 0:
+        return None
+    err = 0.0
+    for r in rows:
+        if r["count"]:
+            gap = abs(float(r["mean_predicted"]) - float(r["observed_rate"]))  # type: ignore[arg-type]
+            err += int(r["count"]) / total * gap  # type: ignore[arg-type]
+    return float(err)

@@ -7,9 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from ai.cls.calibrate import calibration_report, head_outputs, ood_report, to_preds
 from ai.cls.data import build_crop_cache
 from ai.cls.model import ClsModel
-from ai.cls.train import predict_cached, score
+from ai.cls.ood import Calibration
+from ai.cls.train import score
 
 
 def evaluate_dataset(
@@ -25,13 +27,17 @@ def evaluate_dataset(
     """Evaluate a classifier on every study of a dataset.
 
     Crops come from ``seg_model`` predictions (``source="stage1"``) or the dataset's
-    segmentations (``"truth"``), cached like in training.
+    segmentations (``"truth"``), cached like in training. Vertebrae are scored as
+    :meth:`ClsModel.predict` would answer: crops above the package's OOD threshold are not
+    assessed, and the probabilities are calibrated when the package has temperatures.
 
     Returns
     -------
     dict
-        The metrics of :func:`ai.cls.train.score`, the patient-mode comparison, and the
-        identities of the models used.
+        The metrics of :func:`ai.cls.train.score`, the patient-mode comparison,
+        ``calibration`` (expected calibration error and log-likelihood before and after
+        the temperatures), ``ood`` (crops scored and abstained), ``uncalibrated`` (the
+        headline metrics with temperature 1) and the identities of the models used.
     """
     items = build_crop_cache(
         root,
@@ -43,14 +49,27 @@ def evaluate_dataset(
     )
     if not items:
         raise ValueError(f"no study of {root} could be evaluated")
-    preds = predict_cached(cls_model.net, items, cls_model.device)
+    mode = cls_model.patient_mode
+    outputs = head_outputs(cls_model.net, items, cls_model.device, cls_model.ood)
+    preds = to_preds(outputs, cls_model.calibration, mode)
     inference = cls_model.meta.get("inference", {})
     prior = np.asarray(inference.get("prior", [0.5] * 8), dtype=np.float64)
     thr = float(inference.get("threshold", 0.5)) if threshold is None else float(threshold)
-    result = score(items, preds, cls_model.patient_mode, prior, thr)
+    result = score(items, preds, mode, prior, thr)
     result["patient_mode_comparison"] = {
         m: score(items, preds, m, prior, thr)["weighted_log_loss"] for m in ("head", "noisy_or")
     }
+    raw = score(items, to_preds(outputs, Calibration(), mode), mode, prior, thr)
+    result["uncalibrated"] = {
+        k: raw[k]
+        for k in ("weighted_log_loss", "patient_auc", "vertebra_auc_mean", "vertebra_auc_pooled")
+    }
+    result["calibration"] = {
+        "vertebra_temperature": cls_model.calibration.vertebra_temperature,
+        "patient_temperature": cls_model.calibration.patient_temperature,
+        **calibration_report(items, outputs, cls_model.calibration, mode),
+    }
+    result["ood"] = ood_report(outputs, cls_model.ood.threshold if cls_model.ood else None)
     result["dataset"] = str(root)
     result["crop_source"] = source
     result["models"] = {"cls": vars(cls_model.identity)}
@@ -92,6 +111,25 @@ def markdown_report(result: dict[str, Any]) -> str:
     ]
     for mode, loss in result.get("patient_mode_comparison", {}).items():
         lines.append(f"| log loss with patient mode `{mode}` | {_fmt(loss)} |")
+    cal = result.get("calibration")
+    if cal:
+        raw = result.get("uncalibrated", {})
+        lines += [
+            f"| weighted log loss before calibration | {_fmt(raw.get('weighted_log_loss'))} |",
+            f"| vertebra ECE before / after calibration | {_fmt(cal['vertebra_ece_before'])} / "
+            f"{_fmt(cal['vertebra_ece_after'])} |",
+            f"| patient ECE before / after calibration | {_fmt(cal['patient_ece_before'])} / "
+            f"{_fmt(cal['patient_ece_after'])} |",
+            f"| temperatures (vertebra, patient) | {_fmt(cal['vertebra_temperature'])}, "
+            f"{_fmt(cal['patient_temperature'])} |",
+        ]
+    ood = result.get("ood")
+    if ood:
+        thr = "none" if ood["threshold"] is None else f"{ood['threshold']:.2f}"
+        lines.append(
+            f"| crops abstained out of distribution (threshold {thr}) | "
+            f"{ood['n_abstained']} of {ood['n_crops']} ({_fmt(ood['abstention_rate'])}) |"
+        )
     lines += ["", "## Per-vertebra AUC", "", "| vertebra | AUC |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in result["vertebra_auc"].items()]
     for level in ("patient", "vertebra"):

@@ -13,6 +13,7 @@ import torch
 
 from ai.cls.crops import CropBatch, CropConfig, extract_crops
 from ai.cls.net import FractureNet, build
+from ai.cls.ood import OOD_FILE, Calibration, HeadOutput, OODStats, run_heads
 from ai.errors import InferenceError, ModelLoadError
 from ai.modelpkg import ModelPackage, load_module, read_package, resolve_package, select_device
 from ai.types import VERTEBRAE, CTVolume, ModelIdentity, VertebraResult
@@ -35,6 +36,10 @@ class ClsModel:
 
     Load once per process with :meth:`load`; :meth:`predict` is then safe to call
     repeatedly (inference mode, no state kept between calls).
+
+    A package with an ``ood`` section abstains on crops unlike its training crops, and
+    one with a ``calibration`` section applies its temperatures (see :mod:`ai.cls.ood`);
+    without them nothing abstains and the logits are used as trained.
     """
 
     def __init__(
@@ -44,6 +49,8 @@ class ClsModel:
         device: torch.device,
         crop_config: CropConfig,
         patient_mode: str = "head",
+        ood: OODStats | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         if patient_mode not in PATIENT_MODES:
             raise ModelLoadError(
@@ -54,6 +61,8 @@ class ClsModel:
         self.device = device
         self.crop_config = crop_config
         self.patient_mode = patient_mode
+        self.ood = ood
+        self.calibration = calibration or Calibration()
         if device.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
 
@@ -94,10 +103,30 @@ class ClsModel:
             patient_mode = str(package.meta.get("inference", {}).get("patient_mode", "head"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"{package.path}: bad input spec in model.json: {exc}") from exc
+        try:
+            calibration = Calibration.from_meta(package.meta.get("calibration"))
+            section = package.meta.get("ood")
+            ood_spec = None
+            if section:
+                ood_spec = (
+                    package.path / str(section.get("file", OOD_FILE)),
+                    str(section["sha256"]),
+                    section.get("threshold"),
+                )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(
+                f"{package.path}: bad ood/calibration section in model.json: {exc}"
+            ) from exc
+        ood = OODStats.load(*ood_spec) if ood_spec else None
         dev = select_device(device)
         net = load_module(package, build, dev)
         assert isinstance(net, FractureNet)
-        return cls(net, package, dev, crop_config, patient_mode)
+        if ood is not None and ood.means.shape[1] != net.encoder.out_dim:
+            raise ModelLoadError(
+                f"{package.path}: OOD statistics have {ood.means.shape[1]} features, the "
+                f"encoder gives {net.encoder.out_dim}"
+            )
+        return cls(net, package, dev, crop_config, patient_mode, ood, calibration)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -109,32 +138,60 @@ class ClsModel:
         """The package's ``model.json``."""
         return self.package.meta
 
+    def assess(self, batch: CropBatch) -> tuple[HeadOutput, np.ndarray, dict[str, float | None]]:
+        """Run the network on the crops of one volume, with OOD abstention and calibration.
+
+        The encoder runs once; the crops whose OOD score is above the package's threshold
+        are dropped and the heads run on the others, so the patient probability uses only
+        the vertebrae still assessed.
+
+        Returns
+        -------
+        tuple
+            The logits and OOD scores (:class:`ai.cls.ood.HeadOutput`), ``[7]`` float64
+            calibrated vertebra probabilities (NaN where not assessed) and the patient
+            probability of each mode (``{"head": ..., "noisy_or": ...}``, ``None`` when no
+            vertebra is left).
+        """
+        present = batch.present
+        if not present.any():
+            empty = HeadOutput(
+                np.full(len(VERTEBRAE), np.nan), None, np.full(len(VERTEBRAE), np.nan),
+                np.zeros(len(VERTEBRAE), dtype=bool),
+            )  # fmt: skip
+            return empty, empty.vertebra_logits.copy(), {m: None for m in PATIENT_MODES}
+        crops = batch.crops.to(self.device)
+        n, s = crops.shape[:2]
+        cuda = self.device.type == "cuda"
+        with torch.inference_mode():
+            x = crops.flatten(0, 1)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
+            with amp:
+                feats = self.net.encoder(x).view(n, s, -1)
+        out = run_heads(self.net, feats, present, self.ood, self.device)
+        probs, patient = self.calibration.probabilities(out, self.patient_mode)
+        kept = out.assessed
+        head = patient["head"]
+        if not np.all(np.isfinite(probs[kept])) or (head is not None and not np.isfinite(head)):
+            raise InferenceError("stage 2 produced non-finite probabilities")
+        if self.ood is not None and not np.all(np.isfinite(out.ood_scores[present])):
+            raise InferenceError("stage 2 produced non-finite OOD scores")
+        return out, probs, patient
+
     def predict_crops(self, batch: CropBatch) -> tuple[np.ndarray, dict[str, float | None]]:
         """Run the network on the crops of one volume.
 
         Returns
         -------
         tuple
-            ``[7]`` float64 vertebra probabilities (NaN where not assessed) and the patient
-            probability of each mode (``{"head": ..., "noisy_or": ...}``, ``None`` when no
-            vertebra was assessed).
+            ``[7]`` float64 vertebra probabilities (NaN where not assessed, including crops
+            that abstained out of distribution) and the patient probability of each mode
+            (``{"head": ..., "noisy_or": ...}``, ``None`` when no vertebra was assessed).
         """
-        present = batch.present
-        probs = np.full(len(VERTEBRAE), np.nan)
-        if not present.any():
-            return probs, {m: None for m in PATIENT_MODES}
-        crops = batch.crops.to(self.device)
-        cuda = self.device.type == "cuda"
-        with torch.inference_mode():
-            amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
-            with amp:
-                out = self.net(crops, torch.from_numpy(present)[None].to(self.device))
-        v = torch.sigmoid(out["vertebra_logits"].float())[0].cpu().numpy().astype(np.float64)
-        probs[present] = v[present]
-        head = float(torch.sigmoid(out["patient_logits"].float())[0])
-        if not np.all(np.isfinite(probs[present])) or not np.isfinite(head):
-            raise InferenceError("stage 2 produced non-finite probabilities")
-        return probs, {"head": head, "noisy_or": noisy_or(probs[present])}
+        _out, probs, patient = self.assess(batch)
+        return probs, patient
 
     def predict(
         self, vol: CTVolume, label_map: np.ndarray
@@ -158,18 +215,35 @@ class ClsModel:
         t0 = time.perf_counter()
         batch = extract_crops(vol, label_map, self.crop_config)
         t1 = time.perf_counter()
-        probs, patient = self.predict_crops(batch)
+        out, probs, patient = self.assess(batch)
         t2 = time.perf_counter()
         log.debug(
-            "stage2 crops=%.3fs forward=%.3fs assessed=%d",
+            "stage2 crops=%.3fs forward=%.3fs assessed=%d abstained=%d",
             t1 - t0,
             t2 - t1,
-            int(batch.present.sum()),
+            int(out.assessed.sum()),
+            int(out.abstained.sum()),
         )
         results = []
+        thr = self.ood.threshold if self.ood is not None else None
         for i, info in enumerate(batch.vertebrae):
-            if info.assessed:
-                results.append(VertebraResult(info.label, True, True, float(probs[i]), None))
+            score = float(out.ood_scores[i]) if np.isfinite(out.ood_scores[i]) else None
+            if info.assessed and out.abstained[i] and score is not None and thr is not None:
+                results.append(
+                    VertebraResult(
+                        info.label,
+                        True,
+                        False,
+                        None,
+                        f"input unlike the training data (score {score:.1f}, threshold {thr:.1f})",
+                        "ood",
+                        score,
+                    )
+                )
+            elif info.assessed:
+                results.append(
+                    VertebraResult(info.label, True, True, float(probs[i]), None, None, score)
+                )
             else:
                 code = "too_small" if info.visible else "not_in_fov"
                 results.append(

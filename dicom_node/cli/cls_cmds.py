@@ -1,4 +1,4 @@
-"""``cspine train cls`` and ``cspine evaluate cls``."""
+"""``cspine train cls``, ``cspine evaluate cls`` and ``cspine calibrate cls``."""
 
 from __future__ import annotations
 
@@ -333,9 +333,9 @@ def train_cls(
     click.echo(json.dumps(summary, indent=2))
 
 
-def _command_line(ctx: click.Context) -> str:
-    """The full ``cspine train cls`` command with every option spelled out (defaults too)."""
-    parts = ["cspine", "train", "cls"]
+def _command_line(ctx: click.Context, prefix: list[str] | None = None) -> str:
+    """The full command (``cspine train cls`` by default) with every option spelled out."""
+    parts = list(prefix or ["cspine", "train", "cls"])
     for param in ctx.command.params:
         if not isinstance(param, click.Option) or param.name is None:
             continue
@@ -435,5 +435,172 @@ def evaluate_cls(
     click.echo(report)
 
 
+@click.command("cls")
+@click.option(
+    "--data",
+    "data",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="The dataset the package was trained on; split into its training and validation "
+    "studies with the package's recorded --folds/--fold/--seed (or the ones given here).",
+)
+@click.option(
+    "--train-data",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Studies the classifier was trained on (OOD statistics); with --validation-data.",
+)
+@click.option(
+    "--validation-data",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Studies never trained on (OOD threshold and temperatures).",
+)
+@click.option("--folds", default=None, type=click.IntRange(1), help="With --data.")
+@click.option("--fold", default=None, type=click.IntRange(0), help="With --data.")
+@click.option("--seed", default=None, type=int, help="With --data.")
+@click.option(
+    "--max-train-studies",
+    default=None,
+    type=click.IntRange(2),
+    help="Fit the OOD statistics on the first N training studies only (time).",
+)
+@click.option("--seg-model", default="seg-demo", show_default=True)
+@click.option("--cls-model", default="cls-demo", show_default=True, help="Source package.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="New package folder (same weights, model.json extended).",
+)
+@click.option("--version", "version", required=True, help="Version of the new package.")
+@click.option(
+    "--rate",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Tolerated false-abstention rate on in-distribution validation crops.",
+)
+@click.option(
+    "--cache",
+    "cache",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Crop cache folder [default: $XDG_CACHE_HOME/cspine/cls].",
+)
+@click.option(
+    "--crop-source", type=click.Choice(["stage1", "truth"]), default="stage1", show_default=True
+)
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
+def calibrate_cls(
+    data: str | None,
+    train_data: str | None,
+    validation_data: str | None,
+    folds: int | None,
+    fold: int | None,
+    seed: int | None,
+    max_train_studies: int | None,
+    seg_model: str,
+    cls_model: str,
+    out: str,
+    version: str,
+    rate: float,
+    cache: str | None,
+    crop_source: str,
+    threads: int | None,
+) -> None:
+    """Add OOD statistics and temperature calibration to a package, without retraining."""
+    cache = cache or str(default_cache())
+    _setup_torch(threads)
+    from tqdm import tqdm
+
+    from ai.cls import ClsModel
+    from ai.cls.calibrate import calibrate_package, split_items
+    from ai.cls.data import build_crop_cache
+
+    if (data is None) == (train_data is None and validation_data is None):
+        raise click.UsageError("give --data, or --train-data with --validation-data")
+    if data is None and (train_data is None or validation_data is None):
+        raise click.UsageError("--train-data and --validation-data go together")
+    source = ClsModel.load(cls_model, device="cpu")
+    seg = None
+    if crop_source == "stage1":
+        from ai.seg import SegModel
+
+        seg = SegModel.load(seg_model, device="cpu")
+
+    def crops(root: str) -> list:
+        return build_crop_cache(
+            root,
+            cache,
+            source.crop_config,
+            seg_model=seg,
+            source=crop_source,
+            progress=lambda x: tqdm(x, desc=f"crops {Path(root).name}", file=sys.stderr),
+        )
+
+    record: dict[str, object] = {
+        "command": _command_line(click.get_current_context(), ["cspine", "calibrate", "cls"]),
+        "crop_source": "stage-1 predictions" if crop_source == "stage1" else "ground truth",
+        "seg_model": vars(seg.identity) if seg is not None else None,
+        "torch_threads": threads,
+    }
+    if data is not None:
+        training = source.meta.get("training", {})
+        folds = int(training.get("folds", 5)) if folds is None else folds
+        fold = int(training.get("fold", 0)) if fold is None else fold
+        seed = int(training.get("seed", 0)) if seed is None else seed
+        if fold >= folds or folds < 2:
+            raise click.BadParameter(f"need --folds >= 2 and --fold < --folds, got {folds}, {fold}")
+        train_items, val_items = split_items(crops(data), folds, fold, seed)
+        record.update(
+            {
+                "data": str(Path(data).resolve()),
+                "split": f"ai.cls.train.fold_split(n, folds={folds}, fold={fold}, seed={seed}) "
+                "over the studies with an assessed vertebra, in train.csv order",
+            }
+        )
+    else:
+        assert train_data is not None and validation_data is not None
+        train_items = [it for it in crops(train_data) if it.present.any()]
+        val_items = [it for it in crops(validation_data) if it.present.any()]
+        record.update(
+            {
+                "train_data": str(Path(train_data).resolve()),
+                "validation_data": str(Path(validation_data).resolve()),
+            }
+        )
+    n_train = len(train_items)
+    if max_train_studies is not None and max_train_studies < n_train:
+        train_items = train_items[:max_train_studies]
+    record["ood_fit_studies"] = (
+        f"the first {len(train_items)} of the {n_train} training studies (in split order)"
+    )
+    meta = calibrate_package(
+        cls_model, out, train_items, val_items, version=version, rate=rate, record=record
+    )
+    ClsModel.load(out, device="cpu")  # the written package loads and verifies
+    summary = {
+        "package": str(out),
+        "version": version,
+        "ood_threshold": meta["ood"]["threshold"],
+        "validation_false_abstention_rate": meta["ood"]["validation"]["false_abstention_rate"],
+        "vertebra_temperature": meta["calibration"]["vertebra_temperature"],
+        "patient_temperature": meta["calibration"]["patient_temperature"],
+        **{
+            k: meta["calibration"]["validation"][k]
+            for k in (
+                "vertebra_ece_before",
+                "vertebra_ece_after",
+                "patient_ece_before",
+                "patient_ece_after",
+            )
+        },
+    }
+    click.echo(json.dumps(summary, indent=2))
+
+
 TRAIN: dict[str, click.Command] = {"cls": train_cls}
 EVALUATE: dict[str, click.Command] = {"cls": evaluate_cls}
+CALIBRATE: dict[str, click.Command] = {"cls": calibrate_cls}

@@ -38,6 +38,18 @@ def describe_jobs(session: Session, study_id: int) -> Iterator[str]:
                 )
 
 
+def _verdict(p: float | None, threshold: float, vertebra: dict | None) -> str:
+    if p is None:
+        reason = (vertebra or {}).get("reason") or "no reason given"
+        return f"not assessed: {reason}"
+    return "FRACTURE" if p >= threshold else "no fracture"
+
+
+def _finding_lines(findings: list[dict]) -> Iterator[str]:
+    for f in findings:
+        yield f"check failed ({f['stage']}, {f['check']}): {f['message']}"
+
+
 def result_lines(session: Session, study_id: int) -> Iterator[str]:
     """The result table of the newest finished job of a study."""
     job = latest_job(session, study_id, (JobState.DONE, JobState.NOT_PROCESSED))
@@ -48,19 +60,30 @@ def result_lines(session: Session, study_id: int) -> Iterator[str]:
         return
     data = json.loads(job.result_json or "{}")
     yield f"job {job.id} version {job.version}: {job.state.value}"
+    findings = data.get("findings") or []
     if "not_processed" in data:
         yield f"not processed: {data['not_processed']}"
+        yield from _finding_lines(findings)
         return
     yield f"series: {data['series_instance_uid']}"
     yield f"selection: {data['selection']}"
-    yield f"{'VERTEBRA':<9} {'ASSESSED':<9} {'PROBABILITY':>11}  NOTE"
+    threshold = float(data["threshold"])
+    yield f"{'VERTEBRA':<9} {'ASSESSED':<9} {'PROBABILITY':>11}  RESULT"
     for v in data["vertebrae"]:
         prob = "-" if v["probability"] is None else f"{v['probability']:.3f}"
         flag = "yes" if v["assessed"] else "no"
-        yield f"{v['label']:<9} {flag:<9} {prob:>11}  {v['reason'] or ''}"
+        yield f"{v['label']:<9} {flag:<9} {prob:>11}  {_verdict(v['probability'], threshold, v)}"
     patient = data["patient_probability"]
-    yield f"{'patient':<9} {'':<9} {('-' if patient is None else f'{patient:.3f}'):>11}"
+    if patient is None:
+        word = "not assessed: " + (
+            "; ".join(f"{f['stage']} {f['message']}" for f in findings if f["stage"] == "stage2")
+            or "no vertebra could be assessed"
+        )
+    else:
+        word = _verdict(patient, threshold, None)
+    yield f"{'patient':<9} {'':<9} {('-' if patient is None else f'{patient:.3f}'):>11}  {word}"
     yield f"threshold: {data['threshold']}"
+    yield from _finding_lines(findings)
     for m in data["models"]:
         demo = "  [synthetic demo weights, not for clinical use]" if m["demo"] else ""
         yield f"model: {m['name']} {m['version']} sha256 {m['sha256'][:12]}{demo}"

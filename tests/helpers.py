@@ -114,3 +114,10 @@ def dataset_bytes(path: Path) -> bytes:
         read_preamble(fh, False)
         _read_file_meta_info(fh)
         return fh.read()
+
+
+THIN_SLICES = {"n_slices": None, "slice_spacing": (1.0, 1.25)}
+"""``StudySpec.small`` overrides for slices within stage 2's intended use (<= 1.25 mm).
+
+The small preset's 1.5-3 mm slices are outside it: the node then delivers the SEG and
+says "not assessed: input outside intended use" for every vertebra."""

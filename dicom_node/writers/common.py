@@ -353,6 +353,21 @@ def check_result(result: PipelineResult, n_slices: int, rows: int, columns: int)
     p = result.patient_probability
     if p is not None and (not np.isfinite(p) or not 0.0 <= p <= 1.0):
         raise ValueError(f"result.patient_probability must be None or lie in [0, 1], got {p}.")
+    if p is not None and not any(v.assessed for v in result.vertebrae):
+        raise ValueError(
+            "result.patient_probability must be None when no vertebra was assessed "
+            "(a patient probability cannot come from nothing)."
+        )
+    refused = {"implausible", "no_cervical_spine"}
+    for verdict in result.vertebrae:
+        if verdict.reason_code in refused and label_map.size:
+            value = VERTEBRAE.index(verdict.label) + 1
+            if np.any(label_map == value):
+                raise ValueError(
+                    f"Vertebra {verdict.label} was refused ({verdict.reason_code}) but still "
+                    "has voxels in result.label_map; it must not become a segment labelled "
+                    f"{verdict.label}."
+                )
     if not result.models:
         raise ValueError("result.models must name at least one model.")
     for model in result.models:

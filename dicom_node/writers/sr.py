@@ -184,6 +184,24 @@ def _vertebra_group(
     return group
 
 
+def patient_reason(result: PipelineResult) -> str:
+    """Why the patient-level finding is not assessed, in the words the outputs use.
+
+    The stage-2 intended-use finding when there is one; the vertebrae's common reason when
+    they all share one; otherwise "no vertebra could be assessed".
+    """
+    stage2 = [f for f in result.findings if f.stage == "stage2"]
+    if stage2:
+        return "; ".join(f.text for f in stage2)
+    if result.not_processed:
+        return result.not_processed
+    reasons = {v.reason for v in result.vertebrae if not v.assessed and v.reason}
+    codes_ = {v.reason_code for v in result.vertebrae if not v.assessed}
+    if len(reasons) == 1 and len(codes_) == 1 and codes_ != {"not_in_fov"}:
+        return next(iter(reasons))
+    return "no vertebra could be assessed"
+
+
 def write_sr(
     source_datasets: Sequence[Dataset],
     seg_dataset: Dataset | None,
@@ -322,7 +340,8 @@ def write_sr(
     )
     comments = []
     if result.patient_probability is None:
-        comments.append("not assessed: no vertebra could be assessed")
+        comments.append(f"not assessed: {patient_reason(result)}")
+    comments += [f"{f.stage} check failed: {f.text}" for f in result.findings]
     if demo:
         comments.append(DEMO_DISCLAIMER)
     if selection_note:

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 
-from ai.types import VERTEBRAE, ModelIdentity, PipelineResult
+from ai.types import REASON_CODES, VERTEBRAE, ModelIdentity, PipelineResult, VertebraResult
 from dicom_node.writers.common import (
     DEMO_DISCLAIMER,
     MANUFACTURER,
@@ -239,7 +239,7 @@ def _table(
         draw.text((x_name + 18, y), verdict.label, fill=_FG, font=body)
         draw.text((x_prob + 12, y), _fmt(verdict.probability), fill=_FG, font=body)
         if not verdict.assessed:
-            text, color = f"not assessed: {verdict.reason or 'no reason'}", _WARN
+            text, color = f"not assessed: {_short_reason(verdict)}", _WARN
         elif verdict.probability >= threshold:
             text, color = "FRACTURE", _ALERT
         else:
@@ -264,6 +264,18 @@ def _table(
     y += 34
     draw.text((x_name, y), f"Threshold: P >= {threshold:.2f} means fracture", fill=_FG, font=body)
     y += 34
+    reasons = _detailed_reasons(result)
+    if reasons:
+        draw.text((x_name, y), "Why not assessed:", fill=_WARN, font=small)
+        y += 20
+        room = box[1] - 64 - 130 if is_demo(result) else box[1] - 130
+        for reason in reasons:
+            for line in _wrap(draw, reason, small, box[0] - 40):
+                if y > room:
+                    break
+                draw.text((x_name + 10, y), line, fill=_FG, font=small)
+                y += 19
+        y += 6
     draw.text((x_name, y), "Models:", fill=_MUTED, font=small)
     y += 20
     for model in result.models:
@@ -285,6 +297,25 @@ def _table(
             align="center",
         )
     return panel
+
+
+def _short_reason(verdict: VertebraResult) -> str:
+    """The reason in a few words ("input outside intended use"); details go below."""
+    return REASON_CODES.get(verdict.reason_code or "", verdict.reason or "no reason given")
+
+
+def _detailed_reasons(result: PipelineResult) -> list[str]:
+    """Each distinct reason with its measured values, once (not-in-view levels aside)."""
+    out: list[str] = []
+    for verdict in result.vertebrae:
+        if verdict.assessed or verdict.reason_code in (None, "not_in_fov", "too_small"):
+            continue
+        text = verdict.reason or ""
+        if verdict.reason_code == "implausible" and not text.startswith(verdict.label):
+            text = f"{verdict.label}: {text}"
+        if text and text not in out:
+            out.append(text)
+    return out
 
 
 def _model_line(model: ModelIdentity) -> str:

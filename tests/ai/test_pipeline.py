@@ -11,6 +11,7 @@ from ai import pipeline
 from ai.errors import InferenceError
 from ai.synthetic import StudySpec, generate_study
 from ai.types import VERTEBRAE, ModelIdentity
+from tests.helpers import THIN_SLICES
 
 
 @dataclass
@@ -32,8 +33,11 @@ class _Seg:
         return _Out()
 
 
+THIN = THIN_SLICES
+
+
 def test_default_run_uses_both_shipped_models_and_is_consistent() -> None:
-    study = generate_study(11, StudySpec.small(fracture_rate=1.0))
+    study = generate_study(11, StudySpec.small(fracture_rate=1.0, **THIN))
     result = pipeline.run(study.volume)
     assert result.label_map.shape == study.volume.hu.shape
     assert result.label_map.dtype == np.uint8
@@ -53,13 +57,14 @@ def test_default_run_uses_both_shipped_models_and_is_consistent() -> None:
         assert result.patient_probability is None
     assert [m.name for m in result.models] == ["seg-demo", "cls-demo"]
     assert all(m.demo for m in result.models)
-    assert set(result.timings) == {"stage1", "stage2"}
+    assert result.findings == [] and result.not_processed is None
+    assert set(result.timings) == {"gate", "stage1", "stage2"}
     assert all(t > 0 for t in result.timings.values())
     assert pipeline.default_pipeline() is pipeline.default_pipeline()  # loaded once
 
 
 def test_visible_vertebrae_get_probabilities_and_missing_ones_do_not() -> None:
-    study = generate_study(11, StudySpec.small(field_of_view="c1_c5", fracture_rate=1.0))
+    study = generate_study(11, StudySpec.small(field_of_view="c1_c5", fracture_rate=1.0, **THIN))
     truth = np.where(study.labels <= 7, study.labels, 0).astype(np.uint8)
     p = pipeline.Pipeline(_Seg(truth), pipeline.default_pipeline().cls)
     result = p.run(study.volume)
@@ -82,12 +87,13 @@ def test_stage1_output_that_does_not_fit_the_volume_is_refused() -> None:
         p.run(study.volume)
 
 
-def test_nothing_segmented_gives_no_patient_probability() -> None:
-    study = generate_study(2, StudySpec.small())
+def test_nothing_segmented_is_not_processed_no_cervical_spine() -> None:
+    study = generate_study(2, StudySpec.small(**THIN))
     p = pipeline.Pipeline(
         _Seg(np.zeros(study.volume.hu.shape, np.uint8)), pipeline.default_pipeline().cls
     )
     result = p.run(study.volume)
     assert result.patient_probability is None
+    assert result.not_processed == "no cervical spine found"
     assert all(not v.assessed and v.probability is None for v in result.vertebrae)
-    assert all(v.reason == "not in the field of view" for v in result.vertebrae)
+    assert all(v.reason_code == "no_cervical_spine" for v in result.vertebrae)

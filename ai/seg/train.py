@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
+from ai import plausibility
+from ai.intended_use import from_package
 from ai.modelpkg import (
     DEMO_LABEL,
     load_module,
@@ -536,11 +538,17 @@ def evaluate(
     uids: list[str] | None = None,
     progress: bool = True,
     post: PostSpec | None = None,
+    gate: bool = True,
 ) -> dict[str, Any]:
     """Per-vertebra Dice of a stage-1 model on the original grid of every segmented study.
 
     ``post`` replaces the package's post-processing for this evaluation (to compare
     settings on a validation set); the report records which one was used.
+
+    With ``gate`` (the default, as the node runs), each study first meets stage 1's
+    intended use and its label map the plausibility checks (:mod:`ai.plausibility`):
+    a refused study delivers no labels, a refused vertebra is removed, and both count
+    against Dice. The report's ``gate`` section counts what was refused.
 
     Returns
     -------
@@ -560,11 +568,44 @@ def evaluate(
     chosen = uids or [u for u in dataset.study_uids if dataset.has_segmentation(u)]
     per: dict[str, list[float]] = {n: [] for n in VERTEBRAE}
     studies = []
+    use = from_package(seg.package.meta, "stage1") if gate else None
+    counts = {"studies_refused": 0, "vertebrae_in_truth": 0, "vertebrae_refused": 0}
+    reasons: dict[str, int] = {}
     for uid in tqdm(chosen, desc="evaluate", disable=not progress):
         study = dataset.load(uid)
-        out = seg.predict(study.volume)
         truth = np.where(study.segmentation <= N_LABELS, study.segmentation, 0)
-        d = dice_per_label(out.label_map, truth)
+        in_truth = set(plausibility.measure(study.volume, truth))
+        counts["vertebrae_in_truth"] += len(in_truth)
+        refused_here: list[str] = []
+        findings = use.check(study.volume) if use is not None else []
+        if findings:
+            labels = np.zeros(truth.shape, np.uint8)
+            seconds = 0.0
+            refused_here = sorted(in_truth)
+            reasons[findings[0].check] = reasons.get(findings[0].check, 0) + 1
+            counts["studies_refused"] += 1
+        else:
+            out = seg.predict(study.volume)
+            labels, seconds = np.asarray(out.label_map), out.seconds
+            if gate:
+                verdict = plausibility.check(study.volume, labels)
+                found = set(verdict.stats)
+                if verdict.study is not None or not found or verdict.rejected.keys() == found:
+                    labels = np.zeros_like(labels)
+                    counts["studies_refused"] += 1
+                    refused_here = sorted(in_truth)
+                    why = verdict.study or next(iter(verdict.rejected.values()), None)
+                    key = why.check if why is not None else "nothing_found"
+                    reasons[key] = reasons.get(key, 0) + 1
+                else:
+                    labels = labels.copy()
+                    for name, finding in verdict.rejected.items():
+                        labels[labels == VERTEBRAE.index(name) + 1] = 0
+                        reasons[finding.check] = reasons.get(finding.check, 0) + 1
+                        if name in in_truth:
+                            refused_here.append(name)
+        counts["vertebrae_refused"] += len(refused_here)
+        d = dice_per_label(labels, truth)
         for k, v in d.items():
             if not math.isnan(v):
                 per[k].append(v)
@@ -574,7 +615,8 @@ def evaluate(
                 "uid": uid,
                 "dice": d,
                 "mean": float(np.mean(valid)) if valid else None,
-                "seconds": round(out.seconds, 2),
+                "seconds": round(seconds, 2),
+                "refused": refused_here,
             }
         )
     dice = {k: (float(np.mean(v)) if v else None) for k, v in per.items()}
@@ -587,6 +629,16 @@ def evaluate(
         "postprocess": seg.post.to_json(),
         "n_studies": len(chosen),
         "dice": dice,
+        "gate": {
+            "on": gate,
+            **counts,
+            "vertebra_refusal_rate": (
+                counts["vertebrae_refused"] / counts["vertebrae_in_truth"]
+                if counts["vertebrae_in_truth"]
+                else None
+            ),
+            "by_check": reasons,
+        },
         "studies": studies,
     }
 
@@ -603,4 +655,17 @@ def markdown_table(report: dict[str, Any]) -> str:
     for k in (*VERTEBRAE, "mean"):
         v = report["dice"].get(k)
         lines.append(f"| {k} | {'n/a' if v is None else f'{v:.4f}'} |")
+    gate = report.get("gate") or {}
+    if gate.get("on"):
+        rate = gate.get("vertebra_refusal_rate")
+        lines += [
+            "",
+            f"Gate on (intended use + plausibility): {gate['studies_refused']} of "
+            f"{report['n_studies']} studies refused, {gate['vertebrae_refused']} of "
+            f"{gate['vertebrae_in_truth']} vertebrae in the truth refused"
+            + ("" if rate is None else f" ({rate:.1%})")
+            + (f"; by check: {gate['by_check']}" if gate.get("by_check") else ""),
+        ]
+    elif gate:
+        lines += ["", "Gate off: every label map scored as stage 1 returned it."]
     return "\n".join(lines) + "\n"

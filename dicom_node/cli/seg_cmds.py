@@ -298,6 +298,12 @@ def train_seg(
     help="Also store the mean/per-vertebra Dice in the package's model.json.",
 )
 @_post_options
+@click.option(
+    "--gate/--no-gate",
+    default=True,
+    show_default=True,
+    help="Apply stage 1's intended use and the plausibility checks, as the node does.",
+)
 @click.option("--no-progress", is_flag=True)
 def evaluate_seg(
     data: str,
@@ -310,6 +316,7 @@ def evaluate_seg(
     bone_hu: str | None,
     region_threshold: float | None,
     fill_holes: bool | None,
+    gate: bool,
     no_progress: bool,
 ) -> None:
     """Per-vertebra Dice of a stage-1 model on the original grid (JSON + Markdown).
@@ -328,7 +335,13 @@ def evaluate_seg(
             "it cannot be combined with post-processing overrides"
         )
     report = evaluate(
-        Path(data), model, registry=registry, device=device, progress=not no_progress, post=post
+        Path(data),
+        model,
+        registry=registry,
+        device=device,
+        progress=not no_progress,
+        post=post,
+        gate=gate,
     )
     table = markdown_table(report)
     click.echo(table)
@@ -343,6 +356,7 @@ def evaluate_seg(
             "data": str(data),
             "n_studies": report["n_studies"],
             **report["dice"],
+            "gate": {k: v for k, v in report["gate"].items() if k != "by_check"},
             "command": _command_line("cspine evaluate seg"),
         }
         meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

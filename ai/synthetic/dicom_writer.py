@@ -4,8 +4,8 @@ Pixel storage: unsigned 12-bit (BitsStored 12, RescaleIntercept -1024) as many s
 write; the RSNA writer (:mod:`ai.synthetic.rsna_writer`) stores signed 16-bit instead, as
 the RSNA files do. Encoders: RLE and JPEG 2000 lossless through pydicom
 (``Dataset.compress``; pylibjpeg-rle / pylibjpeg-openjpeg, pydicom's native RLE as a
-fallback); JPEG Lossless SV1 through :mod:`ai.synthetic.jpeg_lossless` because pydicom
-has no encoder for it.
+fallback); JPEG Lossless SV1 through GDCM (python-gdcm's ``ImageChangeTransferSyntax``,
+:func:`encode_jpeg_lossless`) because pydicom has no encoder for it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import gdcm
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -26,10 +27,10 @@ from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGLosslessSV1,
     RLELossless,
 )
 
-from ai.synthetic import jpeg_lossless
 from ai.synthetic.generate import sop_uid_for
 from ai.synthetic.spec import ExtraSeries, SyntheticStudy
 
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 TRANSFER_SYNTAXES: dict[str, str] = {
     "explicit": str(ExplicitVRLittleEndian),
-    "jpeg-lossless": jpeg_lossless.TRANSFER_SYNTAX_UID,
+    "jpeg-lossless": str(JPEGLosslessSV1),
     "j2k-lossless": str(JPEG2000Lossless),
     "rle": str(RLELossless),
 }
@@ -83,14 +84,75 @@ def orientation_of(affine: np.ndarray) -> tuple[list[float], list[float], float,
     return row_dir, col_dir, dy, dx
 
 
+def encode_jpeg_lossless(pixels: np.ndarray, bits_stored: int) -> bytes:
+    """One JPEG Lossless SV1 (1.2.840.10008.1.2.4.70) frame of a 16-bit image, by GDCM.
+
+    Parameters
+    ----------
+    pixels
+        ``[row, column]`` int16 (signed) or uint16 (unsigned) stored values.
+    bits_stored
+        BitsStored of the image (BitsAllocated is 16, HighBit ``bits_stored - 1``).
+
+    Returns
+    -------
+    bytes
+        The JPEG codestream (SOI to EOI, padded to even length), one fragment's value.
+
+    Raises
+    ------
+    ValueError
+        For an image that is not 2-D 16-bit.
+    RuntimeError
+        When GDCM does not encode it.
+    """
+    if pixels.ndim != 2 or pixels.dtype not in (np.int16, np.uint16):
+        raise ValueError(f"need a 2-D int16 or uint16 image, got {pixels.dtype} {pixels.shape}")
+    rows, cols = pixels.shape
+    # GDCM objects are reference counted: the image must belong to a GDCM owner (here an
+    # unused writer, as in pydicom's GDCM RLE encoder), not to Python, or freeing it aborts
+    writer = gdcm.ImageWriter()
+    image = writer.GetImage()
+    image.SetNumberOfDimensions(2)
+    image.SetDimension(0, cols)
+    image.SetDimension(1, rows)
+    signed = int(pixels.dtype == np.int16)
+    image.SetPixelFormat(gdcm.PixelFormat(1, 16, bits_stored, bits_stored - 1, signed))
+    image.SetPhotometricInterpretation(
+        gdcm.PhotometricInterpretation(gdcm.PhotometricInterpretation.MONOCHROME2)
+    )
+    image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.ExplicitVRLittleEndian))
+    element = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+    element.SetVR(gdcm.VR(gdcm.VR.OW))
+    little = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<"))
+    element.SetByteStringValue(little.tobytes())
+    image.SetDataElement(element)
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(image)
+    if not change.Change():
+        raise RuntimeError("GDCM could not encode the image as JPEG Lossless SV1")
+    encoded = change.GetOutput()
+    pixel_data = encoded.GetDataElement()
+    fragments = pixel_data.GetSequenceOfFragments()
+    if fragments is None or fragments.GetNumberOfFragments() != 1:
+        raise RuntimeError("GDCM did not return one JPEG Lossless fragment")
+    value = fragments.GetFragment(0).GetByteValue()
+    # python-gdcm hands buffers over as str; pydicom's GDCM decoder reverses it the same way
+    data = value.GetBuffer().encode("utf-8", "surrogateescape")
+    if len(data) != int(str(value.GetLength())):
+        raise RuntimeError("GDCM returned a JPEG Lossless fragment of the wrong length")
+    return data
+
+
 def _frame_encoder(uid: str) -> Callable[[Dataset, np.ndarray], bytes] | None:
     """A function returning one encoded frame for ``uid`` (None: native, not encapsulated)."""
     if uid == str(ExplicitVRLittleEndian):
         return None
-    if uid == jpeg_lossless.TRANSFER_SYNTAX_UID:
+    if uid == str(JPEGLosslessSV1):
 
         def jpeg(ds: Dataset, pixels: np.ndarray) -> bytes:
-            return jpeg_lossless.encode(pixels, int(ds.BitsStored))
+            return encode_jpeg_lossless(pixels, int(ds.BitsStored))
 
         return jpeg
     encoder = get_encoder(uid)

@@ -305,8 +305,9 @@ def test_default_study_is_512_with_realistic_spacing():
 def test_jpeg_lossless_encoder_round_trips_with_two_decoders(precision, dtype):
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLosslessSV1
 
-    from ai.synthetic import jpeg_lossless
+    from ai.synthetic.dicom_writer import encode_jpeg_lossless
 
     rng = np.random.default_rng(precision)
     if dtype is np.int16:
@@ -320,9 +321,15 @@ def test_jpeg_lossless_encoder_round_trips_with_two_decoders(precision, dtype):
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, precision, precision - 1
     ds.PixelRepresentation = int(dtype is np.int16)
-    ds.PixelData = encapsulate([jpeg_lossless.encode(image, precision)])
+    frame = encode_jpeg_lossless(image, precision)
+    assert frame[:2] == b"\xff\xd8" and frame.rstrip(b"\x00").endswith(b"\xff\xd9")
+    sof = frame.index(b"\xff\xc3")  # SOF3: lossless, Huffman (process 14)
+    assert precision <= frame[sof + 4] <= 16  # GDCM writes P=16 for BitsStored 10 and 12
+    sos = frame.index(b"\xff\xda")
+    assert frame[sos + 4] == 1 and frame[sos + 7] == 1  # one component, predictor 1 (SV1)
+    ds.PixelData = encapsulate([frame])
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = jpeg_lossless.TRANSFER_SYNTAX_UID
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
     for plugin in ("pylibjpeg", "gdcm"):
         decoded = pydicom.pixels.pixel_array(ds, decoding_plugin=plugin)
         assert np.array_equal(decoded.astype(np.int64), image.astype(np.int64)), plugin

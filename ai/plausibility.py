@@ -62,6 +62,8 @@ from ai.types import VERTEBRAE, CTVolume, Finding
 
 CANAL_LEVELS = VERTEBRAE[1:]
 """Levels whose canal is checked: the C1 ring is thin and often left open by stage 1."""
+CANAL_SLICES = 40
+"""Axial slices of a vertebra searched for its canal, at most."""
 VISIBLE_MM3 = 500.0
 """A level with less than this in the label map counts as not found (stage-1 convention)."""
 
@@ -110,7 +112,8 @@ class LevelStats:
     cut: bool
     """Whether the mask touches the edge of the field of view."""
     canal_mm2: float | None
-    """Largest enclosed low-density area found on its axial slices (``None``: not measured)."""
+    """Largest enclosed low-density area found on the axial slices searched (the search
+    stops once one is large enough; ``None``: not measured)."""
 
 
 @dataclass
@@ -142,29 +145,42 @@ def _finding(check: str, message: str) -> Finding:
     return Finding("implausible", "stage1", check, message)
 
 
-def _canal_area(mask: np.ndarray, hu: np.ndarray, pixel_mm2: float, max_hu: float) -> float:
-    """Largest low-density area the mask encloses on any of its axial slices (mm2)."""
+def _canal_area(
+    mask: np.ndarray, hu: np.ndarray, pixel_mm2: float, max_hu: float, enough_mm2: float
+) -> float:
+    """Largest low-density area the mask encloses on its axial slices (mm2).
+
+    The slices are tried from the middle of the mask's extent outwards (every one up to
+    :data:`CANAL_SLICES`, evenly spaced ones beyond), and the search stops at the first
+    canal of ``enough_mm2``: the answer is "is there a canal", not its exact size.
+    """
+    n = mask.shape[0]
+    middle = (n - 1) / 2.0
+    order = sorted(range(n), key=lambda k: abs(k - middle))
+    stride = max(1, -(-len(order) // CANAL_SLICES))
     best = 0.0
-    for k in range(mask.shape[0]):
+    for k in order[::stride][:CANAL_SLICES]:
         plane = mask[k]
-        if plane.sum() < 8:
+        if np.count_nonzero(plane) < 8:
             continue
         holes = ndimage.binary_fill_holes(plane) & ~plane
         if not holes.any():
             continue
-        lab, n = ndimage.label(holes)
-        if n == 0:
-            continue
+        lab, _ = ndimage.label(holes)
         sizes = np.bincount(lab.ravel())[1:]
         big = int(np.argmax(sizes)) + 1
-        region = lab == big
-        if float(hu[k][region].mean()) <= max_hu:
+        if float(hu[k][lab == big].mean()) <= max_hu:
             best = max(best, float(sizes[big - 1]) * pixel_mm2)
+            if best >= enough_mm2:
+                break
     return best
 
 
-def measure(vol: CTVolume, label_map: np.ndarray) -> dict[str, LevelStats]:
+def measure(
+    vol: CTVolume, label_map: np.ndarray, limits: Limits | None = None
+) -> dict[str, LevelStats]:
     """Per-level measurements of a label map on the volume's grid."""
+    limits = limits or Limits()
     a = np.asarray(vol.affine, dtype=np.float64)
     voxel_mm3 = abs(float(np.linalg.det(a[:3, :3])))
     pixel_mm2 = float(np.linalg.norm(a[:3, 1]) * np.linalg.norm(a[:3, 2]))
@@ -185,7 +201,7 @@ def measure(vol: CTVolume, label_map: np.ndarray) -> dict[str, LevelStats]:
         ext = pts.max(axis=0) - pts.min(axis=0)
         cut = any(s.start == 0 or s.stop == n for s, n in zip(box, shape, strict=True))
         hu = vol.hu[box]
-        canal = _canal_area(sub, hu, pixel_mm2, Limits().max_canal_hu)
+        canal = _canal_area(sub, hu, pixel_mm2, limits.max_canal_hu, limits.min_canal_mm2)
         out[VERTEBRAE[value - 1]] = LevelStats(
             label=VERTEBRAE[value - 1],
             volume_mm3=count * voxel_mm3,
@@ -201,7 +217,7 @@ def measure(vol: CTVolume, label_map: np.ndarray) -> dict[str, LevelStats]:
 def check(vol: CTVolume, label_map: np.ndarray, limits: Limits | None = None) -> Plausibility:
     """Hold a stage-1 label map against cervical anatomy (see the module docstring)."""
     lim = limits or Limits()
-    stats = measure(vol, label_map)
+    stats = measure(vol, label_map, lim)
     result = Plausibility(stats=stats, rejected={})
     found = [v for v in VERTEBRAE if v in stats]
     if not found:

@@ -65,6 +65,7 @@ STAGE_LABELS = {
     "select_s": "select",
     "load_s": "load/decode",
     "stage1_s": "stage 1",
+    "gate_s": "gate",
     "stage2_s": "stage 2",
     "write_s": "write",
     "send_s": "send",

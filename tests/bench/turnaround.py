@@ -36,7 +36,17 @@ from tests.dicom_node.pacs import LoopbackPACS
 
 STABLE = float(os.environ.get("CSPINE_BENCH_STABLE", "2"))
 OUTPUTS_PER_STUDY = 3  # SEG, Comprehensive 3D SR, Secondary Capture summary
-STAGES = ("wait_for_stability", "queue", "select", "load", "stage1", "stage2", "write", "send")
+STAGES = (
+    "wait_for_stability",
+    "queue",
+    "select",
+    "load",
+    "stage1",
+    "gate",
+    "stage2",
+    "write",
+    "send",
+)
 
 
 class TimedPACS(LoopbackPACS):

@@ -58,6 +58,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -65,14 +66,12 @@ from highdicom.spatial import get_series_volume_positions
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
+from pydicom.uid import CTImageStorage
 
 from ai.errors import VolumeError
 from ai.types import CTVolume, GeometryIssue, SeriesFacts
 
 logger = logging.getLogger(__name__)
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 LOSSY_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
     {
@@ -199,7 +198,8 @@ def _floats(value: object, n: int, what: str, path: Path) -> np.ndarray:
     return arr
 
 
-def _first(seq_owner: Dataset | None, seq: str, attr: str) -> object | None:
+def _first(seq_owner: Dataset | None, seq: str, attr: str) -> Any:
+    """``attr`` of the first item of ``seq`` in ``seq_owner`` (a DICOM value), else None."""
     if seq_owner is None or seq not in seq_owner or not seq_owner[seq].value:
         return None
     return seq_owner[seq].value[0].get(attr)
@@ -253,7 +253,7 @@ def _read_headers(path: Path) -> tuple[list[_Slice], bool]:
         frames: list[_Slice] = []
         for f, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
 
-            def pick(seq: str, attr: str, item: Dataset = item) -> object | None:
+            def pick(seq: str, attr: str, item: Dataset = item) -> Any:
                 value = _first(item, seq, attr)
                 return value if value is not None else _first(shared, seq, attr)
 
@@ -322,7 +322,7 @@ def _read_headers(path: Path) -> tuple[list[_Slice], bool]:
 def _proxy(s: _Slice) -> Dataset:
     """A minimal dataset that highdicom's geometry functions accept."""
     ds = Dataset()
-    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.SOPClassUID = CTImageStorage
     ds.ImagePositionPatient = [float(v) for v in s.position]
     ds.ImageOrientationPatient = [float(v) for v in s.orientation]
     ds.PixelSpacing = list(s.spacing)

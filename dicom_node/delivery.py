@@ -1,6 +1,6 @@
 """Deliver outputs from the persistent outbox by C-STORE, retrying what is transient.
 
-* success (0x0000) or warning (0xBxxx): SENT;
+* success (0x0000) or a warning status (0xBxxx, 0x0001, 0x0107, 0x0116): SENT;
 * association refused, rejected or aborted, no response, 0xA7xx: retried with
   exponential backoff (1 s, 2 s, 4 s ... capped at ``MAX_BACKOFF_S``);
 * 0xA9xx, 0xCxxx and any other failure status: DEAD (dead-lettered, visible in
@@ -17,7 +17,7 @@ import logging
 from collections import defaultdict
 
 from config import ConfigError, Settings, parse_ae_spec
-from dicom_node.scu import SendError, send_paths
+from dicom_node.scu import SendError, out_of_resources, send_paths, stored
 from dicom_node.tls import destination_context
 from storage import Catalog, FileStore
 from storage.jobs import due_deliveries, record_delivery
@@ -34,9 +34,9 @@ def backoff(attempts: int) -> float:
 
 def classify(status: int | None) -> OutboxState:
     """Map a C-STORE outcome to the outbox state it leads to."""
-    if status is None or 0xA700 <= status <= 0xA7FF:
+    if status is None or out_of_resources(status):
         return OutboxState.PENDING
-    if status == 0 or 0xB000 <= status <= 0xBFFF:
+    if stored(status):
         return OutboxState.SENT
     return OutboxState.DEAD
 

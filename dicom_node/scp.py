@@ -39,8 +39,7 @@ from dicom_node.tls import describe, server_context
 from dicom_node.validate import (
     ACCEPTED_TRANSFER_SYNTAXES,
     CANNOT_UNDERSTAND,
-    CT_IMAGE_STORAGE,
-    ENHANCED_CT_IMAGE_STORAGE,
+    CT_STORAGE_SOP_CLASSES,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ LOGGER = logging.getLogger(__name__)
 
 def storage_sop_classes(settings: Settings) -> list[str]:
     """SOP classes accepted for storage: CT, Enhanced CT, plus configured extras."""
-    return [CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, *settings.node.extra_storage_sop_classes]
+    return [*CT_STORAGE_SOP_CLASSES, *settings.node.extra_storage_sop_classes]
 
 
 def register_storage_class(uid: str) -> None:

@@ -15,6 +15,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from config import NodeError
 
@@ -34,8 +35,8 @@ class SendSummary:
 
     @property
     def sent(self) -> int:
-        """Files acknowledged with success (0x0000) or a warning (0xB000-0xBFFF)."""
-        return sum(1 for s in self.statuses.values() if s is not None and _ok(s))
+        """Files acknowledged with a Success or Warning status (see :func:`stored`)."""
+        return sum(1 for s in self.statuses.values() if s is not None and stored(s))
 
     @property
     def failed(self) -> int:
@@ -43,8 +44,21 @@ class SendSummary:
         return len(self.statuses) - self.sent
 
 
-def _ok(status: int) -> bool:
-    return status == 0 or 0xB000 <= status <= 0xBFFF
+def stored(status: int) -> bool:
+    """Whether a C-STORE response status says the instance was stored.
+
+    Success (0x0000) and the Warning statuses (0xBxxx, 0x0001, 0x0107, 0x0116) do, by
+    pynetdicom's status categories (PS3.7 Annex C); everything else does not.
+    """
+    return code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING)
+
+
+def out_of_resources(status: int) -> bool:
+    """Whether a C-STORE status is "Refused: Out of Resources" (0xA7xx, PS3.4 B.2.3).
+
+    The one failure worth retrying unchanged: the SCP may have room later.
+    """
+    return 0xA700 <= status <= 0xA7FF
 
 
 def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -155,7 +169,7 @@ def send_paths(
             summary.statuses[path] = status
             if status is None and path not in summary.errors:
                 summary.errors[path] = "no response (association aborted or timed out)"
-            elif status is not None and not _ok(status):
+            elif status is not None and not stored(status):
                 comment = rsp.get("ErrorComment", "")
                 summary.errors[path] = f"status 0x{status:04X} {comment}".strip()
             if progress:

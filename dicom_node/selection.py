@@ -21,8 +21,7 @@ import numpy as np
 import pydicom
 
 from config.settings import SelectionSettings
-
-CT_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"}
+from dicom_node.validate import CT_STORAGE_SOP_CLASSES
 
 
 @dataclass
@@ -71,7 +70,7 @@ def _inspect(cand: SeriesCandidate, rules: SelectionSettings) -> None:
     sop_class = str(first.file_meta.get("MediaStorageSOPClassUID", ""))
     if modality and modality not in rules.modalities:
         cand.rejected.append(f"modality {modality}")
-    elif not modality and sop_class not in CT_SOP_CLASSES:
+    elif not modality and sop_class not in CT_STORAGE_SOP_CLASSES:
         cand.rejected.append("not a CT storage SOP class")
     image_type = [str(v).upper() for v in (first.get("ImageType") or [])]
     if image_type:
@@ -92,7 +91,8 @@ def _inspect(cand: SeriesCandidate, rules: SelectionSettings) -> None:
     else:
         row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
         normal = np.cross(row, col)
-        angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])) / np.linalg.norm(normal))))
+        cosine = abs(float(normal[2])) / float(np.linalg.norm(normal))
+        angle = math.degrees(math.acos(min(1.0, cosine)))
         if angle > rules.max_obliquity_degrees:
             cand.rejected.append(f"not axial (normal {angle:.0f} deg from the z axis)")
         along = sorted(float(np.dot(np.asarray(p, float), normal)) for p in positions)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
 
 from storage import InstanceHeader
 
@@ -24,8 +24,8 @@ DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+CT_STORAGE_SOP_CLASSES: tuple[UID, ...] = (CTImageStorage, EnhancedCTImageStorage)
+"""The SOP classes the node stores and processes as CT (extras come from the settings)."""
 
 LOSSLESS_TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1

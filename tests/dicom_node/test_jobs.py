@@ -166,7 +166,14 @@ def test_destination_down_then_up_delivers_without_duplicates(tmp_path, study):
         (0xA700, OutboxState.PENDING),
         (0xA900, OutboxState.DEAD),
         (0xC000, OutboxState.DEAD),
+        (0xA7FF, OutboxState.PENDING),
+        (0xC210, OutboxState.DEAD),
         (0xB000, OutboxState.SENT),
+        (0xB007, OutboxState.SENT),
+        (0x0000, OutboxState.SENT),
+        (0x0107, OutboxState.SENT),  # general Warning status (PS3.7 Annex C)
+        (0xFF00, OutboxState.DEAD),  # Pending is no answer to a C-STORE
+        (0x1234, OutboxState.DEAD),  # unknown
         (None, OutboxState.PENDING),
     ],
 )

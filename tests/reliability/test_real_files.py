@@ -24,7 +24,7 @@ from sqlalchemy import select
 from config import load_settings
 from dicom_node.receive import Receiver, open_node_storage
 from dicom_node.scp import StorageNode
-from dicom_node.validate import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, valid_uid
+from dicom_node.validate import CT_STORAGE_SOP_CLASSES, valid_uid
 from storage.models import Instance, QuarantinedInstance
 from tests.conftest import free_port, real_data_dir
 from tests.helpers import dataset_bytes
@@ -101,7 +101,7 @@ def _standard_storage_classes(root: Path, files: list[str]) -> list[str]:
             continue
         if valid_uid(uid) and uid_to_service_class(uid) is StorageServiceClass:
             out.add(uid)
-    return sorted(out - {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE})
+    return sorted(out - set(CT_STORAGE_SOP_CLASSES))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ verifies the sha256 first and refuses any mismatch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,20 +23,12 @@ from safetensors.torch import load_file, save_file
 
 from ai.errors import ModelLoadError
 from ai.types import ModelIdentity
+from config.digest import sha256_file  # also imported from here by ai.cls.ood
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 BUILTIN_REGISTRY = Path(__file__).with_name("models")
 DEMO_LABEL = "synthetic demo weights, not for clinical use"
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

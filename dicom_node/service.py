@@ -61,47 +61,92 @@ def tune_malloc() -> bool:
     )
 
 
-class WorkerSupervisor:
+class ChildSupervisor:
+    """Keep ``count`` child processes of one command running, restarting those that die.
+
+    Parameters
+    ----------
+    name
+        What the log lines call a child (``worker``).
+    command
+        The child's argument vector.
+    count
+        How many children to keep.
+    pass_fds
+        File descriptors the children inherit (the shared listener of the receivers).
+    numbered
+        Log the children as ``name 1``, ``name 2`` ... (``receiver 1``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        count: int = 1,
+        *,
+        pass_fds: Sequence[int] = (),
+        numbered: bool = False,
+    ) -> None:
+        self.name = name
+        self.numbered = numbered
+        self.command = list(command)
+        self.pass_fds = tuple(pass_fds)
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def _label(self, index: int) -> str:
+        return f"{self.name} {index + 1}" if self.numbered else self.name
+
+    def ensure_running(self) -> None:
+        """Start missing children, or restart those that died (nothing after :meth:`stop`)."""
+        with self._lock:
+            if self._stopped:
+                return
+            for i, proc in enumerate(self.procs):
+                if proc is not None and proc.poll() is None:
+                    continue
+                if proc is not None:
+                    self.restarts += 1
+                    LOGGER.warning("%s exited code=%s; restarting", self._label(i), proc.returncode)
+                started = subprocess.Popen(self.command, pass_fds=self.pass_fds)
+                self.procs[i] = started
+                LOGGER.info("%s started pid=%d", self._label(i), started.pid)
+
+    def stop(self) -> None:
+        """Terminate every child and wait for them (30 s each, then kill)."""
+        with self._lock:
+            self._stopped = True
+            running = [p for p in self.procs if p is not None and p.poll() is None]
+            for proc in running:
+                proc.terminate()
+            for proc in running:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+class WorkerSupervisor(ChildSupervisor):
     """Keep one ``cspine worker`` child process running."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.settings_file = write_settings_file(settings)
-        self.proc: subprocess.Popen | None = None
-        self.restarts = 0
-        self._lock = threading.Lock()
-
-    def ensure_running(self) -> None:
-        """Start the worker, or restart it if it died."""
-        with self._lock:
-            if self.proc is not None and self.proc.poll() is None:
-                return
-            if self.proc is not None:
-                self.restarts += 1
-                LOGGER.warning("worker exited code=%s; restarting", self.proc.returncode)
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dicom_node",
-                    "worker",
-                    "--settings-file",
-                    str(self.settings_file),
-                    "--parent-pid",
-                    str(os.getpid()),
-                ],
-            )
-            LOGGER.info("worker started pid=%d", self.proc.pid)
-
-    def stop(self) -> None:
-        """Terminate the worker."""
-        with self._lock:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
+        super().__init__(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "dicom_node",
+                "worker",
+                "--settings-file",
+                str(self.settings_file),
+                "--parent-pid",
+                str(os.getpid()),
+            ],
+        )
 
 
 def write_settings_file(settings: Settings) -> Path:
@@ -134,56 +179,29 @@ def open_listener(settings: Settings) -> socket.socket:
     return sock
 
 
-class ReceiverPool:
+class ReceiverPool(ChildSupervisor):
     """Keep ``node.receivers - 1`` receiver child processes on the shared listener."""
 
     def __init__(self, settings: Settings, listener: socket.socket, count: int) -> None:
         self.settings_file = write_settings_file(settings)
         self.listener = listener
-        self.procs: list[subprocess.Popen | None] = [None] * count
-        self.restarts = 0
-        self._lock = threading.Lock()
-        self._stopped = False
-
-    def ensure_running(self) -> None:
-        """Start missing receivers, or restart those that died."""
-        with self._lock:
-            if self._stopped:
-                return
-            for i, proc in enumerate(self.procs):
-                if proc is not None and proc.poll() is None:
-                    continue
-                if proc is not None:
-                    self.restarts += 1
-                    LOGGER.warning("receiver %d exited code=%s; restarting", i + 1, proc.returncode)
-                self.procs[i] = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "dicom_node.service",
-                        "--settings-file",
-                        str(self.settings_file),
-                        "--listen-fd",
-                        str(self.listener.fileno()),
-                        "--parent-pid",
-                        str(os.getpid()),
-                    ],
-                    pass_fds=(self.listener.fileno(),),
-                )
-                LOGGER.info("receiver %d started pid=%d", i + 1, self.procs[i].pid)
-
-    def stop(self) -> None:
-        """Terminate every receiver and wait for them."""
-        with self._lock:
-            self._stopped = True
-            running = [p for p in self.procs if p is not None and p.poll() is None]
-            for proc in running:
-                proc.terminate()
-            for proc in running:
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        super().__init__(
+            "receiver",
+            [
+                sys.executable,
+                "-m",
+                "dicom_node.service",
+                "--settings-file",
+                str(self.settings_file),
+                "--listen-fd",
+                str(listener.fileno()),
+                "--parent-pid",
+                str(os.getpid()),
+            ],
+            count,
+            pass_fds=(listener.fileno(),),
+            numbered=True,
+        )
 
 
 def run_service(settings: Settings, *, config_file: str | None = None) -> None:

@@ -31,11 +31,11 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from config import Settings
+from config.digest import sha256_file
 from dicom_node import memory
 from dicom_node.selection import SeriesCandidate, select_series
 from dicom_node.writers.common import blank_invalid_dates
 from storage import Catalog, FileStore
-from storage.filestore import sha256_file
 from storage.jobs import NewOutput, claim_next, complete_job, finish_job, heartbeat, requeue_orphans
 from storage.models import Job, JobState, Series, Study
 

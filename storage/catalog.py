@@ -21,9 +21,10 @@ from pathlib import Path
 from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session, selectinload
 
+from config.digest import sha256_file
 from storage.db import Catalog
 from storage.errors import NotFoundError
-from storage.filestore import FileStore, sha256_file
+from storage.filestore import FileStore
 from storage.models import (
     Instance,
     QuarantinedInstance,
@@ -256,7 +257,10 @@ def ingest(
                 "received_at": now,
             },
         )
-        return IngestResult(IngestOutcome.STORED, study_id, inserted.inserted_primary_key[0])
+        key = inserted.inserted_primary_key
+        if key is None:  # pragma: no cover - SQLite reports the key of a one-row INSERT
+            raise RuntimeError("the catalog did not report the new instance's id")
+        return IngestResult(IngestOutcome.STORED, study_id, key[0])
 
     try:
         result = catalog.write(record)

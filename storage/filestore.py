@@ -13,7 +13,6 @@ are ``0o750`` and files ``0o640``: nothing is world-readable or executable.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -24,15 +23,6 @@ from pathlib import Path
 LOGGER = logging.getLogger(__name__)
 DIR_MODE = 0o750
 FILE_MODE = 0o640
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -7,8 +7,8 @@ import threading
 import pytest
 from sqlalchemy import select
 
+from config.digest import sha256_file
 from dicom_node.receive import open_node_storage
-from storage.filestore import sha256_file
 from storage.models import Instance
 from tests.conftest import free_port
 from tests.dicom_node.proc import Server

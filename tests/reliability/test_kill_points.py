@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import select
 
 from config import load_settings
+from config.digest import sha256_file
 from dicom_node.receive import KILL_POINTS, Receiver, parse_kill_point
 from dicom_node.receive import open_node_storage as open_storage
-from storage.filestore import sha256_file
 from storage.models import Instance
 from tests.conftest import free_port
 from tests.dicom_node.proc import Server, echo_ok

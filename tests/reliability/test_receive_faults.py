@@ -23,10 +23,11 @@ from pynetdicom import _config
 from pynetdicom.pdu import A_ABORT_RQ
 from sqlalchemy import select
 
+from config.digest import sha256_file
 from dicom_node.receive import Receiver
 from dicom_node.scp import StorageNode
 from storage import Catalog
-from storage.filestore import FileStore, sha256_file
+from storage.filestore import FileStore
 from storage.models import Instance, Refusal
 from tests.dicom_node.conftest import RunningNode, make_settings
 from tests.dicom_node.scu_tools import associate, chunked_send, partial_store, store_files

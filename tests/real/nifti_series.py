@@ -113,3 +113,23 @@ def _shift(hu: np.ndarray, kept: int, path: Path) -> np.ndarray:
     shift = np.eye(4)
     shift[2, 3] = total - kept
     return shift
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.real.nifti_series NIFTI OUT_FOLDER``: write the series, print its UIDs."""
+    import argparse
+
+    import pydicom
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("nifti", type=Path)
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    files = write_nifti_series(args.nifti, args.out, description=f"real {args.nifti.name}")
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    print(f"{len(files)} slices written to {args.out}; study {ds.StudyInstanceUID}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -31,11 +31,14 @@ system-tools:
 run: $(STAMP)
 	$(VENV)/bin/cspine serve
 
-test: $(STAMP) system-tools
+# lint first: a lint or type error fails the build before the (long) test suite runs
+test: lint system-tools
 	$(PY) -m pytest -q
 
+# ruff on the whole repository; mypy on the files listed in [tool.mypy] of pyproject.toml
 lint: $(STAMP)
-	$(VENV)/bin/ruff check config storage ai dicom_node tests
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: $(STAMP) system-tools
 	$(PY) -m tests.bench
@@ -44,4 +47,4 @@ reliability: $(STAMP) system-tools
 	CSPINE_RELIABILITY_FULL=1 $(PY) -m pytest -q tests/reliability
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache .ruff_cache .mypy_cache

@@ -213,12 +213,13 @@ def expected_calibration_error(
     predictions.
     """
     rows = calibration_table(y_true, prob, n_bins)
-    total = sum(int(r["count"]) for r in rows)  # type: ignore[arg-type]
+    counts = [int(r["count"] or 0) for r in rows]
+    total = sum(counts)
     if total == 0:
         return None
     err = 0.0
-    for r in rows:
-        if r["count"]:
-            gap = abs(float(r["mean_predicted"]) - float(r["observed_rate"]))  # type: ignore[arg-type]
-            err += int(r["count"]) / total * gap  # type: ignore[arg-type]
+    for r, n in zip(rows, counts, strict=True):
+        if n:  # a non-empty bin has both means
+            gap = abs(float(r["mean_predicted"] or 0.0) - float(r["observed_rate"] or 0.0))
+            err += n / total * gap
     return float(err)

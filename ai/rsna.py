@@ -259,6 +259,8 @@ class RSNADataset:
         path = self.segmentation_path(uid)
         if path is not None:
             img = nib.load(str(path))
+            if not isinstance(img, nib.Nifti1Image):  # NIfTI-2 images are Nifti1Image too
+                raise ValueError(f"{path.name}: not a NIfTI image")
             code = int(img.header["sform_code"]) or int(img.header["qform_code"])
             affine = img.affine if code > 0 else None
             seg, how = align_segmentation(np.asanyarray(img.dataobj), affine, volume)

@@ -26,11 +26,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.association import ServiceUser
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # set at import
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from config import Settings, check_bind_safety
@@ -74,7 +77,7 @@ def handle_echo(event: evt.Event) -> int:
 def handle_store(event: evt.Event, receiver: Receiver) -> Dataset | int:
     """C-STORE: validate, store durably, record, then answer. Never raises."""
     try:
-        req = event.request
+        req = cast(C_STORE, event.request)
         outcome = receiver.accept(
             event.dataset_path,
             affected_sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
@@ -92,6 +95,17 @@ def handle_store(event: evt.Event, receiver: Receiver) -> Dataset | int:
     return status
 
 
+def _event_value(event: evt.Event, name: str) -> Any:
+    """An attribute pynetdicom sets on an event from the event's own keywords (untyped)."""
+    return getattr(event, name)
+
+
+def _calling_ae(requestor: ServiceUser) -> str:
+    """The calling AE title of an association request, stripped ("" before the request)."""
+    primitive = requestor.primitive
+    return "" if primitive is None else str(primitive.calling_ae_title).strip()
+
+
 def _reject(event: evt.Event, result: int, source: int, reason: int, why: str) -> None:
     requestor = event.assoc.requestor
     LOGGER.warning(
@@ -100,7 +114,7 @@ def _reject(event: evt.Event, result: int, source: int, reason: int, why: str) -
         result,
         source,
         reason,
-        str(requestor.primitive.calling_ae_title).strip(),
+        _calling_ae(requestor),
         requestor.address,
     )
     event.assoc.acse.send_reject(result, source, reason)
@@ -122,7 +136,7 @@ def handle_requested(event: evt.Event, settings: Settings) -> None:
     """
     node = settings.node
     requestor = event.assoc.requestor
-    ae_title = str(requestor.primitive.calling_ae_title).strip()
+    ae_title = _calling_ae(requestor)
     if node.peers and not any(peer.matches(ae_title, requestor.address) for peer in node.peers):
         # (1, 1, 3): rejected-permanent, service-user, calling AE title not recognised
         _reject(event, 0x01, 0x01, 0x03, "calling-ae-not-allowed")
@@ -140,19 +154,22 @@ def handle_user_id(event: evt.Event, settings: Settings) -> tuple[bool, bytes | 
     passcode. Passcodes are never logged.
     """
     address = event.assoc.requestor.address
-    if not isinstance(event.assoc.dul.socket.socket, ssl.SSLSocket):
+    transport = event.assoc.dul.socket
+    if transport is None or not isinstance(transport.socket, ssl.SSLSocket):
         LOGGER.warning("user identity refused reason=not-tls address=%s", address)
         return False, None
-    if event.user_id_type != 2:
+    id_type = _event_value(event, "user_id_type")
+    if id_type != 2:
         LOGGER.warning(
             "user identity refused reason=unsupported-type type=%s address=%s",
-            event.user_id_type,
+            id_type,
             address,
         )
         return False, None
-    username = bytes(event.primary_field or b"").decode("utf-8", "replace")
+    username = bytes(_event_value(event, "primary_field") or b"").decode("utf-8", "replace")
     account = settings.node.user_identity.find(username)
-    ok = account is not None and account.verify(bytes(event.secondary_field or b""))
+    secret = bytes(_event_value(event, "secondary_field") or b"")
+    ok = account is not None and account.verify(secret)
     LOGGER.log(
         logging.INFO if ok else logging.WARNING,
         "user identity %s username=%s address=%s",
@@ -191,10 +208,11 @@ class FastAssociationSocket(AssociationSocket):
         if sock is None or isinstance(sock, cls) or type(sock) is not AssociationSocket:
             return
         sock.__class__ = cls
+        fast = cast(FastAssociationSocket, sock)
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
-        sock._wake_r, sock._wake_w = wake_r, wake_w
+        fast._wake_r, fast._wake_w = wake_r, wake_w
         outgoing = assoc.dul.to_provider_queue
         put = outgoing.put
 
@@ -298,7 +316,10 @@ def handle_conn_open(
     if counts is not None:
         counts.add(opened=1)
     FastAssociationSocket.adopt(event.assoc)
-    sock = event.assoc.dul.socket.socket
+    transport = event.assoc.dul.socket
+    sock = transport.socket if transport is not None else None
+    if sock is None:  # pragma: no cover - pynetdicom opens a connection with its socket
+        return
     with contextlib.suppress(Exception):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if isinstance(sock, ssl.SSLSocket):
@@ -311,7 +332,7 @@ def handle_conn_open(
         except (OSError, ValueError) as exc:
             LOGGER.warning(
                 "connection refused reason=tls-handshake-failed address=%s error=%s",
-                event.address[0],
+                _event_value(event, "address")[0],
                 getattr(exc, "reason", None) or type(exc).__name__,
             )
             guard = getattr(sock, "_guard", None)
@@ -320,7 +341,11 @@ def handle_conn_open(
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             return
-    LOGGER.info("connection opened address=%s transport=%s", event.address[0], describe(sock))
+    LOGGER.info(
+        "connection opened address=%s transport=%s",
+        _event_value(event, "address")[0],
+        describe(sock),
+    )
 
 
 def handle_conn_close(
@@ -347,7 +372,7 @@ def _discard_partial(event: evt.Event, started: dict[int, float]) -> None:
             spool.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(spool.name)
-            LOGGER.info("partial transfer discarded address=%s", event.address[0])
+            LOGGER.info("partial transfer discarded address=%s", _event_value(event, "address")[0])
 
 
 def handle_assoc_event(event: evt.Event) -> None:
@@ -517,7 +542,7 @@ class _GuardMixin:
 
     _guard: _StreamGuard | None = None
 
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+    def recv(self, bufsize: int = 1024, flags: int = 0) -> bytes:
         guard = self._guard
         if guard is None:
             return super().recv(bufsize, flags)  # type: ignore[misc]
@@ -532,7 +557,7 @@ class _GuardMixin:
             return b""
         return data
 
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+    def recv_into(self, buffer: Any, nbytes: int | None = 0, flags: int = 0) -> int:
         guard = self._guard
         if guard is None:
             return super().recv_into(buffer, nbytes, flags)  # type: ignore[misc]
@@ -589,7 +614,8 @@ class GuardedServer(ThreadedAssociationServer):
         if self._listener is None:
             super().server_bind()
             return
-        self.socket.close()
+        if self.socket is not None:
+            self.socket.close()
         self.socket = self._listener
         self.server_address = self.socket.getsockname()
 
@@ -602,22 +628,26 @@ class GuardedServer(ThreadedAssociationServer):
         """Close; a shared listener is closed here only, never shut down for all."""
         if self._listener is None:
             super().server_close()
-        else:
+        elif self.socket is not None:
             self.socket.close()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept, wrap in the guard (and TLS, handshake deferred to the thread)."""
+        if self.socket is None:
+            raise OSError("the server socket is closed")
         raw, address = self.socket.accept()
         raw.settimeout(self.limits.idle_timeout)
-        sock: socket.socket
+        sock: GuardedSocket | GuardedSSLSocket
         if self.ssl_context is not None:
-            sock = self.ssl_context.wrap_socket(
-                raw, server_side=True, do_handshake_on_connect=False
+            # an instance of GuardedSSLSocket: __init__ sets it as the sslsocket_class
+            sock = cast(
+                GuardedSSLSocket,
+                self.ssl_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False),
             )
         else:
             sock = GuardedSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
             sock.settimeout(self.limits.idle_timeout)
-        sock._guard = _StreamGuard(self.limits, str(address[0]))  # type: ignore[attr-defined]
+        sock._guard = _StreamGuard(self.limits, str(address[0]))
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -720,7 +750,7 @@ class StorageNode:
             _config.LOG_HANDLER_LEVEL = "none"
         # pynetdicom spools into tempfile's folder: keep it on the store's filesystem
         tempfile.tempdir = str(self.receiver.store.tmp_dir)
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.receiver]),
             (evt.EVT_REQUESTED, handle_requested, [self.settings]),

@@ -152,8 +152,10 @@ def send_paths(
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise SendError(f"association with {ae_title}@{host}:{port} ({transport}) {reason}")
-    with contextlib.suppress(Exception):
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    dul_socket = assoc.dul.socket
+    if dul_socket is not None and dul_socket.socket is not None:
+        with contextlib.suppress(Exception):
+            dul_socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         for path in metas:
             if not assoc.is_established:

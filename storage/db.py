@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -61,7 +61,7 @@ def make_engine(url: str, busy_timeout_ms: int = 5000) -> Engine:
     if url.startswith("sqlite"):
 
         @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             # Let SQLAlchemy not issue BEGIN itself; we issue BEGIN IMMEDIATE for writes.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
@@ -72,7 +72,7 @@ def make_engine(url: str, busy_timeout_ms: int = 5000) -> Engine:
             cur.close()
 
         @event.listens_for(engine, "begin")
-        def _begin(conn):  # type: ignore[no-untyped-def]
+        def _begin(conn: Connection) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("write") else "BEGIN")
 
     Base.metadata.create_all(engine)
@@ -177,7 +177,7 @@ class Catalog:
                     self._run_batch(batch, self.busy_deadline_s)
         if item.error is not None:
             raise item.error
-        return item.result  # type: ignore[return-value]
+        return item.result
 
     def _run_batch(self, batch: list[_Pending], limit: float) -> None:
         """Run and commit ``batch`` (under the writer lock); every item ends done."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import func, select, update
@@ -125,7 +125,7 @@ def queue_deliveries(
     session: Session,
     outputs: Sequence[Output],
     destinations: Sequence[str],
-    kinds: dict[str, Sequence[str]] | None = None,
+    kinds: Mapping[str, Sequence[str]] | None = None,
 ) -> int:
     """Queue (or re-queue) delivery of outputs; returns how many rows were queued."""
     n = 0
@@ -195,7 +195,7 @@ def complete_job(
     state: JobState,
     reason: str,
     outputs: Sequence[NewOutput],
-    destinations: dict[str, Sequence[str]],
+    destinations: Mapping[str, Sequence[str]],
     **fields: object,
 ) -> None:
     """Record outputs, queue their deliveries and finish the job, in one transaction.

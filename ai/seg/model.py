@@ -307,16 +307,16 @@ def labels_from_logits(
     view = canonical_view(label_map, canon)
     hu_view = canonical_view(vol.hu, canon)
     _z0, _z1, y0, y1, x0, x1 = roi
-    refine = post.bone_hu is not None
-    thr = post.region_threshold if refine else post.threshold
+    bone_hu = post.bone_hu
+    thr = post.region_threshold if bone_hu is not None else post.threshold
     for start, probs in iter_source_slabs(logits, roi):
         best, arg = probs.max(dim=0)
         keep = best > thr
-        if refine:
+        if bone_hu is not None:
             hu = torch.from_numpy(
                 np.ascontiguousarray(hu_view[start : start + keep.shape[0], y0:y1, x0:x1])
             )
-            keep &= hu >= post.bone_hu
+            keep &= hu >= bone_hu
         lab = torch.where(keep, arg + 1, 0).to(torch.uint8).numpy()
         view[start : start + lab.shape[0], y0:y1, x0:x1] = lab
     # one pass over the whole volume for the label boxes; each step below works
@@ -328,7 +328,7 @@ def labels_from_logits(
     notes = enforce_cranio_caudal_order(label_map, vol.affine, boxes, min_voxels)
     if notes:  # labels n -> 8 - n
         boxes = boxes[::-1]
-    if refine and post.fill_holes:
+    if bone_hu is not None and post.fill_holes:
         fill_enclosed_holes(label_map, boxes)
     counts = label_counts(label_map, boxes)
     volumes = {name: counts[i] * voxel_mm3 for i, name in enumerate(VERTEBRAE, start=1)}

@@ -426,7 +426,9 @@ def train(cfg: TrainConfig) -> Path:
             if (cfg.max_steps is not None and step >= cfg.max_steps) or out_of_time:
                 stop = True
                 break
-        val = _val_dice(net, x_val, y_val, device) if x_val is not None else {}
+        val = (
+            _val_dice(net, x_val, y_val, device) if x_val is not None and y_val is not None else {}
+        )
         entry = {
             "epoch": epoch + 1,
             "step": step,
@@ -573,6 +575,8 @@ def evaluate(
     reasons: dict[str, int] = {}
     for uid in tqdm(chosen, desc="evaluate", disable=not progress):
         study = dataset.load(uid)
+        if study.segmentation is None:
+            raise ValueError(f"study {uid} has no segmentation to evaluate against")
         truth = np.where(study.segmentation <= N_LABELS, study.segmentation, 0)
         in_truth = set(plausibility.measure(study.volume, truth))
         counts["vertebrae_in_truth"] += len(in_truth)

@@ -24,6 +24,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.pixels import get_encoder
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -259,10 +260,11 @@ def write_slices(
         sop = sop_uid(int(inst))
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop
-        meta.TransferSyntaxUID = uid
+        meta.MediaStorageSOPInstanceUID = UID(sop)
+        meta.TransferSyntaxUID = UID(uid)
         if implementation is not None:
-            meta.ImplementationClassUID, meta.ImplementationVersionName = implementation
+            meta.ImplementationClassUID = UID(implementation[0])
+            meta.ImplementationVersionName = implementation[1]
         if not group_length:
             meta.FileMetaInformationVersion = b"\x00\x01"
             base.preamble = b"\x00" * 128

@@ -866,9 +866,9 @@ def _spine_box(verts: list[_Vertebra], grid: _Grid) -> tuple[slice, slice, slice
 def _add_noise(hu: np.ndarray, rng: np.random.Generator, sigma: float) -> None:
     S, R, C = hu.shape
     m = 16
-    bank = np.rint(rng.normal(0.0, sigma, size=(6, R + m, C + m))).astype(np.int16)
-    picks = rng.integers(0, 6, size=S)
-    offs = rng.integers(0, m, size=(S, 2))
+    bank: np.ndarray = np.rint(rng.normal(0.0, sigma, size=(6, R + m, C + m))).astype(np.int16)
+    picks: np.ndarray = rng.integers(0, 6, size=(S,))
+    offs: np.ndarray = rng.integers(0, m, size=(S, 2))
     for k in range(S):
         oy, ox = offs[k]
         hu[k] += bank[picks[k], oy : oy + R, ox : ox + C]

@@ -263,4 +263,5 @@ class SyntheticStudy:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Volume shape ``(slices, rows, columns)``."""
-        return tuple(self.volume.hu.shape)  # type: ignore[return-value]
+        slices, rows, cols = self.volume.hu.shape
+        return slices, rows, cols

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from config import NodeError, Settings, parse_ae_spec
 from dicom_node.cli.common import configure_logging, make_settings, settings_options
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 @click.command()
@@ -75,7 +79,7 @@ def replay(config_file: str | None, data_dir: str | None, study: str) -> None:
     settings = make_settings(config_file, data_dir)
     catalog, _ = open_node_storage(settings)
 
-    def queue(session):  # type: ignore[no-untyped-def]
+    def queue(session: Session) -> int:
         s = find_study(session, study)
         return enqueue_job(session, s.id, "replay requested").version
 
@@ -106,7 +110,7 @@ def resend(config_file: str | None, data_dir: str | None, study: str, to: str | 
     if not dests:
         raise NodeError("no destination: configure [[destinations]] or use --to AE@HOST:PORT")
 
-    def queue(session):  # type: ignore[no-untyped-def]
+    def queue(session: Session) -> int:
         s = find_study(session, study)
         job = latest_job(session, s.id, (JobState.DONE, JobState.NOT_PROCESSED))
         if job is None or not job.outputs:

@@ -107,7 +107,7 @@ def echo(
 ) -> None:
     """Send a C-ECHO to HOST:PORT (or AE@HOST:PORT)."""
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # set at import
 
     settings = make_settings(config_file, data_dir)
     quiet_client_logging(settings)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from config import NodeError, parse_ae_spec
 from dicom_node.cli.common import make_settings, quiet_client_logging, settings_options
+
+if TYPE_CHECKING:
+    from ai.synthetic.spec import SyntheticStudy
 
 LOGGER = logging.getLogger(__name__)
 
@@ -160,7 +165,7 @@ def synth(
     written: list[Path] = []
     bar = tqdm(total=studies, unit="study", desc="synth", disable=None)
 
-    def generated():  # type: ignore[no-untyped-def]
+    def generated() -> Iterator[SyntheticStudy]:
         for i in range(studies):
             study = generate_study(seed + i, spec)
             yield study
@@ -171,7 +176,7 @@ def synth(
         if layout == "rsna":
             flags: list[int] = []
 
-            def counted():  # type: ignore[no-untyped-def]
+            def counted() -> Iterator[SyntheticStudy]:
                 for study in generated():
                     flags.append(study.patient_overall)
                     yield study

@@ -13,7 +13,23 @@ from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from storage import InstanceHeader
 
@@ -23,25 +39,25 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 
-DEFLATED = "1.2.840.10008.1.2.1.99"
+DEFLATED = DeflatedExplicitVRLittleEndian
 CT_STORAGE_SOP_CLASSES: tuple[UID, ...] = (CTImageStorage, EnhancedCTImageStorage)
 """The SOP classes the node stores and processes as CT (extras come from the settings)."""
 
 LOSSLESS_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
-    "1.2.840.10008.1.2.4.57",  # JPEG lossless, process 14
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
-    "1.2.840.10008.1.2.5",  # RLE lossless
-    "1.2.840.10008.1.2.1",  # explicit VR little endian
-    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
-    "1.2.840.10008.1.2",  # implicit VR little endian
+    JPEGLosslessSV1,  # 1.2.840.10008.1.2.4.70
+    JPEGLossless,  # process 14, 1.2.840.10008.1.2.4.57
+    JPEGLSLossless,  # 1.2.840.10008.1.2.4.80
+    JPEG2000Lossless,  # 1.2.840.10008.1.2.4.90
+    RLELossless,  # 1.2.840.10008.1.2.5
+    ExplicitVRLittleEndian,  # 1.2.840.10008.1.2.1
+    DeflatedExplicitVRLittleEndian,  # 1.2.840.10008.1.2.1.99
+    ImplicitVRLittleEndian,  # 1.2.840.10008.1.2
 )
 LOSSY_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.50",  # JPEG baseline
-    "1.2.840.10008.1.2.4.51",  # JPEG extended
+    JPEGLSNearLossless,  # 1.2.840.10008.1.2.4.81
+    JPEG2000,  # may be lossy, 1.2.840.10008.1.2.4.91
+    JPEGBaseline8Bit,  # 1.2.840.10008.1.2.4.50
+    JPEGExtended12Bit,  # 1.2.840.10008.1.2.4.51
 )
 # Acceptor preference order (pynetdicom picks the first of ours that the peer proposed):
 # lossless compressed first (a peer proposes those only for data it holds compressed, so

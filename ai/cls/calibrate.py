@@ -46,7 +46,10 @@ from ai.cls.ood import (
 from ai.cls.train import encode_items, fold_split
 from ai.modelpkg import META_FILE
 
-METHOD = "mahalanobis, per-level means, shared Ledoit-Wolf covariance"
+METHOD = (
+    "mahalanobis, nearer of the intact and fractured means of the crop's level, "
+    "shared Ledoit-Wolf covariance"
+)
 
 
 def split_items(
@@ -64,17 +67,24 @@ def split_items(
 
 def crop_table(
     items: Sequence[StudyCrops], feats: Sequence[torch.Tensor]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Stack the OOD features of every crop: ``[N, D]`` features and ``[N]`` levels 0..6."""
-    xs, levels = [], []
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stack the OOD features of every crop.
+
+    Returns
+    -------
+    tuple
+        ``[N, D]`` features, ``[N]`` levels 0..6 and ``[N]`` fracture labels (0/1).
+    """
+    xs, levels, targets = [], [], []
     for it, f in zip(items, feats, strict=True):
         if f.shape[0] == 0:
             continue
         xs.append(crop_features(f))
         levels.append(np.nonzero(it.present)[0])
+        targets.append(np.asarray(it.labels[:7])[it.present])
     if not xs:
         raise ValueError("no crop to compute OOD features from")
-    return np.concatenate(xs), np.concatenate(levels)
+    return np.concatenate(xs), np.concatenate(levels), np.concatenate(targets)
 
 
 def head_outputs(
@@ -226,10 +236,10 @@ def calibrate_package(
         raise ValueError(f"{len(overlap)} studies are in both the training and validation data")
     net, dev = model.net, torch.device("cpu")
     tr_feats = encode_items(net, train_items, dev)
-    x_tr, lv_tr = crop_table(train_items, tr_feats)
-    stats, fit_info = fit_ood(x_tr, lv_tr)
+    x_tr, lv_tr, y_tr = crop_table(train_items, tr_feats)
+    stats, fit_info = fit_ood(x_tr, lv_tr, y_tr)
     va_feats = encode_items(net, val_items, dev)
-    x_va, lv_va = crop_table(val_items, va_feats)
+    x_va, lv_va, _ = crop_table(val_items, va_feats)
     val_scores = stats.score(x_va, lv_va)
     stats.threshold = conformal_threshold(val_scores, rate)
     train_scores = stats.score(x_tr, lv_tr)
@@ -256,7 +266,8 @@ def calibrate_package(
         "method": METHOD,
         "features": FEATURES,
         "features_doc": "ConvNeXt encoder output per slice, averaged over the crop's slices; "
-        "score = Mahalanobis distance to the training mean of the crop's vertebra level",
+        "score = Mahalanobis distance to the nearer of the intact and fractured training "
+        "means of the crop's vertebra level",
         "file": OOD_FILE,
         "sha256": sha,
         "dtype": "float32",

@@ -121,9 +121,9 @@ class ClsModel:
         dev = select_device(device)
         net = load_module(package, build, dev)
         assert isinstance(net, FractureNet)
-        if ood is not None and ood.means.shape[1] != net.encoder.out_dim:
+        if ood is not None and ood.dim != net.encoder.out_dim:
             raise ModelLoadError(
-                f"{package.path}: OOD statistics have {ood.means.shape[1]} features, the "
+                f"{package.path}: OOD statistics have {ood.dim} features, the "
                 f"encoder gives {net.encoder.out_dim}"
             )
         return cls(net, package, dev, crop_config, patient_mode, ood, calibration)

@@ -3,10 +3,11 @@
 **Out-of-distribution score.** Each vertebra crop gets a feature vector: the ConvNeXt
 slice features (the pooled output of the encoder, ``encoder.out_dim`` values per slice)
 averaged over the crop's ``n_slices`` slices. Its score is the Mahalanobis distance to
-the training crops of the *same vertebra level* (C1..C7), with one covariance shared by
-the levels, estimated with Ledoit-Wolf shrinkage:
+the nearer of two class means of the training crops of the *same vertebra level*
+(C1..C7): the crops of fractured and of intact vertebrae, with one covariance shared by
+all, estimated with Ledoit-Wolf shrinkage:
 
-``score = sqrt((f - mu_level)^T P (f - mu_level))``
+``score = min_c sqrt((f - mu_level,c)^T P (f - mu_level,c))``
 
 Why this choice:
 
@@ -21,6 +22,11 @@ Why this choice:
 * The level is known at inference (stage 1 labelled the crop), and C1 does not look like
   C7: class-conditional means with a tied covariance (as Lee et al.) make the model
   tighter than one mean for all crops, and a crop that stage 1 mislabelled scores high.
+* The fracture class matters for safety: with one mean per level, a fractured crop (a
+  minority of the training crops) lies far from the mean *because it is fractured*, and
+  the fractured vertebra would be the one that abstains. The minimum over the fractured
+  and the intact mean (Lee et al.'s class-conditional score) keeps fractures in
+  distribution. Fitting without fracture labels gives one mean per level.
 * With a few thousand training crops and hundreds of feature dimensions, the sample
   covariance is ill-conditioned; Ledoit-Wolf shrinks it towards a scaled identity with a
   data-driven weight, so its inverse is stable.
@@ -89,7 +95,8 @@ class OODStats:
     Attributes
     ----------
     means
-        float64 ``[7, D]``: mean feature per vertebra level C1..C7.
+        float64 ``[7, C, D]``: mean feature per vertebra level C1..C7 and class (``C = 2``:
+        intact, fractured; ``C = 1`` without labels). ``[7, D]`` is taken as ``C = 1``.
     precision
         float64 ``[D, D]``: inverse of the shared (shrunk) covariance.
     threshold
@@ -99,6 +106,18 @@ class OODStats:
     means: np.ndarray
     precision: np.ndarray
     threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        self.means = np.asarray(self.means, dtype=np.float64)
+        if self.means.ndim == 2:
+            self.means = self.means[:, None, :]
+        if self.means.ndim != 3 or self.means.shape[0] != 7:
+            raise ValueError(f"means must be [7, C, D], got {list(self.means.shape)}")
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension ``D``."""
+        return int(self.means.shape[2])
 
     def score(self, features: np.ndarray, levels: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each crop to its level's training mean.
@@ -116,10 +135,10 @@ class OODStats:
             float64 ``[N]`` distances (>= 0).
         """
         f = np.asarray(features, dtype=np.float64)
-        if f.ndim != 2 or f.shape[1] != self.means.shape[1]:
-            raise ValueError(f"features must be [N, {self.means.shape[1]}], got {list(f.shape)}")
-        r = f - self.means[np.asarray(levels, dtype=np.int64)]
-        d2 = np.einsum("nd,de,ne->n", r, self.precision, r)
+        if f.ndim != 2 or f.shape[1] != self.dim:
+            raise ValueError(f"features must be [N, {self.dim}], got {list(f.shape)}")
+        r = f[:, None, :] - self.means[np.asarray(levels, dtype=np.int64)]  # [N, C, D]
+        d2 = np.einsum("ncd,de,nce->nc", r, self.precision, r).min(axis=1)
         return np.sqrt(np.maximum(d2, 0.0))
 
     def abstains(self, scores: np.ndarray) -> np.ndarray:
@@ -158,7 +177,8 @@ class OODStats:
         t = load_file(str(p))
         means = t["means"].astype(np.float64)
         precision = t["precision"].astype(np.float64)
-        if means.ndim != 2 or precision.shape != (means.shape[1], means.shape[1]):
+        d = means.shape[-1]
+        if means.ndim not in (2, 3) or means.shape[0] != 7 or precision.shape != (d, d):
             raise ModelLoadError(
                 f"{p.name}: means {list(means.shape)} and precision {list(precision.shape)} "
                 "do not fit"
@@ -167,9 +187,12 @@ class OODStats:
 
 
 def fit_ood(
-    features: np.ndarray, levels: np.ndarray, min_per_level: int = 10
+    features: np.ndarray,
+    levels: np.ndarray,
+    targets: np.ndarray | None = None,
+    min_per_level: int = 10,
 ) -> tuple[OODStats, dict[str, Any]]:
-    """Fit per-level means and a shared Ledoit-Wolf covariance on training crops.
+    """Fit per-level (and per-class) means and a shared Ledoit-Wolf covariance.
 
     Parameters
     ----------
@@ -177,8 +200,11 @@ def fit_ood(
         ``[N, D]`` crop features of the training crops.
     levels
         ``[N]`` vertebra index 0..6 of each crop.
+    targets
+        ``[N]`` 0/1 fracture label of each crop's vertebra (``None``: one class).
     min_per_level
-        A level with fewer crops uses the mean of all crops.
+        A level (or level and class) with fewer crops uses the mean of the level (or of
+        all crops).
 
     Returns
     -------
@@ -192,16 +218,26 @@ def fit_ood(
     lv = np.asarray(levels, dtype=np.int64)
     if f.ndim != 2 or f.shape[0] != lv.shape[0] or f.shape[0] < 2:
         raise ValueError(f"need [N, D] features with N >= 2 and N levels, got {list(f.shape)}")
+    cls_ = np.zeros(lv.shape, np.int64) if targets is None else (np.asarray(targets) > 0.5)
+    cls_ = cls_.astype(np.int64)
+    n_cls = 1 if targets is None else 2
     overall = f.mean(axis=0)
-    means = np.tile(overall, (7, 1))
-    counts = [int((lv == k).sum()) for k in range(7)]
+    means = np.tile(overall, (7, n_cls, 1))
+    names = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
+    counts: dict[str, list[int]] = {}
     for k in range(7):
-        if counts[k] >= min_per_level:
-            means[k] = f[lv == k].mean(axis=0)
-    lw = LedoitWolf(assume_centered=True).fit(f - means[lv])
+        at = lv == k
+        level_mean = f[at].mean(axis=0) if at.sum() >= min_per_level else overall
+        counts[names[k]] = []
+        for c in range(n_cls):
+            sel = at & (cls_ == c)
+            counts[names[k]].append(int(sel.sum()))
+            means[k, c] = f[sel].mean(axis=0) if sel.sum() >= min_per_level else level_mean
+    lw = LedoitWolf(assume_centered=True).fit(f - means[lv, cls_])
     info = {
         "n_crops": int(f.shape[0]),
-        "n_per_level": dict(zip(("C1", "C2", "C3", "C4", "C5", "C6", "C7"), counts, strict=True)),
+        "classes": ["intact", "fractured"] if n_cls == 2 else ["all"],
+        "n_per_level_and_class": counts,
         "dim": int(f.shape[1]),
         "shrinkage": float(lw.shrinkage_),
         "min_per_level": int(min_per_level),

@@ -48,7 +48,7 @@ def test_fit_threshold_and_far_features() -> None:
     x_tr, lv_tr = draw(2000)
     stats, info = fit_ood(x_tr, lv_tr)
     assert info["n_crops"] == 2000 and info["dim"] == d and 0.0 <= info["shrinkage"] <= 1.0
-    np.testing.assert_allclose(stats.means, centres, atol=0.5)  # ~4 standard errors
+    np.testing.assert_allclose(stats.means[:, 0], centres, atol=0.5)  # ~4 standard errors
     x_va, lv_va = draw(999)
     stats.threshold = conformal_threshold(stats.score(x_va, lv_va), 0.01)
     # the ceil((n+1)(1-rate))-th smallest of 999 scores: 990th, so 9 validation crops above
@@ -71,6 +71,35 @@ def test_fit_threshold_and_far_features() -> None:
         stats.score(x_te[:, :5], lv_te)
     with pytest.raises(ValueError, match="rate"):
         conformal_threshold(np.ones(3), 0.0)
+
+
+def test_fractured_crops_stay_in_distribution_with_class_means() -> None:
+    # fractured crops (a tenth of the training crops) sit away from the intact ones
+    rng = np.random.default_rng(2)
+    d = 8
+    centres = rng.normal(0, 3, size=(7, d))
+    shift = np.zeros(d)
+    shift[0] = 10.0
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lv = rng.integers(0, 7, n)
+        y = (rng.random(n) < 0.1).astype(float)
+        return centres[lv] + y[:, None] * shift + rng.normal(size=(n, d)), lv, y
+
+    x_tr, lv_tr, y_tr = draw(3000)
+    x_va, lv_va, _ = draw(500)
+    x_te, lv_te, y_te = draw(3000)
+    rates = {}
+    for name, targets in (("one mean", None), ("class means", y_tr)):
+        stats, info = fit_ood(x_tr, lv_tr, targets)
+        stats.threshold = conformal_threshold(stats.score(x_va, lv_va), 0.01)
+        out = stats.abstains(stats.score(x_te, lv_te))
+        rates[name] = (out[y_te == 1].mean(), out[y_te == 0].mean())
+    assert info["classes"] == ["intact", "fractured"]
+    assert stats.means.shape == (7, 2, d)
+    # one mean per level: the fractures are what abstains; class means: almost none does
+    assert rates["one mean"][0] > 0.04 and rates["one mean"][0] > 5 * rates["one mean"][1]
+    assert rates["class means"][0] < 0.02 and rates["class means"][1] < 0.02
 
 
 def test_temperature_lowers_ece_on_overconfident_logits() -> None:
@@ -282,3 +311,26 @@ def test_calibrate_command_writes_a_loadable_package(tmp_path: Path) -> None:
         main, ["calibrate", "cls", "--cls-model", str(src), "--out", str(out), "--version", "1"]
     )
     assert res.exit_code != 0 and "--data" in res.output
+
+
+def test_shipped_cls_demo_loads_with_its_ood_section() -> None:
+    model = ClsModel.load("cls-demo", device="cpu")
+    meta = model.meta
+    assert meta["description"] == "synthetic demo weights, not for clinical use"
+    assert meta["intended_use"]["stage"] == "stage2" and "training" in meta
+    assert model.ood is not None and model.ood.threshold == meta["ood"]["threshold"]
+    assert model.ood.means.shape == (7, model.net.encoder.out_dim)
+    assert np.all(np.isfinite(model.ood.precision))
+    val = meta["ood"]["validation"]
+    assert val["n_studies"] == 60 and val["false_abstention_rate"] <= 0.01
+    assert meta["ood"]["fit"]["n_studies"] == meta["training"]["n_train_studies"]
+    assert meta["calibration"]["fit"]["n_studies"] == meta["training"]["n_validation_studies"]
+    assert model.calibration.vertebra_temperature == meta["calibration"]["vertebra_temperature"]
+    # the weights are those of 2.1.0: only statistics and temperatures were added
+    assert meta["calibration"]["derived_from"]["version"] == "2.1.0"
+    assert meta["calibration"]["derived_from"]["sha256"] == model.identity.sha256
+    # toy boxes of bone in noise are nothing like the synthetic necks it was trained on
+    vol, lm, _ = _study(3)
+    verdicts, patient = model.predict(vol, lm)
+    assert all(v.reason_code == "ood" and v.ood_score > model.ood.threshold for v in verdicts)
+    assert patient is None

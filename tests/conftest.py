@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+import PIL.Image  # noqa: F401  before pydicom (and python-gdcm): see ai/__init__.py
 import pytest
 from pydicom import config as pydicom_config
 

@@ -335,6 +335,32 @@ def test_jpeg_lossless_encoder_round_trips_with_two_decoders(precision, dtype):
         assert np.array_equal(decoded.astype(np.int64), image.astype(np.int64)), plugin
 
 
+@pytest.mark.parametrize("first", ["ai.synthetic", "dicom_node.writers"])
+def test_png_writing_survives_pydicom_and_gdcm_in_the_process(tmp_path, first):
+    """``import pydicom`` loads python-gdcm with RTLD_GLOBAL; its bundled zlib must not
+    take over Pillow's PNG compression (the packages load Pillow first)."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import {first}\n"
+        "import sys; from pathlib import Path\n"
+        "from ai.synthetic import StudySpec, generate_study, write_series\n"
+        "from ai.synthetic.preview import render_previews\n"
+        "study = generate_study(3, StudySpec.small(rows=48, cols=48, n_slices=12))\n"
+        "out = Path(sys.argv[1])\n"
+        "write_series(study, out / 'dcm', transfer_syntax='jpeg-lossless')\n"
+        "assert 'gdcm' in sys.modules\n"
+        "render_previews(study, out / 'png')\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    assert len(list((tmp_path / "png").glob("*.png"))) == 3
+
+
 def test_volume_lists_the_sop_instance_uids_written(tmp_path):
     study = generate_study(4, StudySpec.small(rows=32, cols=32, n_slices=16))
     paths = write_series(study, tmp_path)

@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict
 from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
@@ -263,14 +264,21 @@ class Worker:
         self.stop_event = threading.Event()
 
     def _default_pipeline(self) -> Any:
-        from ai.pipeline import Pipeline
+        from ai.pipeline import GateConfig, Pipeline
 
-        models = self.settings.models
+        models, gate = self.settings.models, self.settings.gate
         return Pipeline.load(
             seg=models.seg_model,
             cls=models.cls_model,
             registry=models.registry or None,
             device=models.device,
+            gate=GateConfig(
+                intended_use=gate.intended_use,
+                plausibility=gate.plausibility,
+                stage1=gate.stage1,
+                stage2=gate.stage2,
+                plausibility_limits=gate.plausibility_limits,
+            ),
         )
 
     @property
@@ -453,6 +461,23 @@ class Worker:
             return
         result = self.pipeline.run(vol)
         timings.update({k: float(v) for k, v in result.timings.items()})
+        if result.not_processed is not None:
+            self._not_processed(
+                job,
+                study,
+                candidates,
+                result.not_processed,
+                when,
+                series_uid=selection.series.series_instance_uid,
+                details={
+                    "series_instance_uid": selection.series.series_instance_uid,
+                    "selection": selection.note,
+                    "findings": [asdict(f) for f in result.findings],
+                    "models": [asdict(m) for m in result.models],
+                    "timings": timings,
+                },
+            )
+            return
         t2 = time.perf_counter()
         # Draw the summary image now, then let the volume go: it is the largest array of
         # the job (0.6 GB at 1,200 slices) and the SEG and SR need only the label map.
@@ -474,8 +499,9 @@ class Worker:
             "selection": selection.note,
             "patient_probability": result.patient_probability,
             "threshold": self.settings.models.fracture_threshold,
-            "vertebrae": [v.__dict__ for v in result.vertebrae],
-            "models": [m.__dict__ for m in result.models],
+            "vertebrae": [asdict(v) for v in result.vertebrae],
+            "findings": [asdict(f) for f in result.findings],
+            "models": [asdict(m) for m in result.models],
             "timings": timings,
             "geometry_issues": issues,
             "slices": n_slices,
@@ -621,7 +647,9 @@ class Worker:
             )
         ]
 
-    def _not_processed(self, job, study, candidates, reason, when, series_uid=None) -> None:
+    def _not_processed(
+        self, job, study, candidates, reason, when, series_uid=None, details=None
+    ) -> None:
         outputs = []
         if self.settings.selection.send_not_processed_sr:
             try:
@@ -637,6 +665,6 @@ class Worker:
             destination_kinds(self.settings),
             series_instance_uid=series_uid,
             selection_note=reason,
-            result_json=json.dumps({"not_processed": reason}),
+            result_json=json.dumps({"not_processed": reason, **(details or {})}),
         )
         LOGGER.info("job not processed job_id=%d", job.id)

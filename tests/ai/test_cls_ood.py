@@ -319,7 +319,7 @@ def test_shipped_cls_demo_loads_with_its_ood_section() -> None:
     assert meta["description"] == "synthetic demo weights, not for clinical use"
     assert meta["intended_use"]["stage"] == "stage2" and "training" in meta
     assert model.ood is not None and model.ood.threshold == meta["ood"]["threshold"]
-    assert model.ood.means.shape == (7, model.net.encoder.out_dim)
+    assert model.ood.means.shape == (7, 2, model.net.encoder.out_dim)  # intact, fractured
     assert np.all(np.isfinite(model.ood.precision))
     val = meta["ood"]["validation"]
     assert val["n_studies"] == 60 and val["false_abstention_rate"] <= 0.01

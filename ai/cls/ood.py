@@ -23,10 +23,12 @@ Why this choice:
   C7: class-conditional means with a tied covariance (as Lee et al.) make the model
   tighter than one mean for all crops, and a crop that stage 1 mislabelled scores high.
 * The fracture class matters for safety: with one mean per level, a fractured crop (a
-  minority of the training crops) lies far from the mean *because it is fractured*, and
-  the fractured vertebra would be the one that abstains. The minimum over the fractured
-  and the intact mean (Lee et al.'s class-conditional score) keeps fractures in
-  distribution. Fitting without fracture labels gives one mean per level.
+  minority of the training crops) can lie far from the mean *because it is fractured*,
+  and the fractured vertebra would be the one that abstains. The minimum over the
+  fractured and the intact mean (Lee et al.'s class-conditional score) removes that
+  reason (fitting without fracture labels gives one mean per level). It does not make
+  hard crops score low: on the shipped package's held-out studies the crops that still
+  abstain are fractured vertebrae that lie far from both means (see the README).
 * With a few thousand training crops and hundreds of feature dimensions, the sample
   covariance is ill-conditioned; Ledoit-Wolf shrinks it towards a scaled identity with a
   data-driven weight, so its inverse is stable.

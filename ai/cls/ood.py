@@ -157,6 +157,7 @@ class OODStats:
             "precision": np.ascontiguousarray(self.precision, dtype=np.float32),
         }
         save_file(tensors, str(path))
+        Path(path).chmod(0o644)  # readable like the weights (the writer leaves it 0600)
         return sha256_file(Path(path))
 
     @classmethod

@@ -216,3 +216,13 @@ def test_stage2_outside_intended_use_keeps_stage1_and_says_why():
         if np.any(result.label_map == VERTEBRAE.index(v.label) + 1):
             assert v.reason_code == "outside_intended_use"
             assert v.reason.startswith("input outside intended use (slice spacing")
+
+
+def test_shipped_stage2_refuses_soft_kernels_and_accepts_the_training_ones():
+    use = pipeline.default_pipeline().stage2_use
+    assert use is not None
+    for kernel in ("STD+", "STANDARD", "B30f", "Br36", "FC17", "SOFT"):
+        checks = [f.check for f in use.check(_volume(convolution_kernel=kernel))]
+        assert checks == ["kernel"], kernel
+    for kernel in ("BONE", "B70s", "YC", "FC30", None):  # the synthetic training kernels
+        assert use.check(_volume(convolution_kernel=kernel)) == [], kernel

@@ -110,6 +110,9 @@ REASON_CODES: dict[str, str] = {
 }
 """Why a vertebra or a study was not assessed: stable code -> the words outputs lead with."""
 
+INCOMPLETE_CODES = frozenset({"ood", "implausible"})
+"""Refusals of a vertebra in view that leave a patient-level "no fracture" incomplete."""
+
 
 @dataclass(frozen=True)
 class VertebraResult:
@@ -188,3 +191,13 @@ class PipelineResult:
     timings: dict[str, float] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     not_processed: str | None = None
+
+    @property
+    def incomplete(self) -> list[VertebraResult]:
+        """Vertebrae in view that were refused (unlike the training data, implausible).
+
+        A patient probability below the threshold does not cover them: outputs then say
+        "incomplete" instead of "no fracture". (Levels out of view, or cut to a sliver by
+        its edge, are not counted.)
+        """
+        return [v for v in self.vertebrae if not v.assessed and v.reason_code in INCOMPLETE_CODES]

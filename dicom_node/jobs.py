@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ai.types import INCOMPLETE_CODES
 from storage.models import Job, JobState, OutboxItem, OutboxState, Output, Refusal
 
 
@@ -81,6 +82,15 @@ def result_lines(session: Session, study_id: int) -> Iterator[str]:
         )
     else:
         word = _verdict(patient, threshold, None)
+        refused = [
+            v
+            for v in data["vertebrae"]
+            if not v["assessed"] and v.get("reason_code") in INCOMPLETE_CODES
+        ]
+        if refused and patient < threshold:
+            word = "incomplete: no fracture in the assessed levels; " + ", ".join(
+                f"{v['label']} not assessed" for v in refused
+            )
     yield f"{'patient':<9} {'':<9} {('-' if patient is None else f'{patient:.3f}'):>11}  {word}"
     yield f"threshold: {data['threshold']}"
     yield from _finding_lines(findings)

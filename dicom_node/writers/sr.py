@@ -184,6 +184,20 @@ def _vertebra_group(
     return group
 
 
+def _patient_verdict(result: PipelineResult, threshold: float) -> hd.sr.CodedConcept:
+    """Present, absent, or not evaluated: "absent" never covers a refused vertebra in view."""
+    verdict = _verdict(result.patient_probability, threshold)
+    if verdict == ABSENT and result.incomplete:
+        return NOT_EVALUATED
+    return verdict
+
+
+def incomplete_reason(result: PipelineResult) -> str:
+    """``"incomplete: no fracture in the assessed levels; C7 not assessed (...)"``."""
+    refused = "; ".join(f"{v.label} not assessed ({v.reason})" for v in result.incomplete)
+    return f"incomplete: no fracture in the assessed levels; {refused}"
+
+
 def patient_reason(result: PipelineResult) -> str:
     """Why the patient-level finding is not assessed, in the words the outputs use.
 
@@ -333,14 +347,14 @@ def write_sr(
         algorithm_id=algorithm,
         measurements=patient_measurements,
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(
-                name=FRACTURE, value=_verdict(result.patient_probability, threshold)
-            )
+            hd.sr.QualitativeEvaluation(name=FRACTURE, value=_patient_verdict(result, threshold))
         ],
     )
     comments = []
     if result.patient_probability is None:
         comments.append(f"not assessed: {patient_reason(result)}")
+    elif _patient_verdict(result, threshold) == NOT_EVALUATED:
+        comments.append(f"not assessed: {incomplete_reason(result)}")
     comments += [f"{f.stage} check failed: {f.text}" for f in result.findings]
     if demo:
         comments.append(DEMO_DISCLAIMER)

@@ -254,6 +254,8 @@ def _table(
     p = result.patient_probability
     if p is None:
         text, color = "not assessed", _WARN
+    elif p < threshold and result.incomplete:
+        text, color = "incomplete", _WARN
     elif p >= threshold:
         text, color = "FRACTURE", _ALERT
     else:

@@ -808,3 +808,34 @@ def test_writers_refuse_a_missing_type1_source_attribute(keyword, how):
         write_summary(sources, hu, ct_affine(), make_result(), threshold=0.5, **_identity("sc"))
     with pytest.raises(ValueError, match=message):
         write_not_processed_sr(sources[:1], "reason", **_identity("np"))
+
+
+def test_no_fracture_with_a_refused_vertebra_in_view_is_incomplete_not_absent():
+    sources, _ = make_ct_series(pixels=False)
+    base = make_result()
+    low = [
+        dataclasses.replace(v, probability=0.1) if v.assessed and v.probability else v
+        for v in base.vertebrae
+    ]
+    # C4 refused as unlike the training data; every assessed level below the threshold
+    low[3] = VertebraResult(
+        "C4", True, False, None, "input unlike the training data (score 40.1, threshold 31.0)",
+        "ood", 40.1,
+    )  # fmt: skip
+    result = dataclasses.replace(base, vertebrae=low, patient_probability=0.03)
+    assert [v.label for v in result.incomplete] == ["C4"]
+    seg = write_seg(sources, result, **_identity("seg"), content_datetime=WHEN)
+    sr = write_sr(
+        sources, seg, result, threshold=THRESHOLD, **_identity("sr"), content_datetime=WHEN
+    )
+    patient = read_sr_result(sr)["patient"]
+    assert patient["evaluation"] == "not assessed" and patient["probability"] == 0.03
+    assert any(
+        c.startswith("not assessed: incomplete: no fracture in the assessed levels; C4 not")
+        for c in patient["comments"]
+    ), patient
+    assert read_sr_result(sr)["C4"]["reason"].startswith("input unlike the training data")
+    # a fracture found among the assessed levels stays a fracture
+    high = dataclasses.replace(result, patient_probability=0.9)
+    sr = write_sr(sources, seg, high, threshold=THRESHOLD, **_identity("sr"), content_datetime=WHEN)
+    assert read_sr_result(sr)["patient"]["evaluation"] == "present"

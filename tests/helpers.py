@@ -116,8 +116,9 @@ def dataset_bytes(path: Path) -> bytes:
         return fh.read()
 
 
-THIN_SLICES = {"n_slices": None, "slice_spacing": (1.0, 1.25)}
-"""``StudySpec.small`` overrides for slices within stage 2's intended use (<= 1.25 mm).
+STAGE2_READY = {"rows": 176, "cols": 176}
+"""``StudySpec.small`` overrides for pixels within stage 2's intended use (<= 1.0 mm).
 
-The small preset's 1.5-3 mm slices are outside it: the node then delivers the SEG and
-says "not assessed: input outside intended use" for every vertebra."""
+The small preset's 96 columns over 120-170 mm give 1.25-1.77 mm pixels, outside it: the
+node then delivers the SEG and says "not assessed: input outside intended use" for every
+vertebra."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from ai.errors import ModelLoadError
 from ai.intended_use import IntendedUse, from_package, measure
 from ai.synthetic import StudySpec, generate_study
 from ai.types import VERTEBRAE, CTVolume, GeometryIssue, SeriesFacts
-from tests.helpers import THIN_SLICES
+from tests.helpers import STAGE2_READY
 
 STAGE2 = {
     "stage": "stage2",
@@ -102,7 +103,7 @@ def test_a_site_may_narrow_but_never_widen():
 def test_shipped_packages_carry_their_intended_use_and_widening_fails_at_load():
     p = pipeline.default_pipeline()
     assert p.stage1_use is not None and p.stage2_use is not None
-    assert p.stage2_use.slice_thickness_mm[1] <= 1.25 and p.stage2_use.max_tilt_deg <= 5
+    assert p.stage2_use.in_plane_spacing_mm[1] <= 1.0 and p.stage2_use.max_tilt_deg <= 5
     assert from_package(p.cls.meta, "stage2") == p.stage2_use
     with pytest.raises(ModelLoadError, match=r"stage2 intended use.*would widen"):
         pipeline.Pipeline(
@@ -111,7 +112,7 @@ def test_shipped_packages_carry_their_intended_use_and_widening_fails_at_load():
 
 
 def _truth(seed: int, **spec) -> tuple[CTVolume, np.ndarray]:
-    study = generate_study(seed, StudySpec.small(field_of_view="full", **THIN_SLICES, **spec))
+    study = generate_study(seed, StudySpec.small(field_of_view="full", **STAGE2_READY, **spec))
     return study.volume, np.where(study.labels <= 7, study.labels, 0).astype(np.uint8)
 
 
@@ -153,7 +154,7 @@ def test_a_lumbar_like_step_breaks_the_centroid_spacing():
     hu[k2, js, is_] = vol.hu[ks, js, is_]
     result = plausibility.check(dataclasses.replace(vol, hu=hu), moved)
     assert result.study is not None and result.study.check == "centroid_spacing"
-    assert result.study.message.startswith("C4-C5 centroids 40 mm apart")
+    assert re.fullmatch(r"C4-C5 centroids 4[0-2] mm apart, expected 9-32 mm", result.study.message)
 
 
 def test_soft_tissue_blob_and_oversized_label_are_removed():
@@ -204,18 +205,18 @@ def test_pipeline_removes_a_rejected_vertebra_and_never_labels_it():
 
 
 def test_stage2_outside_intended_use_keeps_stage1_and_says_why():
-    study = generate_study(2, StudySpec.small(field_of_view="full"))  # 1.5-3 mm slices
+    study = generate_study(2, StudySpec.small(field_of_view="full"))  # 1.25-1.8 mm pixels
     result = pipeline.run(study.volume)
     assert result.not_processed is None
     assert result.label_map.any()  # the SEG is still delivered
     assert result.patient_probability is None
     stage2 = [f for f in result.findings if f.stage == "stage2"]
-    assert stage2 and stage2[0].check == "slice_spacing"
+    assert stage2 and stage2[0].check == "in_plane_spacing"
     for v in result.vertebrae:
         assert not v.assessed and v.probability is None
         if np.any(result.label_map == VERTEBRAE.index(v.label) + 1):
             assert v.reason_code == "outside_intended_use"
-            assert v.reason.startswith("input outside intended use (slice spacing")
+            assert v.reason.startswith("input outside intended use (in-plane pixel spacing")
 
 
 def test_shipped_stage2_refuses_soft_kernels_and_accepts_the_training_ones():

@@ -11,7 +11,7 @@ from ai import pipeline
 from ai.errors import InferenceError
 from ai.synthetic import StudySpec, generate_study
 from ai.types import VERTEBRAE, ModelIdentity
-from tests.helpers import THIN_SLICES
+from tests.helpers import STAGE2_READY
 
 
 @dataclass
@@ -33,11 +33,8 @@ class _Seg:
         return _Out()
 
 
-THIN = THIN_SLICES
-
-
 def test_default_run_uses_both_shipped_models_and_is_consistent() -> None:
-    study = generate_study(11, StudySpec.small(fracture_rate=1.0, **THIN))
+    study = generate_study(11, StudySpec.small(fracture_rate=1.0, **STAGE2_READY))
     result = pipeline.run(study.volume)
     assert result.label_map.shape == study.volume.hu.shape
     assert result.label_map.dtype == np.uint8
@@ -64,7 +61,9 @@ def test_default_run_uses_both_shipped_models_and_is_consistent() -> None:
 
 
 def test_visible_vertebrae_get_probabilities_and_missing_ones_do_not() -> None:
-    study = generate_study(11, StudySpec.small(field_of_view="c1_c5", fracture_rate=1.0, **THIN))
+    study = generate_study(
+        11, StudySpec.small(field_of_view="c1_c5", fracture_rate=1.0, **STAGE2_READY)
+    )
     truth = np.where(study.labels <= 7, study.labels, 0).astype(np.uint8)
     p = pipeline.Pipeline(_Seg(truth), pipeline.default_pipeline().cls)
     result = p.run(study.volume)
@@ -88,7 +87,7 @@ def test_stage1_output_that_does_not_fit_the_volume_is_refused() -> None:
 
 
 def test_nothing_segmented_is_not_processed_no_cervical_spine() -> None:
-    study = generate_study(2, StudySpec.small(**THIN))
+    study = generate_study(2, StudySpec.small(**STAGE2_READY))
     p = pipeline.Pipeline(
         _Seg(np.zeros(study.volume.hu.shape, np.uint8)), pipeline.default_pipeline().cls
     )

@@ -24,7 +24,7 @@ from dicom_node.writers import read_sr_result, segment_numbers
 from tests.conftest import free_port
 from tests.dicom_node.pacs import LoopbackPACS
 from tests.dicom_node.proc import Server, cspine
-from tests.helpers import THIN_SLICES
+from tests.helpers import STAGE2_READY
 
 SEG, SR, SC = (
     "1.2.840.10008.5.1.4.1.1.66.4",
@@ -77,7 +77,7 @@ def test_study_in_results_out_at_two_pacs(tmp_path, storescp):
     scp_port, scp_dir = storescp
     pacs = LoopbackPACS().start()
     study = generate_study(
-        5, StudySpec.small(fracture_rate=1.0, field_of_view="full", **THIN_SLICES)
+        5, StudySpec.small(fracture_rate=1.0, field_of_view="full", **STAGE2_READY)
     )
     files = write_study(study, tmp_path / "study")
     port = free_port()

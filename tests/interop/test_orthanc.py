@@ -21,7 +21,7 @@ from storage import Catalog
 from storage.models import Job, JobState, OutboxItem, OutboxState, Output
 from tests.conftest import free_port
 from tests.dicom_node.proc import Server, cspine
-from tests.helpers import THIN_SLICES
+from tests.helpers import STAGE2_READY
 from tests.interop.orthanc import Orthanc
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -71,7 +71,7 @@ def _site_config(path: Path) -> Path:
 @pytest.mark.slow
 def test_orthanc_sends_study_and_receives_seg_sr_and_summary(tmp_path):
     study = generate_study(
-        5, StudySpec.small(fracture_rate=1.0, field_of_view="full", **THIN_SLICES)
+        5, StudySpec.small(fracture_rate=1.0, field_of_view="full", **STAGE2_READY)
     )
     files = write_study(study, tmp_path / "study")
     node_port = free_port()

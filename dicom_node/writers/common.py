@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.charset import python_encoding
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
@@ -252,12 +253,33 @@ def _with_slice_thickness(ds: Dataset, spacing: float) -> Dataset:
 
 
 def _without_empty_charset(ds: Dataset) -> Dataset:
-    """``ds``, or a shallow copy without an empty Specific Character Set (highdicom rejects it;
-    empty means the default repertoire, the same as absent)."""
-    if "SpecificCharacterSet" not in ds or ds.SpecificCharacterSet not in ("", None):
+    """``ds``, or a shallow copy with a Specific Character Set highdicom accepts.
+
+    * empty: removed (it means the default repertoire, the same as absent);
+    * a single code-extension term such as ``ISO 2022 IR 100`` (PS3.3 C.12.1.1.2 allows
+      it for one single-byte repertoire): written as its plain term ``ISO_IR 100``, the
+      same characters without the escape-sequence machinery, which highdicom refuses
+      alone; ``ISO 2022 IR 6`` (the default repertoire) is removed.
+    """
+    if "SpecificCharacterSet" not in ds:
         return ds
+    value = ds.SpecificCharacterSet
+    if value in ("", None):
+        clone = _shallow_clone(ds)
+        del clone.SpecificCharacterSet
+        return clone
+    terms = [value] if isinstance(value, str) else list(value)
+    if len(terms) != 1 or not str(terms[0]).startswith("ISO 2022 IR "):
+        return ds
+    number = str(terms[0]).removeprefix("ISO 2022 IR ").strip()
     clone = _shallow_clone(ds)
-    del clone.SpecificCharacterSet
+    if number == "6":
+        del clone.SpecificCharacterSet
+    elif f"ISO_IR {number}" in python_encoding:
+        del clone.SpecificCharacterSet  # a new element: the clone shares the source's
+        clone.SpecificCharacterSet = f"ISO_IR {number}"
+    else:  # a multi-byte set that only exists with code extensions: leave it as it is
+        return ds
     return clone
 
 

@@ -839,3 +839,25 @@ def test_no_fracture_with_a_refused_vertebra_in_view_is_incomplete_not_absent():
     high = dataclasses.replace(result, patient_probability=0.9)
     sr = write_sr(sources, seg, high, threshold=THRESHOLD, **_identity("sr"), content_datetime=WHEN)
     assert read_sr_result(sr)["patient"]["evaluation"] == "present"
+
+
+@pytest.mark.parametrize(("charset", "written"), [("ISO 2022 IR 100", "ISO_IR 100"), ("", None)])
+def test_a_single_code_extension_charset_is_written_as_its_plain_term(charset, written):
+    sources, hu = make_ct_series()
+    for ds in sources:
+        ds.SpecificCharacterSet = charset
+        if written:
+            ds.PatientName = "Müller^Jürgen"
+    result = make_result()
+    seg = write_seg(sources, result, **_identity("seg"), content_datetime=WHEN)
+    outputs = [
+        seg,
+        write_sr(sources, seg, result, threshold=THRESHOLD, **_identity("sr")),
+        write_summary(sources, hu, ct_affine(), result, threshold=THRESHOLD, **_identity("sc")),
+        write_not_processed_sr(sources, "no eligible series", **_identity("np")),
+    ]
+    for ds in outputs:
+        assert ds.get("SpecificCharacterSet") == written
+        if written:
+            assert str(ds.PatientName) == "Müller^Jürgen"
+    assert sources[0].SpecificCharacterSet == charset  # the sources are not changed

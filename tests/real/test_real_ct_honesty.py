@@ -23,6 +23,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 
 from dicom_node.writers import read_sr_result
@@ -55,8 +56,6 @@ def delivered(real_data, tmp_path_factory):
     folders = {}
     for case, rel in CASES.items():
         files = write_nifti_series(real_data / rel, root / case, description=f"real {case}")
-        import pydicom
-
         study_of[case] = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         folders[case] = root / case
     pacs = LoopbackPACS().start()

@@ -34,6 +34,25 @@ def _setup_torch(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+_cache_option = click.option(
+    "--cache",
+    "cache",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Crop cache folder, outside the repository [default: $XDG_CACHE_HOME/cspine/cls].",
+)
+_crop_source_option = click.option(
+    "--crop-source",
+    type=click.Choice(["stage1", "truth"]),
+    default="stage1",
+    show_default=True,
+    help="Label maps from stage-1 predictions or ground truth.",
+)
+_threads_option = click.option(
+    "--threads", default=None, type=click.IntRange(1), help="torch CPU threads."
+)
+
+
 @click.command("cls")
 @rsna_data_option
 @click.option(
@@ -49,20 +68,8 @@ def _setup_torch(threads: int | None) -> None:
     type=click.Path(file_okay=False),
     help="Model package folder to write.",
 )
-@click.option(
-    "--cache",
-    "cache",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Crop cache folder, outside the repository [default: $XDG_CACHE_HOME/cspine/cls].",
-)
-@click.option(
-    "--crop-source",
-    type=click.Choice(["stage1", "truth"]),
-    default="stage1",
-    show_default=True,
-    help="Label maps from stage-1 predictions or ground truth.",
-)
+@_cache_option
+@_crop_source_option
 @click.option(
     "--epochs",
     default=10,
@@ -193,7 +200,7 @@ def _setup_torch(threads: int | None) -> None:
 @click.option("--head-lr", default=1e-3, show_default=True, type=float)
 @click.option("--head-batch", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="auto", show_default=True)
-@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
+@_threads_option
 def train_cls(
     data: str,
     seg_model: str,
@@ -371,16 +378,8 @@ def _is_synthetic(root: Path) -> bool:
 )
 @click.option("--seg-model", default="seg-demo", show_default=True)
 @click.option("--cls-model", default="cls-demo", show_default=True)
-@click.option(
-    "--cache",
-    "cache",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Crop cache folder [default: $XDG_CACHE_HOME/cspine/cls].",
-)
-@click.option(
-    "--crop-source", type=click.Choice(["stage1", "truth"]), default="stage1", show_default=True
-)
+@_cache_option
+@_crop_source_option
 @click.option(
     "--threshold",
     default=None,
@@ -390,7 +389,7 @@ def _is_synthetic(root: Path) -> bool:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--markdown", "md_out", type=click.Path(dir_okay=False), default=None)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
+@_threads_option
 def evaluate_cls(
     data: str,
     seg_model: str,
@@ -482,17 +481,9 @@ def evaluate_cls(
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     help="Tolerated false-abstention rate on in-distribution validation crops.",
 )
-@click.option(
-    "--cache",
-    "cache",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Crop cache folder [default: $XDG_CACHE_HOME/cspine/cls].",
-)
-@click.option(
-    "--crop-source", type=click.Choice(["stage1", "truth"]), default="stage1", show_default=True
-)
-@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
+@_cache_option
+@_crop_source_option
+@_threads_option
 def calibrate_cls(
     data: str | None,
     train_data: str | None,

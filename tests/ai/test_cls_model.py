@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ai import metrics
-from ai.cls import ClsModel, CropConfig, extract_crops
+from ai.cls import ClsModel, CropConfig
 from ai.cls.convnext import VARIANTS, ConvNeXt, convnext
 from ai.cls.data import StudyCrops
 from ai.cls.net import FractureNet
@@ -26,7 +26,7 @@ from ai.cls.train import (
 )
 from ai.errors import ModelLoadError
 from ai.modelpkg import DEMO_LABEL
-from ai.types import CTVolume
+from tests.ai.toy_crops import cached_crops, toy_study
 
 TINY = {"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16], "lstm_hidden": 8}
 
@@ -136,55 +136,15 @@ def test_fold_split_partitions_studies() -> None:
         fold_split(5, 2, 2, seed=0)
 
 
-def _study(seed: int, fractured: int | None) -> tuple[CTVolume, np.ndarray, np.ndarray]:
-    """A tiny volume: 7 boxes of 'bone' stacked along z; a fracture is a dark gap."""
-    rng = np.random.default_rng(seed)
-    hu = rng.normal(0, 20, size=(70, 40, 40)).astype(np.int16)
-    lm = np.zeros(hu.shape, np.uint8)
-    for v in range(7):
-        z = 2 + 9 * v
-        lm[z : z + 8, 12:28, 12:28] = v + 1
-        hu[z : z + 8, 12:28, 12:28] = 800
-    if fractured is not None:
-        z = 2 + 9 * fractured
-        hu[z + 3 : z + 5, 12:28, 18:21] = -200
-    affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
-    labels = np.zeros(8, np.float32)
-    if fractured is not None:
-        labels[fractured] = 1
-        labels[7] = 1
-    return CTVolume(hu=hu, affine=affine), lm, labels
-
-
-def _cached(
-    i: int,
-    vol: CTVolume,
-    lm: np.ndarray,
-    labels: np.ndarray,
-    crop: CropConfig,
-    slice_labels: np.ndarray | None = None,
-) -> StudyCrops:
-    """Crops of one toy study as the crop cache stores them."""
-    batch = extract_crops(vol, lm, crop)
-    return StudyCrops(
-        str(i),
-        (batch.crops * 255).round().to(torch.uint8),
-        batch.present,
-        labels,
-        [v.reason for v in batch.vertebrae],
-        slice_labels,
-    )
-
-
 def test_training_smoke_writes_a_loadable_package(tmp_path: Path) -> None:
     torch.manual_seed(0)
     crop = CropConfig(size=32, n_slices=3, min_volume_mm3=10)
     items = []
     for i in range(6):
-        vol, lm, labels = _study(i, i % 7 if i % 2 else None)
+        vol, lm, labels = toy_study(i, i % 7 if i % 2 else None)
         if i == 0:
             lm[lm == 7] = 0  # C7 missing in one study
-        items.append(_cached(i, vol, lm, labels, crop))
+        items.append(cached_crops(i, vol, lm, labels, crop))
     cfg = TrainConfig(epochs=2, batch_size=2, folds=3, fold=1, seed=3, mixup=1.0, **TINY)
     out = tmp_path / "pkg"
     meta = train(
@@ -207,7 +167,7 @@ def test_training_smoke_writes_a_loadable_package(tmp_path: Path) -> None:
 
     model = ClsModel.load(out, device="cpu")
     assert model.identity.name == "cls-test" and model.identity.demo
-    vol, lm, _ = _study(99, 3)
+    vol, lm, _ = toy_study(99, 3)
     lm[lm == 1] = 0
     verdicts, patient = model.predict(vol, lm)
     assert [v.label for v in verdicts] == ["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
@@ -245,13 +205,13 @@ def _slice_labelled_items(*, unknown_first_slice: bool) -> list[StudyCrops]:
     items = []
     for i in range(8):
         fractured = i % 7 if i % 2 else None
-        vol, lm, labels = _study(i, fractured)
+        vol, lm, labels = toy_study(i, fractured)
         slice_labels = np.zeros((7, 3), np.float32)
         if fractured is not None:
             slice_labels[fractured, 1] = 1.0  # the middle slice shows the gap
             if unknown_first_slice:
                 slice_labels[fractured, 0] = -1.0  # unknown: never used
-        items.append(_cached(i, vol, lm, labels, crop, slice_labels))
+        items.append(cached_crops(i, vol, lm, labels, crop, slice_labels))
     return items
 
 

@@ -30,6 +30,7 @@ from ai.modelpkg import save_package, sha256_file
 from ai.synthetic import StudySpec, generate_study, write_rsna_dataset
 from ai.types import CTVolume
 from dicom_node.cli import main
+from tests.ai.toy_crops import cached_crops, toy_study
 
 TINY = {"depths": [1, 1, 1, 1], "dims": [8, 8, 16, 16], "lstm_hidden": 8}
 CROP = CropConfig(size=32, n_slices=3, min_volume_mm3=10)
@@ -122,34 +123,9 @@ def test_temperature_lowers_ece_on_overconfident_logits() -> None:
     assert metrics.expected_calibration_error([0, 1], [0.0, 1.0]) == 0.0
 
 
-def _study(seed: int, fractured: int | None = None) -> tuple[CTVolume, np.ndarray, np.ndarray]:
-    """7 boxes of 'bone' stacked along z (noise differs per seed); a fracture is a gap."""
-    rng = np.random.default_rng(seed)
-    hu = rng.normal(0, 20, size=(70, 40, 40)).astype(np.int16)
-    lm = np.zeros(hu.shape, np.uint8)
-    for v in range(7):
-        z = 2 + 9 * v
-        lm[z : z + 8, 12:28, 12:28] = v + 1
-        hu[z : z + 8, 12:28, 12:28] = 700 + rng.integers(0, 200)
-    labels = np.zeros(8, np.float32)
-    if fractured is not None:
-        z = 2 + 9 * fractured
-        hu[z + 3 : z + 5, 12:28, 18:21] = -200
-        labels[fractured] = labels[7] = 1
-    affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
-    return CTVolume(hu=hu, affine=affine), lm, labels
-
-
 def _item(i: int) -> StudyCrops:
-    vol, lm, labels = _study(i, i % 7 if i % 3 == 0 else None)
-    batch = extract_crops(vol, lm, CROP)
-    return StudyCrops(
-        str(i),
-        (batch.crops * 255).round().to(torch.uint8),
-        batch.present,
-        labels,
-        [v.reason for v in batch.vertebrae],
-    )
+    vol, lm, labels = toy_study(i, i % 7 if i % 3 == 0 else None, bone_jitter=True)
+    return cached_crops(i, vol, lm, labels, CROP)
 
 
 def _package(path: Path, seed: int = 0) -> Path:
@@ -184,7 +160,7 @@ def _reference(model: ClsModel, vol: CTVolume, lm: np.ndarray) -> tuple[np.ndarr
 def test_old_package_loads_and_predicts_exactly_as_before(tmp_path: Path) -> None:
     model = ClsModel.load(_package(tmp_path / "old"), device="cpu")
     assert model.ood is None and model.calibration == Calibration()
-    vol, lm, _ = _study(123, 2)
+    vol, lm, _ = toy_study(123, 2, bone_jitter=True)
     lm[lm == 7] = 0
     verdicts, patient = model.predict(vol, lm)
     ref_v, ref_p = _reference(model, vol, lm)
@@ -220,7 +196,7 @@ def test_calibrated_package_abstains_far_crops_and_reruns_the_patient_head(
 
     # an in-distribution study: every crop scored; assessed exactly when not above the
     # threshold (rate 0.1 tolerates a false abstention now and then)
-    vol, lm, _ = _study(500)
+    vol, lm, _ = toy_study(500, bone_jitter=True)
     verdicts, patient = model.predict(vol, lm)
     assert all(v.visible and v.ood_score is not None for v in verdicts)
     assert all(v.assessed == (v.ood_score <= thr) for v in verdicts)
@@ -330,7 +306,7 @@ def test_shipped_cls_demo_loads_with_its_ood_section() -> None:
     assert meta["calibration"]["derived_from"]["version"] == "2.1.0"
     assert meta["calibration"]["derived_from"]["sha256"] == model.identity.sha256
     # toy boxes of bone in noise are nothing like the synthetic necks it was trained on
-    vol, lm, _ = _study(3)
+    vol, lm, _ = toy_study(3, bone_jitter=True)
     verdicts, patient = model.predict(vol, lm)
     assert all(v.reason_code == "ood" and v.ood_score > model.ood.threshold for v in verdicts)
     assert patient is None

@@ -41,6 +41,18 @@ N_SLICES, ROWS, COLS = 20, 64, 64
 SLICE_MM, PIXEL_MM = 2.0, 0.8
 WHEN = datetime.datetime(2024, 5, 6, 7, 8, 9)
 PROBS = {"C1": 0.05, "C2": 0.91, "C3": 0.12, "C4": None, "C5": 0.3, "C6": 0.5, "C7": None}
+TYPE2_OUTPUT_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+"""Type 2 attributes of the Patient and General Study modules, in every output."""
 THRESHOLD = 0.5
 
 
@@ -323,18 +335,7 @@ def test_not_processed_sr_reads_back(written):
 def test_outputs_join_the_source_study_as_a_new_series(written, name):
     ds = pydicom.dcmread(written["paths"][name])
     source = written["sources"][0]
-    for keyword in (
-        "StudyInstanceUID",
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDate",
-        "StudyTime",
-        "StudyID",
-        "AccessionNumber",
-        "ReferringPhysicianName",
-    ):
+    for keyword in ("StudyInstanceUID", *TYPE2_OUTPUT_ATTRIBUTES):
         assert ds[keyword].value == source[keyword].value, keyword
     assert ds.SeriesInstanceUID == _identity(name)["series_instance_uid"]
     assert ds.SOPInstanceUID == _identity(name)["sop_instance_uid"]
@@ -671,18 +672,6 @@ OPTIONAL_SOURCE_ATTRIBUTES = (
     "SliceThickness",
     "AcquisitionNumber",
 )
-TYPE2_OUTPUT_ATTRIBUTES = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-)
-"""Type 2 attributes of the Patient and General Study modules, in every output."""
 TYPE3_OUTPUT_ATTRIBUTES = ("PatientAge", "StudyDescription")
 
 

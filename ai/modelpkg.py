@@ -122,14 +122,23 @@ def read_package(path: str | Path) -> ModelPackage:
         weights = folder / meta["weights"]["file"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"{meta_path} is malformed: {exc}") from exc
-    if not weights.is_file():
-        raise ModelLoadError(f"model weights missing: {weights}")
-    actual = sha256_file(weights)
-    if actual != expected:
-        raise ModelLoadError(
-            f"weights of {folder.name} do not match model.json: sha256 {actual} != {expected}"
-        )
+    verify_file(weights, expected, f"weights of {folder.name}", "model weights")
     return ModelPackage(path=folder, meta=meta)
+
+
+def verify_file(path: Path, sha256: str, what: str, missing: str) -> None:
+    """Refuse a package file that is missing or whose sha256 differs from ``model.json``.
+
+    Raises
+    ------
+    ModelLoadError
+        ``"<missing> missing: <path>"`` or ``"<what> do not match model.json: sha256 ..."``.
+    """
+    if not path.is_file():
+        raise ModelLoadError(f"{missing} missing: {path}")
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise ModelLoadError(f"{what} do not match model.json: sha256 {actual} != {sha256}")
 
 
 def load_module(

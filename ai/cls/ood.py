@@ -65,7 +65,7 @@ from safetensors.numpy import load_file, save_file
 from scipy import optimize
 
 from ai.errors import ModelLoadError
-from ai.modelpkg import sha256_file
+from ai.modelpkg import sha256_file, verify_file
 
 OOD_FILE = "ood.safetensors"
 FEATURES = "convnext_mean_over_slices"
@@ -170,13 +170,7 @@ class OODStats:
             When the file is missing, its hash differs, or its tensors do not fit.
         """
         p = Path(path)
-        if not p.is_file():
-            raise ModelLoadError(f"OOD statistics missing: {p}")
-        actual = sha256_file(p)
-        if actual != sha256:
-            raise ModelLoadError(
-                f"OOD statistics {p.name} do not match model.json: sha256 {actual} != {sha256}"
-            )
+        verify_file(p, sha256, f"OOD statistics {p.name}", "OOD statistics")
         t = load_file(str(p))
         means = t["means"].astype(np.float64)
         precision = t["precision"].astype(np.float64)

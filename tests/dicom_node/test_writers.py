@@ -132,42 +132,61 @@ def _identity(tag: str) -> dict[str, object]:
     }
 
 
+def write_outputs(
+    sources: list[Dataset],
+    hu: np.ndarray,
+    result: PipelineResult,
+    *,
+    selection_note: str | None = None,
+    reason: str = "no axial CT series with at least 50 slices",
+) -> dict[str, Dataset]:
+    """SEG, SR, summary image and not-processed SR (``seg``, ``sr``, ``sc``, ``np``)."""
+    seg = write_seg(sources, result, **_identity("seg"), content_datetime=WHEN)
+    return {
+        "seg": seg,
+        "sr": write_sr(
+            sources,
+            seg,
+            result,
+            threshold=THRESHOLD,
+            **_identity("sr"),
+            selection_note=selection_note,
+            content_datetime=WHEN,
+        ),
+        "sc": write_summary(
+            sources,
+            hu,
+            ct_affine(),
+            result,
+            threshold=THRESHOLD,
+            **_identity("sc"),
+            content_datetime=WHEN,
+        ),
+        "np": write_not_processed_sr(
+            sources, reason, **_identity("np"), models=result.models, content_datetime=WHEN
+        ),
+    }
+
+
+def save_outputs(outputs: dict[str, Dataset], out: Path) -> dict[str, Path]:
+    """Each output saved as ``<name>.dcm`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, ds in outputs.items():
+        paths[name] = out / f"{name}.dcm"
+        ds.save_as(paths[name], enforce_file_format=True)
+    return paths
+
+
 @pytest.fixture(scope="module")
 def written(tmp_path_factory) -> dict[str, object]:
     """All four outputs for the same inputs, written to files."""
     out = tmp_path_factory.mktemp("writers")
     sources, hu = make_ct_series(pixels=False)
     result = make_result()
-    seg = write_seg(sources, result, **_identity("seg"), content_datetime=WHEN)
-    sr = write_sr(
-        sources,
-        seg,
-        result,
-        threshold=THRESHOLD,
-        **_identity("sr"),
-        selection_note="series 3: thinnest bone kernel",
-        content_datetime=WHEN,
-    )
-    sc = write_summary(
-        sources,
-        hu,
-        ct_affine(),
-        result,
-        threshold=THRESHOLD,
-        **_identity("sc"),
-        content_datetime=WHEN,
-    )
-    np_sr = write_not_processed_sr(
-        sources,
-        "no axial CT series with at least 50 slices",
-        **_identity("np"),
-        models=result.models,
-        content_datetime=WHEN,
-    )
-    paths = {}
-    for name, ds in {"seg": seg, "sr": sr, "sc": sc, "np": np_sr}.items():
-        paths[name] = out / f"{name}.dcm"
-        ds.save_as(paths[name], enforce_file_format=True)
+    outputs = write_outputs(sources, hu, result, selection_note="series 3: thinnest bone kernel")
+    paths = save_outputs(outputs, out)
+    seg = outputs["seg"]
     return {"paths": paths, "sources": sources, "hu": hu, "result": result, "seg": seg}
 
 
@@ -691,32 +710,9 @@ def _full_header_series(seed: str) -> tuple[list[Dataset], np.ndarray]:
 
 def _write_all(sources: list[Dataset], hu: np.ndarray, out: Path) -> dict[str, Path]:
     """SEG, SR, summary image and not-processed SR from ``sources``, saved under ``out``."""
-    result = make_result()
-    seg = write_seg(sources, result, **_identity("seg"), content_datetime=WHEN)
-    outputs = {
-        "seg": seg,
-        "sr": write_sr(
-            sources, seg, result, threshold=THRESHOLD, **_identity("sr"), content_datetime=WHEN
-        ),
-        "sc": write_summary(
-            sources,
-            hu,
-            ct_affine(),
-            result,
-            threshold=THRESHOLD,
-            **_identity("sc"),
-            content_datetime=WHEN,
-        ),
-        "np": write_not_processed_sr(
-            sources[:1], "internal error (job 1)", **_identity("np"), content_datetime=WHEN
-        ),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, ds in outputs.items():
-        paths[name] = out / f"{name}.dcm"
-        ds.save_as(paths[name], enforce_file_format=True)
-    return paths
+    return save_outputs(
+        write_outputs(sources, hu, make_result(), reason="internal error (job 1)"), out
+    )
 
 
 def _dciodvfy_errors(path: Path) -> set[str]:
@@ -830,23 +826,15 @@ def test_no_fracture_with_a_refused_vertebra_in_view_is_incomplete_not_absent():
     assert read_sr_result(sr)["patient"]["evaluation"] == "present"
 
 
-@pytest.mark.parametrize(("charset", "written"), [("ISO 2022 IR 100", "ISO_IR 100"), ("", None)])
-def test_a_single_code_extension_charset_is_written_as_its_plain_term(charset, written):
+@pytest.mark.parametrize(("charset", "expected"), [("ISO 2022 IR 100", "ISO_IR 100"), ("", None)])
+def test_a_single_code_extension_charset_is_written_as_its_plain_term(charset, expected):
     sources, hu = make_ct_series()
     for ds in sources:
         ds.SpecificCharacterSet = charset
-        if written:
+        if expected:
             ds.PatientName = "Müller^Jürgen"
-    result = make_result()
-    seg = write_seg(sources, result, **_identity("seg"), content_datetime=WHEN)
-    outputs = [
-        seg,
-        write_sr(sources, seg, result, threshold=THRESHOLD, **_identity("sr")),
-        write_summary(sources, hu, ct_affine(), result, threshold=THRESHOLD, **_identity("sc")),
-        write_not_processed_sr(sources, "no eligible series", **_identity("np")),
-    ]
-    for ds in outputs:
-        assert ds.get("SpecificCharacterSet") == written
-        if written:
+    for ds in write_outputs(sources, hu, make_result()).values():
+        assert ds.get("SpecificCharacterSet") == expected
+        if expected:
             assert str(ds.PatientName) == "Müller^Jürgen"
     assert sources[0].SpecificCharacterSet == charset  # the sources are not changed

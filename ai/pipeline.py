@@ -182,7 +182,6 @@ class Pipeline:
                 findings += verdict.findings
                 reason = NO_CERVICAL_SPINE if why is None else f"{NO_CERVICAL_SPINE}: {why.text}"
                 timings["gate"] = time.perf_counter() - t2 + (t1 - t0)
-                timings["stage1"] = t2 - t1
                 return self._not_assessed(vol, findings, reason, "no_cervical_spine", timings)
             rejected = verdict.rejected
             findings += verdict.findings

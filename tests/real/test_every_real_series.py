@@ -57,13 +57,20 @@ def test_every_accepted_real_ct_study_gets_a_delivered_sr_and_no_job_fails(real_
         # some real files are refused by the receiver (that is their test's business)
         assert "sent" in sent.stdout + sent.stderr, sent.stdout + sent.stderr
         studies = cspine("studies", "--data-dir", str(data)).stdout
+        sent_studies = {
+            str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files
+        }
+        accepted_studies = {uid for uid in sent_studies if uid in studies}
+        # every accepted study's job ends and its outputs leave (each study completes on
+        # its own stable window, so "nothing queued" alone is not the end)
         deadline = time.monotonic() + 400
         status = ""
         while time.monotonic() < deadline:
             status = cspine("status", "--data-dir", str(data)).stdout
             counts = _counts(status)
+            ended = sum(counts.get(s, 0) for s in ("DONE", "NOT_PROCESSED", "FAILED"))
             busy = counts.get("QUEUED", 0) + counts.get("RUNNING", 0)
-            if busy == 0 and sum(counts.values()) > 0 and "PENDING 0" in status:
+            if ended >= len(accepted_studies) and busy == 0 and "PENDING 0" in status:
                 break
             time.sleep(1)
         else:
@@ -75,11 +82,6 @@ def test_every_accepted_real_ct_study_gets_a_delivered_sr_and_no_job_fails(real_
     counts = _counts(status)
     assert counts.get("FAILED", 0) == 0, status + log[-4000:]
     finished = counts.get("DONE", 0) + counts.get("NOT_PROCESSED", 0)
-    accepted_studies = {
-        str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
-        for f in files
-        if str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) in studies
-    }
     assert finished >= len(accepted_studies) > 10, (finished, len(accepted_studies), status)
     sr_studies = {str(ds.StudyInstanceUID) for ds in pacs.received if str(ds.SOPClassUID) == SR}
     assert accepted_studies <= sr_studies, accepted_studies - sr_studies

@@ -8,6 +8,11 @@ Settings are loaded once, by the CLI, from these sources in increasing priority:
    ``CSPINE_NODE__PORT=104``; lists and tables as JSON);
 4. CLI flags, passed as ``overrides``.
 
+The layering is pydantic-settings' own: one ``TomlConfigSettingsSource`` per file, an
+``EnvSettingsSource`` with prefix ``CSPINE_`` and delimiter ``__`` over the environment
+:func:`load_settings` is given, and the CLI flags as init arguments, ordered by
+:meth:`Settings.settings_customise_sources`. Tables merge key by key; lists replace.
+
 The result is a frozen :class:`Settings` that is passed down explicitly.
 Nothing reads the environment at import time.
 """
@@ -17,12 +22,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 import secrets
 import tomllib
 from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -32,9 +40,20 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 from config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pydantic_settings.sources.types import Traversable
 
 DEFAULT_TOML = Path(__file__).with_name("default.toml")
 _AE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.+@!#$%&*()")
@@ -413,9 +432,124 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # init kwargs carry the merged TOML files with CLI flags on top; the
-        # environment must sit between them, which load_settings arranges.
-        return (init_settings,)
+        """The sources, highest priority first: CLI flags, environment, TOML files.
+
+        The TOML files and the environment are those :func:`load_settings` was given;
+        ``Settings(**flags)`` on its own reads ``config/default.toml`` and ``os.environ``
+        when it is called. pydantic-settings deep-merges the sources' tables, so a file or
+        variable that sets one key of a section keeps the other keys of the layers
+        below; a list (``[[destinations]]``, ``node.peers``) is replaced whole.
+        """
+        inputs = _LOAD_INPUTS.get() or _LoadInputs((DEFAULT_TOML,), os.environ)
+        return (
+            init_settings,
+            _EnvironSource(settings_cls, inputs.environ),
+            *(_TomlFileSource(settings_cls, path) for path in reversed(inputs.toml_files)),
+        )
+
+
+@dataclass(frozen=True)
+class _LoadInputs:
+    """What one :func:`load_settings` call reads: TOML files (lowest first), environment."""
+
+    toml_files: tuple[Path, ...]
+    environ: Mapping[str, str]
+
+
+# settings_customise_sources is a classmethod with no per-call arguments: load_settings
+# hands it the files and environment through this, set and reset around one Settings().
+_LOAD_INPUTS: ContextVar[_LoadInputs | None] = ContextVar("cspine_settings_inputs", default=None)
+
+
+class _TomlFileSource(TomlConfigSettingsSource):
+    """One TOML file; unlike the stock source, a missing or broken file is an error."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a file")
+        super().__init__(settings_cls, toml_file=path)
+
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        try:
+            return super()._read_file(file_path)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file_path} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file_path}: {exc}") from exc
+
+
+class _EnvironSource(EnvSettingsSource):
+    """``CSPINE_<SECTION>__<KEY>`` variables read from a given mapping, not ``os.environ``.
+
+    On top of the stock source: a variable naming a section the settings do not have
+    is refused (``extra="forbid"``) instead of ignored, as a misspelt key is; a value
+    that is not valid JSON where a list or table is expected is passed on as text,
+    so that validation names the setting; and entries of free-form tables
+    (``gate.stage1``) are decoded from JSON like the rest.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ  # read by _load_env_vars, which the base __init__ calls
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        if self.case_sensitive:
+            return dict(self._environ)
+        return {name.lower(): value for name, value in self._environ.items()}
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        """JSON-decode a list or table; text that is not JSON is returned unchanged."""
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            return value
+
+    def explode_env_vars(
+        self, field_name: str, field: FieldInfo, env_vars: Mapping[str, str | None]
+    ) -> dict[str, Any]:
+        """Nested variables of one section, free-form table entries decoded from JSON."""
+        exploded = super().explode_env_vars(field_name, field, env_vars)
+        decoded: dict[str, Any] = _decode_free_form(exploded, field.annotation)
+        return decoded
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        prefix = self._apply_case_sensitive(self.env_prefix)
+        delimiter = self.env_nested_delimiter or ""
+        for name, raw in self.env_vars.items():
+            if not delimiter or not name.startswith(prefix):
+                continue
+            section, sep, rest = name[len(prefix) :].partition(delimiter)
+            if sep and section not in self.settings_cls.model_fields:
+                data.setdefault(section, {})[rest] = raw
+        return data
+
+
+def _decode_free_form(value: Any, annotation: Any) -> Any:
+    """JSON-decode text found where ``annotation`` is ``Any`` (inside ``dict[str, Any]``).
+
+    pydantic-settings decodes a variable whose field is a list, a table or a model; an
+    entry of a free-form table has no such type and would stay text.
+    """
+    if isinstance(value, dict):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields = annotation.model_fields
+            return {
+                key: _decode_free_form(item, fields[key].annotation if key in fields else None)
+                for key, item in value.items()
+            }
+        if get_origin(annotation) is dict:
+            inner = get_args(annotation)[-1]
+            return {key: _decode_free_form(item, inner) for key, item in value.items()}
+        return value
+    if isinstance(value, str) and annotation is Any:
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_ae_spec(spec: str) -> tuple[str, str, int]:
@@ -432,45 +566,6 @@ def parse_ae_spec(spec: str) -> tuple[str, str, int]:
         return _check_ae_title(ae), host.strip("[]"), int(port)
     except ValueError as exc:
         raise ConfigError(f"expected AE@HOST:PORT, got {spec!r}") from exc
-
-
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
-    import json
-
-    layer: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith("CSPINE_") or "__" not in name:
-            continue
-        path = name[len("CSPINE_") :].lower().split("__")
-        try:
-            value: Any = json.loads(raw)
-        except ValueError:
-            value = raw
-        node = layer
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return layer
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {path}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
 def load_settings(
@@ -499,18 +594,19 @@ def load_settings(
     ConfigError
         When a source is unreadable or a value is invalid.
     """
-    data = _read_toml(DEFAULT_TOML)
-    if config_file:
-        data = _deep_merge(data, _read_toml(Path(config_file)))
-    data = _deep_merge(data, _env_layer(os.environ if environ is None else environ))
-    if overrides:
-        data = _deep_merge(data, _drop_none(overrides))
+    files = (DEFAULT_TOML, Path(config_file)) if config_file else (DEFAULT_TOML,)
+    inputs = _LoadInputs(files, os.environ if environ is None else environ)
+    token = _LOAD_INPUTS.set(inputs)
     try:
-        return Settings(**data)
+        return Settings(**_drop_none(overrides or {}))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"invalid setting {where}: {first['msg']}") from exc
+    except SettingsError as exc:
+        raise ConfigError(f"invalid environment setting: {exc}: {exc.__cause__}") from exc
+    finally:
+        _LOAD_INPUTS.reset(token)
 
 
 def _drop_none(mapping: Mapping[str, Any]) -> dict[str, Any]:

@@ -320,8 +320,15 @@ class GateSettings(_Section):
 
 
 class Destination(_Section):
-    """A remote AE that receives the node's results by C-STORE."""
+    """A remote AE that receives the node's results by C-STORE.
 
+    ``name`` identifies the destination in the catalog across restarts (default
+    ``AE@HOST:PORT``): deliveries waiting for it follow a change of address or transport
+    under the same name, and are held (never sent elsewhere) when the name leaves the
+    configuration.
+    """
+
+    name: str | None = Field(default=None, min_length=1, max_length=128)
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
@@ -335,6 +342,16 @@ class Destination(_Section):
         """Parse ``AE@HOST:PORT``."""
         ae, host, port = parse_ae_spec(spec)
         return cls(ae_title=ae, host=host, port=port)
+
+
+class DeliverySettings(_Section):
+    """Retries of the outbox (see ``dicom_node.delivery``)."""
+
+    max_attempts: int = Field(default=100, ge=1)
+    """Failed attempts of one delivery before it is dead-lettered (``cspine resend``
+    queues it again); with the default backoff cap about 8 hours of trying."""
+    max_backoff_s: float = Field(default=300.0, gt=0)
+    """Longest wait between two attempts (the wait doubles from 1 s)."""
 
 
 class SelectionSettings(_Section):
@@ -407,9 +424,18 @@ class Settings(BaseSettings):
     models: ModelSettings = ModelSettings()
     gate: GateSettings = GateSettings()
     destinations: tuple[Destination, ...] = ()
+    delivery: DeliverySettings = DeliverySettings()
     selection: SelectionSettings = SelectionSettings()
     worker: WorkerSettings = WorkerSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _v_destination_names(self) -> Settings:
+        names = [d.name or f"{d.ae_title}@{d.host}:{d.port}" for d in self.destinations]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"destination names must be unique; repeated: {', '.join(repeated)}")
+        return self
 
     @model_validator(mode="after")
     def _v_destination_tls(self) -> Settings:

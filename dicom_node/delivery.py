@@ -2,13 +2,17 @@
 
 * success (0x0000) or a warning status (0xBxxx, 0x0001, 0x0107, 0x0116): SENT;
 * association refused, rejected or aborted, no response, 0xA7xx: retried with
-  exponential backoff (1 s, 2 s, 4 s ... capped at ``MAX_BACKOFF_S``);
+  exponential backoff (1 s, 2 s, 4 s ... capped at ``delivery.max_backoff_s``), at most
+  ``delivery.max_attempts`` times, then dead-lettered;
 * 0xA9xx, 0xCxxx and any other failure status: DEAD (dead-lettered, visible in
-  ``cspine status``), never retried automatically.
+  ``cspine status``), never retried automatically; ``cspine resend`` queues it again.
 
-Re-sends use the same files, hence the same SOP Instance UIDs and bytes. A
-destination configured with ``tls = true`` is reached over DICOM TLS with the node's
-certificate (``node.tls``); a TLS failure counts as a failed association (retried).
+Each outbox row names a destination row (:mod:`storage.outbox`), and the transport
+comes from that row: a destination with ``tls = true`` is reached over DICOM TLS with
+the node's certificate (``node.tls``), and a TLS set-up error is retried like a refused
+association, never sent in plain TCP instead. Deliveries whose destination has left the
+configuration are held, not sent. Re-sends use the same files, hence the same SOP
+Instance UIDs and bytes.
 """
 
 from __future__ import annotations
@@ -16,20 +20,22 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
-from config import ConfigError, Settings, parse_ae_spec
+from config import ConfigError, Settings
 from dicom_node.scu import SendError, out_of_resources, send_paths, stored
-from dicom_node.tls import destination_context
+from dicom_node.tls import client_context
 from storage import Catalog, FileStore
-from storage.jobs import due_deliveries, record_delivery
 from storage.models import OutboxState
+from storage.outbox import due_deliveries, hold_delivery, record_delivery
+from storage.records import DeliveryInfo, DestinationInfo
 
 LOGGER = logging.getLogger(__name__)
-MAX_BACKOFF_S = 300.0
+HOLD_RECHECK_S = 60.0
+"""How often a held delivery (destination removed) is looked at again."""
 
 
-def backoff(attempts: int) -> float:
-    """Seconds to wait after ``attempts`` failed attempts."""
-    return min(MAX_BACKOFF_S, 2.0 ** max(0, attempts))
+def backoff(attempts: int, cap: float) -> float:
+    """Seconds to wait after ``attempts`` failed attempts (doubling, at most ``cap``)."""
+    return min(cap, 2.0 ** max(0, attempts))
 
 
 def classify(status: int | None) -> OutboxState:
@@ -41,6 +47,74 @@ def classify(status: int | None) -> OutboxState:
     return OutboxState.DEAD
 
 
+def _send_one_destination(
+    settings: Settings,
+    catalog: Catalog,
+    store: FileStore,
+    dest: DestinationInfo,
+    items: list[DeliveryInfo],
+) -> int:
+    limits = settings.delivery
+    paths = {store.root / item.file_path: item for item in items}
+    try:
+        # ConfigError: a TLS file became unreadable after start-up; retried like a
+        # refused association so the outputs wait for the fix (never plain TCP)
+        ssl_context = client_context(settings.node.tls) if dest.tls else None
+        summary = send_paths(
+            list(paths),
+            dest.ae_title,
+            dest.host,
+            dest.port,
+            settings.node.ae_title,
+            timeout=settings.node.dimse_timeout,
+            ssl_context=ssl_context,
+        )
+    except (SendError, ConfigError) as exc:
+        for item in items:
+            record_delivery(
+                catalog,
+                item.id,
+                OutboxState.PENDING,
+                "no association",
+                str(exc),
+                retry_in_s=backoff(item.attempts, limits.max_backoff_s),
+                max_attempts=limits.max_attempts,
+            )
+        LOGGER.warning(
+            "delivery failed destination=%s retry_in=%.0fs reason=%s",
+            dest.name,
+            backoff(items[0].attempts, limits.max_backoff_s),
+            exc,
+        )
+        return 0
+    delivered = 0
+    for path, item in paths.items():
+        status = summary.statuses.get(path)
+        state = classify(status)
+        label = "no response" if status is None else f"0x{status:04X}"
+        retry = backoff(item.attempts, limits.max_backoff_s)
+        state = record_delivery(
+            catalog,
+            item.id,
+            state,
+            label,
+            summary.errors.get(path),
+            retry_in_s=retry if state is OutboxState.PENDING else None,
+            max_attempts=limits.max_attempts,
+        )
+        if state is OutboxState.SENT:
+            delivered += 1
+        LOGGER.info(
+            "delivery destination=%s output_id=%d kind=%s status=%s state=%s",
+            dest.name,
+            item.output_id,
+            item.kind,
+            label,
+            state.value,
+        )
+    return delivered
+
+
 def deliver_due(settings: Settings, catalog: Catalog, store: FileStore) -> int:
     """Try every due outbox row once; one association per destination.
 
@@ -49,67 +123,26 @@ def deliver_due(settings: Settings, catalog: Catalog, store: FileStore) -> int:
     int
         How many rows were delivered.
     """
-    by_dest = defaultdict(list)
+    by_dest: dict[int, list[DeliveryInfo]] = defaultdict(list)
+    dests: dict[int, DestinationInfo] = {}
     for item in due_deliveries(catalog):
-        by_dest[item.destination].append(item)
+        by_dest[item.destination.id].append(item)
+        dests[item.destination.id] = item.destination
     delivered = 0
-    for dest, items in by_dest.items():
-        ae, host, port = parse_ae_spec(dest)
-        paths = {store.root / item.output.file_path: item for item in items}
-        try:
-            # ConfigError: a TLS file became unreadable after start-up; retried like a
-            # refused association so the outputs wait for the fix
-            ssl_context = destination_context(settings, ae, host, port)
-            summary = send_paths(
-                list(paths),
-                ae,
-                host,
-                port,
-                settings.node.ae_title,
-                timeout=settings.node.dimse_timeout,
-                ssl_context=ssl_context,
+    for dest_id, items in by_dest.items():
+        dest = dests[dest_id]
+        if not dest.active:
+            why = (
+                f"destination {dest.name} is no longer configured; held until it is "
+                "configured again (cspine status lists these)"
             )
-        except (SendError, ConfigError) as exc:
             for item in items:
-                wait = backoff(item.attempts)
-                record_delivery(
-                    catalog,
-                    item.id,
-                    OutboxState.PENDING,
-                    "no association",
-                    str(exc),
-                    retry_in_s=wait,
-                )
-            LOGGER.warning(
-                "delivery failed destination=%s retry_in=%.0fs reason=%s",
-                dest,
-                backoff(items[0].attempts),
-                exc,
-            )
+                hold_delivery(catalog, item.id, why, HOLD_RECHECK_S)
+            LOGGER.warning("deliveries held destination=%s count=%d", dest.name, len(items))
             continue
-        for path, item in paths.items():
-            status = summary.statuses.get(path)
-            state = classify(status)
-            label = "no response" if status is None else f"0x{status:04X}"
-            if state is OutboxState.PENDING:
-                record_delivery(
-                    catalog,
-                    item.id,
-                    state,
-                    label,
-                    summary.errors.get(path),
-                    retry_in_s=backoff(item.attempts),
-                )
-            else:
-                record_delivery(catalog, item.id, state, label, summary.errors.get(path))
-            if state is OutboxState.SENT:
-                delivered += 1
-            LOGGER.info(
-                "delivery destination=%s output_id=%d kind=%s status=%s state=%s",
-                dest,
-                item.output_id,
-                item.output.kind,
-                label,
-                state.value,
-            )
+        if dest.kind != "cstore":
+            for item in items:
+                hold_delivery(catalog, item.id, f"no sender for kind {dest.kind!r}", HOLD_RECHECK_S)
+            continue
+        delivered += _send_one_destination(settings, catalog, store, dest, items)
     return delivered

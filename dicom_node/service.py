@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from config import Settings, check_bind_safety
-from dicom_node import memory
+from dicom_node import destinations, memory
 from dicom_node.memory import trim_malloc
 from dicom_node.receive import Receiver, open_node_storage
 from dicom_node.scp import StorageNode
@@ -208,7 +208,8 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
     """Run the node until interrupted.
 
     Start-up order: refuse an unsafe bind, open the catalog and store, sweep orphans
-    left by a crash, start the worker, then listen (and start the other receivers).
+    left by a crash, make the destination rows match the configuration, start the
+    worker, then listen (and start the other receivers).
     """
     from dicom_node.delivery import deliver_due
 
@@ -217,6 +218,14 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
     catalog, store = open_node_storage(settings)
     repaired = reconcile(catalog, store)
     LOGGER.info("store ready tmp_swept=%d orphans_removed=%d", repaired["tmp"], repaired["orphans"])
+    for dest in destinations.sync(settings, catalog):
+        LOGGER.info(
+            "destination id=%d name=%s transport=%s outputs=%s",
+            dest.id,
+            dest.name,
+            "tls" if dest.tls else "plain",
+            ",".join(dest.outputs),
+        )
     receiver = Receiver(settings, catalog, store)
     node = StorageNode(settings, receiver)
     supervisor = WorkerSupervisor(settings) if settings.worker.enabled else None

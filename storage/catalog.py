@@ -24,17 +24,19 @@ from sqlalchemy.orm import Session, selectinload
 from config.digest import sha256_file
 from storage.db import Catalog
 from storage.errors import NotFoundError
+from storage.events import add_event
 from storage.filestore import FileStore
+from storage.jobs import enqueue_job
 from storage.models import (
     Instance,
     QuarantinedInstance,
     Refusal,
     Series,
     Study,
-    StudyEvent,
     StudyState,
     utcnow,
 )
+from storage.records import InstanceFile, SeriesFiles, StudyFiles, StudyInfo
 
 LOGGER = logging.getLogger(__name__)
 
@@ -74,11 +76,6 @@ class IngestResult:
     study_id: int | None
     instance_id: int | None = None
     detail: str = ""
-
-
-def add_event(session: Session, study_id: int, kind: str, detail: str | None = None) -> None:
-    """Append an audit event to a study."""
-    session.add(StudyEvent(study_id=study_id, kind=kind, detail=detail))
 
 
 @dataclass(frozen=True)
@@ -435,8 +432,6 @@ def mark_complete(
         study.completion_count += 1
         add_event(session, study.id, "complete", detail)
         if enqueue:
-            from storage.jobs import enqueue_job
-
             why = "study complete" if study.completion_count == 1 else "study re-completed"
             enqueue_job(session, study.id, why)
         return True
@@ -444,14 +439,7 @@ def mark_complete(
     return catalog.write(change)
 
 
-def find_study(session: Session, ref: str) -> Study:
-    """Find a study by catalog id or Study Instance UID.
-
-    Raises
-    ------
-    NotFoundError
-        When no study matches.
-    """
+def _study_row(session: Session, ref: str) -> Study:
     stmt = select(Study).options(selectinload(Study.series), selectinload(Study.events))
     study = None
     if ref.isdigit():
@@ -463,14 +451,68 @@ def find_study(session: Session, ref: str) -> Study:
     return study
 
 
-def list_studies(session: Session, limit: int = 200) -> list[Study]:
-    """Most recent studies first."""
-    return list(session.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(limit)))
+def find_study(catalog: Catalog, ref: str) -> StudyInfo:
+    """A study, with its series and audit trail, by catalog id or Study Instance UID.
+
+    Raises
+    ------
+    NotFoundError
+        When no study matches.
+    """
+    with catalog.read() as session:
+        study = _study_row(session, ref)
+        return StudyInfo.of(study, series=list(study.series), events=list(study.events))
 
 
-def count_instances(session: Session) -> int:
+def list_studies(catalog: Catalog, limit: int = 200) -> list[StudyInfo]:
+    """Most recent studies first, with their series counts."""
+    with catalog.read() as session:
+        counts = dict(
+            session.execute(
+                select(Series.study_id, func.count(Series.id)).group_by(Series.study_id)
+            ).all()
+        )
+        rows = session.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(limit))
+        return [StudyInfo.of(s, series_count=int(counts.get(s.id, 0))) for s in rows]
+
+
+def study_files(catalog: Catalog, study_id: int) -> StudyFiles:
+    """A study and the stored files of each series (paths relative to the store root).
+
+    Raises
+    ------
+    NotFoundError
+        When the study is not in the catalog (purged).
+    """
+    with catalog.read() as session:
+        study = session.get(Study, study_id)
+        if study is None:
+            raise NotFoundError(f"no study with id {study_id}")
+        series = list(
+            session.scalars(
+                select(Series)
+                .options(selectinload(Series.instances))
+                .where(Series.study_id == study_id)
+                .order_by(Series.id)
+            )
+        )
+        return StudyFiles(
+            study=StudyInfo.of(study, series=series),
+            series=tuple(
+                SeriesFiles(
+                    se.series_instance_uid,
+                    se.series_number,
+                    tuple(InstanceFile(i.sop_instance_uid, i.file_path) for i in se.instances),
+                )
+                for se in series
+            ),
+        )
+
+
+def count_instances(catalog: Catalog) -> int:
     """Number of stored instances."""
-    return int(session.scalar(select(func.count(Instance.id))) or 0)
+    with catalog.read() as session:
+        return int(session.scalar(select(func.count(Instance.id))) or 0)
 
 
 def age_seconds(when: dt.datetime) -> float:

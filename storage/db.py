@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.errors import CatalogBusyError
-from storage.models import Base
+from storage.migrate import upgrade
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,8 +35,8 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(url[len(prefix) :]) if url.startswith(prefix) and url != prefix else None
 
 
-def make_engine(url: str, busy_timeout_ms: int = 5000) -> Engine:
-    """Create the process's engine and the catalog tables.
+def make_engine(url: str, busy_timeout_ms: int = 5000, *, migrate: bool = True) -> Engine:
+    """Create the process's engine and bring the catalog to the newest schema.
 
     Parameters
     ----------
@@ -44,6 +44,8 @@ def make_engine(url: str, busy_timeout_ms: int = 5000) -> Engine:
         SQLAlchemy URL; for SQLite the parent folder is created.
     busy_timeout_ms
         How long one SQLite statement waits for another writer.
+    migrate
+        Upgrade the schema to the newest revision (:func:`storage.migrate.upgrade`).
     """
     path = _sqlite_path(url)
     if path is not None:
@@ -75,7 +77,8 @@ def make_engine(url: str, busy_timeout_ms: int = 5000) -> Engine:
         def _begin(conn: Connection) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("write") else "BEGIN")
 
-    Base.metadata.create_all(engine)
+    if migrate:
+        upgrade(engine)
     return engine
 
 

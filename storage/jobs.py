@@ -1,21 +1,55 @@
-"""Jobs and the outbox: atomic claims, recorded state changes, delivery bookkeeping."""
+"""Jobs: atomic claims, recorded state changes, outputs, and the reports on them.
+
+Every function takes the :class:`~storage.db.Catalog` and returns records of
+:mod:`storage.records`; the functions taking a ``Session`` are the building blocks
+of this package's own transactions.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
-from storage.catalog import add_event
 from storage.db import Catalog
-from storage.models import Job, JobEvent, JobState, OutboxItem, OutboxState, Output, utcnow
+from storage.errors import NotFoundError
+from storage.events import add_event
+from storage.models import (
+    Job,
+    JobEvent,
+    JobState,
+    OutboxItem,
+    OutboxState,
+    Output,
+    Refusal,
+    Study,
+    utcnow,
+)
+from storage.outbox import (
+    dead_deliveries,
+    held_deliveries,
+    list_destinations,
+    outbox_counts,
+    queue_deliveries,
+)
+from storage.records import (
+    DeliveryInfo,
+    DestinationInfo,
+    JobInfo,
+    OutputInfo,
+    RefusalInfo,
+    StatusReport,
+)
 
 LOGGER = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
+"""Claims of one job (worker deaths included) before it is failed."""
+FINISHED = (JobState.DONE, JobState.NOT_PROCESSED)
+"""The states of a job with a result."""
 
 
 def _transition(session: Session, job: Job, state: JobState, reason: str | None) -> None:
@@ -25,8 +59,9 @@ def _transition(session: Session, job: Job, state: JobState, reason: str | None)
     session.add(JobEvent(job_id=job.id, state=state, reason=reason))
 
 
-def enqueue_job(session: Session, study_id: int, reason: str) -> Job:
-    """Queue a new job version for a study; older queued versions are superseded."""
+def enqueue_job(session: Session, study_id: int, reason: str) -> int:
+    """Queue a new job version for a study (older queued versions are superseded);
+    returns the version. Inside a catalog transaction."""
     version = (
         session.scalar(select(func.max(Job.version)).where(Job.study_id == study_id)) or 0
     ) + 1
@@ -40,13 +75,35 @@ def enqueue_job(session: Session, study_id: int, reason: str) -> Job:
     session.add(JobEvent(job_id=job.id, state=JobState.QUEUED, reason=reason))
     job.reason = reason
     add_event(session, study_id, "job-queued", f"job {job.id} version {version}: {reason}")
-    return job
+    return version
 
 
-def claim_next(catalog: Catalog, worker: str) -> Job | None:
+def _study_id(session: Session, ref: str) -> int:
+    found = None
+    if ref.isdigit():
+        found = session.scalar(select(Study.id).where(Study.id == int(ref)))
+    if found is None:
+        found = session.scalar(select(Study.id).where(Study.study_instance_uid == ref))
+    if found is None:
+        raise NotFoundError(f"no study with id or Study Instance UID {ref!r}")
+    return int(found)
+
+
+def replay_study(catalog: Catalog, ref: str, reason: str = "replay requested") -> int:
+    """Queue a new job version for the study ``ref`` (id or UID); returns the version.
+
+    Raises
+    ------
+    NotFoundError
+        When no study matches.
+    """
+    return catalog.write(lambda s: enqueue_job(s, _study_id(s, ref), reason))
+
+
+def claim_next(catalog: Catalog, worker: str) -> JobInfo | None:
     """Atomically move the oldest QUEUED job to RUNNING for ``worker``."""
 
-    def claim(session: Session) -> Job | None:
+    def claim(session: Session) -> JobInfo | None:
         job = session.scalars(
             select(Job).where(Job.state == JobState.QUEUED).order_by(Job.id).limit(1)
         ).first()
@@ -56,9 +113,17 @@ def claim_next(catalog: Catalog, worker: str) -> Job | None:
         job.worker = worker
         job.heartbeat_at = utcnow()
         _transition(session, job, JobState.RUNNING, f"claimed by {worker}, attempt {job.attempts}")
-        return job
+        session.flush()
+        return JobInfo.of(job)
 
     return catalog.write(claim)
+
+
+def job_state(catalog: Catalog, job_id: int) -> JobState | None:
+    """A job's current state (``None`` if the job is gone, e.g. purged)."""
+    with catalog.read() as session:
+        state = session.scalar(select(Job.state).where(Job.id == job_id))
+        return None if state is None else JobState(state)
 
 
 def heartbeat(catalog: Catalog, job_id: int) -> None:
@@ -76,7 +141,7 @@ def finish_job(
     **fields: object,
 ) -> None:
     """Move a job to a final state with its reason and result fields (no outputs)."""
-    complete_job(catalog, job_id, state, reason or "", (), {}, **fields)
+    complete_job(catalog, job_id, state, reason or "", (), None, **fields)
 
 
 def requeue_orphans(
@@ -121,81 +186,13 @@ class NewOutput:
     sha256: str
 
 
-def queue_deliveries(
-    session: Session,
-    outputs: Sequence[Output],
-    destinations: Sequence[str],
-    kinds: Mapping[str, Sequence[str]] | None = None,
-) -> int:
-    """Queue (or re-queue) delivery of outputs; returns how many rows were queued."""
-    n = 0
-    for dest in destinations:
-        for out in outputs:
-            if kinds is not None and out.kind not in kinds.get(dest, ()):
-                continue
-            item = session.scalar(
-                select(OutboxItem).where(
-                    OutboxItem.output_id == out.id, OutboxItem.destination == dest
-                )
-            )
-            if item is None:
-                item = OutboxItem(output_id=out.id, destination=dest, attempts=0)
-                session.add(item)
-            item.state = OutboxState.PENDING
-            item.next_attempt_at = utcnow()
-            n += 1
-    return n
-
-
-def due_deliveries(catalog: Catalog, now: dt.datetime | None = None) -> list[OutboxItem]:
-    """PENDING outbox rows whose next attempt is due, with their outputs loaded."""
-    from sqlalchemy.orm import selectinload
-
-    when = now or utcnow()
-    with catalog.read() as session:
-        return list(
-            session.scalars(
-                select(OutboxItem)
-                .options(selectinload(OutboxItem.output))
-                .where(OutboxItem.state == OutboxState.PENDING, OutboxItem.next_attempt_at <= when)
-                .order_by(OutboxItem.id)
-            )
-        )
-
-
-def record_delivery(
-    catalog: Catalog,
-    item_id: int,
-    state: OutboxState,
-    status: str,
-    error: str | None = None,
-    retry_in_s: float | None = None,
-) -> None:
-    """Record one delivery attempt."""
-
-    def change(session: Session) -> None:
-        item = session.get(OutboxItem, item_id)
-        assert item is not None
-        item.attempts += 1
-        item.state = state
-        item.last_status = status
-        item.last_error = error
-        if state is OutboxState.SENT:
-            item.sent_at = utcnow()
-        if retry_in_s is not None:
-            item.next_attempt_at = utcnow() + dt.timedelta(seconds=retry_in_s)
-            item.wait_seconds = retry_in_s
-
-    catalog.write(change)
-
-
 def complete_job(
     catalog: Catalog,
     job_id: int,
     state: JobState,
     reason: str,
     outputs: Sequence[NewOutput],
-    destinations: Mapping[str, Sequence[str]],
+    destinations: Sequence[DestinationInfo] | None = None,
     **fields: object,
 ) -> None:
     """Record outputs, queue their deliveries and finish the job, in one transaction.
@@ -203,22 +200,165 @@ def complete_job(
     Parameters
     ----------
     destinations
-        ``{"AE@HOST:PORT": ("seg", "sr", ...)}``: which output kinds go where.
+        Where the outputs go (each takes the kinds it lists); default: every active
+        destination row.
+    fields
+        Job columns to set (``result_json``, ``series_instance_uid``, ...).
     """
 
     def change(session: Session) -> None:
         job = session.get(Job, job_id)
-        assert job is not None
+        if job is None:
+            raise NotFoundError(f"no job with id {job_id}")
         rows = []
         for out in outputs:
-            row = Output(job_id=job_id, **out.__dict__)
+            row = Output(job_id=job_id, **asdict(out))
             session.add(row)
             rows.append(row)
         session.flush()
-        queue_deliveries(session, rows, list(destinations), kinds=dict(destinations))
+        queue_deliveries(session, rows, _bridge(session, destinations))
         for key, value in fields.items():
             setattr(job, key, value)
         _transition(session, job, state, reason)
         add_event(session, job.study_id, f"job-{state.value.lower()}", f"job {job.id}: {reason}")
 
     catalog.write(change)
+
+
+def _bridge(session: Session, destinations: object) -> Sequence[DestinationInfo] | None:
+    # TEMPORARY while the worker moves to destination rows: the old
+    # {"AE@HOST:PORT": kinds} mapping, matched to rows by name
+    from collections.abc import Mapping
+
+    from storage.models import DestinationRow
+
+    if not isinstance(destinations, Mapping):
+        return destinations  # type: ignore[return-value]
+    out = []
+    for name, kinds in destinations.items():
+        row = session.scalar(select(DestinationRow).where(DestinationRow.name == name))
+        if row is None:
+            ae, _, rest = name.partition("@")
+            host, _, port = rest.rpartition(":")
+            row = DestinationRow(
+                name=name, ae_title=ae, host=host, port=int(port), outputs=",".join(kinds)
+            )
+            session.add(row)
+            session.flush()
+        out.append(DestinationInfo.of(row))
+    return out
+
+
+def _job_info(session: Session, job: Job) -> JobInfo:
+    outs = list(session.scalars(select(Output).where(Output.job_id == job.id).order_by(Output.id)))
+    items: dict[int, list[OutboxItem]] = {o.id: [] for o in outs}
+    if outs:
+        for item in session.scalars(
+            select(OutboxItem)
+            .options(selectinload(OutboxItem.output), selectinload(OutboxItem.destination))
+            .where(OutboxItem.output_id.in_(list(items)))
+            .order_by(OutboxItem.id)
+        ):
+            items[item.output_id].append(item)
+    events = list(
+        session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id))
+    )
+    return JobInfo.of(
+        job, events=events, outputs=tuple(OutputInfo.of(o, items[o.id]) for o in outs)
+    )
+
+
+def _latest(session: Session, study_id: int, states: Sequence[JobState]) -> Job | None:
+    stmt = select(Job).where(Job.study_id == study_id)
+    if states:
+        stmt = stmt.where(Job.state.in_(list(states)))
+    return session.scalars(stmt.order_by(Job.version.desc()).limit(1)).first()
+
+
+def latest_job(catalog: Catalog, study_id: int, states: Sequence[JobState] = ()) -> JobInfo | None:
+    """The newest job of a study (optionally only in ``states``), with its outputs."""
+    with catalog.read() as session:
+        job = _latest(session, study_id, states)
+        return None if job is None else _job_info(session, job)
+
+
+def study_jobs(catalog: Catalog, study_id: int) -> list[JobInfo]:
+    """Every job of a study, oldest first, with state history, outputs and deliveries."""
+    with catalog.read() as session:
+        jobs = session.scalars(select(Job).where(Job.study_id == study_id).order_by(Job.id))
+        return [_job_info(session, j) for j in jobs]
+
+
+def resend_results(
+    catalog: Catalog, ref: str, destinations: Sequence[DestinationInfo] | None = None
+) -> int:
+    """Queue the newest result of study ``ref`` again (same files, same UIDs).
+
+    Returns how many deliveries were queued.
+
+    Raises
+    ------
+    NotFoundError
+        When no study matches, or it has no result with outputs.
+    """
+
+    def change(session: Session) -> int:
+        study_id = _study_id(session, ref)
+        job = _latest(session, study_id, FINISHED)
+        outs = (
+            []
+            if job is None
+            else list(session.scalars(select(Output).where(Output.job_id == job.id)))
+        )
+        if not outs:
+            raise NotFoundError(f"study {ref} has no results to send")
+        return queue_deliveries(session, outs, destinations)
+
+    return catalog.write(change)
+
+
+def status_report(catalog: Catalog, recent: int = 10) -> StatusReport:
+    """Queue depth, running jobs, outbox, recent failures and refusals."""
+    with catalog.read() as session:
+        counts = dict(
+            session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all()
+        )
+        running = session.scalars(select(Job).where(Job.state == JobState.RUNNING).order_by(Job.id))
+        failed = session.scalars(
+            select(Job)
+            .where(Job.state == JobState.FAILED)
+            .order_by(Job.updated_at.desc())
+            .limit(recent)
+        )
+        refusals = session.scalars(select(Refusal).order_by(Refusal.id.desc()).limit(recent))
+        report = StatusReport(
+            job_counts={JobState(s): int(n) for s, n in counts.items()},
+            running=tuple(JobInfo.of(j) for j in running),
+            outbox_counts=outbox_counts(session),
+            failed_jobs=tuple(JobInfo.of(j) for j in failed),
+            dead_deliveries=tuple(dead_deliveries(session, recent)),
+            held_deliveries=tuple(held_deliveries(session, recent)),
+            refusals=tuple(RefusalInfo.of(r) for r in refusals),
+        )
+    return replace(report, destinations=tuple(list_destinations(catalog)))
+
+
+__all__ = [
+    "FINISHED",
+    "MAX_ATTEMPTS",
+    "DeliveryInfo",
+    "NewOutput",
+    "OutboxState",
+    "claim_next",
+    "complete_job",
+    "enqueue_job",
+    "finish_job",
+    "heartbeat",
+    "job_state",
+    "latest_job",
+    "replay_study",
+    "requeue_orphans",
+    "resend_results",
+    "status_report",
+    "study_jobs",
+]

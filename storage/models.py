@@ -230,15 +230,42 @@ class Output(Base):
     sha256: Mapped[str] = mapped_column(String(64))
 
 
+class DestinationRow(Base):
+    """A place the node sends its results to, with its transport.
+
+    Rows are made from the ``[[destinations]]`` of the receiver's settings when it
+    starts (:func:`storage.outbox.sync_destinations`) and never deleted: a destination
+    removed from the configuration keeps its row, marked inactive, so the deliveries
+    that still wait for it stay visible and are refused rather than sent elsewhere or
+    over another transport.
+    """
+
+    __tablename__ = "destinations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[str] = mapped_column(String(16), default="cstore")
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
+    outputs: Mapped[str] = mapped_column(String(128), default="seg,sr,summary")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class OutboxItem(Base):
     """One output to deliver to one destination, with its attempts."""
 
     __tablename__ = "outbox"
-    __table_args__ = (UniqueConstraint("output_id", "destination"),)
+    __table_args__ = (
+        UniqueConstraint("output_id", "destination_id", name="uq_outbox_output_destination"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"), index=True)
-    destination: Mapped[str] = mapped_column(String(128))
+    destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id"), index=True)
     state: Mapped[OutboxState] = mapped_column(Enum(OutboxState, native_enum=False), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -248,3 +275,4 @@ class OutboxItem(Base):
     wait_seconds: Mapped[float | None] = mapped_column(Float)
 
     output: Mapped[Output] = relationship()
+    destination: Mapped[DestinationRow] = relationship()

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from config import NodeError
-from dicom_node.cli import ai_cmds, job_cmds, node_cmds, purge_cmd, synth_cmd
+from dicom_node.cli import ai_cmds, db_cmds, job_cmds, node_cmds, purge_cmd, synth_cmd
 
 
 class _Group(click.Group):
@@ -31,6 +31,6 @@ def main() -> None:
     """cspine-node: a DICOM node that finds cervical-spine fractures in CT."""
 
 
-for _module in (node_cmds, job_cmds, purge_cmd, synth_cmd, ai_cmds):
+for _module in (node_cmds, job_cmds, db_cmds, purge_cmd, synth_cmd, ai_cmds):
     for _command in _module.COMMANDS:
         main.add_command(_command)

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from config import NodeError, Settings, parse_ae_spec
+from config import Settings
 from dicom_node.cli.common import configure_logging, make_settings, settings_options
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
 
 
 @click.command()
@@ -73,51 +69,37 @@ def die_with_parent(parent_pid: int) -> None:
 def replay(config_file: str | None, data_dir: str | None, study: str) -> None:
     """Queue a new job for STUDY from its stored images (a new result version)."""
     from dicom_node.receive import open_node_storage
-    from storage.catalog import find_study
-    from storage.jobs import enqueue_job
+    from storage.jobs import replay_study
 
     settings = make_settings(config_file, data_dir)
     catalog, _ = open_node_storage(settings)
-
-    def queue(session: Session) -> int:
-        s = find_study(session, study)
-        return enqueue_job(session, s.id, "replay requested").version
-
-    version = catalog.write(queue)
+    version = replay_study(catalog, study)
     click.echo(f"queued version {version} of study {study}")
 
 
 @click.command()
 @settings_options
 @click.argument("study")
-@click.option("--to", "to", default=None, metavar="AE@HOST:PORT", help="Only this destination.")
+@click.option(
+    "--to",
+    "to",
+    default=None,
+    metavar="DESTINATION",
+    help="Only this configured destination (its name, AE@HOST:PORT or id).",
+)
 def resend(config_file: str | None, data_dir: str | None, study: str, to: str | None) -> None:
-    """Send the newest results of STUDY again (same SOP Instance UIDs)."""
-    from dicom_node.jobs import latest_job
+    """Send the newest results of STUDY again (same SOP Instance UIDs).
+
+    Dead letters of that result are queued again with a fresh attempt count. Only
+    destinations the running node has configured are used, over their own transport.
+    """
+    from dicom_node.destinations import choose
     from dicom_node.receive import open_node_storage
-    from dicom_node.worker import destination_kinds
-    from storage.catalog import find_study
-    from storage.jobs import queue_deliveries
-    from storage.models import JobState
+    from storage.jobs import resend_results
 
     settings = make_settings(config_file, data_dir)
     catalog, _ = open_node_storage(settings)
-    if to:
-        ae, host, port = parse_ae_spec(to)
-        dests: dict[str, tuple[str, ...]] = {f"{ae}@{host}:{port}": ("seg", "sr", "summary")}
-    else:
-        dests = destination_kinds(settings)
-    if not dests:
-        raise NodeError("no destination: configure [[destinations]] or use --to AE@HOST:PORT")
-
-    def queue(session: Session) -> int:
-        s = find_study(session, study)
-        job = latest_job(session, s.id, (JobState.DONE, JobState.NOT_PROCESSED))
-        if job is None or not job.outputs:
-            raise NodeError(f"study {study} has no results to send")
-        return queue_deliveries(session, job.outputs, list(dests), kinds=dests)
-
-    n = catalog.write(queue)
+    n = resend_results(catalog, study, choose(catalog, to))
     click.echo(f"queued {n} deliveries; the running node sends them")
 
 
@@ -132,8 +114,8 @@ def results(config_file: str | None, data_dir: str | None, study: str) -> None:
 
     settings = make_settings(config_file, data_dir)
     catalog, _ = open_node_storage(settings)
+    s = find_study(catalog, study)
     with catalog.read() as session:
-        s = find_study(session, study)
         for line in result_lines(session, s.id):
             click.echo(line)
 
@@ -142,14 +124,14 @@ def results(config_file: str | None, data_dir: str | None, study: str) -> None:
 @settings_options
 def status(config_file: str | None, data_dir: str | None) -> None:
     """Queue depth, worker state, outbox and recent failures."""
-    from dicom_node.jobs import status_lines
     from dicom_node.receive import open_node_storage
+    from dicom_node.reports import status_lines
+    from storage.jobs import status_report
 
     settings = make_settings(config_file, data_dir)
     catalog, _ = open_node_storage(settings)
-    with catalog.read() as session:
-        for line in status_lines(session):
-            click.echo(line)
+    for line in status_lines(status_report(catalog)):
+        click.echo(line)
 
 
 COMMANDS: list[click.Command] = [worker, replay, resend, results, status]

@@ -223,17 +223,16 @@ def studies(config_file: str | None, data_dir: str | None, limit: int) -> None:
 
     settings = make_settings(config_file, data_dir)
     catalog, _store = open_node_storage(settings)
-    with catalog.read() as session:
-        rows = list_studies(session, limit)
+    rows = list_studies(catalog, limit)
+    click.echo(
+        f"{'ID':>5}  {'STATE':<10} {'SERIES':>6} {'INST':>6} {'AGE':>6}  {'FLAG':<4} STUDY UID"
+    )
+    for s in rows:
         click.echo(
-            f"{'ID':>5}  {'STATE':<10} {'SERIES':>6} {'INST':>6} {'AGE':>6}  {'FLAG':<4} STUDY UID"
+            f"{s.id:>5}  {s.state.value:<10} {s.series_count:>6} {s.instance_count:>6} "
+            f"{_fmt_age(age_seconds(s.last_received_at)):>6}  {'!' if s.flagged else '':<4} "
+            f"{s.study_instance_uid}"
         )
-        for s in rows:
-            click.echo(
-                f"{s.id:>5}  {s.state.value:<10} {len(s.series):>6} {s.instance_count:>6} "
-                f"{_fmt_age(age_seconds(s.last_received_at)):>6}  {'!' if s.flagged else '':<4} "
-                f"{s.study_instance_uid}"
-            )
     if not rows:
         click.echo("(no studies)")
 
@@ -244,37 +243,30 @@ def studies(config_file: str | None, data_dir: str | None, limit: int) -> None:
 def show(config_file: str | None, data_dir: str | None, study: str) -> None:
     """Series, counts, states and audit trail of STUDY (catalog id or Study Instance UID)."""
     from dicom_node.receive import open_node_storage
+    from dicom_node.reports import job_lines
     from storage.catalog import find_study
+    from storage.jobs import study_jobs
 
     settings = make_settings(config_file, data_dir)
     catalog, _store = open_node_storage(settings)
-    with catalog.read() as session:
-        s = find_study(session, study)
-        click.echo(f"study {s.id}  {s.study_instance_uid}")
-        click.echo(f"  state: {s.state.value}   instances: {s.instance_count}")
-        click.echo(f"  date: {s.study_date or '-'}   description: {s.study_description or '-'}")
-        if s.flagged:
-            click.echo(f"  FLAGGED: {s.flag_reason}")
-        click.echo("  series:")
-        for se in s.series:
-            lossy = " lossy" if se.lossy else ""
-            click.echo(
-                f"    #{se.series_number if se.series_number is not None else '-'} "
-                f"{se.modality or '-'} {se.instance_count} instances{lossy}  "
-                f"{se.series_description or ''}  {se.series_instance_uid}"
-            )
-        click.echo("  audit:")
-        for ev in s.events:
-            click.echo(f"    {ev.at:%Y-%m-%d %H:%M:%S}Z {ev.kind}: {ev.detail or ''}")
-        _show_jobs(session, s.id)
-
-
-def _show_jobs(session: object, study_id: int) -> None:
-    try:
-        from dicom_node.jobs import describe_jobs
-    except ImportError:
-        return
-    for line in describe_jobs(session, study_id):  # type: ignore[arg-type]
+    s = find_study(catalog, study)
+    click.echo(f"study {s.id}  {s.study_instance_uid}")
+    click.echo(f"  state: {s.state.value}   instances: {s.instance_count}")
+    click.echo(f"  date: {s.study_date or '-'}   description: {s.study_description or '-'}")
+    if s.flagged:
+        click.echo(f"  FLAGGED: {s.flag_reason}")
+    click.echo("  series:")
+    for se in s.series:
+        lossy = " lossy" if se.lossy else ""
+        click.echo(
+            f"    #{se.series_number if se.series_number is not None else '-'} "
+            f"{se.modality or '-'} {se.instance_count} instances{lossy}  "
+            f"{se.series_description or ''}  {se.series_instance_uid}"
+        )
+    click.echo("  audit:")
+    for ev in s.events:
+        click.echo(f"    {ev.at:%Y-%m-%d %H:%M:%S}Z {ev.kind}: {ev.detail or ''}")
+    for line in job_lines(study_jobs(catalog, s.id)):
         click.echo(line)
 
 

@@ -337,9 +337,10 @@ def test_failed_job_stays_visible_and_delivers_an_internal_error_sr(tmp_path, st
         assert job.reason == f"RuntimeError: {secret}"  # the operator keeps the full reason
         assert [o.kind for o in job.outputs] == ["sr"]
         job_id = job.id
-        from dicom_node.jobs import status_lines
+    from dicom_node.reports import status_lines
+    from storage.jobs import status_report
 
-        lines = list(status_lines(s))
+    lines = list(status_lines(status_report(catalog)))
     assert any("FAILED 1" in line for line in lines if line.startswith("jobs:"))
     assert any(line.startswith(f"  job {job_id} (study 1) FAILED: RuntimeError") for line in lines)
 

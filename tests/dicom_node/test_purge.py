@@ -15,7 +15,7 @@ from dicom_node.cli.purge_cmd import purge as purge_command
 from dicom_node.receive import Receiver, open_node_storage
 from storage import reconcile
 from storage.catalog import mark_complete
-from storage.jobs import NewOutput, claim_next, complete_job, record_delivery
+from storage.jobs import NewOutput, claim_next, complete_job
 from storage.models import (
     Base,
     Instance,
@@ -27,7 +27,9 @@ from storage.models import (
     Study,
     utcnow,
 )
+from storage.outbox import record_delivery, sync_destinations
 from storage.purge import parse_duration, purge
+from storage.records import DestinationSpec
 from tests.dicom_node.conftest import make_settings
 from tests.helpers import write_series
 
@@ -43,6 +45,9 @@ class Site:
         self.settings = make_settings(tmp_path)
         self.catalog, self.store = open_node_storage(self.settings)
         self.receiver = Receiver(self.settings, self.catalog, self.store)
+        sync_destinations(
+            self.catalog, [DestinationSpec(PACS, "PACS", "127.0.0.1", 104, outputs=("sr",))]
+        )
 
     def study(self, name: str, *, age: dt.timedelta, job: str | None, outbox: str = "SENT") -> int:
         """Receive a 3-slice study, optionally process it; make it ``age`` old."""
@@ -58,7 +63,7 @@ class Site:
             if job == "DONE":
                 rel = self.store.write_output(claimed.id, "sr.dcm", b"not really an SR")
                 out = NewOutput("sr", "1.2.3", generate_uid(), generate_uid(), rel, "0" * 64)
-                complete_job(self.catalog, claimed.id, JobState.DONE, "ok", [out], {PACS: ("sr",)})
+                complete_job(self.catalog, claimed.id, JobState.DONE, "ok", [out])
                 if outbox != "PENDING":
                     with self.catalog.read() as s:
                         item = s.scalars(select(OutboxItem)).all()[-1]

@@ -14,8 +14,8 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from config import Settings, load_settings
+from dicom_node import destinations as destination_rows
 from dicom_node.receive import Receiver, open_node_storage
-from dicom_node.worker import destination_kinds
 from storage import Catalog, FileStore
 from storage.catalog import mark_complete, receiving_studies
 from storage.jobs import NewOutput, claim_next, complete_job
@@ -82,7 +82,8 @@ def outbox_node(tmp_path: Path, destinations: list[dict], **sections: dict) -> O
             )
         )
         sent[str(ds.SOPInstanceUID)] = content_key(ds)
-    complete_job(catalog, job.id, JobState.DONE, "test", outputs, destination_kinds(settings))
+    destination_rows.sync(settings, catalog)  # what `cspine serve` does when it starts
+    complete_job(catalog, job.id, JobState.DONE, "test", outputs)
     return OutboxNode(settings, catalog, store, sent)
 
 

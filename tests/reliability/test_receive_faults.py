@@ -233,7 +233,8 @@ def test_refusals_table_stays_bounded_under_a_flood(tmp_path, monkeypatch):
 
 
 def test_cspine_status_lists_recent_refusals(start_node, tmp_path):
-    from dicom_node.jobs import status_lines
+    from dicom_node.reports import status_lines
+    from storage.jobs import status_report
     from tests.dicom_node.proc import cspine
 
     node = start_node()
@@ -242,8 +243,7 @@ def test_cspine_status_lists_recent_refusals(start_node, tmp_path):
     path = tmp_path / "no-pixels.dcm"
     ds.save_as(path, enforce_file_format=True)
     assert store_files(node.port, [path]) == [0xA900]
-    with node.receiver.catalog.read() as s:
-        lines = list(status_lines(s))
+    lines = list(status_lines(status_report(node.receiver.catalog)))
     assert "recent refusals on receipt:" in lines
     assert any("0xA900" in line and "Pixel Data" in line for line in lines), lines
     out = cspine("status", "--data-dir", str(node.settings.storage.data_dir))

@@ -10,6 +10,7 @@ Certificates are made per test session with the ``openssl`` command-line tool.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import socket
@@ -28,18 +29,21 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import Verification
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from config import ConfigError, load_settings
 from config.settings import TLSSettings, hash_password
+from dicom_node import destinations as destination_rows
 from dicom_node.delivery import deliver_due
+from dicom_node.reports import status_lines
 from dicom_node.scp import handle_user_id
 from dicom_node.tls import client_context, server_context
+from storage.jobs import status_report
 from storage.models import Instance, OutboxItem, OutboxState
 from tests.conftest import ROOT, free_port
 from tests.dicom_node.scu_tools import store_file
 from tests.helpers import CT, ct_slice, write_series
-from tests.reliability.outbox import outbox_node
+from tests.reliability.outbox import outbox_node, with_destinations
 
 # ---------------------------------------------------------------------------
 # a throwaway PKI
@@ -332,6 +336,47 @@ def test_delivery_to_a_tls_destination(tmp_path, pki):
         with box.catalog.read() as s:
             states = {item.state for item in s.scalars(select(OutboxItem))}
         assert states == {OutboxState.PENDING}
+    finally:
+        plain.shutdown()
+        box.catalog.dispose()
+
+
+def test_deliveries_queued_for_tls_are_never_sent_in_plain_tcp_after_a_rename(tmp_path, pki):
+    """The transport belongs to the destination row, not to whatever entry of the
+    configuration now has the same address: rows queued for a TLS destination that
+    was renamed (same AE, host and port, ``tls = false`` under another name) are held."""
+    received: list[str] = []
+
+    def on_store(event):
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    pacs_ae = AE(ae_title="PACS")
+    pacs_ae.add_supported_context(CT, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    plain = pacs_ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    node_tls = {"tls": _tls(pki, "node")}
+    try:
+        addr = {"ae_title": "PACS", "host": "127.0.0.1", "port": port}
+        box = outbox_node(tmp_path, [{**addr, "name": "secure", "tls": True}], node=node_tls)
+        assert deliver_due(box.settings, box.catalog, box.store) == 0  # TLS to a plain peer
+        settings = with_destinations(tmp_path, [{**addr, "name": "insecure"}], node=node_tls)
+        destination_rows.sync(settings, box.catalog)
+        with box.catalog.read() as s:
+            for item in s.scalars(select(OutboxItem)):
+                assert item.destination.name == "secure" and item.destination.tls
+        box.catalog.write(
+            lambda s: s.execute(update(OutboxItem).values(next_attempt_at=dt.datetime(2000, 1, 1)))
+        )
+        assert deliver_due(settings, box.catalog, box.store) == 0
+        assert received == []  # never downgraded to plain TCP
+        with box.catalog.read() as s:
+            states = {(i.state, i.last_status) for i in s.scalars(select(OutboxItem))}
+        assert states == {(OutboxState.PENDING, "held")}
+        lines = list(status_lines(status_report(box.catalog)))
+        assert any(f"secure (PACS@127.0.0.1:{port}, TLS" in line for line in lines)
     finally:
         plain.shutdown()
         box.catalog.dispose()

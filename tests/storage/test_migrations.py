@@ -1,0 +1,98 @@
+"""Catalog migrations: a new catalog and an upgraded old one end with the same schema,
+and an old catalog keeps every row."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import select
+
+from storage import Catalog
+from storage.migrate import current_revision, head_revision, upgrade
+from storage.models import (
+    Base,
+    DestinationRow,
+    Instance,
+    JobEvent,
+    OutboxItem,
+    OutboxState,
+    Refusal,
+    StudyEvent,
+)
+
+OLD = Path(__file__).with_name("data") / "catalog_pre_migrations.sql"
+
+
+def _old_catalog(path: Path) -> None:
+    con = sqlite3.connect(path)
+    con.executescript(OLD.read_text())
+    con.close()
+
+
+def _schema_diff(catalog: Catalog) -> list:
+    with catalog.engine.connect() as conn:
+        return compare_metadata(MigrationContext.configure(conn), Base.metadata)
+
+
+def test_a_new_catalog_is_built_by_the_migrations_and_matches_the_models(tmp_path):
+    catalog = Catalog(f"sqlite:///{tmp_path / 'new.sqlite'}")
+    assert current_revision(catalog.engine) == head_revision()
+    assert _schema_diff(catalog) == []
+
+
+def test_a_catalog_from_before_migrations_upgrades_in_place_with_every_row(tmp_path):
+    path = tmp_path / "old.sqlite"
+    _old_catalog(path)
+    con = sqlite3.connect(path)
+    before = {
+        t: con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+        for t in ("studies", "series", "instances", "jobs", "job_events", "outputs", "outbox")
+    }
+    con.close()
+    assert before["outbox"] == 3 and before["instances"] == 2
+
+    catalog = Catalog(f"sqlite:///{path}")
+    assert current_revision(catalog.engine) == head_revision()
+    assert _schema_diff(catalog) == []
+    con = sqlite3.connect(path)
+    after = {t: con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in before}
+    con.close()
+    assert after == before
+    with catalog.read() as s:
+        dests = {d.name: d for d in s.scalars(select(DestinationRow))}
+        # every old destination string became a row, inactive and without TLS until the
+        # receiver's configuration claims it
+        assert set(dests) == {"PACS@10.0.0.5:104", "ARCHIVE@10.0.0.6:11112"}
+        assert not any(d.active or d.tls for d in dests.values())
+        assert (dests["PACS@10.0.0.5:104"].host, dests["PACS@10.0.0.5:104"].port) == (
+            "10.0.0.5",
+            104,
+        )
+        items = {
+            (i.output_id, i.destination.name): (i.state, i.attempts, i.last_status)
+            for i in s.scalars(select(OutboxItem))
+        }
+        assert items == {
+            (1, "PACS@10.0.0.5:104"): (OutboxState.SENT, 1, "0x0000"),
+            (2, "PACS@10.0.0.5:104"): (OutboxState.PENDING, 4, "no association"),
+            (2, "ARCHIVE@10.0.0.6:11112"): (OutboxState.DEAD, 1, "0xA900"),
+        }
+        assert len(list(s.scalars(select(Instance)))) == 2
+        assert len(list(s.scalars(select(StudyEvent)))) == 1
+        assert len(list(s.scalars(select(JobEvent)))) == 1
+        assert len(list(s.scalars(select(Refusal)))) == 1
+
+
+def test_upgrade_is_idempotent_and_reports_where_it_started(tmp_path):
+    path = tmp_path / "old.sqlite"
+    _old_catalog(path)
+    catalog = Catalog(f"sqlite:///{path}")  # upgrades on open
+    assert upgrade(catalog.engine) == (head_revision(), head_revision())
+    fresh = tmp_path / "fresh.sqlite"
+    _old_catalog(fresh)
+    from sqlalchemy import create_engine
+
+    assert upgrade(create_engine(f"sqlite:///{fresh}")) == ("pre-migrations", head_revision())

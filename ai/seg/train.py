@@ -36,6 +36,7 @@ from ai.modelpkg import (
     save_package,
     select_device,
 )
+from ai.seg.augment import DomainRandomisation, domain_randomise
 from ai.seg.model import (
     ARCH_CLASS,
     DEFAULT_PACKAGE,
@@ -91,6 +92,8 @@ class TrainConfig:
     half: bool = True
     command: str = ""
     progress: bool = True
+    domain_randomisation: DomainRandomisation | None = None
+    """On-the-fly randomisation of contrast, bias, resolution, gamma and noise."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def input_spec(self) -> InputSpec:
@@ -404,6 +407,8 @@ def train(cfg: TrainConfig) -> Path:
             # Always full batches (wrapping around), so batch norm never sees a batch of 1.
             idx = perm[(b * cfg.batch_size + torch.arange(cfg.batch_size)) % n_train]
             xb, yb = augment(x_train[idx].float(), y_train[idx].float() / 255.0, gen)
+            if cfg.domain_randomisation is not None:
+                xb = domain_randomise(xb, yb, gen, cfg.domain_randomisation)
             xb, yb = xb.to(device), yb.to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 logits = net(xb)
@@ -512,7 +517,16 @@ def train(cfg: TrainConfig) -> Path:
             "loss": "BCEWithLogits + soft Dice (MONAI DiceLoss, sigmoid)",
             "bce_pos_weight": cfg.pos_weight,
             "augmentation": "random rotation/scale/shift, left-right flip, "
-            "intensity scale/shift, noise",
+            "intensity scale/shift, noise"
+            + (
+                "; domain randomisation (ai.seg.augment): per-tissue contrast, bias field, "
+                "resolution, blur, gamma, white/correlated noise"
+                if cfg.domain_randomisation is not None
+                else ""
+            ),
+            "domain_randomisation": (
+                cfg.domain_randomisation.to_json() if cfg.domain_randomisation else None
+            ),
             "seed": cfg.seed,
             "device": str(device),
             "init": init_from,

@@ -148,6 +148,14 @@ def _size(value: str) -> tuple[int, int, int]:
     help="BCE weight of foreground voxels (speeds up learning small structures).",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option(
+    "--domain-randomisation/--no-domain-randomisation",
+    "domain_randomisation",
+    default=False,
+    show_default=True,
+    help="Randomise contrast per tissue, bias field, resolution, gamma and noise on the fly "
+    "(ai.seg.augment).",
+)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --work-dir.")
 @click.option(
     "--init",
@@ -197,6 +205,7 @@ def train_seg(
     lr: float,
     pos_weight: float,
     device: str,
+    domain_randomisation: bool,
     resume: bool,
     init: str | None,
     cache_dir: str | None,
@@ -214,6 +223,7 @@ def train_seg(
 ) -> None:
     """Train the stage-1 C1-C7 segmentation network and write a model package."""
     from ai.errors import ModelLoadError
+    from ai.seg.augment import DomainRandomisation
     from ai.seg.model import PostSpec
     from ai.seg.train import TrainConfig, train
 
@@ -248,6 +258,7 @@ def train_seg(
         half=not fp32,
         command=_command_line("cspine train seg"),
         progress=not no_progress,
+        domain_randomisation=DomainRandomisation() if domain_randomisation else None,
     )
     try:
         path = train(cfg)

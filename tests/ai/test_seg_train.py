@@ -58,6 +58,7 @@ def test_train_cli_two_steps_writes_a_loadable_package(tmp_path: Path) -> None:
     assert "--seed" in meta["training"]["command"]
     assert meta["label"] == DEMO_LABEL and meta["demo"] is True
     assert meta["input"]["size"] == [32, 32, 32]
+    assert meta["training"]["domain_randomisation"] is None
     assert (tmp_path / "work" / "checkpoint.pt").is_file()
     assert list((tmp_path / "cache").rglob("*.npz"))
     model = SegModel.load(out, device="cpu")
@@ -81,9 +82,12 @@ def test_train_cli_two_steps_writes_a_loadable_package(tmp_path: Path) -> None:
               "--epochs", "1", "--max-steps", "1", "--device", "cpu", "--no-progress",
               "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     init = CliRunner().invoke(main, [*common, "--out", str(tuned), "--init", str(out),
-                                     "--work-dir", str(tmp_path / "work2")])  # fmt: skip
+                                     "--work-dir", str(tmp_path / "work2"),
+                                     "--domain-randomisation"])  # fmt: skip
     assert init.exit_code == 0, init.output
     meta = json.loads((tuned / "model.json").read_text())
+    assert meta["training"]["domain_randomisation"]["p"] == 0.8
+    assert "domain randomisation" in meta["training"]["augmentation"]
     assert meta["training"]["init"]["sha256"] == first.identity.sha256
     assert "--init" in meta["training"]["command"]
     other = [*common, "--out", str(tmp_path / "x"), "--init", str(out),

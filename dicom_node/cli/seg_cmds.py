@@ -373,5 +373,78 @@ def evaluate_seg(
         meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+@click.command("anatomy")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Folder of real CTs with cord contours: ct/*_ct.nii.gz, structures/*_structures.nii.gz "
+    "(the OpenKBP layout).",
+)
+@click.option(
+    "--negative",
+    "negatives",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="A real non-cervical CT (NIfTI file or DICOM series folder): no voxel may be C1-C7.",
+)
+@click.option("--model", default="seg-demo", show_default=True, help="Stage-1 package.")
+@click.option("--registry", type=click.Path(file_okay=False), default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--gate/--no-gate",
+    default=True,
+    show_default=True,
+    help="Judge what the node reports (intended use and plausibility checks applied) or the "
+    "raw label map.",
+)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+def evaluate_anatomy(
+    data: str,
+    negatives: tuple[str, ...],
+    model: str,
+    registry: str | None,
+    device: str,
+    gate: bool,
+    json_out: str | None,
+) -> None:
+    """Stage 1 on real CT without vertebra labels, judged against the spinal cord.
+
+    Per study: levels found, each body's distance anterior of the cord and beside it,
+    craniocaudal order; a study passes with at least 6 levels, all 5-45 mm anterior
+    and within 20 mm left-right. See ai/real_anatomy.py.
+    """
+    import numpy as np
+
+    from ai.pipeline import Pipeline
+    from ai.real_anatomy import evaluate_folder
+
+    configure_logging("WARNING")
+    pipe = Pipeline.load(seg=model, registry=registry, device=device)
+
+    def predict(vol: Any) -> Any:
+        if gate:
+            return pipe.run(vol).label_map
+        return np.asarray(pipe.seg.predict(vol).label_map)
+
+    report = evaluate_folder(Path(data), predict, negatives=[Path(n) for n in negatives])
+    report.update(model=model, gate=gate, command=_command_line("cspine evaluate anatomy"))
+    for case in report["cases"]:
+        verdict = "pass" if case["passed"] else "FAIL"
+        click.echo(f"{case['case']:<8} {case['found']} levels  {verdict}  {case['note']}")
+    for neg in report["negatives"]:
+        verdict = "pass" if neg["passed"] else "FAIL"
+        click.echo(f"negative {neg['file']}: {neg['c1_c7_voxels']} C1-C7 voxels  {verdict}")
+    med = report["anterior_mm_median"]
+    click.echo(
+        f"passed {report['passed']}/{report['studies']} studies; levels found per study "
+        f"{report['mean_levels_found'] or 0:.1f}; levels placed right "
+        f"{report['levels_placed_ok']}/{report['levels_found']}; median body "
+        f"{'-' if med is None else f'{med:.1f}'} mm anterior of the cord"
+    )
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+
+
 TRAIN: dict[str, click.Command] = {"seg": train_seg}
-EVALUATE: dict[str, click.Command] = {"seg": evaluate_seg}
+EVALUATE: dict[str, click.Command] = {"seg": evaluate_seg, "anatomy": evaluate_anatomy}

@@ -19,20 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def lps_grid(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """HU ``[x, y, z]`` (x towards patient left, y posterior, z superior) and its LPS affine."""
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    data = np.asarray(img.dataobj)
-    affine = RAS_TO_LPS @ img.affine  # RAS+ axes are now -x, -y, +z in LPS
-    flip = np.eye(4)
-    for axis in (0, 1):  # flip i and j so that they run along +x and +y of LPS
-        flip[axis, axis] = -1.0
-        flip[axis, 3] = data.shape[axis] - 1
-    data = data[::-1, ::-1, :]
-    return np.ascontiguousarray(data), affine @ flip
+from ai.real_anatomy import lps_grid
 
 
 def write_nifti_series(

@@ -15,62 +15,15 @@ import numpy as np
 import pytest
 
 from ai.pipeline import Pipeline
-from ai.types import VERTEBRAE, CTVolume
-from tests.real.nifti_series import lps_grid
+from ai.real_anatomy import OPENKBP_CORD, evaluate_folder, measure, nifti_mask, nifti_volume
+from ai.types import VERTEBRAE
 
 OPENKBP = Path("ababier_open-kbp")
-SPINAL_CORD = 102
-TO_KJI = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1.0]])
-"""Voxel (k, j, i) of a ``CTVolume`` is voxel (i, j, k) of :func:`lps_grid`."""
-
-
-def _volume(path: Path) -> CTVolume:
-    hu, affine = lps_grid(path)
-    return CTVolume(
-        hu=np.ascontiguousarray(np.transpose(hu, (2, 1, 0))).astype(np.int16),
-        affine=affine @ TO_KJI,
-    )
-
-
-def misplaced_levels(label_map: np.ndarray, cord: np.ndarray, affine: np.ndarray) -> list[str]:
-    """Levels whose centroid is not anterior of the cord or lies over 20 mm beside it.
-
-    ``cord`` is a boolean mask on the label map's grid; ``affine`` maps (k, j, i) to LPS.
-    """
-    bad = []
-    for value, name in enumerate(VERTEBRAE, start=1):
-        idx = np.argwhere(label_map == value)
-        if idx.size == 0:
-            continue
-        c = idx.mean(axis=0)
-        k = int(np.rint(c[0]))
-        at = np.argwhere(cord[k])
-        if at.size == 0:
-            bad.append(f"{name}: no cord at its level")
-            continue
-        centre = (affine @ np.r_[c, 1.0])[:3]
-        cord_c = (affine @ np.r_[k, at.mean(axis=0), 1.0])[:3]
-        if not centre[1] < cord_c[1]:  # LPS: +y is posterior
-            bad.append(f"{name}: {centre[1] - cord_c[1]:.0f} mm posterior of the cord")
-        elif abs(centre[0] - cord_c[0]) > 20.0:
-            bad.append(f"{name}: {abs(centre[0] - cord_c[0]):.0f} mm beside the cord")
-    return bad
-
-
-def test_the_cord_check_tells_a_body_in_front_from_one_behind():
-    cord = np.zeros((40, 60, 60), bool)
-    cord[:, 30:34, 28:32] = True  # rows run anterior -> posterior
-    # (k, j, i) -> LPS: slices 2 mm apart along z, rows along y, columns along x
-    affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1.0]])
-    front = np.zeros(cord.shape, np.uint8)
-    front[10:20, 12:24, 24:36] = 3  # anterior of the cord: C3
-    assert misplaced_levels(front, cord, affine) == []
-    behind = np.zeros(cord.shape, np.uint8)
-    behind[10:20, 40:50, 24:36] = 3
-    assert misplaced_levels(behind, cord, affine) == ["C3: 13 mm posterior of the cord"]
-    aside = np.zeros(cord.shape, np.uint8)
-    aside[10:20, 12:24, 54:60] = 3
-    assert misplaced_levels(aside, cord, affine)[0].startswith("C3: 27 mm beside")
+NEGATIVES = (
+    Path("wasserth_TotalSegmentator/example_ct.nii.gz"),  # abdomen-pelvis, T11-S1
+    Path("Hendrik-code_TPTBox/sample_ct/sub-ct_label-22_ct.nii.gz"),  # lumbar L2-L4
+    Path("neurolabusc_dcm_qa_ct/GE_HiSpeed_head_gantry_tilt"),  # head only, C1 at most
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +37,14 @@ def pipeline() -> Pipeline:
 def test_openkbp_reported_vertebrae_sit_on_the_cord_and_get_no_fracture_call(
     real_data, pipeline, case
 ):
-    vol = _volume(real_data / OPENKBP / "ct" / f"{case}_ct.nii.gz")
+    vol = nifti_volume(real_data / OPENKBP / "ct" / f"{case}_ct.nii.gz")
     result = pipeline.run(vol)
-    structures, _ = lps_grid(real_data / OPENKBP / "structures" / f"{case}_structures.nii.gz")
-    cord = np.transpose(structures == SPINAL_CORD, (2, 1, 0))
-    assert misplaced_levels(result.label_map, cord, vol.affine) == []
+    cord = nifti_mask(
+        real_data / OPENKBP / "structures" / f"{case}_structures.nii.gz", OPENKBP_CORD
+    )
+    placed = measure(case, result.label_map, cord, vol.affine)
+    assert [f"{lv.level}: {lv.why}" for lv in placed.levels if not lv.ok] == []
+    assert placed.in_order
     assert result.patient_probability is None or result.patient_probability < 0.5
     assert all(v.probability is None or v.probability < 0.5 for v in result.vertebrae)
     reported = [i for i, v in enumerate(VERTEBRAE) if np.any(result.label_map == i + 1)]
@@ -98,3 +54,46 @@ def test_openkbp_reported_vertebrae_sit_on_the_cord_and_get_no_fracture_call(
     # these 3.8-5.1 mm series are outside stage 2's intended use whatever stage 1 finds
     if result.not_processed is None:
         assert any(f.stage == "stage2" for f in result.findings)
+
+
+def test_the_body_measure_passes_a_spine_in_front_of_the_cord_and_fails_one_out_of_order():
+    cord = np.zeros((70, 60, 60), bool)
+    cord[:, 36:40, 28:32] = True
+    affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1.0]])
+    spine = np.zeros(cord.shape, np.uint8)
+    for level in range(7):  # C1 on top: highest slices
+        k = 62 - 9 * level
+        spine[k - 3 : k + 3, 14:34, 22:38] = level + 1  # body 2-22 mm before the cord
+    good = measure("toy", spine, cord, affine)
+    assert good.passed and good.found == 7 and good.in_order, good.note
+    assert all(5 <= lv.anterior_mm <= 45 and lv.lateral_mm < 1 for lv in good.levels)
+    swapped = spine.copy()
+    swapped[spine == 1], swapped[spine == 7] = 7, 1
+    bad = measure("toy", swapped, cord, affine)
+    assert not bad.passed and "out of craniocaudal order" in bad.note
+
+
+@pytest.fixture(scope="module")
+def anatomy_report(real_data, pipeline) -> dict:
+    """What the node reports on the OpenKBP necks and the non-cervical CTs (gate on)."""
+    return evaluate_folder(
+        real_data / OPENKBP,
+        lambda vol: pipeline.run(vol).label_map,
+        negatives=[real_data / n for n in NEGATIVES],
+    )
+
+
+def test_no_voxel_is_labelled_cervical_on_the_abdomen_lumbar_and_head_ct(anatomy_report):
+    assert [(n["file"].split("/")[-1], n["c1_c7_voxels"]) for n in anatomy_report["negatives"]] == [
+        (Path(n).name, 0) for n in NEGATIVES
+    ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue #17 target not met by seg-demo 3.0.0 (synthetic demo weights): "
+    "0 of 23 OpenKBP studies pass with the gate on (2 of 23 raw: `cspine evaluate anatomy "
+    "--no-gate`); the target is 90 %",
+)
+def test_at_least_90_percent_of_real_necks_show_6_levels_in_front_of_the_cord(anatomy_report):
+    assert anatomy_report["pass_rate"] >= 0.9, anatomy_report["passed"]

@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,12 +228,16 @@ def _facts(ds: Dataset) -> dict[str, str | None]:
     return {"kernel": kernel, "contrast": agent, "body_part": _text(ds, "BodyPartExamined")}
 
 
-def _read_headers(path: Path) -> tuple[list[_Slice], bool]:
-    """Return the frames described by one file and whether it is a localizer."""
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, TypeError, EOFError) as exc:
-        raise SeriesReadError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+def _read_headers(path: Path, ds: Dataset | None = None) -> tuple[list[_Slice], bool]:
+    """Return the frames described by one file and whether it is a localizer.
+
+    ``ds`` is the file's header when the caller has parsed it already.
+    """
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, TypeError, EOFError) as exc:
+            raise SeriesReadError(f"{path.name}: not a readable DICOM file: {exc}") from exc
     modality = ds.get("Modality")
     if modality not in (None, "", "CT"):
         raise NotCTError(f"{path.name}: Modality is {modality!r}, only CT is accepted")
@@ -350,7 +354,12 @@ def _decode(s: _Slice, cache: dict[Path, Dataset]) -> np.ndarray:
     return arr
 
 
-def load_series(paths: Sequence[Path | str], *, allow_issues: bool = True) -> CTVolume:
+def load_series(
+    paths: Sequence[Path | str],
+    *,
+    allow_issues: bool = True,
+    headers: Mapping[Path, Dataset] | None = None,
+) -> CTVolume:
     """Build an int16 HU volume from the DICOM files of one CT series.
 
     Parameters
@@ -362,6 +371,9 @@ def load_series(paths: Sequence[Path | str], *, allow_issues: bool = True) -> CT
         gantry tilt, non-axial orientation, mixed Rows/Columns, lossy compression)
         are recorded as :class:`ai.types.GeometryIssue` in ``CTVolume.issues``;
         when false each raises its :class:`ai.errors.VolumeError` subclass.
+    headers
+        Headers (read without pixel data) the caller has parsed already, by path; a
+        file without one here is read. Only the pixel data is read again.
 
     Returns
     -------
@@ -386,7 +398,8 @@ def load_series(paths: Sequence[Path | str], *, allow_issues: bool = True) -> CT
     slices: list[_Slice] = []
     n_localizers = 0
     for p in paths:
-        frames, localizer = _read_headers(Path(p))
+        path = Path(p)
+        frames, localizer = _read_headers(path, None if headers is None else headers.get(path))
         if localizer:
             n_localizers += 1
             continue

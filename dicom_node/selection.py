@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
 
 from config.settings import SelectionSettings
 from dicom_node.validate import CT_STORAGE_SOP_CLASSES
@@ -26,7 +27,12 @@ from dicom_node.validate import CT_STORAGE_SOP_CLASSES
 
 @dataclass
 class SeriesCandidate:
-    """One stored series and its files."""
+    """One stored series and its files.
+
+    ``headers`` holds the parsed headers (no pixel data) of the readable files, by path:
+    :func:`select_series` reads them once and keeps them on the chosen series only, so
+    the volume loader and the writers use them instead of parsing the files again.
+    """
 
     series_instance_uid: str
     paths: list[Path]
@@ -36,6 +42,7 @@ class SeriesCandidate:
     thickness: float = math.inf
     kernel: str = ""
     kernel_rank: int = 1
+    headers: dict[Path, Dataset] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -55,17 +62,19 @@ def _kernel_rank(kernel: str, rules: SelectionSettings) -> int:
     return 1
 
 
-def _inspect(cand: SeriesCandidate, rules: SelectionSettings) -> None:
-    headers = []
-    for path in cand.paths:
+def _read_headers(paths: list[Path]) -> dict[Path, Dataset]:
+    """The headers of the readable files among ``paths``, in order."""
+    headers: dict[Path, Dataset] = {}
+    for path in paths:
         try:
-            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+            headers[path] = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:
             continue
-    if not headers:
-        cand.rejected.append("no readable instance")
-        return
-    first = headers[0]
+    return headers
+
+
+def _check_kind(cand: SeriesCandidate, first: Dataset, rules: SelectionSettings) -> None:
+    """Rules 1 and 2 as far as the first header tells: CT, ORIGINAL/PRIMARY, no localizer."""
     modality = str(first.get("Modality", "") or "")
     sop_class = str(first.file_meta.get("MediaStorageSOPClassUID", ""))
     if modality and modality not in rules.modalities:
@@ -80,6 +89,13 @@ def _inspect(cand: SeriesCandidate, rules: SelectionSettings) -> None:
         excluded = [t for t in rules.exclude_image_types if t in image_type]
         if excluded:
             cand.rejected.append(f"{excluded[0].lower()} image")
+
+
+def _check_geometry(
+    cand: SeriesCandidate, headers: list[Dataset], rules: SelectionSettings
+) -> None:
+    """Rules 1 and 3: axial, enough images covering enough of the patient."""
+    first = headers[0]
     if int(first.get("NumberOfFrames", 1) or 1) > 1 and len(headers) == 1:
         frames = int(first.NumberOfFrames)
     else:
@@ -88,19 +104,30 @@ def _inspect(cand: SeriesCandidate, rules: SelectionSettings) -> None:
     positions = [h.get("ImagePositionPatient") for h in headers]
     if iop is None or any(p is None for p in positions):
         cand.rejected.append("no image geometry")
-    else:
-        row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
-        normal = np.cross(row, col)
-        cosine = abs(float(normal[2])) / float(np.linalg.norm(normal))
-        angle = math.degrees(math.acos(min(1.0, cosine)))
-        if angle > rules.max_obliquity_degrees:
-            cand.rejected.append(f"not axial (normal {angle:.0f} deg from the z axis)")
-        along = sorted(float(np.dot(np.asarray(p, float), normal)) for p in positions)
-        coverage = along[-1] - along[0] if along else 0.0
-        if frames < rules.min_slices:
-            cand.rejected.append(f"{frames} images < {rules.min_slices}")
-        elif coverage < rules.min_coverage_mm:
-            cand.rejected.append(f"covers {coverage:.0f} mm < {rules.min_coverage_mm:.0f} mm")
+        return
+    row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+    normal = np.cross(row, col)
+    cosine = abs(float(normal[2])) / float(np.linalg.norm(normal))
+    angle = math.degrees(math.acos(min(1.0, cosine)))
+    if angle > rules.max_obliquity_degrees:
+        cand.rejected.append(f"not axial (normal {angle:.0f} deg from the z axis)")
+    along = sorted(float(np.dot(np.asarray(p, float), normal)) for p in positions)
+    coverage = along[-1] - along[0] if along else 0.0
+    if frames < rules.min_slices:
+        cand.rejected.append(f"{frames} images < {rules.min_slices}")
+    elif coverage < rules.min_coverage_mm:
+        cand.rejected.append(f"covers {coverage:.0f} mm < {rules.min_coverage_mm:.0f} mm")
+
+
+def _inspect(cand: SeriesCandidate, rules: SelectionSettings) -> None:
+    cand.headers = _read_headers(cand.paths)
+    headers = list(cand.headers.values())
+    if not headers:
+        cand.rejected.append("no readable instance")
+        return
+    first = headers[0]
+    _check_kind(cand, first, rules)
+    _check_geometry(cand, headers, rules)
     try:
         cand.thickness = float(first.get("SliceThickness") or math.inf)
     except (TypeError, ValueError):
@@ -113,17 +140,29 @@ def _inspect(cand: SeriesCandidate, rules: SelectionSettings) -> None:
     cand.description = str(first.get("SeriesDescription", "") or "")
 
 
+def _rank(cand: SeriesCandidate) -> tuple[float, int, int]:
+    """Sort key of an eligible series: thinnest slices, bone kernel, most images."""
+    return (cand.thickness, cand.kernel_rank, -len(cand.paths))
+
+
 def select_series(candidates: list[SeriesCandidate], rules: SelectionSettings) -> Selection:
     """Apply the rules and return the chosen series with the reason for every decision."""
+    leader: SeriesCandidate | None = None  # the best so far keeps its headers, no other
     for cand in candidates:
         _inspect(cand, rules)
+        if cand.rejected or (leader is not None and _rank(leader) <= _rank(cand)):
+            cand.headers = {}
+            continue
+        if leader is not None:
+            leader.headers = {}
+        leader = cand
     eligible = [c for c in candidates if not c.rejected]
     lines = [
         f"series #{c.series_number}: {'; '.join(c.rejected)}" for c in candidates if c.rejected
     ]
     if not eligible:
         return Selection(None, "no eligible series (" + " | ".join(lines or ["no series"]) + ")")
-    eligible.sort(key=lambda c: (c.thickness, c.kernel_rank, -len(c.paths)))
+    eligible.sort(key=_rank)
     best = eligible[0]
     why = (
         f"series #{best.series_number} chosen: {len(best.paths)} axial images, "

@@ -375,13 +375,13 @@ def test_failed_job_sr_never_shares_the_uids_of_a_result_sr(tmp_path, study):
     worker = Worker(settings, catalog, store, pipeline_factory=Broken)
     _complete(catalog)
     assert worker.run_once()
-    from dicom_node.worker import _study_key, output_uid
-    from storage.models import Study
+    from dicom_node.uids import output_uid
+    from storage.catalog import find_study
 
     with catalog.read() as s:
         job = s.scalars(select(Job)).one()
         (out,) = job.outputs
-        key = _study_key(s.get(Study, job.study_id))
+        key = find_study(catalog, str(job.study_id)).key
         assert out.file_path.endswith("failed_sr.dcm")
         assert (store.root / out.file_path).is_file()
         # the UIDs a DONE or NOT_PROCESSED SR of the same job version gets

@@ -25,14 +25,11 @@ from sqlalchemy import select
 from ai.synthetic import StudySpec, generate_study, write_study
 from ai.types import VERTEBRAE, ModelIdentity, PipelineResult, VertebraResult
 from dicom_node import writers
+from dicom_node.encode import encode
 from dicom_node.receive import Receiver, open_node_storage
-from dicom_node.worker import (
-    Worker,
-    _encode,
-    implausible_fraction,
-    release_memory,
-    tune_malloc,
-)
+from dicom_node.stages.heap import release_memory, tune_malloc
+from dicom_node.stages.load import implausible_fraction
+from dicom_node.worker import Worker
 from dicom_node.writers import render_summary, write_seg, write_summary, write_summary_image
 from dicom_node.writers.common import blank_invalid_dates, present_vertebrae
 from dicom_node.writers.summary import _label_centroid
@@ -236,7 +233,7 @@ def test_encoded_outputs_are_the_bytes_pydicom_writes() -> None:
     for ds in (seg, sc, sr, odd, implicit, trailing):
         before = sorted(ds.keys())
         pixels = ds.get("PixelData")
-        assert _encode(ds) == _pydicom_bytes(ds)
+        assert encode(ds) == _pydicom_bytes(ds)
         assert sorted(ds.keys()) == before  # Pixel Data is back
         assert ds.get("PixelData") is pixels
 
@@ -245,7 +242,7 @@ def test_encoding_copies_large_pixel_data_once() -> None:
     ds = _image(bytes(range(256)) * (64 << 10))  # 16 MiB
     ds["PixelData"].VR = "OB or OW"  # as highdicom leaves it; resolved as pydicom does
     size = len(ds.PixelData)
-    encoded, peak = _peak(_encode, ds)
+    encoded, peak = _peak(encode, ds)
     assert len(encoded) > size
     assert peak < 1.2 * size  # the joined file; pydicom's own path holds 3 copies at once
     del encoded

@@ -1,0 +1,170 @@
+"""Store, and the job path's only door to storage.
+
+:class:`JobStorage` holds every call the worker and its stages make to the catalog and
+the file store: claims, heartbeats, orphan recovery, the study's files, the output
+files, and the job's completion with its deliveries. :class:`StoreStage` encodes and
+stores the outputs the write stage yields, one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from config import Settings
+from config.digest import sha256_file
+from dicom_node.encode import encode
+from dicom_node.selection import SeriesCandidate
+from dicom_node.stages.context import JobContext, JobFacts, PendingOutput
+from storage import Catalog, FileStore
+from storage.catalog import study_files
+from storage.jobs import (
+    NewOutput,
+    claim_next,
+    complete_job,
+    finish_job,
+    heartbeat,
+    job_state,
+    requeue_orphans,
+)
+from storage.models import JobState
+
+LOGGER = logging.getLogger(__name__)
+
+
+def destination_kinds(settings: Settings) -> dict[str, tuple[str, ...]]:
+    """``{"AE@HOST:PORT": output kinds}`` from the settings."""
+    return {f"{d.ae_title}@{d.host}:{d.port}": tuple(d.outputs) for d in settings.destinations}
+
+
+def where(exc: BaseException, frames: int = 4) -> str:
+    """Where ``exc`` was raised: the innermost ``frames`` frames as ``file:line:function``,
+    without the exception text or source lines (they may quote header values)."""
+    stack = traceback.extract_tb(exc.__traceback__)[-frames:]
+    return (
+        " < ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(stack)) or "?"
+    )
+
+
+class JobStorage:
+    """The catalog and file store as the job path uses them.
+
+    Parameters
+    ----------
+    settings, catalog, store
+        The process's settings (its destinations), catalog and file store.
+    """
+
+    def __init__(self, settings: Settings, catalog: Catalog, store: FileStore) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.store = store
+
+    def claim(self, worker: str) -> JobFacts | None:
+        """Claim the oldest queued job for ``worker``."""
+        job = claim_next(self.catalog, worker)
+        return None if job is None else JobFacts.of(job)
+
+    def heartbeat(self, job_id: int) -> None:
+        """Record that the job's worker is alive."""
+        heartbeat(self.catalog, job_id)
+
+    def requeue_orphans(self, is_alive: Callable[[str], bool]) -> list[int]:
+        """Re-queue RUNNING jobs whose worker died; returns their ids."""
+        return requeue_orphans(self.catalog, is_alive)
+
+    def state(self, job_id: int) -> JobState | None:
+        """A job's current state (``None``: gone)."""
+        return job_state(self.catalog, job_id)
+
+    def study_series(self, study_id: int) -> tuple[str, list[SeriesCandidate]]:
+        """The study's key and its series, with the paths of their files."""
+        files = study_files(self.catalog, study_id)
+        root = self.store.root
+        return files.study.key, [
+            SeriesCandidate(
+                se.series_instance_uid, [root / f.file_path for f in se.files], se.series_number
+            )
+            for se in files.series
+        ]
+
+    def save(self, job_id: int, out: PendingOutput) -> NewOutput:
+        """Encode and store one output file of a job."""
+        ds = out.dataset
+        rel = self.store.write_output(job_id, f"{out.name}.dcm", encode(ds))
+        return NewOutput(
+            kind=out.kind,
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            file_path=rel,
+            sha256=sha256_file(self.store.root / rel),
+        )
+
+    def complete(
+        self,
+        job_id: int,
+        state: JobState,
+        reason: str,
+        outputs: Sequence[NewOutput],
+        **fields: object,
+    ) -> None:
+        """Record the outputs, queue their deliveries and finish the job, at once.
+
+        The one place the job path names its destinations: still the configured
+        ``{"AE@HOST:PORT": kinds}``, which storage matches to its destination rows.
+        """
+        complete_job(
+            self.catalog,
+            job_id,
+            state,
+            reason,
+            outputs,
+            destination_kinds(self.settings),  # type: ignore[arg-type]
+            **fields,
+        )
+
+    def finish(self, job_id: int, state: JobState, reason: str) -> None:
+        """Finish a job without outputs."""
+        finish_job(self.catalog, job_id, state, reason)
+
+
+class StoreStage:
+    """Encode and store each output the write stage yields.
+
+    An error writing the SR of a job that ended early (of the types its ending
+    tolerates) leaves the job without outputs; any other error propagates.
+    """
+
+    name: ClassVar[str] = "store"
+    after_end: ClassVar[bool] = True
+
+    def __call__(self, ctx: JobContext) -> None:
+        tolerated = ctx.end.tolerated if ctx.end is not None else ()
+        try:
+            for out in ctx.pending:
+                ctx.outputs.append(ctx.storage.save(ctx.job.id, out))
+                del out  # the dataset goes as the write stage drops it
+        except tolerated as exc:
+            _sr_not_written(ctx, exc)
+            ctx.outputs = []
+        finally:
+            ctx.pending = ()
+        if ctx.end is None:
+            ctx.timings["write"] = time.perf_counter() - ctx.write_started
+
+
+def _sr_not_written(ctx: JobContext, exc: BaseException) -> None:
+    if ctx.end is not None and ctx.end.state is JobState.FAILED:
+        LOGGER.warning(
+            "failed-job SR not written job_id=%d error=%s at=%s",
+            ctx.job.id,
+            type(exc).__name__,
+            where(exc),
+        )
+    else:
+        LOGGER.warning("not-processed SR not written job_id=%d: %s", ctx.job.id, exc)

@@ -1,46 +1,15 @@
-"""Catalog reports about jobs, results and the outbox, for the admin CLI."""
+"""The result table of ``cspine results``, from a job's typed result record."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
-
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from ai.types import INCOMPLETE_CODES, Finding, VertebraResult
 from dicom_node.result import JobResult
 from storage import Catalog
 from storage import jobs as storage_jobs
-from storage.models import Job, JobState, OutboxItem, OutboxState, Output, Refusal
-
-
-def latest_job(session: Session, study_id: int, states: tuple[JobState, ...] = ()) -> Job | None:
-    """The newest job of a study, optionally restricted to some states."""
-    stmt = select(Job).where(Job.study_id == study_id)
-    if states:
-        stmt = stmt.where(Job.state.in_(states))
-    return session.scalars(stmt.order_by(Job.version.desc()).limit(1)).first()
-
-
-def describe_jobs(session: Session, study_id: int) -> Iterator[str]:
-    """Lines describing every job of a study, its state history and deliveries."""
-    jobs = session.scalars(select(Job).where(Job.study_id == study_id).order_by(Job.id)).all()
-    if not jobs:
-        return
-    yield "  jobs:"
-    for job in jobs:
-        yield f"    job {job.id} v{job.version} {job.state.value}: {job.reason or ''}"
-        for ev in job.events:
-            yield f"      {ev.at:%H:%M:%S}Z {ev.state.value}: {ev.reason or ''}"
-        for out in job.outputs:
-            items = session.scalars(select(OutboxItem).where(OutboxItem.output_id == out.id))
-            for item in items:
-                yield (
-                    f"      {out.kind} -> {item.destination}: {item.state.value} "
-                    f"after {item.attempts} attempt(s), last {item.last_status or '-'}"
-                )
+from storage.records import JobInfo
 
 
 def _verdict(p: float | None, threshold: float, vertebra: VertebraResult | None) -> str:
@@ -95,7 +64,7 @@ def record_lines(record: JobResult) -> Iterator[str]:
     yield "timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in record.timings.items())
 
 
-def job_result_lines(finished: Any, newest: Any = None) -> Iterator[str]:
+def job_result_lines(finished: JobInfo | None, newest: JobInfo | None = None) -> Iterator[str]:
     """The result table of ``finished``, the newest DONE or NOT_PROCESSED job of a study
     (``None``: none yet, and ``newest`` is the study's newest job, if any).
 
@@ -110,60 +79,8 @@ def job_result_lines(finished: Any, newest: Any = None) -> Iterator[str]:
     yield from record_lines(JobResult.from_json(finished.result_json))
 
 
-def result_lines(catalog: Catalog | Session, study_id: int) -> Iterator[str]:
+def result_lines(catalog: Catalog, study_id: int) -> Iterator[str]:
     """The result table of the newest finished job of a study (``cspine results``)."""
-    finished: Any
-    newest: Any
-    if isinstance(catalog, Catalog):
-        finished = storage_jobs.latest_job(catalog, study_id, storage_jobs.FINISHED)
-        newest = None if finished else storage_jobs.latest_job(catalog, study_id)
-    else:  # TEMPORARY: a Session, as the CLI passes one today
-        finished = latest_job(catalog, study_id, (JobState.DONE, JobState.NOT_PROCESSED))
-        newest = None if finished else latest_job(catalog, study_id)
+    finished = storage_jobs.latest_job(catalog, study_id, storage_jobs.FINISHED)
+    newest = None if finished else storage_jobs.latest_job(catalog, study_id)
     yield from job_result_lines(finished, newest)
-
-
-def status_lines(session: Session, recent: int = 10) -> Iterator[str]:
-    """Queue depth, running jobs, outbox and recent failures."""
-    counts = dict(session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all())
-    yield "jobs: " + ", ".join(f"{s.value} {counts.get(s, 0)}" for s in JobState)
-    for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)):
-        yield (
-            f"  running: job {job.id} (study {job.study_id}) on {job.worker}, "
-            f"heartbeat {job.heartbeat_at:%H:%M:%S}Z"
-        )
-    box = dict(
-        session.execute(
-            select(OutboxItem.state, func.count(OutboxItem.id)).group_by(OutboxItem.state)
-        ).all()
-    )
-    yield "outbox: " + ", ".join(f"{s.value} {box.get(s, 0)}" for s in OutboxState)
-    failed = session.scalars(
-        select(Job)
-        .where(Job.state == JobState.FAILED)
-        .order_by(Job.updated_at.desc())
-        .limit(recent)
-    ).all()
-    dead = session.scalars(
-        select(OutboxItem)
-        .where(OutboxItem.state == OutboxState.DEAD)
-        .order_by(OutboxItem.id.desc())
-        .limit(recent)
-    ).all()
-    if failed or dead:
-        yield "recent failures:"
-    for job in failed:
-        yield f"  job {job.id} (study {job.study_id}) FAILED: {job.reason}"
-    for item in dead:
-        out = session.get(Output, item.output_id)
-        kind = out.kind if out else "?"
-        why = f"{item.last_status} {item.last_error or ''}"
-        yield f"  delivery {item.id} {kind} -> {item.destination} DEAD: {why}"
-    refusals = session.scalars(select(Refusal).order_by(Refusal.id.desc()).limit(recent)).all()
-    if refusals:
-        yield "recent refusals on receipt:"
-    for ref in refusals:
-        yield (
-            f"  {ref.refused_at:%Y-%m-%d %H:%M:%S}Z from {ref.calling_ae or '(import)'} "
-            f"0x{ref.status:04X}: {ref.reason}"
-        )

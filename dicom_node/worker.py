@@ -20,7 +20,7 @@ from dicom_node import stages
 from dicom_node.liveness import is_alive, worker_id
 from dicom_node.stages import JobContext, JobFacts, JobStorage
 from dicom_node.stages.heap import tune_malloc
-from dicom_node.stages.store import destination_kinds, where
+from dicom_node.stages.store import where
 from storage import Catalog, FileStore
 
 LOGGER = logging.getLogger(__name__)
@@ -133,4 +133,4 @@ class Worker:
             stages.run_failed(ctx, f"{type(exc).__name__}: {exc}")
 
 
-__all__ = ["Worker", "destination_kinds"]
+__all__ = ["Worker"]

@@ -216,37 +216,13 @@ def complete_job(
             session.add(row)
             rows.append(row)
         session.flush()
-        queue_deliveries(session, rows, _bridge(session, destinations))
+        queue_deliveries(session, rows, destinations)
         for key, value in fields.items():
             setattr(job, key, value)
         _transition(session, job, state, reason)
         add_event(session, job.study_id, f"job-{state.value.lower()}", f"job {job.id}: {reason}")
 
     catalog.write(change)
-
-
-def _bridge(session: Session, destinations: object) -> Sequence[DestinationInfo] | None:
-    # TEMPORARY while the worker moves to destination rows: the old
-    # {"AE@HOST:PORT": kinds} mapping, matched to rows by name
-    from collections.abc import Mapping
-
-    from storage.models import DestinationRow
-
-    if not isinstance(destinations, Mapping):
-        return destinations  # type: ignore[return-value]
-    out = []
-    for name, kinds in destinations.items():
-        row = session.scalar(select(DestinationRow).where(DestinationRow.name == name))
-        if row is None:
-            ae, _, rest = name.partition("@")
-            host, _, port = rest.rpartition(":")
-            row = DestinationRow(
-                name=name, ae_title=ae, host=host, port=int(port), outputs=",".join(kinds)
-            )
-            session.add(row)
-            session.flush()
-        out.append(DestinationInfo.of(row))
-    return out
 
 
 def _job_info(session: Session, job: Job) -> JobInfo:

@@ -115,9 +115,8 @@ def results(config_file: str | None, data_dir: str | None, study: str) -> None:
     settings = make_settings(config_file, data_dir)
     catalog, _ = open_node_storage(settings)
     s = find_study(catalog, study)
-    with catalog.read() as session:
-        for line in result_lines(session, s.id):
-            click.echo(line)
+    for line in result_lines(catalog, s.id):
+        click.echo(line)
 
 
 @click.command()

@@ -36,11 +36,6 @@ from storage.models import JobState
 LOGGER = logging.getLogger(__name__)
 
 
-def destination_kinds(settings: Settings) -> dict[str, tuple[str, ...]]:
-    """``{"AE@HOST:PORT": output kinds}`` from the settings."""
-    return {f"{d.ae_title}@{d.host}:{d.port}": tuple(d.outputs) for d in settings.destinations}
-
-
 def where(exc: BaseException, frames: int = 4) -> str:
     """Where ``exc`` was raised: the innermost ``frames`` frames as ``file:line:function``,
     without the exception text or source lines (they may quote header values)."""
@@ -115,18 +110,10 @@ class JobStorage:
     ) -> None:
         """Record the outputs, queue their deliveries and finish the job, at once.
 
-        The one place the job path names its destinations: still the configured
-        ``{"AE@HOST:PORT": kinds}``, which storage matches to its destination rows.
+        The outputs go to every active destination row that takes their kind (the rows
+        ``cspine serve`` made from its configuration when it started).
         """
-        complete_job(
-            self.catalog,
-            job_id,
-            state,
-            reason,
-            outputs,
-            destination_kinds(self.settings),  # type: ignore[arg-type]
-            **fields,
-        )
+        complete_job(self.catalog, job_id, state, reason, outputs, None, **fields)
 
     def finish(self, job_id: int, state: JobState, reason: str) -> None:
         """Finish a job without outputs."""

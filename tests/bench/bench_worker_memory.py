@@ -164,12 +164,18 @@ def child(data: Path, truth: Path | None = None) -> dict[str, Any]:
         pipeline.run = run_with_truth
     marks = Marks()
     marks.wrap(ai.volume, "load_series", "load_series")
+    import dicom_node.stages.load as load_stage
+    import dicom_node.stages.store as store_stage
+
+    # the job path's stages (older checkouts: the worker module)
+    marks.wrap(load_stage, "implausible_fraction", "implausible_fraction")
     marks.wrap(worker_mod, "implausible_fraction", "implausible_fraction")
     marks.wrap(pipeline.seg, "predict", "stage 1 (seg.predict)")
     marks.wrap(pipeline.cls, "predict", "stage 2 (cls.predict)")
     # write_summary: what the worker called before it rendered first (older checkouts)
     for name in ("render_summary", "write_seg", "write_sr", "write_summary", "write_summary_image"):
         marks.wrap(writers, name, name)
+    marks.wrap(store_stage.JobStorage, "save", "save (encode + store)")
     marks.wrap(worker_mod.Worker, "_save", "_save (encode + store)")
     t0 = time.perf_counter()
     assert worker.run_once(), "no job queued"

@@ -19,6 +19,7 @@ from ai.types import VERTEBRAE, ModelIdentity, PipelineResult, VertebraResult
 from dicom_node.delivery import classify, deliver_due
 from dicom_node.receive import Receiver, open_node_storage
 from dicom_node.selection import SeriesCandidate, select_series
+from dicom_node import destinations as destination_rows
 from dicom_node.worker import Worker
 from storage.catalog import mark_complete
 from storage.jobs import requeue_orphans
@@ -72,6 +73,7 @@ def _node(tmp_path, study, destinations=()):
             environ={},
         )
     catalog, store = open_node_storage(settings)
+    destination_rows.sync(settings, catalog)  # as `cspine serve` does when it starts
     receiver = Receiver(settings, catalog, store)
     files = write_study(study, tmp_path / "study")
     for path in files:
@@ -251,6 +253,7 @@ def test_study_without_eligible_series_is_not_processed_and_says_why(tmp_path, p
         environ={},
     )
     catalog, store = open_node_storage(settings)
+    destination_rows.sync(settings, catalog)  # as `cspine serve` does when it starts
     receiver = Receiver(settings, catalog, store)
     scout = next(e for e in study.extra_series if e.name == "scout")
     from ai.synthetic import write_series

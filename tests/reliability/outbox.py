@@ -51,6 +51,7 @@ def complete_study(settings, folder: Path, slices: int) -> tuple:
     Returns ``(catalog, store)``.
     """
     catalog, store = open_node_storage(settings)
+    destination_rows.sync(settings, catalog)  # what `cspine serve` does when it starts
     receiver = Receiver(settings, catalog, store, environ={})
     for path in write_series(folder, slices):
         assert receiver.accept(path, consume=False).status == 0
@@ -82,7 +83,6 @@ def outbox_node(tmp_path: Path, destinations: list[dict], **sections: dict) -> O
             )
         )
         sent[str(ds.SOPInstanceUID)] = content_key(ds)
-    destination_rows.sync(settings, catalog)  # what `cspine serve` does when it starts
     complete_job(catalog, job.id, JobState.DONE, "test", outputs)
     return OutboxNode(settings, catalog, store, sent)
 

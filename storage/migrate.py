@@ -68,14 +68,20 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     """
     _quiet()
     with engine.connect() as conn:
-        conn.info["write"] = True  # BEGIN IMMEDIATE on SQLite: one migrator at a time
-        before: str | None = MigrationContext.configure(conn).get_current_revision()
-        cfg = _config(conn)
-        if before is None and inspect(conn).has_table("studies"):
-            command.stamp(cfg, BASELINE)
-            before = "pre-migrations"
-        command.upgrade(cfg, "head")
-        conn.commit()
+        # BEGIN IMMEDIATE on SQLite: one migrator at a time. ``info`` belongs to the
+        # pooled connection, so the flag must go before the connection is reused for
+        # reads (a read under BEGIN IMMEDIATE would wait for every writer).
+        conn.info["write"] = True
+        try:
+            before: str | None = MigrationContext.configure(conn).get_current_revision()
+            cfg = _config(conn)
+            if before is None and inspect(conn).has_table("studies"):
+                command.stamp(cfg, BASELINE)
+                before = "pre-migrations"
+            command.upgrade(cfg, "head")
+            conn.commit()
+        finally:
+            conn.info.pop("write", None)
     after = head_revision()
     if before is None:
         LOGGER.debug("new catalog at schema revision %s", after)

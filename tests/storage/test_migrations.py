@@ -96,3 +96,32 @@ def test_upgrade_is_idempotent_and_reports_where_it_started(tmp_path):
     from sqlalchemy import create_engine
 
     assert upgrade(create_engine(f"sqlite:///{fresh}")) == ("pre-migrations", head_revision())
+
+
+def test_opening_a_catalog_leaves_no_pooled_connection_in_write_mode(tmp_path):
+    """A read must not take the write lock: after the migration on open, every pooled
+    connection begins reads with a plain BEGIN (a held writer does not block them)."""
+    import sqlite3 as sq
+    import threading
+
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}", busy_timeout_ms=200)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        conn = sq.connect(tmp_path / "c.sqlite", isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        holding.set()
+        release.wait(10)
+        conn.execute("COMMIT")
+        conn.close()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert holding.wait(10)
+        with catalog.read() as s:  # would raise "database is locked" under BEGIN IMMEDIATE
+            assert s.scalar(select(Instance.id)) is None
+    finally:
+        release.set()
+        t.join()
+        catalog.dispose()

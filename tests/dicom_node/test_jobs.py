@@ -16,10 +16,10 @@ from sqlalchemy import select, update
 
 from ai.synthetic import StudySpec, generate_study, write_study
 from ai.types import VERTEBRAE, ModelIdentity, PipelineResult, VertebraResult
+from dicom_node import destinations as destination_rows
 from dicom_node.delivery import classify, deliver_due
 from dicom_node.receive import Receiver, open_node_storage
 from dicom_node.selection import SeriesCandidate, select_series
-from dicom_node import destinations as destination_rows
 from dicom_node.worker import Worker
 from storage.catalog import mark_complete
 from storage.jobs import requeue_orphans

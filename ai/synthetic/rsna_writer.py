@@ -52,19 +52,25 @@ MIXED_SYNTAXES: tuple[str, ...] = ("explicit", "jpeg-lossless", "j2k-lossless")
 """Choices for ``transfer_syntax="mixed"``: study seed modulo 3 picks one."""
 
 
-def segmentation_nifti(labels: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+def segmentation_nifti(
+    labels: np.ndarray, affine: np.ndarray, max_code: int = 19
+) -> nib.Nifti1Image:
     """The RSNA-convention NIfTI image of a label map on a volume grid.
 
     Parameters
     ----------
     labels
         uint8 ``[slice, row, column]`` aligned with a volume whose voxel-to-LPS matrix
-        is ``affine`` (:mod:`ai.types` convention). Codes >= 20 are written as 0.
+        is ``affine`` (:mod:`ai.types` convention). Codes above ``max_code`` are written
+        as 0.
     affine
         The volume's 4x4 voxel-to-LPS matrix.
+    max_code
+        Highest code kept: 19 (T12) for generator v1, whose codes 20 and 21 are the skull
+        and mandible; 24 (L5) for generator v2 (``SyntheticStudyV2.rsna_max_code``).
     """
     S, R, _ = labels.shape
-    data = np.where(labels >= 20, 0, labels).astype(np.uint8).transpose(2, 1, 0)[:, ::-1, :]
+    data = np.where(labels > max_code, 0, labels).astype(np.uint8).transpose(2, 1, 0)[:, ::-1, :]
     step_k, step_j, step_i = affine[:3, 0], affine[:3, 1], affine[:3, 2]
     origin = affine[:3, 3] + (R - 1) * step_j
     if step_k[2] < 0:  # slices must ascend in z along the third NIfTI axis
@@ -102,6 +108,7 @@ def manifest_entry(study: SyntheticStudy, **extra: object) -> dict:
             }
             for f in study.fractures
         ],
+        **getattr(study, "manifest_extra", {}),
         **extra,
     }
 
@@ -213,7 +220,9 @@ def write_rsna_dataset(
             with_seg = rng.uniform() < segmentation_fraction
             write_rsna_study(out, study, ts)
             if with_seg:
-                img = segmentation_nifti(study.labels, study.volume.affine)
+                img = segmentation_nifti(
+                    study.labels, study.volume.affine, getattr(study, "rsna_max_code", 19)
+                )
                 nib.save(img, out / "segmentations" / f"{study.study_uid}.nii")
             train.writerow(
                 [study.study_uid, study.patient_overall]

@@ -97,6 +97,23 @@ LOGGER = logging.getLogger(__name__)
     help="plain layout: also write a scout and a soft-tissue-kernel series.",
 )
 @click.option(
+    "--generator",
+    type=click.Choice(["v1", "v2"]),
+    default="v1",
+    show_default=True,
+    help="v1: the generator the shipped demo models were trained on; v2: phantoms from "
+    "anatomical parts with cortex, marrow texture, soft tissue and CT-like noise.",
+)
+@click.option(
+    "--field",
+    "body_field",
+    type=click.Choice(["neck", "head", "thorax", "lumbar", "abdomen", "random"]),
+    default="neck",
+    show_default=True,
+    help="v2 only: body region; head, thorax, lumbar and abdomen carry no cervical labels "
+    "(out-of-scope negatives); random: neck 80 %, the others 5 % each.",
+)
+@click.option(
     "--send",
     "send_to",
     default=None,
@@ -120,6 +137,8 @@ def synth(
     n_slices: int | None,
     segmentation_fraction: float,
     extra_series: bool,
+    generator: str,
+    body_field: str,
     send_to: str | None,
     calling_ae: str,
 ) -> None:
@@ -128,6 +147,7 @@ def synth(
 
     from ai.synthetic import StudySpec, generate_study, write_rsna_dataset, write_study
     from ai.synthetic.rsna_writer import manifest_entry, write_manifest
+    from ai.synthetic.v2 import V2Options, generate_study_v2
 
     settings = make_settings(config_file, data_dir)
     target = parse_ae_spec(send_to) if send_to else None
@@ -142,6 +162,8 @@ def synth(
             "node cannot store them; use --layout plain to send",
             param_hint="--send",
         )
+    if generator == "v1" and body_field != "neck":
+        raise click.BadParameter("fields other than neck need --generator v2", param_hint="--field")
     if extra_series and layout == "rsna":
         raise click.BadParameter(
             "extra series exist only in the plain layout", param_hint="--extra-series"
@@ -157,6 +179,7 @@ def synth(
             fov_mm=(128.0, 358.0) if rows >= 384 else (120.0, 180.0),
             slice_spacing=(0.5, 1.25) if rows >= 256 else (1.0, 3.0),
         )
+        options = V2Options(body_field=body_field)
     except ValueError as exc:
         raise NodeError(str(exc)) from exc
     out = Path(out_dir)
@@ -167,7 +190,10 @@ def synth(
 
     def generated() -> Iterator[SyntheticStudy]:
         for i in range(studies):
-            study = generate_study(seed + i, spec)
+            if generator == "v2":
+                study: SyntheticStudy = generate_study_v2(seed + i, spec, options)
+            else:
+                study = generate_study(seed + i, spec)
             yield study
             bar.update(1)
 

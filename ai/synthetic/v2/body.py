@@ -89,8 +89,8 @@ def ellipse(
     """
     if a <= 0.2 or b <= 0.2:
         return
-    c0, c1 = np.searchsorted(xs, cx - a - px), np.searchsorted(xs, cx + a + px)
-    r0, r1 = np.searchsorted(ys, cy - b - px), np.searchsorted(ys, cy + b + px)
+    c0, c1 = int(np.searchsorted(xs, cx - a - px)), int(np.searchsorted(xs, cx + a + px))
+    r0, r1 = int(np.searchsorted(ys, cy - b - px)), int(np.searchsorted(ys, cy + b + px))
     if y_min is not None:
         r0 = max(r0, int(np.searchsorted(ys, y_min)))
     if c1 <= c0 or r1 <= r0:

@@ -19,6 +19,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -263,7 +264,8 @@ def _plan(
     s = lv.scale
     gap = float(rng.uniform(0.15, 0.45) if subtle else rng.uniform(0.8, 2.0) * max(1.0, dx / 0.7))
     disp = float(rng.uniform(0.0, 0.4) if subtle else rng.uniform(1.2, 4.0) * max(1.0, dx / 0.7))
-    ph = tuple(float(x) for x in rng.uniform(0, 6.28, 3))
+    p3 = rng.uniform(0, 6.28, 3)
+    ph = (float(p3[0]), float(p3[1]), float(p3[2]))
     cuts: list[Cut] = []
 
     def unit(x: np.ndarray) -> np.ndarray:
@@ -331,7 +333,7 @@ def _plan(
         n = unit(nrm)
         shift = (n * 0.5 + np.array([0, 0, rng.choice([-1.0, 1.0])]) * 0.6) * disp
         cuts.append(Cut(n, float(n @ pt), gap, shift, pt, 7.0 * s, 0.3, ph))
-    record = {
+    record: dict[str, Any] = {
         "severity": "subtle" if subtle else "obvious",
         "gap_mm": round(gap, 2),
         "displacement_mm": round(disp, 2),
@@ -547,13 +549,16 @@ def generate_study_v2(
                 H / 2 + 0.5,
                 lv.info.body[1] + 0.5,
             )
-            rec = {"severity": "subtle" if subtle else "obvious", "height_loss": round(loss, 3)}
+            rec: dict[str, Any] = {
+                "severity": "subtle" if subtle else "obvious",
+                "height_loss": round(loss, 3),
+            }
             fractures.append(Fracture(vertebra=n, kind=kind, height_loss=round(loss, 3)))
         else:
             cuts, rec = _plan(frng, lv, kind, subtle, dx)
             lv.info.bone.cuts = cuts
             fractures.append(
-                Fracture(vertebra=n, kind=kind, displacement_mm=rec["displacement_mm"])
+                Fracture(vertebra=n, kind=kind, displacement_mm=float(rec["displacement_mm"]))
             )
         frac_records.append({"vertebra": n, "kind": kind, **rec})
 
@@ -565,7 +570,7 @@ def generate_study_v2(
 
     canal = [lv.centre + lv.R[:, 1] * lv.info.canal_v for lv in levels]
     contrast = rng.uniform() < options.contrast_rate
-    H = {
+    tissue_hu: dict[str, float] = {
         "fat": rng.uniform(-115, -85),
         "muscle": rng.uniform(40, 60),
         "csf": rng.uniform(4, 15),
@@ -596,7 +601,7 @@ def generate_study_v2(
         z_t1=by["T1"].centre[2],
         z_t4=by["T4"].centre[2],
         z_t12=by["T12"].centre[2],
-        hu=H,
+        hu=tissue_hu,
         sg=sg,
         fat_mm=rng.uniform(4, 12),
         neck_a=rng.uniform(54, 66) * sg,
@@ -629,7 +634,8 @@ def generate_study_v2(
         bone.cortex_hu = float(np.clip(cortex_base + rng.uniform(-100, 100), 850, 1700))
         bone.trab_hu = float(np.clip(trab_base + rng.uniform(-30, 30), 70, 420))
         bone.marrow = float(rng.uniform(15, 60))
-        bone.marrow_phase = tuple(float(x) for x in rng.uniform(0, 6.28, 3))
+        m3 = rng.uniform(0, 6.28, 3)
+        bone.marrow_phase = (float(m3[0]), float(m3[1]), float(m3[2]))
         if body_field != "neck" and lv.name in VERTEBRAE:
             bone.code = 0 if body_field == "head" else bone.code
         res = render_bone(canvas, bone)
@@ -655,15 +661,15 @@ def generate_study_v2(
         for i in rng.choice(len(teeth), size=int(rng.integers(1, 4)), replace=False):
             teeth[int(i)].cortex_hu = teeth[int(i)].trab_hu = 3500.0
             metal_teeth.append(teeth[int(i)])
-    for b in others:
-        render_bone(canvas, b)
+    for other in others:
+        render_bone(canvas, other)
     streak = float(rng.uniform(300, 900))
     for tooth in metal_teeth:
         part = tooth.parts[0]
         cz = (part.lo[2] + part.hi[2]) / 2
         cxy = ((part.lo[0] + part.hi[0]) / 2, (part.lo[1] + part.hi[1]) / 2)
-        for k in np.nonzero(np.abs(zs - cz) < 4.0)[0]:
-            imaging.metal_streaks(canvas.hu[k], xs, ys, [cxy], rng, streak)
+        for kz in np.nonzero(np.abs(zs - cz) < 4.0)[0]:
+            imaging.metal_streaks(canvas.hu[int(kz)], xs, ys, [cxy], rng, streak)
 
     # ------------------------------------------------------------ imaging
     kernel = "soft" if rng.uniform() < options.soft_kernel_rate else "bone"

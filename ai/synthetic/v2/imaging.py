@@ -45,11 +45,11 @@ def add_noise(hu: np.ndarray, rng: np.random.Generator, sigma: np.ndarray, kerne
     S, R, C = hu.shape
     m = 24
     bank = noise_bank(rng, (R + m, C + m), kernel)
-    picks = rng.integers(0, bank.shape[0], size=S)
-    offs = rng.integers(0, m, size=(S, 2))
+    picks: np.ndarray = rng.integers(0, int(bank.shape[0]), size=(S,))
+    offs: np.ndarray = rng.integers(0, m, size=(S, 2))
     for k in range(S):
-        oy, ox = offs[k]
-        hu[k] += F32(sigma[k]) * bank[picks[k], oy : oy + R, ox : ox + C]
+        oy, ox = int(offs[k, 0]), int(offs[k, 1])
+        hu[k] += F32(sigma[k]) * bank[int(picks[k]), oy : oy + R, ox : ox + C]
 
 
 def blur(hu: np.ndarray, dx: float, dz: float, kernel: str, thickness: float) -> None:

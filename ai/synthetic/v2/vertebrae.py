@@ -535,10 +535,10 @@ def _c1(s: float) -> VertebraInfo:
         (0.0, post_v),
     ]
     for sd in (1.0, -1.0):
-        for p0, p1 in itertools.pairwise(pts_p):
+        for q0, q1 in itertools.pairwise(pts_p):
             parts.append(
                 capsule(
-                    (sd * p0[0], p0[1], 0.5), (sd * p1[0], p1[1], 0.5), 2.5, squash=sq_p, blend=1.5
+                    (sd * q0[0], q0[1], 0.5), (sd * q1[0], q1[1], 0.5), 2.5, squash=sq_p, blend=1.5
                 )
             )
     parts.append(ellipsoid((0.0, post_v, 0.0), (5.0, 3.5, d["POST_H"] / 2 + 0.8)))

@@ -388,6 +388,11 @@ def _disc_bone(upper: _Level, lower: _Level, hu_disc: float, vacuum: bool) -> Bo
     )
 
 
+HEAD_AND_NECK_RATE = 0.3
+"""Fraction of ``full`` neck fields that run up to the skull vault (60-100 mm above the
+foramen magnum) instead of stopping 15-35 mm above it."""
+
+
 def generate_study_v2(
     seed: int, spec: StudySpec | None = None, options: V2Options | None = None
 ) -> SyntheticStudyV2:
@@ -441,8 +446,10 @@ def generate_study_v2(
         neck_mode = spec.field_of_view
     u = rng.uniform(size=4)
     if body_field == "neck":
+        # a third of the full fields reach the vault, as head-and-neck planning CTs do
+        full_top = z_fm + 15 + 20 * u[0] if u[2] >= HEAD_AND_NECK_RATE else z_fm + 60 + 40 * u[3]
         top = {
-            "full": z_fm + 15 + 20 * u[0],
+            "full": full_top,
             "no_skull": min(_z_extent(c1)[1] + 0.5 + 2.5 * u[0], z_fm - 1.0),
             "c1_c5": z_fm + 5 + 20 * u[0],
         }[neck_mode]

@@ -3,7 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
-SYSTEM_TOOLS := storescu:dcmtk dciodvfy:dicom3tools /usr/sbin/Orthanc:orthanc openssl:openssl
+# postgresql: the tests start their own server from /usr/lib/postgresql/<version>/bin
+SYSTEM_TOOLS := storescu:dcmtk dciodvfy:dicom3tools /usr/sbin/Orthanc:orthanc openssl:openssl \
+  /usr/lib/postgresql/*/bin/pg_ctl:postgresql
 
 .PHONY: run test lint bench reliability venv system-tools clean
 

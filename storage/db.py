@@ -1,11 +1,19 @@
-"""One engine and session factory per process, SQLite tuned for a single writer.
+"""One engine and session factory per process, on SQLite or PostgreSQL.
 
-SQLite runs in WAL mode with ``synchronous=FULL`` (a committed transaction survives
-power loss), a busy timeout, and foreign keys on. Writers in one process are
-serialised by a lock, and those waiting for it together share one commit (group
-commit, :meth:`Catalog.write`); writers in other processes (worker, import) wait on the busy
-timeout and :meth:`Catalog.write` keeps a "database is locked" error away from callers
-until a deadline, after which :class:`CatalogBusyError` is raised.
+SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL`` (a committed
+transaction survives power loss), a busy timeout, and foreign keys on; a write
+transaction starts with ``BEGIN IMMEDIATE``. PostgreSQL (``postgresql+psycopg://``, for
+several receivers and workers on several hosts) runs at READ COMMITTED; the rules that
+must hold across hosts rest on unique constraints and row locks (``SELECT ... FOR
+UPDATE [SKIP LOCKED]``, which SQLAlchemy leaves out on SQLite, where the write lock
+already serialises writers).
+
+Writers in one process are serialised by a lock, and those waiting for it together
+share one commit (group commit, :meth:`Catalog.write`). A transient failure (SQLite:
+"database is locked"; PostgreSQL: a lost or refused connection, a deadlock, a
+serialisation failure) is retried until a deadline, after which
+:class:`CatalogBusyError` is raised, so a receiver answers 0xA700 and never
+acknowledges what it could not commit.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.errors import CatalogBusyError
@@ -35,6 +43,28 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(url[len(prefix) :]) if url.startswith(prefix) and url != prefix else None
 
 
+def is_postgres(url_or_engine: str | Engine) -> bool:
+    """Whether a URL or engine is PostgreSQL."""
+    if isinstance(url_or_engine, Engine):
+        return url_or_engine.dialect.name == "postgresql"
+    return url_or_engine.startswith("postgresql")
+
+
+def transient(exc: BaseException, engine: Engine) -> bool:
+    """Whether a database error is worth retrying (lock wait, lost connection).
+
+    SQLite: "database is locked" or "busy". PostgreSQL: any operational error (refused
+    or lost connection, deadlock, serialisation failure, lock not available) and a
+    connection closed under us.
+    """
+    if not isinstance(exc, DBAPIError):
+        return False
+    if engine.dialect.name == "sqlite":
+        text = str(exc).lower()
+        return isinstance(exc, OperationalError) and ("locked" in text or "busy" in text)
+    return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+
+
 def make_engine(url: str, busy_timeout_ms: int = 5000, *, migrate: bool = True) -> Engine:
     """Create the process's engine and bring the catalog to the newest schema.
 
@@ -43,7 +73,8 @@ def make_engine(url: str, busy_timeout_ms: int = 5000, *, migrate: bool = True) 
     url
         SQLAlchemy URL; for SQLite the parent folder is created.
     busy_timeout_ms
-        How long one SQLite statement waits for another writer.
+        How long one SQLite statement waits for another writer; on PostgreSQL, how
+        long a connection attempt may take (at least 1 s).
     migrate
         Upgrade the schema to the newest revision (:func:`storage.migrate.upgrade`).
     """
@@ -53,13 +84,25 @@ def make_engine(url: str, busy_timeout_ms: int = 5000, *, migrate: bool = True) 
         # Create the file ourselves, owner + group only: SQLite gives its -wal and -shm
         # files the mode of the database file.
         os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o640))
-    engine = create_engine(
-        url,
-        connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000}
-        if url.startswith("sqlite")
-        else {},
-        pool_pre_ping=False,
-    )
+    if is_postgres(url):
+        # one pooled connection per association thread at most; a connection that the
+        # server dropped is replaced before use rather than failing the statement
+        engine = create_engine(
+            url,
+            connect_args={"connect_timeout": max(1, busy_timeout_ms // 1000)},
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=30,
+            pool_timeout=busy_timeout_ms / 1000,
+        )
+    else:
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000}
+            if url.startswith("sqlite")
+            else {},
+            pool_pre_ping=False,
+        )
     if url.startswith("sqlite"):
 
         @event.listens_for(engine, "connect")
@@ -94,22 +137,22 @@ class _Pending:
         self.done = False
 
 
-def _in_savepoint(session: Session, fn: Callable[[Session], Any]) -> tuple[Any, Exception | None]:
+def _in_savepoint(
+    session: Session, fn: Callable[[Session], Any], engine: Engine
+) -> tuple[Any, Exception | None]:
     """``fn(session)`` in a SAVEPOINT: its result, or its exception after a rollback to it.
 
-    A lock error is raised (the whole batch is retried), any other error is returned.
+    A transient error (:func:`transient`) is raised (the whole batch is retried), any
+    other error is returned.
     """
     try:
         with session.begin_nested():
             result = fn(session)
             session.flush()
         return result, None
-    except OperationalError as exc:
-        text = str(exc).lower()
-        if "locked" in text or "busy" in text:
-            raise
-        return None, exc
     except Exception as exc:
+        if transient(exc, engine):
+            raise
         return None, exc
 
 
@@ -140,11 +183,27 @@ class Catalog:
         self._pending_lock = threading.Lock()
         self._pending: list[_Pending] = []
 
+    @property
+    def postgres(self) -> bool:
+        """Whether the catalog is on PostgreSQL."""
+        return is_postgres(self.engine)
+
     @contextmanager
     def read(self) -> Iterator[Session]:
-        """A session for reading."""
-        with self.sessions() as session:
-            yield session
+        """A session for reading.
+
+        Raises
+        ------
+        CatalogBusyError
+            On PostgreSQL, when the server cannot be reached (a transient failure).
+        """
+        try:
+            with self.sessions() as session:
+                yield session
+        except DBAPIError as exc:
+            if self.postgres and transient(exc, self.engine):
+                raise CatalogBusyError(f"catalog unreachable: {type(exc.orig).__name__}") from exc
+            raise
 
     def write(self, fn: Callable[[Session], T], *, deadline_s: float | None = None) -> T:
         """Run ``fn(session)`` in a ``BEGIN IMMEDIATE`` transaction and commit it.
@@ -207,17 +266,15 @@ class Catalog:
                                 session.flush()
                             else:
                                 for item in batch:
-                                    outcomes.append(_in_savepoint(session, item.fn))
+                                    outcomes.append(_in_savepoint(session, item.fn, self.engine))
                     finally:
                         conn.info.pop("write", None)
-            except OperationalError as exc:
-                text = str(exc).lower()
-                if "locked" not in text and "busy" not in text:
+            except DBAPIError as exc:
+                if not transient(exc, self.engine):
                     raise
                 if time.monotonic() >= deadline:
-                    raise CatalogBusyError(
-                        f"catalog locked by another writer for more than {limit:.0f} s"
-                    ) from exc
+                    what = "unreachable or locked" if self.postgres else "locked by another writer"
+                    raise CatalogBusyError(f"catalog {what} for more than {limit:.0f} s") from exc
                 LOGGER.warning("catalog busy, retrying in %.2f s", delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)

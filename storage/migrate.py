@@ -10,6 +10,10 @@ Three cases, decided on one connection:
 * a catalog already under Alembic is upgraded to the newest revision (nothing to do
   when it is current).
 
+One migrator at a time: on SQLite the migration runs under ``BEGIN IMMEDIATE``; on
+PostgreSQL (where DDL is transactional too) it first takes a transaction-level advisory
+lock, so processes of several hosts that open a new catalog at once build it once.
+
 ``cspine db upgrade`` runs the same on demand, ``cspine db current`` shows the
 revision. The ``alembic`` command line is not needed.
 """
@@ -23,12 +27,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, inspect
+from sqlalchemy import Connection, Engine, inspect, text
 
 LOGGER = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
 """The schema of every release before the catalog had migrations."""
+MIGRATION_LOCK = 0x63737069  # "cspi"
+"""PostgreSQL advisory lock key held while a process migrates the catalog."""
 
 
 def _quiet() -> None:
@@ -73,6 +79,8 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
         # reads (a read under BEGIN IMMEDIATE would wait for every writer).
         conn.info["write"] = True
         try:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             before: str | None = MigrationContext.configure(conn).get_current_revision()
             cfg = _config(conn)
             if before is None and inspect(conn).has_table("studies"):

@@ -74,3 +74,37 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (``tests/storage/pg.py``), stopped at the end."""
+    import subprocess
+
+    from tests.storage.pg import PostgresServer, require_postgres
+
+    server = PostgresServer(require_postgres())
+    try:
+        server.start()
+    except subprocess.CalledProcessError as exc:
+        log = server.log.read_text(errors="replace")[-2000:] if server.log.exists() else ""
+        server.stop()
+        pytest.fail(f"PostgreSQL did not start: {exc.stderr!r} {log}", pytrace=False)
+    yield server
+    server.stop()
+
+
+ENGINES = ("sqlite", "postgresql")
+"""The catalog engines a parametrised test runs on."""
+
+
+@pytest.fixture(params=ENGINES)
+def database_url(request, tmp_path):
+    """URL of an empty catalog database, once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+        return
+    server = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)

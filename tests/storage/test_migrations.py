@@ -37,10 +37,39 @@ def _schema_diff(catalog: Catalog) -> list:
         return compare_metadata(MigrationContext.configure(conn), Base.metadata)
 
 
-def test_a_new_catalog_is_built_by_the_migrations_and_matches_the_models(tmp_path):
-    catalog = Catalog(f"sqlite:///{tmp_path / 'new.sqlite'}")
+def test_a_new_catalog_is_built_by_the_migrations_and_matches_the_models(database_url):
+    catalog = Catalog(database_url)
     assert current_revision(catalog.engine) == head_revision()
     assert _schema_diff(catalog) == []
+    assert upgrade(catalog.engine) == (head_revision(), head_revision())
+    catalog.dispose()
+
+
+def test_processes_opening_a_new_catalog_at_once_build_it_once(database_url):
+    """Several processes (hosts) start on an empty catalog together: one migrates, the
+    others wait for it and find the schema current."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from storage import Catalog; "
+        "c = Catalog(sys.argv[1]); c.dispose(); print('ok')"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, database_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-800:] for _, err in outs]
+    catalog = Catalog(database_url)
+    assert current_revision(catalog.engine) == head_revision()
+    assert _schema_diff(catalog) == []
+    catalog.dispose()
 
 
 def test_a_catalog_from_before_migrations_upgrades_in_place_with_every_row(tmp_path):

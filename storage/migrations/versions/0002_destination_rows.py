@@ -97,3 +97,9 @@ def upgrade() -> None:
     op.create_index("ix_outbox_output_id", "outbox", ["output_id"])
     op.create_index("ix_outbox_state", "outbox", ["state"])
     op.create_index("ix_outbox_destination_id", "outbox", ["destination_id"])
+    if bind.dialect.name == "postgresql":
+        # the rows kept their ids: move the id sequence past them
+        op.execute(
+            "SELECT setval(pg_get_serial_sequence('outbox', 'id'), "
+            "COALESCE((SELECT MAX(id) FROM outbox), 0) + 1, false)"
+        )

@@ -173,34 +173,36 @@ class IntendedUse:
                     )
                 changes[key] = (lo, hi)
         if "max_tilt_deg" in overrides:
-            value = float(overrides["max_tilt_deg"])
-            if value > self.max_tilt_deg or value < 0:
+            tilt = float(overrides["max_tilt_deg"])
+            if tilt > self.max_tilt_deg or tilt < 0:
                 raise ValueError(
-                    f"{self.stage} max_tilt_deg {value:g} would widen the model's "
+                    f"{self.stage} max_tilt_deg {tilt:g} would widen the model's "
                     f"{self.max_tilt_deg:g}; a site may only narrow it"
                 )
-            changes["max_tilt_deg"] = value
+            changes["max_tilt_deg"] = tilt
         if "min_coverage_mm" in overrides:
-            value = float(overrides["min_coverage_mm"])
-            if value < self.min_coverage_mm:
+            coverage = float(overrides["min_coverage_mm"])
+            if coverage < self.min_coverage_mm:
                 raise ValueError(
-                    f"{self.stage} min_coverage_mm {value:g} would widen the model's "
+                    f"{self.stage} min_coverage_mm {coverage:g} would widen the model's "
                     f"{self.min_coverage_mm:g}; a site may only narrow it"
                 )
-            changes["min_coverage_mm"] = value
+            changes["min_coverage_mm"] = coverage
         if "kernel_refused" in overrides:
             extra = tuple(str(p) for p in overrides["kernel_refused"])
             changes["kernel_refused"] = self.kernel_refused + tuple(
                 p for p in extra if p not in self.kernel_refused
             )
         if "contrast" in overrides:
-            value = str(overrides["contrast"])
-            if value not in CONTRAST_RULES or (self.contrast != "any" and value != self.contrast):
+            contrast = str(overrides["contrast"])
+            if contrast not in CONTRAST_RULES or (
+                self.contrast != "any" and contrast != self.contrast
+            ):
                 raise ValueError(
-                    f"{self.stage} contrast {value!r} would widen the model's "
+                    f"{self.stage} contrast {contrast!r} would widen the model's "
                     f"{self.contrast!r}; a site may only narrow it"
                 )
-            changes["contrast"] = value
+            changes["contrast"] = contrast
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import torch
 from ai import metrics
 from ai.cls.data import StudyCrops
 from ai.cls.model import PATIENT_MODES, ClsModel, noisy_or
+from ai.cls.net import FractureNet
 from ai.cls.ood import (
     FEATURES,
     OOD_FILE,
@@ -88,7 +89,7 @@ def crop_table(
 
 
 def head_outputs(
-    net: torch.nn.Module,
+    net: FractureNet,
     items: Sequence[StudyCrops],
     device: torch.device,
     ood: OODStats | None,

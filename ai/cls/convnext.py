@@ -124,7 +124,9 @@ class ConvNeXt(nn.Module):
         self.pool = pool
         if len(depths) != len(dims) or not depths:
             raise ValueError(f"depths {depths} and dims {dims} must be equally long, non-empty")
-        self.out_dim = int(dims[-1])
+        self.dims = tuple(int(d) for d in dims)
+        """Channels of each stage's output map."""
+        self.out_dim = self.dims[-1]
         self.downsample = nn.ModuleList()
         if stem == "patch":
             first: nn.Module = nn.Sequential(

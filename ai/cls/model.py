@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ai.cls.crops import CropBatch, CropConfig, extract_crops
-from ai.cls.net import FractureNet, build
+from ai.cls.net import FractureNet, build, with_memory_format
 from ai.cls.ood import OOD_FILE, Calibration, HeadOutput, OODStats, run_heads
 from ai.errors import InferenceError, ModelLoadError
 from ai.modelpkg import ModelPackage, load_module, read_package, resolve_package, select_device
@@ -64,7 +64,7 @@ class ClsModel:
         self.ood = ood
         self.calibration = calibration or Calibration()
         if device.type == "cuda":
-            self.net = self.net.to(memory_format=torch.channels_last)
+            self.net = with_memory_format(self.net, torch.channels_last)
 
     @classmethod
     def load(

@@ -18,7 +18,7 @@ study, then C1..C7).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ from torch import nn
 from ai.cls.convnext import VARIANTS, ConvNeXt
 
 N_VERTEBRAE = 7
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 class FractureNet(nn.Module):
@@ -163,3 +165,23 @@ class FractureNet(nn.Module):
 def build(params: dict[str, Any]) -> FractureNet:
     """Build a :class:`FractureNet` from a package's ``architecture.params``."""
     return FractureNet(**params)
+
+
+def with_memory_format(module: _M, memory_format: torch.memory_format) -> _M:
+    """Move ``module``'s 4-D parameters and buffers to ``memory_format`` (in place).
+
+    Parameters
+    ----------
+    module
+        Any module; returned as it came in, for chaining.
+    memory_format
+        ``torch.channels_last`` on CUDA (faster ConvNeXt convolutions), or
+        ``torch.contiguous_format`` before saving weights.
+
+    Returns
+    -------
+    nn.Module
+        ``module`` itself.
+    """
+    # torch's stubs omit the memory_format keyword that Module.to accepts at run time
+    return module.to(memory_format=memory_format)  # type: ignore[call-overload]

@@ -64,6 +64,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from scipy import optimize
 
+from ai.cls.net import FractureNet
 from ai.errors import ModelLoadError
 from ai.modelpkg import sha256_file, verify_file
 
@@ -346,7 +347,7 @@ class HeadOutput:
 
 @torch.inference_mode()
 def run_heads(
-    net: torch.nn.Module,
+    net: FractureNet,
     feats: torch.Tensor,
     present: np.ndarray,
     ood: OODStats | None,

@@ -34,7 +34,7 @@ from ai import metrics
 from ai.cls.crops import CropConfig
 from ai.cls.data import StudyCrops
 from ai.cls.model import ARCHITECTURE_CLASS, PATIENT_MODES, noisy_or
-from ai.cls.net import FractureNet, build
+from ai.cls.net import FractureNet, build, with_memory_format
 from ai.modelpkg import DEMO_LABEL, save_package
 from ai.types import VERTEBRAE
 
@@ -330,7 +330,10 @@ def _slice_auc(
         x = torch.stack([items[i].crops[v, s] for i, v, s in index[c : c + 256]])
         scores.append(head(encoder(x.float().div_(255.0).to(device))).squeeze(1).float().cpu())
     encoder.train(was_training)
-    return metrics.auc(labels, torch.cat(scores).numpy())
+    value = metrics.auc(labels, torch.cat(scores).numpy())
+    if value is None:  # callers monitor only label sets with both classes
+        raise ValueError("the slice AUC needs labels of both classes")
+    return value
 
 
 def pretrain_encoder(
@@ -389,8 +392,7 @@ def pretrain_encoder(
     stride = 2 ** (stage + 2)
     box_head: nn.Module | None = None
     if use_boxes:
-        dim = encoder.stages[stage][0].dwconv.in_channels
-        box_head = nn.Conv2d(dim, 1, 1).to(device)
+        box_head = nn.Conv2d(encoder.dims[stage], 1, 1).to(device)
         params += list(box_head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 7)
@@ -670,7 +672,7 @@ def train(
     net = net.to(device)
     cuda = device.type == "cuda"
     if cuda:
-        net = net.to(memory_format=torch.channels_last)
+        net = with_memory_format(net, torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
@@ -755,7 +757,7 @@ def train(
     seconds = time.perf_counter() - t_start
     if best is not None:
         net.load_state_dict(best[1])
-    net = net.to(memory_format=torch.contiguous_format).cpu()
+    net = with_memory_format(net, torch.contiguous_format).cpu()
     result_metrics: dict[str, Any] = {}
     patient_mode = "head"
     if val_items:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Sequence
+from typing import TypeAlias, cast
 
 import highdicom as hd
 from pydicom import Dataset
@@ -78,6 +79,12 @@ PROCEDURE = codes.cid100.CTUnspecifiedBodyRegion
 PATIENT_TRACKING_ID = "patient"
 NOT_PROCESSED_TRACKING_ID = "study not processed"
 
+MeasurementGroup: TypeAlias = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+)
+"""A TID 1501 or TID 1411 measurement group, as the SR holds one per finding."""
+
 SR_SERIES_DESCRIPTION = "C-spine SR"
 NOT_PROCESSED_SERIES_DESCRIPTION = "C-spine no result"
 
@@ -120,7 +127,7 @@ def _algorithm(
     )
 
 
-def _add_comments(group: hd.sr.Template, texts: Sequence[str]) -> None:
+def _add_comments(group: MeasurementGroup, texts: Sequence[str]) -> None:
     for text in texts:
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(
@@ -139,10 +146,10 @@ def _vertebra_group(
     sop_instance_uid: str,
     threshold: float,
     algorithm: hd.sr.AlgorithmIdentification,
-) -> hd.sr.Template:
+) -> MeasurementGroup:
     name = verdict.label
     measurements = []
-    if verdict.assessed:
+    if verdict.assessed and verdict.probability is not None:
         measurements.append(
             hd.sr.Measurement(
                 name=PROBABILITY, value=float(verdict.probability), unit=PROBABILITY_UNIT
@@ -151,15 +158,9 @@ def _vertebra_group(
     evaluations = [
         hd.sr.QualitativeEvaluation(name=FRACTURE, value=_verdict(verdict.probability, threshold))
     ]
-    common = {
-        "finding_type": FRACTURE,
-        "finding_sites": [hd.sr.FindingSite(VERTEBRA_CODES[name])],
-        "algorithm_id": algorithm,
-        "measurements": measurements,
-        "qualitative_evaluations": evaluations,
-    }
-    group: hd.sr.Template
-    if segment_number is not None:
+    sites = [hd.sr.FindingSite(VERTEBRA_CODES[name])]
+    group: MeasurementGroup
+    if seg_dataset is not None and segment_number is not None:
         group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=tracking_uid(seg_dataset.SOPInstanceUID, name), identifier=name
@@ -170,14 +171,22 @@ def _vertebra_group(
                 segment_number=segment_number,
                 source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
             ),
-            **common,
+            finding_type=FRACTURE,
+            finding_sites=sites,
+            algorithm_id=algorithm,
+            measurements=measurements,
+            qualitative_evaluations=evaluations,
         )
     else:
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=tracking_uid(sop_instance_uid, name), identifier=name
             ),
-            **common,
+            finding_type=FRACTURE,
+            finding_sites=sites,
+            algorithm_id=algorithm,
+            measurements=measurements,
+            qualitative_evaluations=evaluations,
         )
     if not verdict.assessed:
         _add_comments(group, [f"not assessed: {verdict.reason or 'no reason given'}"])
@@ -316,7 +325,7 @@ def write_sr(
     demo = is_demo(result)
 
     algorithm = _algorithm(result.models, threshold)
-    groups: list[hd.sr.Template] = [
+    groups: list[MeasurementGroup] = [
         _vertebra_group(
             verdict,
             seg_dataset,
@@ -509,7 +518,7 @@ def _evaluation_name(code: hd.sr.CodedConcept) -> str:
     raise ValueError(f"Unexpected fracture evaluation {code.value} {code.meaning!r}.")
 
 
-def _group_summary(group: hd.sr.Template) -> dict[str, object]:
+def _group_summary(group: MeasurementGroup) -> dict[str, object]:
     probabilities = group.get_measurements(name=PROBABILITY)
     thresholds = group.get_measurements(name=THRESHOLD)
     evaluations = group.get_qualitative_evaluations(name=FRACTURE)
@@ -527,11 +536,13 @@ def _group_summary(group: hd.sr.Template) -> dict[str, object]:
     segment = None
     if isinstance(group, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations):
         ref = group.referenced_segment
-        segment = int(ref[0].ReferencedSOPSequence[0].ReferencedSegmentNumber)
+        if ref is not None:
+            segment = int(ref[0].ReferencedSOPSequence[0].ReferencedSegmentNumber)
     return {
         "probability": float(probabilities[0].value) if probabilities else None,
         "threshold": float(thresholds[0].value) if thresholds else None,
-        "evaluation": _evaluation_name(evaluations[0].value),
+        # highdicom annotates QualitativeEvaluation.value as a number; it is the coded value
+        "evaluation": _evaluation_name(cast(hd.sr.CodedConcept, evaluations[0].value)),
         "reason": reasons[0] if reasons else None,
         "comments": comments,
         "segment_number": segment,
@@ -556,8 +567,10 @@ def read_sr_result(dataset: Dataset) -> dict[str, dict[str, object]]:
     """
     sr = hd.sr.Comprehensive3DSR.from_dataset(dataset, copy=True)
     report = sr.content
+    if not isinstance(report, hd.sr.MeasurementReport):
+        raise ValueError("The SR content is not a TID 1500 Measurement Report.")
     out: dict[str, dict[str, object]] = {}
-    groups = [
+    groups: list[MeasurementGroup] = [
         *report.get_volumetric_roi_measurement_groups(),
         *report.get_image_measurement_groups(),
     ]

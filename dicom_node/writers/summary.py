@@ -238,7 +238,7 @@ def _table(
         draw.rectangle((x_name, y + 4, x_name + 12, y + 16), fill=VERTEBRA_COLORS[verdict.label])
         draw.text((x_name + 18, y), verdict.label, fill=_FG, font=body)
         draw.text((x_prob + 12, y), _fmt(verdict.probability), fill=_FG, font=body)
-        if not verdict.assessed:
+        if not verdict.assessed or verdict.probability is None:
             text, color = f"not assessed: {_short_reason(verdict)}", _WARN
         elif verdict.probability >= threshold:
             text, color = "FRACTURE", _ALERT
@@ -577,7 +577,7 @@ def write_summary_image(
     )
     # The image holds a sagittal and a coronal panel, so no single orientation applies:
     # Patient Orientation is type 2 in the General Image module and is left empty.
-    sc.PatientOrientation = None
+    sc.PatientOrientation = []  # written as an empty value
     sc.Modality = "OT"
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "NO"

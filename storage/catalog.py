@@ -5,6 +5,14 @@ temp file (already written and closed) -> sha256 -> atomic link to its content a
 in the store -> fsync of the file and its folders -> catalog commit
 (:meth:`storage.FileStore.commit_instance`). Only after :func:`ingest` returns may a
 caller acknowledge.
+
+The duplicate and mismatch rules hold for receivers on several hosts sharing one
+PostgreSQL catalog because they rest on the unique constraints of Study, Series and
+SOP Instance UIDs, not on the look-ups before the insert: a receiver that loses a race
+gets an integrity error, and its record is tried again, now seeing the winner's rows
+(``DUPLICATE``, ``QUARANTINED`` or ``CONFLICT`` as if it had come second). The study row
+is locked (``FOR UPDATE``, PostgreSQL) while an instance is counted into it, so a study
+completed on one host and an instance arriving on another are ordered.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from config.digest import sha256_file
@@ -104,7 +113,11 @@ _EXISTING = (
     .join(Study, Series.study_id == Study.id)
     .where(Instance.sop_instance_uid == bindparam("uid"))
 )
-_FIND_STUDY = select(Study.id, Study.state).where(Study.study_instance_uid == bindparam("uid"))
+_FIND_STUDY = (
+    select(Study.id, Study.state)
+    .where(Study.study_instance_uid == bindparam("uid"))
+    .with_for_update()  # PostgreSQL; SQLite's write lock already serialises writers
+)
 _FIND_SERIES = select(Series.id, Series.study_id).where(
     Series.series_instance_uid == bindparam("uid")
 )
@@ -129,6 +142,8 @@ _COUNT_STUDY = (
     )
 )
 _INSERT_INSTANCE = insert(Instance)
+RACE_RETRIES = 3
+"""Times a record that lost a unique-constraint race is tried again."""
 
 
 def _existing(session: Session, sop_uid: str) -> _Known | None:
@@ -184,13 +199,16 @@ def ingest(
         checkpoint("before-commit")
 
     keep = False  # the file at ``rel`` is another row's (a race on identical bytes)
+    raced: list[_Known] = []  # the row a concurrent association stored first
 
-    def record(session: Session) -> IngestResult:
+    def record(session: Session) -> IngestResult | None:
         nonlocal keep
+        raced.clear()
         again = _existing(session, header.sop_instance_uid)
         if again is not None:  # a concurrent association stored the same UID first
             keep = again.file_path == rel
-            return IngestResult(IngestOutcome.DUPLICATE, again.study_id, again.instance_id, "race")
+            raced.append(again)
+            return None
         now = utcnow()
         conn = session.connection()  # Core statements: no ORM overhead on the hot path
         found_study = conn.execute(_FIND_STUDY, {"uid": header.study_instance_uid}).first()
@@ -260,16 +278,49 @@ def ingest(
         return IngestResult(IngestOutcome.STORED, study_id, key[0])
 
     try:
-        result = catalog.write(record)
+        for attempt in range(RACE_RETRIES + 1):
+            try:
+                result = catalog.write(record)
+                break
+            except IntegrityError:
+                # another receiver (host) inserted the same UID first: look again
+                if attempt == RACE_RETRIES:
+                    raise
+                LOGGER.debug("ingest lost a unique-constraint race, retrying")
     except BaseException:
         # Not recorded: the file must not stay behind as an orphan (unless it is the
         # file of an identical instance another association has just committed).
         if not keep:
             (store.root / rel).unlink(missing_ok=True)
         raise
+    if result is None:
+        return _ingest_raced(catalog, store, rel, header, calling_ae, sha, raced[0], keep)
     if result.outcome is not IngestOutcome.STORED and not keep:
         (store.root / rel).unlink(missing_ok=True)
     return result
+
+
+def _ingest_raced(
+    catalog: Catalog,
+    store: FileStore,
+    rel: str,
+    header: InstanceHeader,
+    calling_ae: str | None,
+    sha: str,
+    found: _Known,
+    keep: bool,
+) -> IngestResult:
+    """The same UID was committed by another association after our first look.
+
+    Identical bytes share the content address, so the file at ``rel`` is the winner's:
+    a duplicate. Other content is ours alone; it goes back to the spool and through the
+    rules for a known UID (quarantine, or a conflict when the series or study differ).
+    """
+    if keep:
+        return IngestResult(IngestOutcome.DUPLICATE, found.study_id, found.instance_id, "race")
+    tmp = store.new_temp()
+    os.replace(store.root / rel, tmp)
+    return _ingest_known(catalog, store, tmp, header, calling_ae, sha, found)
 
 
 def _ingest_known(
@@ -422,7 +473,8 @@ def mark_complete(
     """
 
     def change(session: Session) -> bool:
-        study = session.get(Study, study_id)
+        # locked (PostgreSQL): an instance counted on another host waits, or is seen
+        study = session.get(Study, study_id, with_for_update=True)
         if study is None or study.state is not StudyState.RECEIVING:
             return False
         if study.received_count != seen_count:

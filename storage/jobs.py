@@ -61,7 +61,12 @@ def _transition(session: Session, job: Job, state: JobState, reason: str | None)
 
 def enqueue_job(session: Session, study_id: int, reason: str) -> int:
     """Queue a new job version for a study (older queued versions are superseded);
-    returns the version. Inside a catalog transaction."""
+    returns the version. Inside a catalog transaction.
+
+    The study row is locked first (PostgreSQL), so two hosts queueing a version of the
+    same study at once (completion, replay) take turns; ``(study_id, version)`` is
+    unique as a last guard."""
+    session.execute(select(Study.id).where(Study.id == study_id).with_for_update())
     version = (
         session.scalar(select(func.max(Job.version)).where(Job.study_id == study_id)) or 0
     ) + 1

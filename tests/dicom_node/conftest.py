@@ -81,7 +81,23 @@ def start_node(tmp_path: Path) -> Iterator:
     _config.STORE_RECV_CHUNKED_DATASET = old_chunked
 
 
+def catalog_on(request, engine: str) -> dict:
+    """The ``storage`` settings of a catalog on ``engine`` (``sqlite``: the default file;
+    ``postgresql``: a new database of the session's real server, dropped afterwards)."""
+    if engine == "sqlite":
+        return {}
+    server = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+    request.addfinalizer(lambda: server.drop_database(url))
+    return {"database_url": url}
+
+
 @pytest.fixture
-def node(start_node) -> RunningNode:
-    """A running SCP with default settings (no peer allow-list)."""
-    return start_node()
+def node(start_node, request) -> RunningNode:
+    """A running SCP with default settings (no peer allow-list).
+
+    ``@pytest.mark.parametrize("node", ENGINES, indirect=True)`` runs a test once per
+    catalog engine (:data:`tests.conftest.ENGINES`); unparametrised, SQLite.
+    """
+    storage = catalog_on(request, getattr(request, "param", "sqlite"))
+    return start_node(storage=storage) if storage else start_node()

@@ -13,6 +13,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from storage.models import Instance, QuarantinedInstance, Series, Study, StudyState
+from tests.conftest import ENGINES
 from tests.dicom_node.scu_tools import associate, cut_off_store, store_file, store_files
 from tests.helpers import MR, ct_slice, dataset_bytes, lenient_writing, write_series
 
@@ -31,6 +32,7 @@ def _tmp_files(node) -> list[Path]:
     return [p for p in (node.store_root / "tmp").iterdir()]
 
 
+@pytest.mark.parametrize("node", ENGINES, indirect=True)
 def test_store_series_byte_identical_and_cataloged(node, tmp_path):
     paths = write_series(tmp_path / "in", 6)
     statuses = store_files(node.port, paths)
@@ -214,6 +216,7 @@ def test_wrong_called_ae_rejected(node):
     assert assoc.is_rejected
 
 
+@pytest.mark.parametrize("node", ENGINES, indirect=True)
 def test_identical_duplicate_is_noop_and_changed_content_quarantined(node, tmp_path):
     ds = ct_slice(generate_uid(), generate_uid(), 0)
     first = tmp_path / "a.dcm"
@@ -234,6 +237,7 @@ def test_identical_duplicate_is_noop_and_changed_content_quarantined(node, tmp_p
     assert dataset_bytes(node.store_root / q.file_path) == dataset_bytes(second)
 
 
+@pytest.mark.parametrize("node", ENGINES, indirect=True)
 def test_same_uid_in_another_series_is_refused(node, tmp_path):
     ds = ct_slice(generate_uid(), generate_uid(), 0)
     a = tmp_path / "a.dcm"
@@ -256,6 +260,7 @@ def test_low_disk_space_gives_a700_before_writing(node, tmp_path):
     assert _instances(node) == [] and _store_files(node) == [] and _tmp_files(node) == []
 
 
+@pytest.mark.parametrize("node", ENGINES, indirect=True)
 def test_cut_off_transfer_leaves_no_partial_file_or_row(node):
     ds = ct_slice(generate_uid(), generate_uid(), 0, rows=256, cols=256)
     cut_off_store(node.port, ds, fraction=0.5)
@@ -276,6 +281,7 @@ def test_cut_off_transfer_leaves_no_partial_file_or_row(node):
     echo.release()
 
 
+@pytest.mark.parametrize("node", ENGINES, indirect=True)
 def test_study_over_two_associations_and_two_senders_is_one_study(node, tmp_path):
     study_uid = generate_uid()
     a = write_series(tmp_path / "a", 3, study_uid=study_uid)

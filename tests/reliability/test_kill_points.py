@@ -5,6 +5,7 @@ instance reaches ``<point>`` (see :data:`dicom_node.receive.KILL_POINTS`). For e
 point: send a series, see the kill land exactly there (the leftovers on disk prove
 where), restart, and check that every acknowledged instance is present and intact,
 that no orphan file or phantom row remains, and that re-sending completes the series.
+Each point runs with the catalog on SQLite and on a real PostgreSQL.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def _send(port: int, paths: list[Path]) -> tuple[list[str], bool]:
     return acked, broke
 
 
-def _state(data_dir: Path) -> tuple[dict[str, Instance], set[str], list[Path]]:
-    settings = load_settings(overrides={"storage": {"data_dir": str(data_dir)}}, environ={})
+def _state(data_dir: Path, url: str) -> tuple[dict[str, Instance], set[str], list[Path]]:
+    settings = load_settings(
+        overrides={"storage": {"data_dir": str(data_dir), "database_url": url}}, environ={}
+    )
     catalog, store = open_storage(settings)
     try:
         with catalog.read() as s:
@@ -64,17 +67,18 @@ def _state(data_dir: Path) -> tuple[dict[str, Instance], set[str], list[Path]]:
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
-def test_sigkill_at_each_receive_step_loses_nothing_acknowledged(tmp_path, point):
+def test_sigkill_at_each_receive_step_loses_nothing_acknowledged(tmp_path, point, database_url):
     paths = write_series(tmp_path / "series", 6, rows=64, cols=64)
     data_dir = tmp_path / "var"
     port = free_port()
+    catalog_env = {"CSPINE_STORAGE__DATABASE_URL": database_url}
     armed = Server(
         data_dir,
         port,
         "--no-worker",
         "--stable-seconds",
         "600",
-        env={"CSPINE_FAULT_KILL_AT": f"{point}:{KILL_AT}"},
+        env={"CSPINE_FAULT_KILL_AT": f"{point}:{KILL_AT}", **catalog_env},
     ).start()
     acked, broke = _send(port, paths)
     assert armed.proc is not None
@@ -83,7 +87,7 @@ def test_sigkill_at_each_receive_step_loses_nothing_acknowledged(tmp_path, point
     assert f"fault injection: SIGKILL at {point} (instance {KILL_AT})" in armed.log()
 
     # the leftovers show where it died, before any repair
-    rows, files, tmp = _state(data_dir)
+    rows, files, tmp = _state(data_dir, database_url)
     orphans = files - {r.file_path for r in rows.values()}
     expected = {
         "after-temp-write": (KILL_AT - 1, 0, 1),  # (rows, orphan store files, spool files)
@@ -94,9 +98,11 @@ def test_sigkill_at_each_receive_step_loses_nothing_acknowledged(tmp_path, point
     assert (len(rows), len(orphans), len(tmp)) == expected
 
     # restart without the hook: start-up repair, then the sender retries everything
-    server = Server(data_dir, port, "--no-worker", "--stable-seconds", "600").start()
+    server = Server(
+        data_dir, port, "--no-worker", "--stable-seconds", "600", env=catalog_env
+    ).start()
     try:
-        rows, files, tmp = _state(data_dir)
+        rows, files, tmp = _state(data_dir, database_url)
         assert set(acked) <= set(rows)  # every acknowledged instance survived, intact
         assert files == {r.file_path for r in rows.values()} and tmp == []  # no orphan
         again, broke = _send(port, paths)
@@ -104,7 +110,7 @@ def test_sigkill_at_each_receive_step_loses_nothing_acknowledged(tmp_path, point
         assert echo_ok(port)
     finally:
         server.stop()
-    rows, files, tmp = _state(data_dir)
+    rows, files, tmp = _state(data_dir, database_url)
     sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
     assert set(rows) == sent and len(files) == len(paths) and tmp == []
     assert "Traceback" not in server.log()

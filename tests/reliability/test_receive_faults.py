@@ -216,6 +216,30 @@ def test_catalog_locked_past_the_deadline_gives_a700_not_c211(tmp_path):
         tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET = old_tempdir, old_chunked
 
 
+def test_postgresql_unreachable_gives_a700_never_an_ack(start_node, tmp_path):
+    """The catalog's PostgreSQL server stops while the node serves: C-STOREs are answered
+    0xA700 (the sender keeps them and retries), nothing is left in the store or spool,
+    C-ECHO is still answered; once the server is back the same instances are stored."""
+    from tests.storage.pg import PostgresServer, require_postgres
+
+    server = PostgresServer(require_postgres())
+    server.start()
+    try:
+        running = start_node(storage={"database_url": server.create_database()})
+        paths = write_series(tmp_path / "in", 3)
+        assert store_files(running.port, paths[:1]) == [0]
+        server.halt()
+        assert store_files(running.port, paths[1:]) == [0xA700, 0xA700]
+        files, tmp = _leftovers(running)
+        assert len(files) == 1 and tmp == []
+        assert_other_peer_served(running.port)
+        server.start_again()
+        assert store_files(running.port, paths[1:]) == [0, 0]
+        assert_intact(running, 3)
+    finally:
+        server.stop()
+
+
 def test_refusals_table_stays_bounded_under_a_flood(tmp_path, monkeypatch):
     import storage.catalog as catalog_module
 

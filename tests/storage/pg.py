@@ -86,6 +86,10 @@ class PostgresServer:
             "UTF8",
             "--no-instructions",
         )
+        self.start_again()
+
+    def start_again(self) -> None:
+        """Start the (stopped) server on its folder and port; wait until it accepts."""
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
             "-c max_connections=200 -c shared_buffers=32MB"
@@ -104,10 +108,14 @@ class PostgresServer:
             "start",
         )
 
+    def halt(self) -> None:
+        """Stop the server (fast shutdown), keeping its data for :meth:`start_again`."""
+        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop")
+
     def stop(self) -> None:
-        """Stop the server (fast shutdown) and remove its folder."""
+        """Stop the server and remove its folder."""
         with contextlib.suppress(subprocess.SubprocessError, OSError):
-            self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop")
+            self.halt()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def url(self, database: str = "postgres") -> str:

@@ -88,10 +88,10 @@ def _header(uid: str) -> InstanceHeader:
 
 
 def test_identical_instance_stored_by_a_racing_association_keeps_its_file(
-    tmp_path: Path,
+    tmp_path: Path, database_url: str
 ) -> None:
     """Both associations rename identical bytes to the same path: the loser must not delete it."""
-    catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    catalog = Catalog(database_url)
     store = FileStore(tmp_path / "store")
     data = b"identical bytes of one instance" * 100
     first, second = store.new_temp(), store.new_temp()

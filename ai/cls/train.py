@@ -21,7 +21,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,16 @@ from ai.cls.data import StudyCrops
 from ai.cls.model import ARCHITECTURE_CLASS, PATIENT_MODES, noisy_or
 from ai.cls.net import FractureNet, build, with_memory_format
 from ai.modelpkg import DEMO_LABEL, save_package
+from ai.training import (
+    autocast,
+    grad_scaler,
+    load_checkpoint,
+    optimiser_step,
+    plain,
+    save_checkpoint,
+    set_lr,
+    warmup_cosine_lr,
+)
 from ai.types import VERTEBRAE
 
 log = logging.getLogger(__name__)
@@ -230,19 +239,17 @@ def predict_cached(
     n = len(items)
     vert = np.full((n, 7), np.nan)
     pat = {m: np.full(n, np.nan) for m in PATIENT_MODES}
-    cuda = device.type == "cuda"
     idx = [i for i, it in enumerate(items) if it.present.any()]
     for s in range(0, len(idx), batch_size):
         chunk = idx[s : s + batch_size]
-        amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
         if features is not None:
             present = torch.from_numpy(np.stack([items[i].present for i in chunk])).to(device)
             feats = torch.cat([features[i] for i in chunk]).to(device)
-            with amp:
+            with autocast(device):
                 out = net.forward_features(feats, present)
         else:
             x, present, _, _ = _batch([items[i] for i in chunk], device, None)
-            with amp:
+            with autocast(device):
                 out = net(x, present)
         v = torch.sigmoid(out["vertebra_logits"].float()).cpu().numpy()
         p = torch.sigmoid(out["patient_logits"].float()).cpu().numpy()
@@ -406,8 +413,7 @@ def pretrain_encoder(
     box_losses: list[float] = []
     encoder.train()
     for step in it:
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg.pretrain_steps, warmup, cfg.pretrain_lr)
+        set_lr(opt, warmup_cosine_lr(step, cfg.pretrain_steps, warmup, cfg.pretrain_lr))
         chosen = np.concatenate([rng.choice(pos, half), rng.choice(neg, half)])
         x = torch.stack([items[index[k][0]].crops[index[k][1], index[k][2]] for k in chosen])
         x = x.float() / 255.0
@@ -429,10 +435,7 @@ def pretrain_encoder(
             )
             box_losses.append(float(box_term.detach()))
             loss = loss + cfg.box_loss * box_term
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 2.0)
-        opt.step()
+        optimiser_step(loss, opt, clip_norm=2.0, params=params)
         losses.append(float(loss.detach()))
         if progress and hasattr(it, "set_postfix"):
             it.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
@@ -465,7 +468,6 @@ def encode_items(
     ``flip`` mirrors the crops left-right first (the head phase's flip augmentation).
     """
     net.eval()
-    cuda = device.type == "cuda"
     out = []
     for it in items:
         n, s = it.crops.shape[:2]
@@ -475,8 +477,7 @@ def encode_items(
             x = flat[i : i + batch_slices].to(device).float() / 255.0
             if flip:
                 x = x.flip(-1)
-            amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
-            with amp:
+            with autocast(device):
                 parts.append(net.encoder(x).float().cpu())
         out.append(torch.cat(parts).view(n, s, -1) if parts else torch.zeros((0, s, 1)))
     return out
@@ -525,8 +526,7 @@ def train_heads(
         order = torch.randperm(len(train_items), generator=gen).tolist()
         losses = []
         for b in range(steps_per_epoch):
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(epoch * steps_per_epoch + b, total, warmup, cfg.head_lr)
+            set_lr(opt, warmup_cosine_lr(epoch * steps_per_epoch + b, total, warmup, cfg.head_lr))
             chunk = order[b * cfg.head_batch : (b + 1) * cfg.head_batch]
             f_list, sl_list = [], []
             for i in chunk:
@@ -548,10 +548,7 @@ def train_heads(
                 loss = loss + cfg.slice_loss * slice_bce(
                     res["slice_logits"], torch.cat(sl_list).to(device)
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 2.0)
-            opt.step()
+            optimiser_step(loss, opt, clip_norm=2.0, params=params)
             losses.append(float(loss.detach()))
         entry: dict[str, Any] = {"head_epoch": epoch + 1, "train_loss": float(np.mean(losses))}
         if val_items:
@@ -599,13 +596,6 @@ def _slice_targets(item: StudyCrops) -> np.ndarray:
     if sl is None or sl.shape != (n, s):
         sl = np.where(item.labels[:7][item.present][:, None] > 0.5, -1.0, 0.0) * np.ones((1, s))
     return np.asarray(sl, dtype=np.float32)
-
-
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def train(
@@ -674,7 +664,7 @@ def train(
     if cuda:
         net = with_memory_format(net, torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    scaler = grad_scaler(device)
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
@@ -683,10 +673,13 @@ def train(
     ckpt = out / "checkpoint.pt"
     start_epoch, history = 0, []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
+    arch = cfg.net_params(crop_config.channels)
     if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
+        state = load_checkpoint(ckpt, map_location=device, arch=arch, crop=crop_config.to_dict())
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"])
         history = list(state["history"])
         if state.get("best_net") is not None:
@@ -713,26 +706,19 @@ def train(
         losses = []
         for b, chunk in enumerate(it):
             step = epoch * steps_per_epoch + b
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, warmup, cfg.lr)
+            set_lr(opt, warmup_cosine_lr(step, total, warmup, cfg.lr))
             x, present, labels, slice_labels = _batch([train_items[i] for i in chunk], device, gen)
             if cfg.mixup > 0 and len(chunk) > 1 and torch.rand((), generator=gen) < cfg.mixup:
                 x, labels = _mixup(x, present, labels, gen)
                 slice_labels = torch.full_like(slice_labels, -1.0)  # unknown after mixing
             if cuda:
                 x = x.contiguous()
-            amp = torch.autocast("cuda", dtype=torch.float16) if cuda else nullcontext()
-            with amp:
+            with autocast(device):
                 res = net(x, present)
             loss = weighted_bce(res["vertebra_logits"], res["patient_logits"], labels, present)
             if cfg.slice_loss > 0:
                 loss = loss + cfg.slice_loss * slice_bce(res["slice_logits"], slice_labels)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(net.parameters(), 2.0)
-            scaler.step(opt)
-            scaler.update()
+            optimiser_step(loss, opt, scaler, clip_norm=2.0, params=net.parameters())
             losses.append(float(loss.detach()))
             if progress and hasattr(it, "set_postfix"):
                 it.set_postfix(loss=f"{np.mean(losses):.4f}")
@@ -743,14 +729,17 @@ def train(
         log.info("epoch %s", entry)
         if progress is not None and hasattr(progress, "write"):
             progress.write(str(entry))
-        torch.save(
+        save_checkpoint(
             {
                 "net": net.state_dict(),
                 "opt": opt.state_dict(),
+                "scaler": scaler.state_dict(),
                 "epoch": epoch + 1,
                 "history": history,
                 "best_net": best[1] if best else None,
                 "best_loss": best[0] if best else None,
+                "arch": plain(arch),
+                "crop": plain(crop_config.to_dict()),
             },
             ckpt,
         )

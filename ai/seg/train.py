@@ -53,6 +53,16 @@ from ai.seg.preprocess import (
     prepare_labels,
     roi_from_mask,
 )
+from ai.training import (
+    autocast,
+    grad_scaler,
+    load_checkpoint,
+    one_cycle_lr,
+    optimiser_step,
+    plain,
+    save_checkpoint,
+    set_lr,
+)
 from ai.types import VERTEBRAE
 
 logger = logging.getLogger(__name__)
@@ -234,17 +244,6 @@ def augment(
     return x, y
 
 
-def lr_at(frac: float, peak: float) -> float:
-    """One-cycle learning rate at ``frac`` (0..1) of the run: 5 % linear warm-up from
-    ``peak / 25``, then cosine decay to ``peak / 1000``. ``frac`` is the larger of the
-    step fraction and the wall-time fraction, so a time-limited run still anneals."""
-    frac = min(max(frac, 0.0), 1.0)
-    if frac < 0.05:
-        return peak / 25 + (peak - peak / 25) * frac / 0.05
-    cos = 0.5 * (1 + math.cos(math.pi * (frac - 0.05) / 0.95))
-    return peak / 1000 + (peak - peak / 1000) * cos
-
-
 def dice_per_label(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Dice of each label 1..7 between two label maps; ``nan`` where both are empty."""
     out: dict[str, float] = {}
@@ -300,7 +299,7 @@ def _init_weights(
     if pkg.meta.get("task") != "seg":
         raise ValueError(f"--init {pkg.path} is a {pkg.meta.get('task')!r} model, not 'seg'")
     theirs = pkg.architecture.get("params", {})
-    if json.loads(json.dumps(theirs)) != json.loads(json.dumps(arch)):
+    if plain(theirs) != plain(arch):
         raise ValueError(
             f"--init {pkg.path} has architecture parameters {theirs}, this run needs {arch}"
         )
@@ -367,8 +366,7 @@ def train(cfg: TrainConfig) -> Path:
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = grad_scaler(device)
     dice_loss = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
     bce = torch.nn.BCEWithLogitsLoss(
         pos_weight=torch.full((N_LABELS, 1, 1, 1), float(cfg.pos_weight), device=device)
@@ -379,9 +377,7 @@ def train(cfg: TrainConfig) -> Path:
     best: dict[str, Any] = {"dice": -1.0, "state": None, "epoch": -1}
     ckpt_path = work_dir / CHECKPOINT
     if cfg.resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["arch"] != json.loads(json.dumps(arch)) or ckpt["spec"] != spec.to_json():
-            raise ValueError(f"{ckpt_path} was written for another architecture or input spec")
+        ckpt = load_checkpoint(ckpt_path, arch=arch, spec=spec.to_json())
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -410,18 +406,14 @@ def train(cfg: TrainConfig) -> Path:
             if cfg.domain_randomisation is not None:
                 xb = domain_randomise(xb, yb, gen, cfg.domain_randomisation)
             xb, yb = xb.to(device), yb.to(device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            with autocast(device):
                 logits = net(xb)
             loss = bce(logits.float(), yb) + dice_loss(logits.float(), yb)
             frac = step / max(total_steps, 1)
             if cfg.max_minutes:
                 frac = max(frac, (time.monotonic() - t_start) / (60 * cfg.max_minutes))
-            for group in opt.param_groups:
-                group["lr"] = lr_at(frac, cfg.lr)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            set_lr(opt, one_cycle_lr(frac, cfg.lr))
+            optimiser_step(loss, opt, scaler)
             step += 1
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", val_dice=f"{best['dice']:.3f}")
@@ -461,7 +453,7 @@ def train(cfg: TrainConfig) -> Path:
                 "epoch": epoch + 1,
                 "per_label": val,
             }
-        torch.save(
+        save_checkpoint(
             {
                 "model": net.state_dict(),
                 "optimizer": opt.state_dict(),
@@ -474,7 +466,7 @@ def train(cfg: TrainConfig) -> Path:
                 "best_dice": best["dice"],
                 "best_state": best["state"],
                 "best_epoch": best["epoch"],
-                "arch": json.loads(json.dumps(arch)),
+                "arch": plain(arch),
                 "spec": spec.to_json(),
             },
             ckpt_path,

@@ -68,25 +68,11 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
 from pydicom.uid import CTImageStorage
 
+from ai.compression import is_lossy
 from ai.errors import VolumeError
 from ai.types import CTVolume, GeometryIssue, SeriesFacts
 
 logger = logging.getLogger(__name__)
-
-LOSSY_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
-    {
-        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-        "1.2.840.10008.1.2.4.51",  # JPEG Extended
-        "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
-        "1.2.840.10008.1.2.4.91",  # JPEG 2000 (may be lossy)
-        "1.2.840.10008.1.2.4.203",  # HTJ2K (may be lossy)
-        "1.2.840.10008.1.2.4.111",  # JPEG XL JPEG recompression
-        "1.2.840.10008.1.2.4.112",  # JPEG XL
-        "1.2.840.10008.1.2.4.100",  # MPEG2
-        "1.2.840.10008.1.2.4.102",  # MPEG-4
-        "1.2.840.10008.1.2.4.103",
-    }
-)
 
 ORIENTATION_TOL = 1e-3
 """Maximum difference between direction-cosine components of two slices."""
@@ -206,8 +192,8 @@ def _first(seq_owner: Dataset | None, seq: str, attr: str) -> Any:
 
 
 def _is_lossy(ds: Dataset) -> bool:
-    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
-    return ts in LOSSY_TRANSFER_SYNTAXES or str(ds.get("LossyImageCompression", "")) == "01"
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return is_lossy(ts, ds.get("LossyImageCompression"))
 
 
 def _facts(ds: Dataset) -> dict[str, str | None]:

@@ -31,6 +31,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from ai.compression import is_lossy
 from storage import InstanceHeader
 
 # DIMSE C-STORE statuses (PS3.4 Annex B.2.3)
@@ -53,18 +54,21 @@ LOSSLESS_TRANSFER_SYNTAXES: tuple[str, ...] = (
     DeflatedExplicitVRLittleEndian,  # 1.2.840.10008.1.2.1.99
     ImplicitVRLittleEndian,  # 1.2.840.10008.1.2
 )
-LOSSY_TRANSFER_SYNTAXES: tuple[str, ...] = (
+ACCEPTED_LOSSY_TRANSFER_SYNTAXES: tuple[str, ...] = (
     JPEGLSNearLossless,  # 1.2.840.10008.1.2.4.81
     JPEG2000,  # may be lossy, 1.2.840.10008.1.2.4.91
     JPEGBaseline8Bit,  # 1.2.840.10008.1.2.4.50
     JPEGExtended12Bit,  # 1.2.840.10008.1.2.4.51
 )
+"""The lossy syntaxes the node accepts; which syntaxes are lossy is :mod:`ai.compression`'s."""
 # Acceptor preference order (pynetdicom picks the first of ours that the peer proposed):
 # lossless compressed first (a peer proposes those only for data it holds compressed, so
 # it is stored as the peer holds it), then explicit little endian, deflated, the lossy
 # syntaxes, and implicit VR last.
 ACCEPTED_TRANSFER_SYNTAXES = (
-    LOSSLESS_TRANSFER_SYNTAXES[:-1] + LOSSY_TRANSFER_SYNTAXES + LOSSLESS_TRANSFER_SYNTAXES[-1:]
+    LOSSLESS_TRANSFER_SYNTAXES[:-1]
+    + ACCEPTED_LOSSY_TRANSFER_SYNTAXES
+    + LOSSLESS_TRANSFER_SYNTAXES[-1:]
 )
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -240,6 +244,5 @@ def inspect_file(
         instance_number=number("InstanceNumber"),
         study_date=text("StudyDate", 8),
         study_description=text("StudyDescription", 64),
-        lossy=str(ts) in LOSSY_TRANSFER_SYNTAXES
-        or str(ds.get("LossyImageCompression", "")) == "01",
+        lossy=is_lossy(ts, ds.get("LossyImageCompression")),
     )

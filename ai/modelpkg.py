@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ai.errors import ModelLoadError
 from ai.types import ModelIdentity
-from config.digest import sha256_file  # also imported from here by ai.cls.ood
+from config.digest import sha256_file
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"

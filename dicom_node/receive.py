@@ -205,20 +205,27 @@ class Receiver:
             self._record(exc.status, exc.reason, calling_ae, affected_sop_instance_uid)
             return Outcome(exc.status, exc.reason)
         except CatalogBusyError as exc:
-            LOGGER.error("instance refused status=0xA700 reason=%s", exc)
+            LOGGER.error("instance refused status=0x%04X reason=%s", OUT_OF_RESOURCES, exc)
             return Outcome(OUT_OF_RESOURCES, "catalog busy")
         except OSError as exc:
-            LOGGER.error("instance refused status=0xA700 reason=%s", exc.strerror or exc)
+            LOGGER.error(
+                "instance refused status=0x%04X reason=%s", OUT_OF_RESOURCES, exc.strerror or exc
+            )
             return Outcome(OUT_OF_RESOURCES, "storage error")
         except Exception as exc:
-            LOGGER.exception("instance refused status=0xC210 unexpected %s", type(exc).__name__)
+            LOGGER.exception(
+                "instance refused status=0x%04X unexpected %s",
+                CANNOT_UNDERSTAND,
+                type(exc).__name__,
+            )
             return Outcome(CANNOT_UNDERSTAND, f"unexpected {type(exc).__name__}")
         finally:
             if spool is not None:  # refused: the spool file is not kept
                 spool.unlink(missing_ok=True)
         if result.outcome is IngestOutcome.CONFLICT:
             LOGGER.warning(
-                "instance refused status=0xA900 study_id=%s reason=%s",
+                "instance refused status=0x%04X study_id=%s reason=%s",
+                DATASET_MISMATCH,
                 result.study_id,
                 result.detail,
             )

@@ -43,6 +43,7 @@ from dicom_node.validate import (
     ACCEPTED_TRANSFER_SYNTAXES,
     CANNOT_UNDERSTAND,
     CT_STORAGE_SOP_CLASSES,
+    SUCCESS,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def register_storage_class(uid: str) -> None:
 
 def handle_echo(event: evt.Event) -> int:
     """C-ECHO: always success."""
-    return 0x0000
+    return SUCCESS
 
 
 def handle_store(event: evt.Event, receiver: Receiver) -> Dataset | int:
@@ -87,7 +88,7 @@ def handle_store(event: evt.Event, receiver: Receiver) -> Dataset | int:
     except Exception:  # the receive path itself never raises; this is a last guard
         LOGGER.exception("C-STORE handler failed")
         return CANNOT_UNDERSTAND
-    if outcome.status == 0x0000 or not outcome.reason:
+    if outcome.status == SUCCESS or not outcome.reason:
         return outcome.status
     status = Dataset()
     status.Status = outcome.status

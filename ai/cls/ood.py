@@ -66,7 +66,8 @@ from scipy import optimize
 
 from ai.cls.net import FractureNet
 from ai.errors import ModelLoadError
-from ai.modelpkg import sha256_file, verify_file
+from ai.modelpkg import verify_file
+from config.digest import sha256_file
 
 OOD_FILE = "ood.safetensors"
 FEATURES = "convnext_mean_over_slices"

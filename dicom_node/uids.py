@@ -7,6 +7,7 @@ new version gets new UIDs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib.metadata import version as dist_version
 from typing import Any
 
@@ -23,6 +24,31 @@ def output_uid(study_key: str, version: int, what: str) -> str:
     creation time), so a study purged and received again never reuses old UIDs.
     """
     return generate_uid(entropy_srcs=["cspine-node", study_key, f"v{version}", what])
+
+
+def device_uid(name: str, version: str, sha256: str) -> str:
+    """Device UID of one model package, as its Contributing Equipment item names it.
+
+    Derived from the package's name, version and weights sha256 (IHE AIR asks for a
+    Device UID that changes whenever the algorithm changes): a retrained package (new
+    weights) or a new release of the same weights (new version) gets a new UID, the same
+    package always the same one, on every host.
+
+    Raises
+    ------
+    ValueError
+        If ``sha256`` is not 64 hexadecimal digits.
+    """
+    digest = str(sha256).lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f'Argument "sha256" must be 64 hexadecimal digits, got {sha256!r}.')
+    return generate_uid(entropy_srcs=["cspine-node", "device", name, version, digest])
+
+
+def pipeline_device_uid(device_uids: Iterable[str], node_version: str) -> str:
+    """Device UID of the whole pipeline (the SR's device observer): the node's version and
+    the Device UIDs of its model packages, so it changes whenever any of them changes."""
+    return generate_uid(entropy_srcs=["cspine-node", "pipeline", node_version, *device_uids])
 
 
 def software_version() -> str:

@@ -27,6 +27,7 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, DT, TM
 
 from ai.types import VERTEBRAE, ModelIdentity, PipelineResult
+from dicom_node.uids import device_uid
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +38,13 @@ DEMO_DISCLAIMER = "synthetic demo weights, not for clinical use"
 """Text carried by every output made with a demo model (same text as ``ai.modelpkg.DEMO_LABEL``)."""
 
 VERTEBRA_CODES: dict[str, Code] = {
-    name: getattr(codes.SCT, f"{name}Vertebra") for name in VERTEBRAE
+    name: getattr(codes.cid7603, f"{name}Vertebra") for name in VERTEBRAE
 }
-"""SNOMED CT code of each cervical vertebra, e.g. ``C1`` -> SCT 14806007 "C1 vertebra"."""
+"""SNOMED CT code of each cervical vertebra, e.g. ``C1`` -> SCT 14806007 "C1 vertebra",
+taken from DICOM CID 7603 "Vertebra" (the finding sites IHE AIR asks for)."""
+
+AI_PRODUCED = "produced by the cspine-node AI algorithm, not verified by a physician"
+"""How an output says that an algorithm made it (summary image Derivation Description)."""
 
 VERTEBRA_COLORS: dict[str, tuple[int, int, int]] = {
     "C1": (230, 25, 75),
@@ -439,25 +444,35 @@ def algorithm_identification(models: Sequence[ModelIdentity]) -> hd.AlgorithmIde
     )
 
 
+def model_device_uid(model: ModelIdentity) -> str:
+    """Device UID of one model package (:func:`dicom_node.uids.device_uid`)."""
+    return device_uid(model.name, model.version, model.sha256)
+
+
 def contributing_equipment(
     models: Sequence[ModelIdentity], when: datetime.datetime
 ) -> list[hd.ContributingEquipment]:
-    """One Contributing Equipment item (Processing Equipment) per model."""
+    """One Contributing Equipment item (Processing Equipment) per model.
+
+    As IHE AIR asks of each algorithm: Manufacturer, Manufacturer's Model Name (the
+    package name), Software Versions (its version) and a Device UID that changes with
+    every model package (:func:`model_device_uid`).
+    """
     items = []
     for model in models:
         description = f"model {model.name} {model.version} sha256:{model.sha256[:16]}"
         if model.demo:
             description += f" ({DEMO_DISCLAIMER})"
-        items.append(
-            hd.ContributingEquipment(
-                manufacturer=MANUFACTURER,
-                purpose_of_reference=codes.DCM.ProcessingEquipment,
-                manufacturer_model_name=truncate(model.name),
-                software_versions=truncate(model.version),
-                contribution_datetime=when,
-                contribution_description=truncate(description),
-            )
+        item = hd.ContributingEquipment(
+            manufacturer=MANUFACTURER,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=truncate(model.name),
+            software_versions=truncate(model.version),
+            contribution_datetime=when,
+            contribution_description=truncate(description),
         )
+        item.DeviceUID = model_device_uid(model)
+        items.append(item)
     return items
 
 

@@ -11,7 +11,8 @@ tables, except SCT 125605004 which is the SNOMED CT concept "Fracture of bone
         per vertebra C1..C7, one Measurement Group with
           tracking identifier "C1".. and a tracking UID (the same UID as the SEG segment),
           finding type SCT 125605004 "Fracture of bone",
-          finding site the vertebra's SNOMED CT code (e.g. SCT 14806007 "C1 vertebra"),
+          finding site the vertebra's SNOMED CT code from CID 7603 "Vertebra"
+            (e.g. SCT 14806007 "C1 vertebra"),
           algorithm identification (model names + versions, parameter "threshold=<t>"),
           NUM DCM 122157 "Probability", unit UCUM "{probability}" (dimensionless, 0..1),
           CODE "Fracture of bone" = SCT 52101004 "Present" | SCT 272519000 "Absent"
@@ -41,6 +42,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import SegmentationStorage
 
 from ai.types import ModelIdentity, PipelineResult, VertebraResult
+from dicom_node.uids import pipeline_device_uid
 from dicom_node.writers.common import (
     DEMO_DISCLAIMER,
     MANUFACTURER,
@@ -52,6 +54,7 @@ from dicom_node.writers.common import (
     contributing_equipment,
     copy_patient_study,
     is_demo,
+    model_device_uid,
     present_vertebrae,
     resolve_datetime,
     series_description,
@@ -99,7 +102,8 @@ def _observation_context(
     models: Sequence[ModelIdentity], software_version: str
 ) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=tracking_uid(MANUFACTURER, software_version),
+        # the pipeline's UID: changes with the node version and with every model package
+        uid=pipeline_device_uid([model_device_uid(m) for m in models], software_version),
         name=MANUFACTURER,
         manufacturer_name=MANUFACTURER,
         model_name=truncate("+".join(m.name for m in models) or MANUFACTURER),

@@ -30,9 +30,11 @@ import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
+from pydicom.sr.codedict import codes
 
 from ai.types import REASON_CODES, VERTEBRAE, ModelIdentity, PipelineResult, VertebraResult
 from dicom_node.writers.common import (
+    AI_PRODUCED,
     DEMO_DISCLAIMER,
     MANUFACTURER,
     VERTEBRA_COLORS,
@@ -46,6 +48,7 @@ from dicom_node.writers.common import (
     resolve_datetime,
     series_description,
     stamp,
+    truncate,
 )
 
 logger = logging.getLogger(__name__)
@@ -586,7 +589,17 @@ def write_summary_image(
     sc.ManufacturerModelName = MANUFACTURER
     sc.SoftwareVersions = software_version
     sc.ImageType = ["DERIVED", "SECONDARY"]
-    comment = f"models: {', '.join(f'{m.name} {m.version}' for m in result.models)}"
+    # marked as made by the algorithm (IHE AIR): derivation and Contributing Equipment;
+    # Burned In Annotation stays NO, as it speaks of identifying the patient, which the
+    # drawn text never does
+    sc.RecognizableVisualFeatures = "NO"
+    models = ", ".join(f"{m.name} {m.version}" for m in result.models)
+    sc.DerivationDescription = truncate(f"{AI_PRODUCED} (models: {models})", 1024)
+    sc.DerivationCodeSequence = [
+        hd.sr.CodedConcept.from_code(codes.cid7203.MultiplanarReformatting),
+        hd.sr.CodedConcept.from_code(codes.cid7203.SegmentationImageDerivation),
+    ]
+    comment = f"{AI_PRODUCED}; models: {models}"
     sc.ImageComments = f"{DEMO_DISCLAIMER}; {comment}" if demo else comment
     copy_patient_study(first, sc)
     stamp(sc, when)

@@ -147,9 +147,8 @@ def write_seg(
                 tracking_id=name,
                 tracking_uid=tracking_uid(sop_instance_uid, name),
                 anatomic_regions=[codes.SCT.CervicalSpine],
-                display_color=hd.color.CIELabColor.from_rgb(
-                    *(c / 255.0 for c in VERTEBRA_COLORS[name])
-                ),
+                # highdicom takes 0-255 sRGB components (not 0-1)
+                display_color=hd.color.CIELabColor.from_rgb(*VERTEBRA_COLORS[name]),
             )
         )
     if present == list(VERTEBRAE[: len(present)]) and result.label_map.dtype == np.uint8:

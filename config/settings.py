@@ -411,6 +411,51 @@ class LoggingSettings(_Section):
     level: str = "INFO"
 
 
+WEB_TOKEN_MIN_LENGTH = 16
+"""Shortest bearer token the status page accepts."""
+
+
+class WebSettings(_Section):
+    """The read-only status page and Prometheus metrics, served by ``cspine serve``.
+
+    Off by default. Every request needs ``Authorization: Bearer <token>``; the listener
+    is on loopback unless ``allow_remote`` is set (then put it behind a TLS proxy: the
+    token travels in clear over plain HTTP). Patient-related identifiers (Study Instance
+    UID, study date) are shown only with ``show_identifiers``.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8088, ge=0, le=65535)
+    token: str = Field(default="", repr=False)
+    allow_remote: bool = False
+    show_identifiers: bool = False
+
+    @model_validator(mode="after")
+    def _v_enabled(self) -> WebSettings:
+        if not self.enabled:
+            return self
+        if len(self.token) < WEB_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"web.enabled needs web.token of at least {WEB_TOKEN_MIN_LENGTH} characters "
+                "(for example from: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                ", or CSPINE_WEB__TOKEN)"
+            )
+        if not self.allow_remote and not _is_loopback(self.host):
+            raise ValueError(
+                f"refusing to serve the status page on {self.host}: a non-loopback address "
+                "needs web.allow_remote = true (and a TLS proxy in front)"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 class Settings(BaseSettings):
     """All settings of one node process."""
 
@@ -428,6 +473,7 @@ class Settings(BaseSettings):
     selection: SelectionSettings = SelectionSettings()
     worker: WorkerSettings = WorkerSettings()
     logging: LoggingSettings = LoggingSettings()
+    web: WebSettings = WebSettings()
 
     @model_validator(mode="after")
     def _v_destination_names(self) -> Settings:

@@ -209,7 +209,8 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
 
     Start-up order: refuse an unsafe bind, open the catalog and store, sweep orphans
     left by a crash, make the destination rows match the configuration, start the
-    worker, then listen (and start the other receivers).
+    status page (``web.enabled``) and the worker, then listen (and start the other
+    receivers).
     """
     from dicom_node.delivery import deliver_due
 
@@ -229,6 +230,12 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
     receiver = Receiver(settings, catalog, store)
     node = StorageNode(settings, receiver)
     supervisor = WorkerSupervisor(settings) if settings.worker.enabled else None
+    web = None
+    if settings.web.enabled:
+        from dicom_node.web import WebServer
+
+        web = WebServer(catalog, settings.web)
+        web.start()
 
     def deliver() -> None:
         if deliver_due(settings, catalog, store):
@@ -249,6 +256,8 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
         node.start(block=True, extra_jobs=extra, listener=listener)
     finally:
         node.stop()
+        if web is not None:
+            web.stop()
         if pool is not None:
             pool.stop()
         if listener is not None:

@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 # postgresql: the tests start their own server from /usr/lib/postgresql/<version>/bin
 SYSTEM_TOOLS := storescu:dcmtk dciodvfy:dicom3tools /usr/sbin/Orthanc:orthanc openssl:openssl \
-  /usr/lib/postgresql/*/bin/pg_ctl:postgresql
+  /usr/lib/postgresql/*/bin/pg_ctl:postgresql chromium:chromium
 
 .PHONY: run test lint bench reliability venv system-tools clean
 

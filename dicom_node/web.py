@@ -226,6 +226,7 @@ def render_page(catalog: Catalog, settings: WebSettings) -> str:
     ``settings.show_identifiers``.
     """
     report = status_report(catalog, recent=20)
+    oldest = catalog_metrics(catalog, results_limit=0).oldest_pending_since
     studies = list_studies(catalog, PAGE_STUDIES)
     show = settings.show_identifiers
     study_rows = []
@@ -263,7 +264,9 @@ def render_page(catalog: Catalog, settings: WebSettings) -> str:
         "<h1>cspine-node status</h1>",
         f"<p class='note'>Read only. Generated {_when(dt.datetime.now(dt.UTC))} UTC."
         f"{'' if show else ' Patient-related identifiers hidden (web.show_identifiers).'}</p>",
-        f"<p><b>Jobs</b> {counts}</p><p><b>Outbox</b> {outbox}</p>",
+        f"<p><b>Jobs</b> {counts}</p><p><b>Outbox</b> {outbox}"
+        + ("" if oldest is None else f" oldest waiting {age_seconds(oldest):.0f} s")
+        + "</p>",
         _table("Studies", study_head, study_rows, "no study"),
         _table(
             "Running jobs",

@@ -8,13 +8,18 @@ runs as a subprocess in the last test.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from config import ConfigError, load_settings
@@ -149,6 +154,7 @@ def test_page_lists_the_study_without_patient_identifiers(served):
     assert "<h2>Studies</h2>" in page
     assert "<td>1</td><td>COMPLETE</td>" in page  # catalog id and state
     assert "DONE" in page and "0xC210" in page and "SCANNER" in page
+    assert "PENDING 3" in page and "oldest waiting" in page
     for identifier in (
         str(source.PatientName),
         str(source.PatientID),
@@ -214,3 +220,50 @@ def test_cspine_serve_serves_the_page_and_metrics_when_enabled(tmp_path: Path):
     log = server.log()
     assert f"status page listening host=127.0.0.1 port={web_port}" in log
     assert TOKEN not in log
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "chromium not found (make system-tools installs it: apt-get install -y chromium)"
+    return found
+
+
+def test_page_renders_in_headless_chromium(served, tmp_path):
+    """The served page, fetched with the token, rendered by headless Chromium.
+
+    Chromium's command line cannot send an Authorization header, so the HTML the server
+    returned is saved and opened from a file (the page has no external resource).
+    ``CSPINE_SCREENSHOTS=docs/images`` also writes ``status_page.png`` there.
+    """
+    port = served["serve"]()
+    status, _, page = _get(port, "/")
+    assert status == 200
+    html_path = tmp_path / "status.html"
+    html_path.write_text(page)
+    shot = tmp_path / "status_page.png"
+    done = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,900",
+            f"--screenshot={shot}",
+            html_path.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape == (900, 1280, 3)
+    # the table headers' grey (#eee) and dark text are drawn: not a blank page
+    assert (np.all(image == 0xEE, axis=2)).sum() > 1000
+    assert (image.max(axis=2) < 80).sum() > 1000
+    target = os.environ.get("CSPINE_SCREENSHOTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, Path(target) / "status_page.png")

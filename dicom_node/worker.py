@@ -1,10 +1,17 @@
 """The inference worker: claim a job, run its stages, keep its heartbeat.
 
-It runs in its own process (``cspine worker``, started by ``cspine serve``), so a
-crash or a memory spike in inference never takes the receiver down. Models are loaded
-once per process. The job itself is the stage sequence of :mod:`dicom_node.stages`
-(select -> load -> infer -> write -> store -> complete); this module keeps the claim
-loop, the heartbeat and the recovery of jobs whose worker died.
+It runs in its own process (``cspine worker``, started by ``cspine serve`` or on its
+own on any host that reaches the catalog and the shared store), so a crash or a memory
+spike in inference never takes the receiver down. Models are loaded once per process.
+The job itself is the stage sequence of :mod:`dicom_node.stages` (select -> load ->
+infer -> write -> store -> complete); this module keeps the claim loop, the heartbeat
+and the recovery of jobs whose worker died.
+
+A claim is a lease: the heartbeat renews it every :data:`HEARTBEAT_SECONDS`, and every
+worker, on every host, re-queues the jobs whose lease went stale
+(:data:`RECOVER_SECONDS` apart), so the job of a worker killed on one host is taken
+over by a worker of another. A worker that finds its lease gone (its job re-queued
+while it hung) records nothing for that job.
 """
 
 from __future__ import annotations
@@ -17,15 +24,17 @@ from typing import Any
 
 from config import Settings
 from dicom_node import stages
-from dicom_node.liveness import is_alive, worker_id
+from dicom_node.liveness import known_dead, worker_id
 from dicom_node.stages import JobContext, JobFacts, JobStorage
 from dicom_node.stages.heap import tune_malloc
-from dicom_node.stages.store import where
+from dicom_node.stages.store import LeaseLostError, where
 from storage import Catalog, FileStore
 
 LOGGER = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10
 """Seconds between two heartbeats of a running job."""
+RECOVER_SECONDS = 30.0
+"""Seconds between two looks for jobs whose worker died (on any host)."""
 
 
 class Worker:
@@ -54,6 +63,8 @@ class Worker:
         self._pipeline: Any = None
         self.stages = stages.job_path(lambda: self.pipeline)
         self.stop_event = threading.Event()
+        self.lease_lost = threading.Event()
+        self._last_recover = float("-inf")
 
     def _default_pipeline(self) -> Any:
         from ai.pipeline import GateConfig, Pipeline
@@ -83,8 +94,10 @@ class Worker:
         return self._pipeline
 
     def recover(self) -> list[int]:
-        """Re-queue RUNNING jobs whose worker died."""
-        ids = self.storage.requeue_orphans(lambda w: w != self.id and is_alive(w))
+        """Re-queue RUNNING jobs whose worker died: known dead on this host (or this very
+        id, left by an earlier process), or silent past the stale limit on any host."""
+        self._last_recover = time.monotonic()
+        ids = self.storage.requeue_orphans(lambda w: w != self.id and not known_dead(w))
         for job_id in ids:
             LOGGER.warning("job re-queued after worker death job_id=%d", job_id)
         return ids
@@ -95,6 +108,8 @@ class Worker:
         _ = self.pipeline
         LOGGER.info("worker ready worker=%s", self.id)
         while not self.stop_event.is_set():
+            if time.monotonic() - self._last_recover >= RECOVER_SECONDS:
+                self.recover()
             if not self.run_once():
                 self.stop_event.wait(self.settings.worker.poll_seconds)
 
@@ -107,30 +122,49 @@ class Worker:
             "job started job_id=%d study_id=%d version=%d", job.id, job.study_id, job.version
         )
         beat = threading.Event()
+        self.lease_lost.clear()
         thread = threading.Thread(target=self._beat, args=(job.id, beat), daemon=True)
         thread.start()
         try:
             self.process(job)
         finally:
             beat.set()
+            self.storage.release_claim(job.id)
         return True
 
     def _beat(self, job_id: int, stop: threading.Event) -> None:
         while not stop.wait(HEARTBEAT_SECONDS):
-            self.storage.heartbeat(job_id)
+            try:
+                held = self.storage.heartbeat(job_id)
+            except Exception as exc:  # the catalog is away for a while: try again
+                LOGGER.warning("heartbeat failed job_id=%d error=%s", job_id, type(exc).__name__)
+                continue
+            if not held:
+                LOGGER.warning("job lease lost job_id=%d (re-queued elsewhere)", job_id)
+                self.lease_lost.set()
+                return
 
     def process(self, job: JobFacts) -> None:
-        """Run one job's stages to DONE, NOT_PROCESSED or FAILED."""
+        """Run one job's stages to DONE, NOT_PROCESSED or FAILED.
+
+        A job whose lease was lost (another worker holds it now) ends here with nothing
+        recorded; that worker's result is the job's.
+        """
         ctx = JobContext(job, self.settings, self.storage)
         try:
-            stages.run(ctx, self.stages)
-        except Exception as exc:
-            # the exception text may quote header values: the log gets its type and
-            # where it was raised, the catalog (cspine status / show) the full text
-            LOGGER.error(
-                "job failed job_id=%d error=%s at=%s", job.id, type(exc).__name__, where(exc)
-            )
-            stages.run_failed(ctx, f"{type(exc).__name__}: {exc}")
+            try:
+                stages.run(ctx, self.stages)
+            except LeaseLostError:
+                raise
+            except Exception as exc:
+                # the exception text may quote header values: the log gets its type and
+                # where it was raised, the catalog (cspine status / show) the full text
+                LOGGER.error(
+                    "job failed job_id=%d error=%s at=%s", job.id, type(exc).__name__, where(exc)
+                )
+                stages.run_failed(ctx, f"{type(exc).__name__}: {exc}")
+        except LeaseLostError:
+            LOGGER.warning("job result dropped job_id=%d: lease lost to another worker", job.id)
 
 
 __all__ = ["Worker"]

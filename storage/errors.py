@@ -19,3 +19,8 @@ class OutOfSpaceError(StorageError):
 
 class NotFoundError(StorageError):
     """A catalog object named on the command line does not exist."""
+
+
+class LeaseLostError(StorageError):
+    """A worker's claim on a job ended (re-queued after its heartbeat went stale, and
+    perhaps claimed by another worker): its result is not recorded."""

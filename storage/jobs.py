@@ -3,6 +3,18 @@
 Every function takes the :class:`~storage.db.Catalog` and returns records of
 :mod:`storage.records`; the functions taking a ``Session`` are the building blocks
 of this package's own transactions.
+
+Claims are leases, safe for workers on several hosts sharing one PostgreSQL catalog:
+
+* :func:`claim_next` takes the oldest QUEUED job with ``SELECT ... FOR UPDATE SKIP
+  LOCKED`` (two workers never get the same row, and neither waits for the other's
+  claim); on SQLite the write lock serialises claims and the clause is left out;
+* the claiming worker renews its lease with :func:`heartbeat`, which also tells it
+  whether the job is still its own;
+* :func:`requeue_orphans` (any worker, any host) re-queues a RUNNING job whose heartbeat
+  is stale or whose worker is known dead, locking each row it changes;
+* :func:`complete_job` with ``worker`` records a result only while that worker still
+  holds the job, so a job re-claimed elsewhere ends once, never twice.
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from storage.db import Catalog
-from storage.errors import NotFoundError
+from storage.errors import LeaseLostError, NotFoundError
 from storage.events import add_event
 from storage.models import (
     Job,
@@ -48,6 +60,8 @@ from storage.records import (
 LOGGER = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 """Claims of one job (worker deaths included) before it is failed."""
+STALE_AFTER_S = 120.0
+"""A RUNNING job whose heartbeat is older than this has lost its worker (any host)."""
 FINISHED = (JobState.DONE, JobState.NOT_PROCESSED)
 """The states of a job with a result."""
 
@@ -110,7 +124,11 @@ def claim_next(catalog: Catalog, worker: str) -> JobInfo | None:
 
     def claim(session: Session) -> JobInfo | None:
         job = session.scalars(
-            select(Job).where(Job.state == JobState.QUEUED).order_by(Job.id).limit(1)
+            select(Job)
+            .where(Job.state == JobState.QUEUED)
+            .order_by(Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
         ).first()
         if job is None:
             return None
@@ -131,11 +149,21 @@ def job_state(catalog: Catalog, job_id: int) -> JobState | None:
         return None if state is None else JobState(state)
 
 
-def heartbeat(catalog: Catalog, job_id: int) -> None:
-    """Record that the worker of a RUNNING job is alive."""
-    catalog.write(
-        lambda s: s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow()))
-    )
+def heartbeat(catalog: Catalog, job_id: int, worker: str | None = None) -> bool:
+    """Record that the worker of a RUNNING job is alive (renew its lease).
+
+    With ``worker``, only while the job is RUNNING under that worker; returns whether
+    the lease was renewed (``False``: the job was re-queued or claimed by another).
+    """
+    stmt = update(Job).where(Job.id == job_id)
+    if worker is not None:
+        stmt = stmt.where(Job.worker == worker, Job.state == JobState.RUNNING)
+
+    def beat(session: Session) -> int:
+        result = session.execute(stmt.values(heartbeat_at=utcnow()))
+        return int(getattr(result, "rowcount", 0))
+
+    return bool(catalog.write(beat))
 
 
 def finish_job(
@@ -143,21 +171,29 @@ def finish_job(
     job_id: int,
     state: JobState,
     reason: str | None,
+    *,
+    worker: str | None = None,
     **fields: object,
 ) -> None:
     """Move a job to a final state with its reason and result fields (no outputs)."""
-    complete_job(catalog, job_id, state, reason or "", (), None, **fields)
+    complete_job(catalog, job_id, state, reason or "", (), None, worker=worker, **fields)
 
 
 def requeue_orphans(
-    catalog: Catalog, is_alive: Callable[[str], bool], stale_after_s: float = 120.0
+    catalog: Catalog, is_alive: Callable[[str], bool], stale_after_s: float = STALE_AFTER_S
 ) -> list[int]:
     """Re-queue RUNNING jobs whose worker died (or fail them after MAX_ATTEMPTS).
+
+    Safe to run on several hosts at once: each RUNNING row is locked (``FOR UPDATE
+    SKIP LOCKED`` on PostgreSQL; a row another host is changing is left to it) and
+    judged on its current values.
 
     Parameters
     ----------
     is_alive
-        Tells whether a worker id still runs (e.g. a PID check on this host).
+        Tells whether a worker id may still run; ``False`` only for a worker known to be
+        dead (e.g. no such PID on this host). Workers of other hosts are judged by their
+        heartbeat alone.
     stale_after_s
         A job whose heartbeat is older than this is orphaned whatever ``is_alive`` says.
     """
@@ -165,7 +201,13 @@ def requeue_orphans(
     def change(session: Session) -> list[int]:
         out = []
         limit = utcnow() - dt.timedelta(seconds=stale_after_s)
-        for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)):
+        running = (
+            select(Job)
+            .where(Job.state == JobState.RUNNING)
+            .order_by(Job.id)
+            .with_for_update(skip_locked=True)
+        )
+        for job in session.scalars(running):
             stale = job.heartbeat_at is None or job.heartbeat_at < limit
             if is_alive(job.worker or "") and not stale:
                 continue
@@ -198,6 +240,8 @@ def complete_job(
     reason: str,
     outputs: Sequence[NewOutput],
     destinations: Sequence[DestinationInfo] | None = None,
+    *,
+    worker: str | None = None,
     **fields: object,
 ) -> None:
     """Record outputs, queue their deliveries and finish the job, in one transaction.
@@ -207,14 +251,27 @@ def complete_job(
     destinations
         Where the outputs go (each takes the kinds it lists); default: every active
         destination row.
+    worker
+        The worker that claimed the job: the result is recorded only while the job is
+        RUNNING under it (the row is locked while this is checked).
     fields
         Job columns to set (``result_json``, ``series_instance_uid``, ...).
+
+    Raises
+    ------
+    LeaseLostError
+        When ``worker`` no longer holds the job.
     """
 
     def change(session: Session) -> None:
-        job = session.get(Job, job_id)
+        job = session.get(Job, job_id, with_for_update=True)
         if job is None:
             raise NotFoundError(f"no job with id {job_id}")
+        if worker is not None and (job.state is not JobState.RUNNING or job.worker != worker):
+            raise LeaseLostError(
+                f"job {job_id} is no longer held by {worker} "
+                f"(state {job.state.value}, worker {job.worker})"
+            )
         rows = []
         for out in outputs:
             row = Output(job_id=job_id, **asdict(out))
@@ -327,7 +384,9 @@ def status_report(catalog: Catalog, recent: int = 10) -> StatusReport:
 __all__ = [
     "FINISHED",
     "MAX_ATTEMPTS",
+    "STALE_AFTER_S",
     "DeliveryInfo",
+    "LeaseLostError",
     "NewOutput",
     "OutboxState",
     "claim_next",

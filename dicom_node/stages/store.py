@@ -22,6 +22,7 @@ from dicom_node.selection import SeriesCandidate
 from dicom_node.stages.context import JobContext, JobFacts, PendingOutput
 from storage import Catalog, FileStore
 from storage.catalog import study_files
+from storage.errors import LeaseLostError
 from storage.jobs import (
     NewOutput,
     claim_next,
@@ -34,6 +35,7 @@ from storage.jobs import (
 from storage.models import JobState
 
 LOGGER = logging.getLogger(__name__)
+__all__ = ["JobStorage", "LeaseLostError", "StoreStage", "where"]
 
 
 def where(exc: BaseException, frames: int = 4) -> str:
@@ -58,15 +60,28 @@ class JobStorage:
         self.settings = settings
         self.catalog = catalog
         self.store = store
+        self._claims: dict[int, tuple[str, int]] = {}  # job id -> (worker, attempt)
 
     def claim(self, worker: str) -> JobFacts | None:
-        """Claim the oldest queued job for ``worker``."""
-        job = claim_next(self.catalog, worker)
-        return None if job is None else JobFacts.of(job)
+        """Claim the oldest queued job for ``worker``.
 
-    def heartbeat(self, job_id: int) -> None:
-        """Record that the job's worker is alive."""
-        heartbeat(self.catalog, job_id)
+        The claim is remembered: the job's output files are named by its attempt, and
+        its completion is recorded only while ``worker`` still holds it.
+        """
+        job = claim_next(self.catalog, worker)
+        if job is None:
+            return None
+        self._claims[job.id] = (worker, job.attempts)
+        return JobFacts.of(job)
+
+    def release_claim(self, job_id: int) -> None:
+        """Forget the claim of a job this process has finished with."""
+        self._claims.pop(job_id, None)
+
+    def heartbeat(self, job_id: int) -> bool:
+        """Renew the job's lease; ``False`` when the job is no longer this worker's."""
+        worker = self._claims.get(job_id, (None, 0))[0]
+        return heartbeat(self.catalog, job_id, worker)
 
     def requeue_orphans(self, is_alive: Callable[[str], bool]) -> list[int]:
         """Re-queue RUNNING jobs whose worker died; returns their ids."""
@@ -88,9 +103,16 @@ class JobStorage:
         ]
 
     def save(self, job_id: int, out: PendingOutput) -> NewOutput:
-        """Encode and store one output file of a job."""
+        """Encode and store one output file of a job.
+
+        A second or later attempt names its files ``a<N>_<name>.dcm``, so a worker that
+        lost its lease but still runs never overwrites the files of the worker that took
+        the job over.
+        """
         ds = out.dataset
-        rel = self.store.write_output(job_id, f"{out.name}.dcm", encode(ds))
+        attempt = self._claims.get(job_id, ("", 1))[1]
+        name = f"{out.name}.dcm" if attempt <= 1 else f"a{attempt}_{out.name}.dcm"
+        rel = self.store.write_output(job_id, name, encode(ds))
         return NewOutput(
             kind=out.kind,
             sop_class_uid=str(ds.SOPClassUID),
@@ -113,11 +135,13 @@ class JobStorage:
         The outputs go to every active destination row that takes their kind (the rows
         ``cspine serve`` made from its configuration when it started).
         """
-        complete_job(self.catalog, job_id, state, reason, outputs, None, **fields)
+        worker = self._claims.get(job_id, (None, 0))[0]
+        complete_job(self.catalog, job_id, state, reason, outputs, None, worker=worker, **fields)
 
     def finish(self, job_id: int, state: JobState, reason: str) -> None:
         """Finish a job without outputs."""
-        finish_job(self.catalog, job_id, state, reason)
+        worker = self._claims.get(job_id, (None, 0))[0]
+        finish_job(self.catalog, job_id, state, reason, worker=worker)
 
 
 class StoreStage:

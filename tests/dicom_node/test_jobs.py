@@ -16,6 +16,7 @@ from sqlalchemy import select, update
 
 from ai.synthetic import StudySpec, generate_study, write_study
 from ai.types import VERTEBRAE, ModelIdentity, PipelineResult, VertebraResult
+from config.digest import sha256_file
 from dicom_node import destinations as destination_rows
 from dicom_node.delivery import classify, deliver_due
 from dicom_node.receive import Receiver, open_node_storage
@@ -238,6 +239,36 @@ def test_running_job_of_dead_worker_is_requeued_and_completes_once(tmp_path, stu
         job = s.scalars(select(Job)).one()
         assert job.state is JobState.DONE and job.attempts == 2
         assert len(list(s.scalars(select(Output)))) == 3
+
+
+def test_a_worker_that_lost_its_lease_records_nothing(tmp_path, study):
+    """Worker 1 hangs past the stale limit; a worker of another host takes the job over
+    and completes it; worker 1 then finishes late: its result is dropped, its files do
+    not replace the new holder's, and the job is DONE once."""
+    from storage.models import JobEvent
+
+    settings, catalog, store, worker = _node(tmp_path, study)
+    _complete(catalog)
+    job = worker.storage.claim(worker.id)
+    assert job is not None
+    old = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(hours=1)
+    catalog.write(lambda s: s.execute(update(Job).values(heartbeat_at=old)))
+    assert requeue_orphans(catalog, lambda w: True) == [job.id]
+    other = Worker(settings, catalog, store, pipeline_factory=lambda: TruthPipeline(study))
+    other.id = "otherhost:77"
+    assert other.run_once() is True
+    assert worker.storage.heartbeat(job.id) is False
+    worker.process(job)  # the first worker's late ending: no exception, nothing recorded
+    with catalog.read() as s:
+        row = s.get(Job, job.id)
+        assert row.state is JobState.DONE and row.worker == "otherhost:77" and row.attempts == 2
+        recorded = {o.file_path: o.sha256 for o in s.scalars(select(Output))}
+        done = [e for e in s.scalars(select(JobEvent)) if e.state is JobState.DONE]
+    assert len(recorded) == 3 and all(p.startswith(f"outputs/{job.id}/a2_") for p in recorded)
+    assert len(done) == 1
+    for rel, sha in recorded.items():  # the holder's files were not overwritten
+        assert sha256_file(store.root / rel) == sha
+    assert len(list((store.root / "outputs" / str(job.id)).iterdir())) == 6
 
 
 def test_study_without_eligible_series_is_not_processed_and_says_why(tmp_path, pacs):

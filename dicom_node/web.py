@@ -218,12 +218,20 @@ def _when(value: dt.datetime | None) -> str:
     return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _failure(reason: str | None, study_id: int, show: bool) -> str:
+    """A failed job's reason: ``"TypeName: text"``, whose text may quote header values;
+    only the exception type unless identifiers are shown."""
+    if reason is None or show:
+        return reason or ""
+    return f"{reason.split(':', 1)[0]} (details: cspine show {study_id})"
+
+
 def render_page(catalog: Catalog, settings: WebSettings) -> str:
     """The status page's HTML: counts, studies, running and failed jobs, outbox, refusals.
 
     Only catalog ids, states, counts, times, AE titles and the node's own messages
-    appear; the Study Instance UID, study date and description only with
-    ``settings.show_identifiers``.
+    appear; the Study Instance UID, study date and description, and the text of a failed
+    job's exception (it may quote header values), only with ``settings.show_identifiers``.
     """
     report = status_report(catalog, recent=20)
     oldest = catalog_metrics(catalog, results_limit=0).oldest_pending_since
@@ -280,7 +288,10 @@ def render_page(catalog: Catalog, settings: WebSettings) -> str:
         _table(
             "Failed jobs",
             ["job", "study", "reason", "updated (UTC)"],
-            [_row(j.id, j.study_id, j.reason, _when(j.updated_at)) for j in report.failed_jobs],
+            [
+                _row(j.id, j.study_id, _failure(j.reason, j.study_id, show), _when(j.updated_at))
+                for j in report.failed_jobs
+            ],
             "none",
         ),
         _table(

@@ -25,7 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from config import ConfigError, load_settings
 from config.settings import WebSettings
 from dicom_node.uids import device_uid
-from dicom_node.web import WebServer
+from dicom_node.web import WebServer, render_page
+from dicom_node.worker import Worker
 from tests.conftest import free_port
 from tests.dicom_node.proc import Server, cspine
 from tests.dicom_node.test_jobs import TruthPipeline, _complete, _node, study  # noqa: F401
@@ -171,6 +172,25 @@ def test_page_shows_the_study_uid_only_when_configured(served):
     page = _get(port, "/")[2]
     assert served["source"].StudyInstanceUID in page
     assert str(served["source"].PatientName) not in page  # never in the catalog
+
+
+def test_failed_job_shows_only_its_exception_type_without_identifiers(tmp_path, study):  # noqa: F811
+    class Raising:
+        def run(self, vol):
+            raise RuntimeError(f"header says {study.patient_name}")
+
+    settings, catalog, store, _ = _node(tmp_path, study)
+    _complete(catalog)
+    assert Worker(settings, catalog, store, pipeline_factory=Raising).run_once()
+    try:
+        page = render_page(catalog, WebSettings())
+        assert "<h2>Failed jobs</h2>" in page
+        assert "RuntimeError (details: cspine show 1)" in page
+        assert study.patient_name not in page
+        shown = render_page(catalog, WebSettings(show_identifiers=True))
+        assert f"RuntimeError: header says {study.patient_name}" in shown
+    finally:
+        catalog.dispose()
 
 
 @pytest.mark.parametrize(

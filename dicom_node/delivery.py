@@ -13,6 +13,11 @@ the node's certificate (``node.tls``), and a TLS set-up error is retried like a 
 association, never sent in plain TCP instead. Deliveries whose destination has left the
 configuration are held, not sent. Re-sends use the same files, hence the same SOP
 Instance UIDs and bytes.
+
+Every receiver host may run the delivery: each round claims its due rows first
+(:func:`storage.outbox.claim_deliveries`, a lease of :data:`CLAIM_LEASE_S` in the
+sender's ``host:pid``), so two hosts never send the same row at once; the rows of a
+sender process of this host that died are sent again at once.
 """
 
 from __future__ import annotations
@@ -21,16 +26,19 @@ import logging
 from collections import defaultdict
 
 from config import ConfigError, Settings
+from dicom_node.liveness import known_dead, worker_id
 from dicom_node.scu import SendError, out_of_resources, send_paths, stored
 from dicom_node.tls import client_context
 from storage import Catalog, FileStore
 from storage.models import OutboxState
-from storage.outbox import due_deliveries, hold_delivery, record_delivery
+from storage.outbox import claim_deliveries, hold_delivery, record_delivery
 from storage.records import DeliveryInfo, DestinationInfo
 
 LOGGER = logging.getLogger(__name__)
 HOLD_RECHECK_S = 60.0
 """How often a held delivery (destination removed) is looked at again."""
+CLAIM_LEASE_S = 600.0
+"""How long claimed rows are hidden from other senders (longer than any one round)."""
 
 
 def backoff(attempts: int, cap: float) -> float:
@@ -125,7 +133,7 @@ def deliver_due(settings: Settings, catalog: Catalog, store: FileStore) -> int:
     """
     by_dest: dict[int, list[DeliveryInfo]] = defaultdict(list)
     dests: dict[int, DestinationInfo] = {}
-    for item in due_deliveries(catalog):
+    for item in claim_deliveries(catalog, worker_id(), CLAIM_LEASE_S, is_dead=known_dead):
         by_dest[item.destination.id].append(item)
         dests[item.destination.id] = item.destination
     delivered = 0

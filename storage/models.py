@@ -273,6 +273,8 @@ class OutboxItem(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     wait_seconds: Mapped[float | None] = mapped_column(Float)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    """The sender (``host:pid``) sending the row now; ``None`` once an outcome is recorded."""
 
     output: Mapped[Output] = relationship()
     destination: Mapped[DestinationRow] = relationship()

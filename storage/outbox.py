@@ -9,12 +9,21 @@ status``, refused by the sender) rather than sent over another transport.
 
 Retries are bounded: a delivery that failed ``max_attempts`` times in a row is
 dead-lettered (``DEAD``), shown by ``cspine status`` and revived by ``cspine resend``.
+
+Senders on several hosts share the outbox: :func:`claim_deliveries` takes the due rows
+with ``SELECT ... FOR UPDATE SKIP LOCKED`` (PostgreSQL; on SQLite the write lock
+serialises it), names itself in ``claimed_by`` and moves their next attempt a lease
+ahead in the same transaction, so no other sender sees them as due while this one
+sends; the attempt's outcome then sets the row's state (and its real next attempt) and
+clears the claim. Rows of a sender that died mid-send are due again at once when it is
+known dead (a process of this host that is gone), otherwise when the lease ends: they
+are sent again, with the same SOP Instance UIDs and bytes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
@@ -122,6 +131,7 @@ def queue_deliveries(
             item.state = OutboxState.PENDING
             item.attempts = 0
             item.next_attempt_at = utcnow()
+            item.claimed_by = None
             n += 1
     return n
 
@@ -143,6 +153,61 @@ def due_deliveries(catalog: Catalog, now: dt.datetime | None = None) -> list[Del
         return [DeliveryInfo.of(i) for i in rows]
 
 
+def claim_deliveries(
+    catalog: Catalog,
+    sender: str,
+    lease_s: float,
+    *,
+    is_dead: Callable[[str], bool] = lambda _sender: False,
+    now: dt.datetime | None = None,
+    limit: int = 500,
+) -> list[DeliveryInfo]:
+    """Claim the due PENDING rows (oldest first, at most ``limit``) for ``sender``.
+
+    Each row is marked ``claimed_by = sender`` and its next attempt moves ``lease_s``
+    ahead, committed before this returns: another sender (another host) skips the rows
+    while this one sends them, and :func:`record_delivery` or :func:`hold_delivery` ends
+    the claim. Rows still claimed by a sender for which ``is_dead`` is true are due at
+    once.
+    """
+
+    def claim(session: Session) -> list[DeliveryInfo]:
+        when = now or utcnow()
+        pending = OutboxItem.state == OutboxState.PENDING
+        dead = [
+            who
+            for who in session.scalars(
+                select(OutboxItem.claimed_by)
+                .where(
+                    pending, OutboxItem.claimed_by.is_not(None), OutboxItem.next_attempt_at > when
+                )
+                .distinct()
+            )
+            if who is not None and who != sender and is_dead(who)
+        ]
+        due = OutboxItem.next_attempt_at <= when
+        if dead:
+            due = due | OutboxItem.claimed_by.in_(dead)
+        rows = list(
+            session.scalars(
+                select(OutboxItem)
+                .options(*_loaded())  # type: ignore[arg-type]
+                .where(pending, due)
+                .order_by(OutboxItem.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True, of=OutboxItem)
+            )
+        )
+        infos = [DeliveryInfo.of(i) for i in rows]
+        until = when + dt.timedelta(seconds=lease_s)
+        for item in rows:
+            item.next_attempt_at = until
+            item.claimed_by = sender
+        return infos
+
+    return catalog.write(claim)
+
+
 def record_delivery(
     catalog: Catalog,
     item_id: int,
@@ -162,6 +227,7 @@ def record_delivery(
     def change(session: Session) -> OutboxState:
         item = session.get(OutboxItem, item_id)
         assert item is not None
+        item.claimed_by = None
         item.attempts += 1
         item.state = state
         item.last_status = status
@@ -187,6 +253,7 @@ def hold_delivery(catalog: Catalog, item_id: int, reason: str, retry_in_s: float
     def change(session: Session) -> None:
         item = session.get(OutboxItem, item_id)
         assert item is not None
+        item.claimed_by = None
         item.last_status = "held"
         item.last_error = reason
         item.next_attempt_at = utcnow() + dt.timedelta(seconds=retry_in_s)

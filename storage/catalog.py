@@ -22,6 +22,7 @@ import enum
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,25 +416,45 @@ def record_refusal(
     catalog.write(add, deadline_s=deadline_s)
 
 
-def reconcile(catalog: Catalog, store: FileStore) -> dict[str, int]:
+SHARED_GRACE_S = 900.0
+"""On a PostgreSQL catalog (a store shared by several hosts), the start-up repair leaves
+spool and store files younger than this: another host's receiver may be between its
+rename and its commit (which takes at most its busy deadline, seconds)."""
+
+
+def reconcile(
+    catalog: Catalog, store: FileStore, *, grace_s: float | None = None
+) -> dict[str, int]:
     """Start-up repair: sweep the spool and remove store files no row refers to.
 
     Files renamed into the store whose catalog commit never happened were never
     acknowledged; they are removed, and so are output folders of jobs that no longer
     exist (a purge interrupted between its catalog commit and its file deletions).
 
+    Parameters
+    ----------
+    grace_s
+        Leave spool and unrecorded store files younger than this. Default: none on
+        SQLite (one host; the repair runs before any receiver), :data:`SHARED_GRACE_S`
+        on PostgreSQL, whose receivers on other hosts keep working while one restarts.
+
     Returns
     -------
     dict
         ``{"tmp": n, "orphans": m}`` counts.
     """
-    swept = store.sweep_tmp()
+    if grace_s is None:
+        grace_s = SHARED_GRACE_S if catalog.postgres else 0.0
+    swept = store.sweep_tmp(grace_s)
     with catalog.read() as session:
         known = set(session.scalars(select(Instance.file_path)))
         known |= set(session.scalars(select(QuarantinedInstance.file_path)))
     orphans = 0
+    young = time.time() - grace_s
     for rel in store.iter_instance_files():
         if rel not in known:
+            if grace_s and (store.root / rel).stat().st_mtime > young:
+                continue  # perhaps another host's ingest between rename and commit
             os.unlink(store.root / rel)
             orphans += 1
     from storage.models import Job

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,8 +80,14 @@ class FileStore:
         os.close(fd)
         return Path(name)
 
-    def sweep_tmp(self) -> int:
-        """Delete every file in the spool (call at start-up, before serving).
+    def sweep_tmp(self, older_than_s: float = 0.0) -> int:
+        """Delete the files in the spool (call at start-up, before serving).
+
+        Parameters
+        ----------
+        older_than_s
+            Keep files modified less than this long ago: on a store shared by several
+            hosts they may be another receiver's transfers in flight.
 
         Returns
         -------
@@ -88,8 +95,11 @@ class FileStore:
             How many orphans were removed.
         """
         removed = 0
+        limit = time.time() - older_than_s
         for entry in os.scandir(self.tmp_dir):
             if entry.is_file(follow_symlinks=False):
+                if older_than_s and entry.stat(follow_symlinks=False).st_mtime > limit:
+                    continue
                 os.unlink(entry.path)
                 removed += 1
         if removed:

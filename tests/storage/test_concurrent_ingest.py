@@ -167,3 +167,37 @@ def test_an_unreachable_postgresql_is_catalog_busy_never_a_stored_outcome(
         catalog.dispose()
     finally:
         server.stop()
+
+
+def test_start_up_repair_of_a_shared_catalog_leaves_other_hosts_files_in_flight(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A host restarting on PostgreSQL must not delete what another host's receiver has
+    just renamed into the shared store (its commit follows) or is still spooling; on
+    SQLite (one host, repair before serving) every unrecorded file goes at once."""
+    import os
+    import time
+
+    from storage import reconcile
+
+    catalog = Catalog(database_url)
+    store = FileStore(tmp_path / "store")
+    hour_ago = time.time() - 3600
+
+    def placed(data: bytes) -> Path:
+        rel = store.commit_instance(_spool(store, data), hashlib.sha256(data).hexdigest())
+        return store.root / rel
+
+    young, old = placed(b"renamed, commit pending" * 10), placed(b"crash leftover" * 10)
+    os.utime(old, (hour_ago, hour_ago))
+    spooling, stale = _spool(store, b"in flight"), _spool(store, b"stale spool")
+    os.utime(stale, (hour_ago, hour_ago))
+    repaired = reconcile(catalog, store)
+    if catalog.postgres:
+        assert repaired == {"tmp": 1, "orphans": 1}
+        assert young.exists() and spooling.exists()
+    else:
+        assert repaired == {"tmp": 2, "orphans": 2}
+        assert not young.exists() and not spooling.exists()
+    assert not old.exists() and not stale.exists()
+    catalog.dispose()

@@ -26,6 +26,7 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from storage.db import Catalog
@@ -56,7 +57,8 @@ def sync_destinations(catalog: Catalog, specs: Sequence[DestinationSpec]) -> lis
 
     A spec whose name has a row updates that row (same id: its waiting deliveries now
     go to the new address, over the new transport); a new name gets a new row; rows
-    whose name is no longer configured become inactive (never deleted).
+    whose name is no longer configured become inactive (never deleted). Receivers of
+    several hosts starting at once end with one row per name (the name is unique).
 
     Raises
     ------
@@ -87,7 +89,12 @@ def sync_destinations(catalog: Catalog, specs: Sequence[DestinationSpec]) -> lis
         session.flush()
         return [DestinationInfo.of(rows[n]) for n in names]
 
-    return catalog.write(change)
+    try:
+        return catalog.write(change)
+    except IntegrityError:
+        # a receiver on another host inserted the same name at the same moment: its row
+        # is committed now, and is updated rather than inserted
+        return catalog.write(change)
 
 
 def list_destinations(catalog: Catalog, *, active_only: bool = False) -> list[DestinationInfo]:

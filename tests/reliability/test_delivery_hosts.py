@@ -70,3 +70,44 @@ def test_claimed_rows_are_hidden_from_other_senders_until_the_lease_ends(tmp_pat
         assert set(s.scalars(select(OutboxItem.claimed_by))) == {"hostA:3"}
     other.dispose()
     node.catalog.dispose()
+
+
+def test_receivers_starting_at_once_make_one_destination_row_per_name(tmp_path, database_url):
+    from storage.models import DestinationRow
+    from storage.outbox import sync_destinations
+    from storage.records import DestinationSpec
+
+    specs = [
+        DestinationSpec(
+            name=f"PACS{i}",
+            kind="cstore",
+            ae_title=f"PACS{i}",
+            host="10.0.0.5",
+            port=104 + i,
+            tls=False,
+            outputs=("seg", "sr", "summary"),
+        )
+        for i in range(5)
+    ]
+    hosts = [Catalog(database_url) for _ in range(4)]
+    start = threading.Barrier(len(hosts))
+    errors: list[BaseException] = []
+
+    def serve(catalog: Catalog) -> None:
+        start.wait()
+        try:
+            sync_destinations(catalog, specs)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(c,)) for c in hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with hosts[0].read() as s:
+        names = sorted(s.scalars(select(DestinationRow.name)))
+    assert names == [f"PACS{i}" for i in range(5)]
+    for catalog in hosts:
+        catalog.dispose()

@@ -154,3 +154,96 @@ def test_opening_a_catalog_leaves_no_pooled_connection_in_write_mode(tmp_path):
         release.set()
         t.join()
         catalog.dispose()
+
+
+def _previous_release_catalog(url: str) -> None:
+    """A catalog as the previous release left it (revision 0002), with a delivery row."""
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from storage.migrate import _config
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        command.upgrade(_config(conn), "0002")
+        conn.execute(
+            text(
+                "INSERT INTO studies (study_instance_uid, state, received_count, "
+                "instance_count, flagged, created_at, last_received_at, completion_count) "
+                "VALUES ('1.2.3', 'COMPLETE', 1, 1, false, '2026-01-01', '2026-01-01', 1)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO jobs (study_id, version, state, attempts, created_at, "
+                "updated_at) VALUES (1, 1, 'DONE', 1, '2026-01-01', '2026-01-01')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO outputs (job_id, kind, sop_class_uid, sop_instance_uid, "
+                "series_instance_uid, file_path, sha256) VALUES "
+                "(1, 'sr', '1.2', '1.2.9', '1.2.8', 'outputs/1/sr.dcm', 'ab')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO destinations (name, kind, ae_title, host, port, tls, outputs, "
+                "active, created_at, updated_at) VALUES ('PACS', 'cstore', 'PACS', "
+                "'10.0.0.5', 104, false, 'sr', true, '2026-01-01', '2026-01-01')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO outbox (output_id, destination_id, state, attempts, "
+                "next_attempt_at) VALUES (1, 1, 'PENDING', 2, '2026-01-01')"
+            )
+        )
+        conn.commit()
+    engine.dispose()
+
+
+def test_the_previous_release_catalog_upgrades_with_cspine_db_upgrade(database_url, tmp_path):
+    """``cspine db upgrade`` (CSPINE_STORAGE__DATABASE_URL) takes a catalog of the previous
+    release to the newest revision on either engine, keeping its rows, which new rows
+    then join."""
+    from tests.dicom_node.proc import cspine
+
+    _previous_release_catalog(database_url)
+    env = {"CSPINE_STORAGE__DATABASE_URL": database_url}
+    args = ("--data-dir", str(tmp_path / "var"))
+    done = cspine("db", "current", *args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"catalog revision 0002; newest {head_revision()}" in done.stdout
+    done = cspine("db", "upgrade", *args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"catalog upgraded from 0002 to revision {head_revision()}" in done.stdout
+    assert "already at revision" in cspine("db", "upgrade", *args, env=env).stdout
+    catalog = Catalog(database_url)
+    assert _schema_diff(catalog) == []
+    with catalog.read() as s:
+        (item,) = s.scalars(select(OutboxItem))
+        assert (item.state, item.attempts, item.claimed_by) == (OutboxState.PENDING, 2, None)
+    from storage.models import DestinationRow as Dest
+    from storage.models import Output
+
+    def add(session):  # type: ignore[no-untyped-def]
+        out = Output(
+            job_id=1,
+            kind="seg",
+            sop_class_uid="1.2",
+            sop_instance_uid="1.2.10",
+            series_instance_uid="1.2.8",
+            file_path="outputs/1/seg.dcm",
+            sha256="cd",
+        )
+        session.add(out)
+        session.flush()
+        dest = session.scalars(select(Dest)).one()
+        row = OutboxItem(output_id=out.id, destination_id=dest.id, state=OutboxState.PENDING)
+        session.add(row)
+        session.flush()
+        return row.id
+
+    assert catalog.write(add) == 2
+    catalog.dispose()

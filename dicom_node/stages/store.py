@@ -79,9 +79,15 @@ class JobStorage:
         self._claims.pop(job_id, None)
 
     def heartbeat(self, job_id: int) -> bool:
-        """Renew the job's lease; ``False`` when the job is no longer this worker's."""
-        worker = self._claims.get(job_id, (None, 0))[0]
-        return heartbeat(self.catalog, job_id, worker)
+        """Renew the job's lease; ``False`` when the job is no longer this worker's.
+
+        A job this worker has already finished needs no lease: ``True``.
+        """
+        claim = self._claims.get(job_id)
+        if claim is None:
+            return True
+        held = heartbeat(self.catalog, job_id, claim[0])
+        return held or job_id not in self._claims  # finished meanwhile: not lost
 
     def requeue_orphans(self, is_alive: Callable[[str], bool]) -> list[int]:
         """Re-queue RUNNING jobs whose worker died; returns their ids."""
@@ -137,11 +143,13 @@ class JobStorage:
         """
         worker = self._claims.get(job_id, (None, 0))[0]
         complete_job(self.catalog, job_id, state, reason, outputs, None, worker=worker, **fields)
+        self._claims.pop(job_id, None)  # finished: the lease ends with it
 
     def finish(self, job_id: int, state: JobState, reason: str) -> None:
         """Finish a job without outputs."""
         worker = self._claims.get(job_id, (None, 0))[0]
         finish_job(self.catalog, job_id, state, reason, worker=worker)
+        self._claims.pop(job_id, None)
 
 
 class StoreStage:

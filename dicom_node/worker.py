@@ -27,7 +27,7 @@ from dicom_node import stages
 from dicom_node.liveness import known_dead, worker_id
 from dicom_node.stages import JobContext, JobFacts, JobStorage
 from dicom_node.stages.heap import tune_malloc
-from dicom_node.stages.store import LeaseLostError, where
+from dicom_node.stages.store import CatalogBusyError, LeaseLostError, where
 from storage import Catalog, FileStore
 
 LOGGER = logging.getLogger(__name__)
@@ -96,21 +96,30 @@ class Worker:
     def recover(self) -> list[int]:
         """Re-queue RUNNING jobs whose worker died: known dead on this host (or this very
         id, left by an earlier process), or silent past the stale limit on any host."""
-        self._last_recover = time.monotonic()
         ids = self.storage.requeue_orphans(lambda w: w != self.id and not known_dead(w))
+        self._last_recover = time.monotonic()  # after it ran: a failed look is retried
         for job_id in ids:
             LOGGER.warning("job re-queued after worker death job_id=%d", job_id)
         return ids
 
     def run_forever(self) -> None:
-        """Claim and process jobs until :attr:`stop_event` is set."""
-        self.recover()
+        """Claim and process jobs until :attr:`stop_event` is set.
+
+        Dead workers' jobs are re-queued first and then every :data:`RECOVER_SECONDS`;
+        while the catalog is unreachable the worker waits and claims nothing.
+        """
         _ = self.pipeline
         LOGGER.info("worker ready worker=%s", self.id)
         while not self.stop_event.is_set():
-            if time.monotonic() - self._last_recover >= RECOVER_SECONDS:
-                self.recover()
-            if not self.run_once():
+            try:
+                if time.monotonic() - self._last_recover >= RECOVER_SECONDS:
+                    self.recover()
+                busy = self.run_once()
+            except CatalogBusyError as exc:
+                # the catalog (PostgreSQL) is unreachable: claim nothing until it is back
+                LOGGER.warning("catalog unavailable, worker waiting: %s", exc)
+                busy = False
+            if not busy:
                 self.stop_event.wait(self.settings.worker.poll_seconds)
 
     def run_once(self) -> bool:

@@ -20,7 +20,7 @@ from config.digest import sha256_file
 from dicom_node.encode import encode
 from dicom_node.selection import SeriesCandidate
 from dicom_node.stages.context import JobContext, JobFacts, PendingOutput
-from storage import Catalog, FileStore
+from storage import Catalog, CatalogBusyError, FileStore
 from storage.catalog import study_files
 from storage.errors import LeaseLostError
 from storage.jobs import (
@@ -35,7 +35,7 @@ from storage.jobs import (
 from storage.models import JobState
 
 LOGGER = logging.getLogger(__name__)
-__all__ = ["JobStorage", "LeaseLostError", "StoreStage", "where"]
+__all__ = ["CatalogBusyError", "JobStorage", "LeaseLostError", "StoreStage", "where"]
 
 
 def where(exc: BaseException, frames: int = 4) -> str:

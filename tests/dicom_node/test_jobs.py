@@ -271,6 +271,64 @@ def test_a_worker_that_lost_its_lease_records_nothing(tmp_path, study):
     assert len(list((store.root / "outputs" / str(job.id)).iterdir())) == 6
 
 
+def test_worker_waits_out_an_unreachable_catalog_then_takes_over_a_dead_workers_job(tmp_path):
+    """PostgreSQL stops under a running worker: the worker stays up and claims nothing;
+    once the server is back it re-queues the job of a dead worker of this host and
+    processes it."""
+    import socket
+    import threading
+    import time
+
+    from storage.jobs import claim_next, enqueue_job
+    from storage.models import Study, StudyState
+    from tests.storage.pg import PostgresServer, require_postgres
+
+    server = PostgresServer(require_postgres())
+    server.start()
+    try:
+        url = server.create_database()
+        settings = make_settings(
+            tmp_path, storage={"database_url": url}, worker={"poll_seconds": 0.1}
+        )
+        catalog, store = open_node_storage(settings)
+        catalog.busy_deadline_s = 0.5
+
+        def add(session):  # type: ignore[no-untyped-def]
+            study = Study(study_instance_uid="1.2.3", state=StudyState.COMPLETE)
+            session.add(study)
+            session.flush()
+            enqueue_job(session, study.id, "test")
+
+        catalog.write(add)
+        dead = f"{socket.gethostname()}:999999"  # no such process on this host
+        job = claim_next(catalog, dead)
+        assert job is not None
+        worker = Worker(settings, catalog, store, pipeline_factory=lambda: object())
+        server.halt()
+        thread = threading.Thread(target=worker.run_forever, daemon=True)
+        thread.start()
+        time.sleep(2)
+        assert thread.is_alive()  # did not die on the unreachable catalog
+        server.start_again()
+        deadline = time.monotonic() + 30
+        state = None
+        while time.monotonic() < deadline:
+            with catalog.read() as s:
+                row = s.get(Job, job.id)
+                state, holder, attempts = row.state, row.worker, row.attempts
+            if state not in (JobState.QUEUED, JobState.RUNNING):
+                break
+            time.sleep(0.2)
+        worker.stop_event.set()
+        thread.join(10)
+        assert not thread.is_alive()
+        # no series at all: NOT_PROCESSED, by this worker, on the second claim
+        assert (state, holder, attempts) == (JobState.NOT_PROCESSED, worker.id, 2)
+        catalog.dispose()
+    finally:
+        server.stop()
+
+
 def test_study_without_eligible_series_is_not_processed_and_says_why(tmp_path, pacs):
     study = generate_study(13, StudySpec.small(extra_series=True))
     settings = make_settings(tmp_path)

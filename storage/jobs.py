@@ -342,6 +342,8 @@ def resend_results(
 
     def change(session: Session) -> int:
         study_id = _study_id(session, ref)
+        # locked (PostgreSQL) against a purge of the study on another host
+        session.execute(select(Study.id).where(Study.id == study_id).with_for_update())
         job = _latest(session, study_id, FINISHED)
         outs = (
             []

@@ -135,12 +135,14 @@ def _describe(session: Session, study: Study) -> PurgeCandidate:
     )
 
 
-def _old_studies(session: Session, cutoff: dt.datetime) -> list[Study]:
-    return list(
-        session.scalars(
-            select(Study).where(Study.last_received_at < cutoff).order_by(Study.last_received_at)
-        )
-    )
+def _old_studies(session: Session, cutoff: dt.datetime, *, lock: bool = False) -> list[Study]:
+    stmt = select(Study).where(Study.last_received_at < cutoff).order_by(Study.last_received_at)
+    if lock:
+        # PostgreSQL: a receiver counting an instance into the study, a completion or a
+        # re-send waits for the purge, or the purge for it (and then sees the study as
+        # it left it: no longer old, or busy). SQLite: BEGIN IMMEDIATE does this.
+        stmt = stmt.with_for_update()
+    return list(session.scalars(stmt))
 
 
 def _delete_rows(session: Session, study_id: int) -> None:
@@ -212,11 +214,12 @@ def purge(
         return report
 
     def remove_rows(session: Session) -> tuple[list[PurgeCandidate], list[tuple[int, str]]]:
-        # Conditions are checked again inside the write transaction (BEGIN IMMEDIATE):
-        # no instance, job or delivery can be added to these studies meanwhile.
+        # Conditions are checked again inside the write transaction, the studies locked
+        # (BEGIN IMMEDIATE on SQLite, FOR UPDATE on PostgreSQL): no instance, job or
+        # delivery can be added to these studies meanwhile.
         done: list[PurgeCandidate] = []
         skipped: list[tuple[int, str]] = []
-        for study in _old_studies(session, cutoff):
+        for study in _old_studies(session, cutoff, lock=True):
             reason = _busy_reason(session, study.id)
             if reason is not None:
                 skipped.append((study.id, reason))

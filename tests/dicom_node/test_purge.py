@@ -30,7 +30,8 @@ from storage.models import (
 from storage.outbox import record_delivery, sync_destinations
 from storage.purge import parse_duration, purge
 from storage.records import DestinationSpec
-from tests.dicom_node.conftest import make_settings
+from tests.conftest import ENGINES
+from tests.dicom_node.conftest import catalog_on, make_settings
 from tests.helpers import write_series
 
 PACS = "PACS@127.0.0.1:104"
@@ -40,9 +41,9 @@ OLD = dt.timedelta(days=40)
 class Site:
     """A catalog and store filled through the real receive path."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, storage: dict | None = None) -> None:
         self.tmp = tmp_path
-        self.settings = make_settings(tmp_path)
+        self.settings = make_settings(tmp_path, storage=storage or {})
         self.catalog, self.store = open_node_storage(self.settings)
         self.receiver = Receiver(self.settings, self.catalog, self.store)
         sync_destinations(
@@ -106,8 +107,9 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path):
-    s = Site(tmp_path)
+def site(tmp_path: Path, request):
+    """A site on SQLite, or per ``@pytest.mark.parametrize("site", ENGINES, indirect=True)``."""
+    s = Site(tmp_path, catalog_on(request, getattr(request, "param", "sqlite")))
     yield s
     s.catalog.dispose()
 
@@ -122,6 +124,7 @@ def test_parse_duration():
             parse_duration(bad)
 
 
+@pytest.mark.parametrize("site", ENGINES, indirect=True)
 def test_purge_removes_old_idle_studies_and_keeps_busy_and_recent_ones(site):
     done = site.study("done", age=OLD, job="DONE")
     site.quarantine_one(done)
@@ -184,6 +187,55 @@ def test_purge_removes_old_idle_studies_and_keeps_busy_and_recent_ones(site):
 def _job_id(site: Site, study_id: int) -> int:
     with site.catalog.read() as s:
         return int(s.scalar(select(Job.id).where(Job.study_id == study_id)))
+
+
+def test_an_instance_arriving_on_another_host_during_a_purge_keeps_the_study(
+    tmp_path: Path, postgres_server
+):
+    """PostgreSQL: another host's receiver holds the old study's row while it counts a
+    new instance into it; the purge waits for it, then sees the study recent and keeps
+    it (without the lock it deleted the series under the new instance and failed)."""
+    import threading
+    import time
+
+    from sqlalchemy import create_engine, text
+
+    url = postgres_server.create_database()
+    site = Site(tmp_path, {"database_url": url})
+    old = site.study("old", age=OLD, job=None)
+    with site.catalog.read() as s:
+        series_id = s.scalar(select(Instance.series_id))
+    other = create_engine(url)
+    reports: list = []
+    with other.connect() as conn:
+        conn.execute(text("SELECT id FROM studies WHERE id = :id FOR UPDATE"), {"id": old})
+        conn.execute(
+            text("UPDATE studies SET last_received_at = :now WHERE id = :id"),
+            {"now": utcnow(), "id": old},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO instances (series_id, sop_instance_uid, sop_class_uid, "
+                "transfer_syntax_uid, file_path, sha256, size_bytes, received_at) VALUES "
+                "(:sid, '2.25.7', '1.2', '1.2', 'instances/x.dcm', 'ab', 1, :now)"
+            ),
+            {"sid": series_id, "now": utcnow()},
+        )
+        thread = threading.Thread(
+            target=lambda: reports.append(purge(site.catalog, site.store, dt.timedelta(days=30)))
+        )
+        thread.start()
+        time.sleep(1.0)
+        conn.commit()
+    thread.join(30)
+    other.dispose()
+    (report,) = reports
+    assert report.studies == []
+    with site.catalog.read() as s:
+        assert s.scalar(select(func.count(Instance.id))) == 4
+        assert s.get(Study, old) is not None
+    site.catalog.dispose()
+    postgres_server.drop_database(url)
 
 
 def test_crash_between_rows_and_files_leaves_orphans_that_reconcile_removes(site, monkeypatch):

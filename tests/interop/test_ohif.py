@@ -20,9 +20,12 @@ import numpy as np
 import pydicom
 import pytest
 
+from tests.conftest import ROOT
+from tests.interop import ohif
 from tests.interop.ohif import (
     FIND_TEXT,
     OHIF_SR_BUG,
+    OHIF_VERSION,
     SEGMENTATION_SHOWN,
     SR_LOADED,
     SUMMARY_BOX,
@@ -52,6 +55,7 @@ def _fail_on_errors(viewer: ViewerSession, what: str) -> None:
     assert not errors, f"{what}:\n" + "\n".join(str(e) for e in errors)
 
 
+@pytest.mark.slow
 def test_study_browser_lists_ct_and_our_three_outputs(viewer):
     text = viewer.page.text()
     for description in ("C-SPINE BONE", "C-spine SEG", "C-spine SR", "C-spine summary"):
@@ -59,6 +63,7 @@ def test_study_browser_lists_ct_and_our_three_outputs(viewer):
     _fail_on_errors(viewer, "errors while the study loaded")
 
 
+@pytest.mark.slow
 def test_seg_overlays_each_vertebra_inside_its_bone(viewer):
     viewer.open_series("SEG", SEGMENTATION_SHOWN)
     study = viewer.truth
@@ -88,6 +93,7 @@ def test_seg_overlays_each_vertebra_inside_its_bone(viewer):
     _fail_on_errors(viewer, "errors while the SEG loaded")
 
 
+@pytest.mark.slow
 def test_summary_image_displays_as_written(viewer):
     viewer.open_series("OT", shows_image(viewer.truth.uids["summary"]))
     box = viewer.page.evaluate(SUMMARY_BOX)
@@ -100,6 +106,7 @@ def test_summary_image_displays_as_written(viewer):
     _fail_on_errors(viewer, "errors while the summary image loaded")
 
 
+@pytest.mark.slow
 def test_sr_probabilities_as_ohif_reads_them(viewer):
     viewer.open_series("SR", SR_LOADED)
     found = viewer.sr_measurements()
@@ -120,8 +127,19 @@ def test_sr_probabilities_as_ohif_reads_them(viewer):
 
 
 def test_makefile_fetches_the_version_served():
-    from tests.conftest import ROOT
-    from tests.interop.ohif import OHIF_VERSION
-
     makefile = (ROOT / "Makefile").read_text()
     assert f"OHIF_VERSION := {OHIF_VERSION}\n" in makefile
+
+
+def test_missing_viewer_skips_outside_ci(monkeypatch, tmp_path):
+    monkeypatch.setattr(ohif, "OHIF_CACHE", tmp_path / "absent")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="make ohif"):
+        require_viewer_tools()
+
+
+def test_missing_viewer_fails_in_ci(monkeypatch, tmp_path):
+    monkeypatch.setattr(ohif, "OHIF_CACHE", tmp_path / "absent")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        require_viewer_tools()

@@ -273,6 +273,10 @@ class StorageSettings(_Section):
     database_url: str = ""
     min_free_bytes: int = Field(default=512 * 1024**2, ge=0)
     fsync: bool = True
+    orphan_grace_seconds: float | None = Field(default=None, ge=0)
+    """The start-up repair leaves spool and unrecorded store files younger than this
+    (another host's receiver may be between its rename and its commit). ``None``: 0 on
+    SQLite, 900 on PostgreSQL (a store shared by several hosts)."""
 
     @property
     def store_path(self) -> Path:

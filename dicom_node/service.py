@@ -217,7 +217,7 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
     tune_malloc()
     check_bind_safety(settings)
     catalog, store = open_node_storage(settings)
-    repaired = reconcile(catalog, store)
+    repaired = reconcile(catalog, store, grace_s=settings.storage.orphan_grace_seconds)
     LOGGER.info("store ready tmp_swept=%d orphans_removed=%d", repaired["tmp"], repaired["orphans"])
     for dest in destinations.sync(settings, catalog):
         LOGGER.info(

@@ -1,4 +1,4 @@
-"""Catalog (SQLAlchemy 2.0, SQLite) and file store of cspine-node.
+"""Catalog (SQLAlchemy 2.0; SQLite, or PostgreSQL for scale-out) and file store of cspine-node.
 
 Never imports pynetdicom or torch.
 """

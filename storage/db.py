@@ -206,7 +206,7 @@ class Catalog:
             raise
 
     def write(self, fn: Callable[[Session], T], *, deadline_s: float | None = None) -> T:
-        """Run ``fn(session)`` in a ``BEGIN IMMEDIATE`` transaction and commit it.
+        """Run ``fn(session)`` in a write transaction (``BEGIN IMMEDIATE`` on SQLite) and commit it.
 
         Group commit: calls from several threads of this process that wait for the
         writer lock at the same time are run by whichever gets it first, each in its own

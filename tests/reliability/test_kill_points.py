@@ -71,7 +71,11 @@ def test_sigkill_at_each_receive_step_loses_nothing_acknowledged(tmp_path, point
     paths = write_series(tmp_path / "series", 6, rows=64, cols=64)
     data_dir = tmp_path / "var"
     port = free_port()
-    catalog_env = {"CSPINE_STORAGE__DATABASE_URL": database_url}
+    # one host: its start-up repair may remove every unrecorded file at once
+    catalog_env = {
+        "CSPINE_STORAGE__DATABASE_URL": database_url,
+        "CSPINE_STORAGE__ORPHAN_GRACE_SECONDS": "0",
+    }
     armed = Server(
         data_dir,
         port,

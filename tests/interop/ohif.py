@@ -794,6 +794,63 @@ class ViewerSession:
             self.page.pump(1.5)  # drawn on the next frames
             return
 
+    def open_tag_browser(self, modality: str, search: str) -> str:
+        """OHIF's Tag Browser for a series (the study browser entry's ``...`` menu), its
+        search box filled with ``search``; the page's text then (the list is virtual: only
+        the first rows are in the page)."""
+        row = (
+            "[...document.querySelectorAll('[data-cy^=\"study-browser-thumbnail\"]')]"
+            f".find((e) => e.innerText.trim().startsWith({json.dumps(modality + chr(10))}))"
+        )
+        centre = (
+            "const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2];"
+        )
+        search_box = (
+            "(() => { const e = document.querySelector('input[placeholder=\"Search metadata\"]');"
+            f" if (!e) return null; {centre} }})()"
+        )
+        menu_item = (
+            "(() => { const e = [...document.querySelectorAll('body *')].filter((x) =>"
+            " x.innerText && x.innerText.trim() === 'Tag Browser'"
+            " && x.getBoundingClientRect().width > 0).pop();"
+            f" if (!e) return null; {centre} }})()"
+        )
+        for _ in range(4):  # a click while the page is busy is lost: try again
+            where = self.page.wait_for(
+                f"(() => {{ const e = {row}; if (!e) return null; {centre} }})()", 10, modality
+            )
+            self.page.call("Input.dispatchMouseEvent", type="mouseMoved", x=where[0], y=where[1])
+            self.page.pump(0.5)
+            button = self.page.evaluate(
+                f"(() => {{ const e = ({row} || document.body).querySelector("
+                f"'[data-cy$=\"-btn\"]'); if (!e) return null; {centre} }})()"
+            )
+            if button:
+                self.page.click(*button)
+                self.page.pump(0.5)
+            item = self.page.evaluate(menu_item)
+            if item:
+                self.page.click(*item)
+                self.page.pump(1.0)
+            box = self.page.evaluate(search_box)
+            if box:
+                break
+            self.page.call("Input.dispatchKeyEvent", type="keyDown", key="Escape")
+            self.page.pump(0.5)
+        else:
+            box = self.page.wait_for(search_box, 5, f"the Tag Browser of the {modality}")
+        self.page.click(*box)
+        self.page.call("Input.insertText", text=search)
+        self.page.pump(1.5)
+        return self.page.text()
+
+    def close_dialog(self) -> None:
+        """Close an open dialog (the Tag Browser) with its Close button."""
+        where = self.page.evaluate(FIND_TEXT % json.dumps("Close"))
+        if where:
+            self.page.click(*where)
+            self.page.pump(0.5)
+
     def state(self, k: int | None = None) -> dict[str, Any]:
         """:data:`VIEWPORT_STATE`, with the plane points of slice ``k`` (the shown one)."""
         if k is None:

@@ -106,6 +106,30 @@ def test_summary_image_displays_as_written(viewer):
     _fail_on_errors(viewer, "errors while the summary image loaded")
 
 
+def _numeric_values(items) -> list[str]:
+    """The SR's numbers as written (DS strings), in document order."""
+    found = []
+    for item in items:
+        for value in item.get("MeasuredValueSequence", []):
+            found.append(str(value["NumericValue"].repval).strip("'"))
+        found += _numeric_values(item.get("ContentSequence", []))
+    return found
+
+
+@pytest.mark.slow
+def test_sr_numbers_in_the_tag_browser(viewer):
+    """The Tag Browser (menu of the SR's entry) shows the SR's numbers as we wrote them:
+    the way to read the SR in OHIF 3.13.2 without opening it (next test)."""
+    sr = pydicom.dcmread(viewer.truth.sr_path)
+    written = _numeric_values(sr.ContentSequence)
+    c1 = viewer.truth.probabilities["C1"]
+    assert c1 is not None and abs(float(written[0]) - c1) < 1e-6  # C1's group comes first
+    text = viewer.open_tag_browser("SR", "NumericValue")
+    viewer.close_dialog()
+    assert written[0] in text, f"C1's probability {written[0]} not in the Tag Browser"
+    _fail_on_errors(viewer, "errors in the Tag Browser")
+
+
 @pytest.mark.slow
 def test_sr_probabilities_as_ohif_reads_them(viewer):
     viewer.open_series("SR", SR_LOADED)

@@ -7,7 +7,9 @@ study of the browser test in OHIF as a radiologist would and writes:
 * ``ohif_seg_c1.png``: the SEG over the CT at the middle of C1 (the fractured level), with
   OHIF's segmentation panel open;
 * ``ohif_seg_c4.png``: the same at the middle of C4;
-* ``ohif_summary.png``: the summary image.
+* ``ohif_summary.png``: the summary image;
+* ``ohif_sr_tags.png``: OHIF's Tag Browser on the SR, searched for ``NumericValue`` (the
+  SR itself cannot be opened in OHIF 3.13.2: ``docs/operations.md`` section 8).
 
 Each overlay is checked against the phantom's truth before it is saved.
 """
@@ -47,6 +49,9 @@ def main(out: Path) -> None:
         viewer.open_series("OT", shows_image(study.uids["summary"]))
         viewer.page.screenshot(out / "ohif_summary.png")
         print(out / "ohif_summary.png")
+        viewer.open_tag_browser("SR", "NumericValue")
+        viewer.page.screenshot(out / "ohif_sr_tags.png")
+        print(out / "ohif_sr_tags.png")
 
 
 if __name__ == "__main__":

@@ -614,6 +614,24 @@ def shows_image(sop_uid: str) -> str:
     )
 
 
+SCROLLED_TEXT = """(async (needle) => {
+  const lists = [...document.querySelectorAll('body *')].filter((e) =>
+    e.scrollHeight > e.clientHeight + 10 && e.innerText.includes(needle));
+  const list = lists.pop();
+  if (!list) return document.body.innerText;
+  const parts = [];
+  for (let top = 0; ; top += list.clientHeight / 2) {
+    list.scrollTop = top;
+    await new Promise((done) => setTimeout(done, 150));
+    parts.push(list.innerText);
+    if (list.scrollTop + list.clientHeight >= list.scrollHeight - 1) break;
+  }
+  return parts.join(String.fromCharCode(10));
+})(%s)"""
+"""Text of the innermost scrolled element showing the argument, read while scrolling it
+from top to bottom (a virtual list keeps only the rows in view in the page)."""
+
+
 SOP_IN_IMAGE_ID = re.compile(r"/instances/([0-9.]+)/frames/")
 OHIF_SR_BUG = "Cannot read properties of undefined (reading 'ReferencedSOPSequence')"
 """How OHIF 3.13.2 fails on a TID 1500 measurement group without spatial coordinates
@@ -796,8 +814,8 @@ class ViewerSession:
 
     def open_tag_browser(self, modality: str, search: str) -> str:
         """OHIF's Tag Browser for a series (the study browser entry's ``...`` menu), its
-        search box filled with ``search``; the page's text then (the list is virtual: only
-        the first rows are in the page)."""
+        search box filled with ``search``; the text of all its rows (the list is virtual,
+        so it is scrolled through and read part by part)."""
         row = (
             "[...document.querySelectorAll('[data-cy^=\"study-browser-thumbnail\"]')]"
             f".find((e) => e.innerText.trim().startsWith({json.dumps(modality + chr(10))}))"
@@ -819,12 +837,19 @@ class ViewerSession:
             where = self.page.wait_for(
                 f"(() => {{ const e = {row}; if (!e) return null; {centre} }})()", 10, modality
             )
+            # the menu button shows while the pointer is over the entry
+            self.page.call("Input.dispatchMouseEvent", type="mouseMoved", x=1, y=1)
             self.page.call("Input.dispatchMouseEvent", type="mouseMoved", x=where[0], y=where[1])
-            self.page.pump(0.5)
-            button = self.page.evaluate(
-                f"(() => {{ const e = ({row} || document.body).querySelector("
-                f"'[data-cy$=\"-btn\"]'); if (!e) return null; {centre} }})()"
-            )
+            try:
+                button = self.page.wait_for(
+                    f"(() => {{ const e = ({row} || document.body).querySelector("
+                    f"'[data-cy$=\"-btn\"]'); if (!e || !e.getBoundingClientRect().width)"
+                    f" return null; {centre} }})()",
+                    3,
+                    "",
+                )
+            except AssertionError:
+                button = None
             if button:
                 self.page.click(*button)
                 self.page.pump(0.5)
@@ -842,7 +867,7 @@ class ViewerSession:
         self.page.click(*box)
         self.page.call("Input.insertText", text=search)
         self.page.pump(1.5)
-        return self.page.text()
+        return str(self.page.evaluate(SCROLLED_TEXT % json.dumps(search)))
 
     def close_dialog(self) -> None:
         """Close an open dialog (the Tag Browser) with its Close button."""

@@ -1,6 +1,7 @@
 """Scale-out on one PostgreSQL: two receivers (``cspine serve --no-worker``) and three
 workers, as separate processes sharing the catalog and the store, several senders at
-once; one worker is SIGKILLed mid-job and one receiver mid-series.
+once; one worker is SIGKILLed mid-job and one receiver mid-series (then started again,
+so that both receivers complete studies and deliver).
 
 Afterwards every acknowledged instance is in the catalog and, intact, in the store;
 every study is complete with exactly one DONE job per version; every recorded output
@@ -189,10 +190,16 @@ def test_two_receivers_three_workers_one_postgresql_survive_sigkills(tmp_path, p
         _wait(first_worker_busy, 300, "the first worker to claim a job")
         os.kill(pid, signal.SIGKILL)
         assert workers[0].wait(10) == -signal.SIGKILL
+        # the killed receiver comes back, as its supervisor would start it: its start-up
+        # repair runs while the other receives, and from then on both complete studies
+        # and deliver outputs
+        killed = receivers[1]
+        _wait(lambda: killed.proc is not None and killed.proc.poll() is not None, 300, "kill")
+        assert killed.proc is not None and killed.proc.returncode == -signal.SIGKILL
+        killed.start()
         for t in threads:
             t.join(600)
         assert errors == []
-        assert receivers[1].proc is not None and receivers[1].proc.poll() == -signal.SIGKILL
 
         def all_done() -> bool:
             with catalog.read() as s:  # type: ignore[union-attr]

@@ -18,8 +18,8 @@ def _refusal(reason: str) -> Refusal:
     return Refusal(calling_ae="T", sop_instance_uid=None, status=0xA900, reason=reason)
 
 
-def test_concurrent_writes_share_commits_and_keep_their_own_errors(tmp_path: Path) -> None:
-    catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
+def test_concurrent_writes_share_commits_and_keep_their_own_errors(database_url: str) -> None:
+    catalog = Catalog(database_url)
     commits = []
     event.listen(catalog.engine, "commit", lambda conn: commits.append(1))
     start = threading.Barrier(16)
@@ -62,8 +62,8 @@ def test_concurrent_writes_share_commits_and_keep_their_own_errors(tmp_path: Pat
     catalog.dispose()
 
 
-def test_a_lone_write_that_raises_commits_nothing(tmp_path: Path) -> None:
-    catalog = Catalog(f"sqlite:///{tmp_path / 'c.sqlite'}")
+def test_a_lone_write_that_raises_commits_nothing(database_url: str) -> None:
+    catalog = Catalog(database_url)
 
     def add(session):  # type: ignore[no-untyped-def]
         session.add(_refusal("x"))

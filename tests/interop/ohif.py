@@ -626,10 +626,12 @@ SCROLLED_TEXT = """(async (needle) => {
     parts.push(list.innerText);
     if (list.scrollTop + list.clientHeight >= list.scrollHeight - 1) break;
   }
+  list.scrollTop = 0;
   return parts.join(String.fromCharCode(10));
 })(%s)"""
 """Text of the innermost scrolled element showing the argument, read while scrolling it
-from top to bottom (a virtual list keeps only the rows in view in the page)."""
+from top to bottom (a virtual list keeps only the rows in view in the page); it is left
+scrolled to the top."""
 
 
 SOP_IN_IMAGE_ID = re.compile(r"/instances/([0-9.]+)/frames/")

@@ -1,4 +1,5 @@
-"""The admin CLI as a subprocess against a real server; no identifiers in any log."""
+"""The admin CLI as a subprocess against a real server; no identifiers in any log. The
+commands that use the catalog run on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ def _assert_no_phi(text: str) -> None:
 
 
 @pytest.mark.slow
-def test_send_studies_show_echo_and_no_identifiers_in_logs(tmp_path):
+def test_send_studies_show_echo_and_no_identifiers_in_logs(tmp_path, database_url):
     data_dir = tmp_path / "var"
     port = free_port()
     series = write_series(tmp_path / "study", 8)
-    env = {"CSPINE_LOGGING__LEVEL": "DEBUG"}
+    db = {"CSPINE_STORAGE__DATABASE_URL": database_url}
+    env = {"CSPINE_LOGGING__LEVEL": "DEBUG", **db}
     server = Server(data_dir, port, "--no-worker", "--stable-seconds", "1", env=env).start()
     try:
         echo = cspine("echo", f"127.0.0.1:{port}", "--ae-title", "CSPINE", env=env)
@@ -34,15 +36,20 @@ def test_send_studies_show_echo_and_no_identifiers_in_logs(tmp_path):
         deadline = time.monotonic() + 30
         listing = ""
         while time.monotonic() < deadline:
-            listing = cspine("studies", "--data-dir", str(data_dir)).stdout
+            listing = cspine("studies", "--data-dir", str(data_dir), env=db).stdout
             if "COMPLETE" in listing:
                 break
             time.sleep(0.5)
         assert "COMPLETE" in listing, listing
-        shown = cspine("show", "1", "--data-dir", str(data_dir))
+        shown = cspine("show", "1", "--data-dir", str(data_dir), env=db)
         assert shown.returncode == 0 and "8 instances" in shown.stdout
         assert "complete: no new instance" in shown.stdout
-        for out in (echo, sent, shown):
+        replayed = cspine("replay", "1", "--data-dir", str(data_dir), env=db)
+        assert replayed.returncode == 0 and "queued version 2" in replayed.stdout
+        status = cspine("status", "--data-dir", str(data_dir), env=db)
+        assert status.returncode == 0 and "QUEUED 1" in status.stdout
+        assert "SUPERSEDED 1" in status.stdout
+        for out in (echo, sent, shown, replayed, status):
             _assert_no_phi(out.stdout + out.stderr)
         _assert_no_phi(listing)
     finally:
@@ -53,22 +60,23 @@ def test_send_studies_show_echo_and_no_identifiers_in_logs(tmp_path):
     _assert_no_phi(log)
 
 
-def test_import_uses_the_same_checks(tmp_path):
+def test_import_uses_the_same_checks(tmp_path, database_url):
     data_dir = tmp_path / "var"
+    db = {"CSPINE_STORAGE__DATABASE_URL": database_url}
     good = write_series(tmp_path / "good", 3)
     bad = tmp_path / "bad" / "not-dicom.dcm"
     bad.parent.mkdir()
     bad.write_bytes(b"this is not DICOM")
-    ok = cspine("import", "--data-dir", str(data_dir), str(tmp_path / "good"))
+    ok = cspine("import", "--data-dir", str(data_dir), str(tmp_path / "good"), env=db)
     assert ok.returncode == 0, ok.stderr
     assert "0x0000 STORED: 3" in ok.stdout
-    again = cspine("import", "--data-dir", str(data_dir), str(tmp_path / "good"))
+    again = cspine("import", "--data-dir", str(data_dir), str(tmp_path / "good"), env=db)
     assert "0x0000 DUPLICATE: 3" in again.stdout
-    refused = cspine("import", "--data-dir", str(data_dir), str(bad))
+    refused = cspine("import", "--data-dir", str(data_dir), str(bad), env=db)
     assert refused.returncode != 0
     assert "0xC210" in refused.stdout
     assert refused.stderr.strip().splitlines()[-1].startswith("cspine: error:")
-    listing = cspine("studies", "--data-dir", str(data_dir)).stdout
+    listing = cspine("studies", "--data-dir", str(data_dir), env=db).stdout
     assert " 3 " in listing and "RECEIVING" in listing
     assert good[0].exists()  # import never consumes the user's files
 

@@ -162,12 +162,13 @@ def test_two_receivers_three_workers_one_postgresql_survive_sigkills(tmp_path, p
         counts: Counter[int] = Counter()
         errors: list[str] = []
 
+        receiver_busy = threading.Event()
+
         def on_ack(port: int) -> None:
             with lock:
                 counts[port] += 1
-                kill = counts[ports[1]] == KILL_RECEIVER_AFTER
-            if kill:
-                receivers[1].kill()  # SIGKILL, mid-series
+                if counts[ports[1]] >= KILL_RECEIVER_AFTER:
+                    receiver_busy.set()
 
         threads = [
             threading.Thread(
@@ -178,6 +179,15 @@ def test_two_receivers_three_workers_one_postgresql_survive_sigkills(tmp_path, p
         ]
         for t in threads:
             t.start()
+
+        # SIGKILL the second receiver mid-series (its senders go on to the other); it
+        # comes back, as its supervisor would start it: its start-up repair runs while
+        # the other receives, and from then on both complete studies and deliver
+        assert receiver_busy.wait(300), "the second receiver got no instances"
+        killed = receivers[1]
+        killed.kill()
+        assert killed.proc is not None and killed.proc.returncode == -signal.SIGKILL
+        killed.start()
 
         # SIGKILL the first worker once it holds a job
         pid = workers[0].pid
@@ -190,13 +200,6 @@ def test_two_receivers_three_workers_one_postgresql_survive_sigkills(tmp_path, p
         _wait(first_worker_busy, 300, "the first worker to claim a job")
         os.kill(pid, signal.SIGKILL)
         assert workers[0].wait(10) == -signal.SIGKILL
-        # the killed receiver comes back, as its supervisor would start it: its start-up
-        # repair runs while the other receives, and from then on both complete studies
-        # and deliver outputs
-        killed = receivers[1]
-        _wait(lambda: killed.proc is not None and killed.proc.poll() is not None, 300, "kill")
-        assert killed.proc is not None and killed.proc.returncode == -signal.SIGKILL
-        killed.start()
         for t in threads:
             t.join(600)
         assert errors == []

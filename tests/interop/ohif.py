@@ -811,7 +811,7 @@ class ViewerSession:
                 if last:
                     raise
                 continue
-            self.page.pump(1.5)  # drawn on the next frames
+            self.settle()
             return
 
     def open_tag_browser(self, modality: str, search: str) -> str:
@@ -892,7 +892,16 @@ class ViewerSession:
             f" const i = v.getImageIds().findIndex((id) => id.includes({json.dumps(sop)}));"
             " return v.setImageIdIndex(i).then(() => i); })()"
         )
-        self.page.pump(1.0)
+        self.settle()
+
+    def settle(self) -> None:
+        """Let the page draw what it was told to: a few animation frames, then a moment
+        for the segmentation layer, which follows the image by a frame or two."""
+        for _ in range(3):
+            self.page.evaluate(
+                "new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))"
+            )
+            self.page.pump(0.3)
 
     def sr_measurements(self) -> dict[str, list[str]]:
         """What OHIF read from the SR: tracking identifier -> its labels (``label value``)."""

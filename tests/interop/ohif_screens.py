@@ -50,6 +50,8 @@ def main(out: Path) -> None:
         viewer.page.screenshot(out / "ohif_summary.png")
         print(out / "ohif_summary.png")
         viewer.open_tag_browser("SR", "NumericValue")
+        viewer.page.evaluate("document.activeElement.blur()")  # no blinking caret
+        viewer.settle()
         viewer.page.screenshot(out / "ohif_sr_tags.png")
         print(out / "ohif_sr_tags.png")
 

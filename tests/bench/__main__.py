@@ -429,6 +429,17 @@ def targets_section(
     return lines
 
 
+def scale_out_section() -> list[str]:
+    """SQLite against PostgreSQL, 1 and 2 receivers, 1, 2 and 4 workers, in this same run
+    (``python -m tests.bench.scale_out``, which starts its own PostgreSQL)."""
+    cmd = [sys.executable, "-m", "tests.bench.scale_out"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    lines = ["## Scale-out on PostgreSQL", "", "`python -m tests.bench.scale_out`, same run.", ""]
+    if out.returncode != 0:
+        return [*lines, f"Not measured: it exited {out.returncode}: {out.stderr.strip()[-300:]}"]
+    return [*lines, *out.stdout.rstrip().splitlines()]
+
+
 def main() -> None:
     sizes = [int(x) for x in _env("CSPINE_BENCH_STUDIES").split(",")]
     rss_studies = int(_env("CSPINE_BENCH_RSS_STUDIES"))
@@ -526,6 +537,8 @@ def main() -> None:
     lines += memory_section(cpu_rows, gpu_rows, rss)
     lines += [""]
     lines += targets_section(results, cpu_rows, gpu_rows, gpu_name, tail, rss)
+    lines += [""]
+    lines += scale_out_section()
     lines += [""]
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text("\n".join(lines))

@@ -30,12 +30,13 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -324,22 +325,78 @@ class GateSettings(_Section):
 
 
 class Destination(_Section):
-    """A remote AE that receives the node's results by C-STORE.
+    """A place that receives the node's results: a remote AE by C-STORE (``kind =
+    "cstore"``, the default), a DICOMweb server by STOW-RS (``kind = "stow"``) or a
+    webhook that gets signed JSON notifications of findings (``kind = "webhook"``).
 
     ``name`` identifies the destination in the catalog across restarts (default
-    ``AE@HOST:PORT``): deliveries waiting for it follow a change of address or transport
-    under the same name, and are held (never sent elsewhere) when the name leaves the
-    configuration.
+    ``AE@HOST:PORT``, or the URL of a STOW-RS or webhook destination): deliveries
+    waiting for it follow a change of address or transport under the same name, and
+    are held (never sent elsewhere) when the name leaves the configuration.
+
+    The credentials of a STOW-RS destination (``bearer_token``, or ``username`` and
+    ``password``) and the ``secret`` of a webhook stay in the configuration; the
+    catalog never holds them.
     """
 
     name: str | None = Field(default=None, min_length=1, max_length=128)
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    kind: Literal["cstore", "stow", "webhook"] = "cstore"
+    ae_title: str = ""
+    host: str = ""
+    port: int = Field(default=104, ge=1, le=65535)
     outputs: tuple[str, ...] = ("seg", "sr", "summary")
+    """Output kinds it takes (a webhook takes ``notification`` only, its default)."""
     tls: bool = False
+    url: str | None = Field(default=None, max_length=1024)
+    """STOW-RS: the DICOMweb base URL (``.../dicom-web``); webhook: the URL posted to."""
+    bearer_token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = None
+    """HTTPS: the CA bundle the server's certificate must chain to (default: the
+    system's)."""
+    tls_verify: bool = True
+    """HTTPS: check the server's certificate (leave on outside a test bench)."""
+    secret: SecretStr | None = None
+    """Webhook: the HMAC-SHA256 key of the ``X-Cspine-Signature`` header."""
+    timeout_s: float = Field(default=30.0, gt=0)
+    """STOW-RS and webhook: seconds to wait for the server's answer."""
 
-    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+    _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v) if v else v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _v_webhook_outputs(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "webhook" and "outputs" not in data:
+            return {**data, "outputs": ("notification",)}
+        return data
+
+    @model_validator(mode="after")
+    def _v_kind(self) -> Destination:
+        if self.kind == "cstore":
+            if not self.ae_title or not self.host:
+                raise ValueError("a cstore destination needs ae_title and host")
+        else:
+            if not self.url or not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"a {self.kind} destination needs an http:// or https:// url")
+            if (self.username is None) != (self.password is None):
+                raise ValueError("username and password go together")
+            if self.bearer_token is not None and self.username is not None:
+                raise ValueError("use bearer_token or username/password, not both")
+            if self.kind == "webhook" and self.secret is None:
+                raise ValueError("a webhook destination needs a secret")
+            if self.ca_file is not None and not self.ca_file.is_file():
+                raise ValueError(f"ca_file {self.ca_file} is not a readable file")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Its ``name``, or ``AE@HOST:PORT`` (the URL for STOW-RS and webhooks)."""
+        if self.name:
+            return self.name
+        if self.kind == "cstore":
+            return f"{self.ae_title}@{self.host}:{self.port}"
+        return str(self.url)
 
     @classmethod
     def parse(cls, spec: str) -> Destination:
@@ -481,7 +538,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _v_destination_names(self) -> Settings:
-        names = [d.name or f"{d.ae_title}@{d.host}:{d.port}" for d in self.destinations]
+        names = [d.label for d in self.destinations]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"destination names must be unique; repeated: {', '.join(repeated)}")
@@ -489,7 +546,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _v_destination_tls(self) -> Settings:
-        tls_dests = [f"{d.ae_title}@{d.host}:{d.port}" for d in self.destinations if d.tls]
+        tls_dests = [d.label for d in self.destinations if d.tls and d.kind == "cstore"]
         if tls_dests:
             try:
                 self.node.tls.check_files()

@@ -1,4 +1,10 @@
-"""Deliver outputs from the persistent outbox by C-STORE, retrying what is transient.
+"""Deliver outputs from the persistent outbox by C-STORE or STOW-RS, retrying what is
+transient.
+
+A STOW-RS destination (:mod:`dicom_node.stow`) maps its answers onto the same statuses:
+no answer or HTTP 408/429/5xx is retried like a refused association, an instance in the
+Failed SOP Sequence takes its Failure Reason, and a request refused as a whole (HTTP
+4xx) is dead-lettered.
 
 * success (0x0000) or a warning status (0xBxxx, 0x0001, 0x0107, 0x0116): SENT;
 * association refused, rejected or aborted, no response, 0xA7xx: retried with
@@ -24,10 +30,14 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
 
 from config import ConfigError, Settings
+from dicom_node.destinations import configured
 from dicom_node.liveness import known_dead, worker_id
 from dicom_node.scu import SendError, out_of_resources, send_paths, stored
+from dicom_node.stow import stow_paths
 from dicom_node.tls import client_context
 from storage import Catalog, FileStore
 from storage.models import OutboxState
@@ -39,6 +49,8 @@ HOLD_RECHECK_S = 60.0
 """How often a held delivery (destination removed) is looked at again."""
 CLAIM_LEASE_S = 600.0
 """How long claimed rows are hidden from other senders (longer than any one round)."""
+SENDERS = ("cstore", "stow")
+"""Destination kinds this module sends to."""
 
 
 def backoff(attempts: int, cap: float) -> float:
@@ -64,26 +76,36 @@ def _send_one_destination(
 ) -> int:
     limits = settings.delivery
     paths = {store.root / item.file_path: item for item in items}
+    statuses: Mapping[Path, int | None]
+    errors: Mapping[Path, str]
     try:
-        # ConfigError: a TLS file became unreadable after start-up; retried like a
-        # refused association so the outputs wait for the fix (never plain TCP)
-        ssl_context = client_context(settings.node.tls) if dest.tls else None
-        summary = send_paths(
-            list(paths),
-            dest.ae_title,
-            dest.host,
-            dest.port,
-            settings.node.ae_title,
-            timeout=settings.node.dimse_timeout,
-            ssl_context=ssl_context,
-        )
+        if dest.kind == "stow":
+            config = configured(settings, dest.name)
+            if config is None or config.kind != "stow":
+                raise ConfigError(f"destination {dest.name} has no stow configuration")
+            stowed = stow_paths(list(paths), config)
+            statuses, errors = stowed.statuses, stowed.errors
+        else:
+            # ConfigError: a TLS file became unreadable after start-up; retried like a
+            # refused association so the outputs wait for the fix (never plain TCP)
+            ssl_context = client_context(settings.node.tls) if dest.tls else None
+            summary = send_paths(
+                list(paths),
+                dest.ae_title,
+                dest.host,
+                dest.port,
+                settings.node.ae_title,
+                timeout=settings.node.dimse_timeout,
+                ssl_context=ssl_context,
+            )
+            statuses, errors = summary.statuses, summary.errors
     except (SendError, ConfigError) as exc:
         for item in items:
             record_delivery(
                 catalog,
                 item.id,
                 OutboxState.PENDING,
-                "no association",
+                "no association" if dest.kind == "cstore" else "no answer",
                 str(exc),
                 retry_in_s=backoff(item.attempts, limits.max_backoff_s),
                 max_attempts=limits.max_attempts,
@@ -97,7 +119,7 @@ def _send_one_destination(
         return 0
     delivered = 0
     for path, item in paths.items():
-        status = summary.statuses.get(path)
+        status = statuses.get(path)
         state = classify(status)
         label = "no response" if status is None else f"0x{status:04X}"
         retry = backoff(item.attempts, limits.max_backoff_s)
@@ -106,7 +128,7 @@ def _send_one_destination(
             item.id,
             state,
             label,
-            summary.errors.get(path),
+            errors.get(path),
             retry_in_s=retry if state is OutboxState.PENDING else None,
             max_attempts=limits.max_attempts,
         )
@@ -148,7 +170,7 @@ def deliver_due(settings: Settings, catalog: Catalog, store: FileStore) -> int:
                 hold_delivery(catalog, item.id, why, HOLD_RECHECK_S)
             LOGGER.warning("deliveries held destination=%s count=%d", dest.name, len(items))
             continue
-        if dest.kind != "cstore":
+        if dest.kind not in SENDERS:
             for item in items:
                 hold_delivery(catalog, item.id, f"no sender for kind {dest.kind!r}", HOLD_RECHECK_S)
             continue

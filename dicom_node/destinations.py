@@ -8,6 +8,8 @@ configuration file cannot switch a destination off or change its transport.
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from config import NodeError, Settings
 from config.settings import Destination
 from storage import Catalog
@@ -16,16 +18,37 @@ from storage.records import DestinationInfo, DestinationSpec
 
 
 def spec_of(dest: Destination) -> DestinationSpec:
-    """The storage spec of one configured destination (named ``AE@HOST:PORT`` unless
-    it has a ``name``)."""
+    """The storage spec of one configured destination (named ``AE@HOST:PORT``, or its
+    URL, unless it has a ``name``); its credentials are not part of it."""
+    if dest.kind == "cstore":
+        return DestinationSpec(
+            name=dest.label,
+            ae_title=dest.ae_title,
+            host=dest.host,
+            port=dest.port,
+            tls=dest.tls,
+            outputs=tuple(dest.outputs),
+        )
+    parts = urlsplit(str(dest.url))
+    https = parts.scheme == "https"
     return DestinationSpec(
-        name=dest.name or f"{dest.ae_title}@{dest.host}:{dest.port}",
-        ae_title=dest.ae_title,
-        host=dest.host,
-        port=dest.port,
-        tls=dest.tls,
+        name=dest.label,
+        ae_title="",
+        host=parts.hostname or "",
+        port=parts.port or (443 if https else 80),
+        tls=https,
         outputs=tuple(dest.outputs),
+        kind=dest.kind,
+        url=dest.url,
     )
+
+
+def configured(settings: Settings, name: str) -> Destination | None:
+    """The configured destination of that name (where a sender finds its credentials)."""
+    for dest in settings.destinations:
+        if dest.label == name:
+            return dest
+    return None
 
 
 def sync(settings: Settings, catalog: Catalog) -> list[DestinationInfo]:

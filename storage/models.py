@@ -250,6 +250,7 @@ class DestinationRow(Base):
     port: Mapped[int] = mapped_column(Integer)
     tls: Mapped[bool] = mapped_column(Boolean, default=False)
     outputs: Mapped[str] = mapped_column(String(128), default="seg,sr,summary")
+    url: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

@@ -42,6 +42,7 @@ def _apply(row: DestinationRow, spec: DestinationSpec) -> bool:
         "port": spec.port,
         "tls": spec.tls,
         "outputs": ",".join(spec.outputs),
+        "url": spec.url,
         "active": True,
     }
     changed = False

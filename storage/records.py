@@ -43,6 +43,7 @@ class DestinationSpec:
     tls: bool = False
     outputs: tuple[str, ...] = ("seg", "sr", "summary")
     kind: str = "cstore"
+    url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,13 @@ class DestinationInfo:
     tls: bool
     outputs: tuple[str, ...]
     active: bool
+    url: str | None = None
 
     @property
     def address(self) -> str:
-        """``AE@HOST:PORT``."""
+        """``AE@HOST:PORT`` (the URL of a STOW-RS or webhook destination)."""
+        if self.kind != "cstore" and self.url:
+            return self.url
         return f"{self.ae_title}@{self.host}:{self.port}"
 
     @classmethod
@@ -77,6 +81,7 @@ class DestinationInfo:
             tls=bool(row.tls),
             outputs=tuple(x for x in row.outputs.split(",") if x),
             active=bool(row.active),
+            url=row.url,
         )
 
 

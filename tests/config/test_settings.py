@@ -216,3 +216,24 @@ def test_unreadable_config_files_are_refused(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_settings(broken, environ={})
     assert str(info.value).startswith(f"config file {broken} is not valid TOML: Expected ']'")
+
+
+def test_stow_and_webhook_destinations_need_a_url_and_keep_their_secrets_out_of_repr():
+    stow = {"kind": "stow", "url": "https://pacs.example/dicom-web", "bearer_token": "t0k3n"}
+    hook = {"kind": "webhook", "url": "http://127.0.0.1:9/hook", "secret": "s3cr3t"}
+    s = load_settings(overrides={"destinations": [stow, hook]}, environ={})
+    assert [d.label for d in s.destinations] == [stow["url"], hook["url"]]
+    assert s.destinations[0].outputs == ("seg", "sr", "summary")
+    assert s.destinations[1].outputs == ("notification",)
+    assert "t0k3n" not in repr(s) and "s3cr3t" not in repr(s)
+    bad = [
+        {"kind": "stow"},
+        {"kind": "stow", "url": "ftp://pacs.example/"},
+        {"kind": "stow", "url": "http://pacs.example/", "username": "node"},
+        {"kind": "stow", "url": "http://p/", "bearer_token": "t", "username": "u", "password": "p"},
+        {"kind": "webhook", "url": "http://127.0.0.1:9/hook"},
+        {"kind": "cstore", "host": "pacs.example"},
+    ]
+    for dest in bad:
+        with pytest.raises(ConfigError):
+            load_settings(overrides={"destinations": [dest]}, environ={})

@@ -405,6 +405,21 @@ class Destination(_Section):
         return cls(ae_title=ae, host=host, port=port)
 
 
+class NotificationSettings(_Section):
+    """Notifications of findings to ``kind = "webhook"`` destinations (see
+    ``dicom_node.notify``). Nothing is queued while no webhook destination is
+    configured."""
+
+    threshold: float | None = Field(default=None, ge=0, le=1)
+    """Patient-level probability at or above which a study is notified (default:
+    ``models.fracture_threshold``)."""
+    on_not_processed: bool = False
+    """Also notify studies that end NOT_PROCESSED."""
+    include_identifiers: bool = False
+    """Add the Study Instance UID, Accession Number and Patient ID to the body (off: the
+    body names the study by its catalog id only)."""
+
+
 class DeliverySettings(_Section):
     """Retries of the outbox (see ``dicom_node.delivery``)."""
 
@@ -531,6 +546,7 @@ class Settings(BaseSettings):
     gate: GateSettings = GateSettings()
     destinations: tuple[Destination, ...] = ()
     delivery: DeliverySettings = DeliverySettings()
+    notifications: NotificationSettings = NotificationSettings()
     selection: SelectionSettings = SelectionSettings()
     worker: WorkerSettings = WorkerSettings()
     logging: LoggingSettings = LoggingSettings()

@@ -4,7 +4,9 @@ transient.
 A STOW-RS destination (:mod:`dicom_node.stow`) maps its answers onto the same statuses:
 no answer or HTTP 408/429/5xx is retried like a refused association, an instance in the
 Failed SOP Sequence takes its Failure Reason, and a request refused as a whole (HTTP
-4xx) is dead-lettered.
+4xx) is dead-lettered. A webhook (:mod:`dicom_node.notify`) gets one signed POST per
+notification: 2xx is SENT; no answer, 401, 403, 408, 425, 429 and 5xx are retried with
+the backoff (dead-lettered after ``delivery.max_attempts``); other answers are DEAD.
 
 * success (0x0000) or a warning status (0xBxxx, 0x0001, 0x0107, 0x0116): SENT;
 * association refused, rejected or aborted, no response, 0xA7xx: retried with
@@ -34,6 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from config import ConfigError, Settings
+from dicom_node import notify
 from dicom_node.destinations import configured
 from dicom_node.liveness import known_dead, worker_id
 from dicom_node.scu import SendError, out_of_resources, send_paths, stored
@@ -49,7 +52,7 @@ HOLD_RECHECK_S = 60.0
 """How often a held delivery (destination removed) is looked at again."""
 CLAIM_LEASE_S = 600.0
 """How long claimed rows are hidden from other senders (longer than any one round)."""
-SENDERS = ("cstore", "stow")
+SENDERS = ("cstore", "stow", "webhook")
 """Destination kinds this module sends to."""
 
 
@@ -145,6 +148,69 @@ def _send_one_destination(
     return delivered
 
 
+def _post_webhook(
+    settings: Settings,
+    catalog: Catalog,
+    store: FileStore,
+    dest: DestinationInfo,
+    items: list[DeliveryInfo],
+) -> int:
+    """POST each notification (:mod:`dicom_node.notify`), one request per row."""
+    limits = settings.delivery
+    config = configured(settings, dest.name)
+    delivered = 0
+    for item in items:
+        retry = backoff(item.attempts, limits.max_backoff_s)
+        try:
+            if config is None or config.kind != "webhook":
+                raise ConfigError(f"destination {dest.name} has no webhook configuration")
+            body = (store.root / item.file_path).read_bytes()
+            answer = notify.post(config, body, item.id)
+        except (SendError, ConfigError, OSError) as exc:
+            record_delivery(
+                catalog,
+                item.id,
+                OutboxState.PENDING,
+                "no answer",
+                str(exc),
+                retry_in_s=retry,
+                max_attempts=limits.max_attempts,
+            )
+            LOGGER.warning(
+                "notification failed destination=%s retry_in=%.0fs reason=%s",
+                dest.name,
+                retry,
+                exc,
+            )
+            continue
+        label = f"HTTP {answer.status}"
+        if 200 <= answer.status < 300:
+            state = OutboxState.SENT
+        elif answer.retry:
+            state = OutboxState.PENDING
+        else:
+            state = OutboxState.DEAD
+        state = record_delivery(
+            catalog,
+            item.id,
+            state,
+            label,
+            None if state is OutboxState.SENT else f"webhook answered {label}",
+            retry_in_s=retry if state is OutboxState.PENDING else None,
+            max_attempts=limits.max_attempts,
+        )
+        if state is OutboxState.SENT:
+            delivered += 1
+        LOGGER.info(
+            "notification destination=%s output_id=%d status=%s state=%s",
+            dest.name,
+            item.output_id,
+            label,
+            state.value,
+        )
+    return delivered
+
+
 def deliver_due(settings: Settings, catalog: Catalog, store: FileStore) -> int:
     """Try every due outbox row once; one association per destination.
 
@@ -174,5 +240,8 @@ def deliver_due(settings: Settings, catalog: Catalog, store: FileStore) -> int:
             for item in items:
                 hold_delivery(catalog, item.id, f"no sender for kind {dest.kind!r}", HOLD_RECHECK_S)
             continue
-        delivered += _send_one_destination(settings, catalog, store, dest, items)
+        if dest.kind == "webhook":
+            delivered += _post_webhook(settings, catalog, store, dest, items)
+        else:
+            delivered += _send_one_destination(settings, catalog, store, dest, items)
     return delivered

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+from dicom_node import notify
 from dicom_node.result import JobResult
 from dicom_node.stages.context import JobContext
 from dicom_node.stages.heap import release_memory
+from dicom_node.uids import output_uid
 from storage.models import JobState
+
+if TYPE_CHECKING:
+    from storage.jobs import NewOutput
 
 LOGGER = logging.getLogger(__name__)
 
@@ -50,7 +55,7 @@ def _done(ctx: JobContext) -> None:
         ctx.job.id,
         JobState.DONE,
         f"{sum(v.assessed for v in result.vertebrae)} vertebrae assessed",
-        ctx.outputs,
+        [*ctx.outputs, *_notification(ctx, record)],
         series_instance_uid=ctx.series_uid,
         selection_note=selection.note,
         result_json=record.to_json(),
@@ -68,13 +73,29 @@ def _not_processed(ctx: JobContext) -> None:
         ctx.job.id,
         JobState.NOT_PROCESSED,
         end.reason,
-        ctx.outputs,
+        [*ctx.outputs, *_notification(ctx, end.record)],
         series_instance_uid=end.series_uid,
         selection_note=end.reason,
         result_json=end.record.to_json(),
     )
     ctx.release()
     LOGGER.info("job not processed job_id=%d", ctx.job.id)
+
+
+def _notification(ctx: JobContext, record: JobResult) -> list[NewOutput]:
+    """The job's notification output (a positive finding, or a study not processed
+    when so configured), or nothing."""
+    identifiers: dict[str, str] = {}
+    if ctx.sources:
+        head = ctx.sources[0]
+        for key in ("StudyInstanceUID", "AccessionNumber", "PatientID"):
+            identifiers[key] = str(head.get(key, ""))
+    body = notify.body_for(ctx.settings, ctx.job.id, ctx.job.study_id, record, identifiers)
+    if body is None:
+        return []
+    uid = output_uid(ctx.study_key, ctx.job.version, "notification")
+    LOGGER.info("notification queued job_id=%d study_id=%d", ctx.job.id, ctx.job.study_id)
+    return [ctx.storage.save_notification(ctx.job.id, body, uid)]
 
 
 def _failed(ctx: JobContext) -> None:

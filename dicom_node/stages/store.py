@@ -128,6 +128,24 @@ class JobStorage:
             sha256=sha256_file(self.store.root / rel),
         )
 
+    def save_notification(self, job_id: int, body: bytes, uid: str) -> NewOutput:
+        """Store a job's notification body (JSON) as its ``notification`` output.
+
+        ``uid`` names it in the catalog (outputs are unique by it); the file is named
+        like the DICOM outputs of the same attempt.
+        """
+        attempt = self._claims.get(job_id, ("", 1))[1]
+        name = "notification.json" if attempt <= 1 else f"a{attempt}_notification.json"
+        rel = self.store.write_output(job_id, name, body)
+        return NewOutput(
+            kind="notification",
+            sop_class_uid="",
+            sop_instance_uid=uid,
+            series_instance_uid="",
+            file_path=rel,
+            sha256=sha256_file(self.store.root / rel),
+        )
+
     def complete(
         self,
         job_id: int,

@@ -2,7 +2,7 @@
 transient.
 
 A STOW-RS destination (:mod:`dicom_node.stow`) maps its answers onto the same statuses:
-no answer or HTTP 408/429/5xx is retried like a refused association, an instance in the
+no answer or HTTP 401/403/408/425/429/5xx is retried like a refused association, an instance in the
 Failed SOP Sequence takes its Failure Reason, and a request refused as a whole (HTTP
 4xx) is dead-lettered. A webhook (:mod:`dicom_node.notify`) gets one signed POST per
 notification: 2xx is SENT; no answer, 401, 403, 408, 425, 429 and 5xx are retried with
@@ -103,12 +103,14 @@ def _send_one_destination(
             )
             statuses, errors = summary.statuses, summary.errors
     except (SendError, ConfigError) as exc:
+        label = "no association" if dest.kind == "cstore" else "no answer"
+        label = getattr(exc, "label", label)
         for item in items:
             record_delivery(
                 catalog,
                 item.id,
                 OutboxState.PENDING,
-                "no association" if dest.kind == "cstore" else "no answer",
+                label,
                 str(exc),
                 retry_in_s=backoff(item.attempts, limits.max_backoff_s),
                 max_attempts=limits.max_attempts,

@@ -12,9 +12,10 @@ judges both transports alike:
 * the instance is in the response's Referenced SOP Sequence: ``0x0000`` (SENT);
 * it is in the Failed SOP Sequence: its Failure Reason (``0xA7xx`` retried, others
   dead-lettered);
-* no answer (refused connection, timeout), or HTTP 408, 429 or 5xx: :class:`SendError`,
+* no answer (refused connection, timeout, a certificate not trusted):
+  :class:`SendError`, retried; HTTP 401, 403, 408, 425, 429 or 5xx: :class:`StowRetry`,
   retried;
-* any other HTTP error (400, 401, 403, 404, 409, 415 ...) with no per-instance answer:
+* any other HTTP error (400, 404, 409, 413, 415 ...) with no per-instance answer:
   ``0xC000`` for each instance (dead-lettered: the server refused it for good).
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
+from requests.adapters import HTTPAdapter
 
 from config.settings import Destination
 from dicom_node.scu import SendError
@@ -34,7 +36,17 @@ from dicom_node.scu import SendError
 LOGGER = logging.getLogger(__name__)
 REFUSED = 0xC000
 """The status given to each instance of a request the server refused as a whole."""
-_TRANSIENT_HTTP = {408, 429}
+_TRANSIENT_HTTP = {401, 403, 408, 425, 429}
+"""Answers retried besides 5xx: a refused credential may be fixed by the server's
+operator (or by ours, with a restart); the waiting outputs then go."""
+
+
+class StowRetry(SendError):
+    """The server answered, but with an HTTP status worth retrying (``label``)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"STOW-RS answered HTTP {code}")
+        self.label = f"HTTP {code}"
 
 
 @dataclass
@@ -45,6 +57,30 @@ class StowSummary:
     errors: dict[Path, str] = field(default_factory=dict)
 
 
+class _PinnedVerify(HTTPAdapter):
+    """Checks certificates as configured, whatever the environment says.
+
+    ``requests`` lets ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` override a session's
+    ``verify``; the adapter sets it on each request instead, so ``ca_file`` and
+    ``tls_verify`` always hold.
+    """
+
+    def __init__(self, verify: bool | str) -> None:
+        super().__init__()
+        self._verify = verify
+
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: float | tuple[float | None, float | None] | None = None,
+        verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
+        proxies: dict[str, str] | None = None,
+    ) -> requests.Response:
+        return super().send(request, stream, timeout, self._verify, cert, proxies)
+
+
 def session_for(dest: Destination) -> requests.Session:
     """An HTTP session with the destination's credentials and certificate checks."""
     session = requests.Session()
@@ -53,9 +89,9 @@ def session_for(dest: Destination) -> requests.Session:
     elif dest.username is not None and dest.password is not None:
         session.auth = (dest.username, dest.password.get_secret_value())
     if not dest.tls_verify:
-        session.verify = False
+        session.mount("https://", _PinnedVerify(False))
     elif dest.ca_file is not None:
-        session.verify = str(dest.ca_file)
+        session.mount("https://", _PinnedVerify(str(dest.ca_file)))
     return session
 
 
@@ -65,7 +101,7 @@ def stow_paths(paths: list[Path], dest: Destination) -> StowSummary:
     Raises
     ------
     SendError
-        When the server did not answer, or answered 408, 429 or 5xx (transient).
+        When the server did not answer, or answered 401, 403, 408, 425, 429 or 5xx.
     """
     by_study: dict[str, dict[str, tuple[Path, pydicom.Dataset]]] = {}
     for path in paths:
@@ -91,7 +127,7 @@ def _store_study(
     except requests.HTTPError as exc:
         code = exc.response.status_code if exc.response is not None else 0
         if code in _TRANSIENT_HTTP or code >= 500:
-            raise SendError(f"STOW-RS answered HTTP {code}") from exc
+            raise StowRetry(code) from exc
         for path, _ in items.values():
             summary.statuses[path] = REFUSED
             summary.errors[path] = f"STOW-RS answered HTTP {code}"

@@ -114,3 +114,153 @@ def test_a_request_refused_as_a_whole_is_dead_lettered_at_once(tmp_path, orthanc
         assert orthanc.get("/instances") == []
     finally:
         node.catalog.dispose()
+
+
+class _AuthOrthanc(Orthanc):
+    """Orthanc with HTTP basic authentication (its REST calls here authenticate too)."""
+
+    user: tuple[str, str] = ("node", "")
+
+    def _request(self, method: str, path: str, body: bytes | None, ctype: str):
+        import base64
+        import json
+
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        token = base64.b64encode(":".join(self.user).encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(req, timeout=60) as rsp:
+            data = rsp.read()
+        return json.loads(data) if data else None
+
+
+def test_basic_auth_sends_with_good_credentials_and_retries_refused_ones(tmp_path):
+    from tests.interop.ohif import dicomweb_plugin
+
+    try:
+        plugin = dicomweb_plugin()
+    except ToolMissing as exc:
+        pytest.skip(str(exc))
+    password = "stow-password"
+    server = _AuthOrthanc(
+        tmp_path / "orthanc",
+        extra={
+            "Plugins": [plugin],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {"node": password},
+        },
+    )
+    server.user = ("node", password)
+    server.start()
+    good = {"kind": "stow", "url": f"{server.url}/dicom-web", "username": "node"}
+    dests = [
+        {**good, "name": "good", "password": password},
+        {**good, "name": "refused", "password": "wrong"},
+        {**good, "name": "anonymous", "username": None},
+    ]
+    try:
+        node = outbox_node(tmp_path, dests)
+        assert deliver_due(node.settings, node.catalog, node.store) == 3
+        with node.catalog.read() as s:
+            items = s.scalars(select(OutboxItem).order_by(OutboxItem.id))
+            got = {(i.destination.name, i.state.value, i.attempts, i.last_status) for i in items}
+        assert got == {
+            ("good", "SENT", 1, "0x0000"),
+            ("refused", "PENDING", 1, "HTTP 401"),  # retried: the credentials may be fixed
+            ("anonymous", "PENDING", 1, "HTTP 401"),
+        }
+        assert len(server.get("/instances")) == 3
+        node.catalog.dispose()
+    finally:
+        server.stop()
+
+
+class TlsProxy:
+    """A TLS-terminating reverse proxy on a free loopback port (as a site puts nginx in
+    front of its PACS): it decrypts with ``cert``/``key`` and forwards to ``port``."""
+
+    def __init__(self, cert: Path, key: Path, port: int) -> None:
+        import socket
+        import ssl
+        import threading
+
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.target = port
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                tls = self.ctx.wrap_socket(conn, server_side=True)
+            except OSError:
+                conn.close()  # a client that does not trust us hangs up in the handshake
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pump, args=(tls, upstream), daemon=True).start()
+
+    @staticmethod
+    def _pump(tls, upstream) -> None:
+        """Both directions in one thread (an SSL socket is not safe to read and write
+        from two threads at once)."""
+        import select
+
+        try:
+            while True:
+                ready = [tls] if tls.pending() else select.select([tls, upstream], [], [])[0]
+                for src, dst in ((tls, upstream), (upstream, tls)):
+                    if src in ready:
+                        data = src.recv(65536)
+                        if not data:
+                            return
+                        dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (tls, upstream):
+                sock.close()
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+def test_https_is_sent_only_to_a_server_whose_certificate_ca_file_trusts(tmp_path, orthanc):
+    from tests.reliability.test_security import _ca, _leaf
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    _ca(pki, "site-ca")
+    _ca(pki, "rogue-ca")
+    _leaf(pki, "pacs", "site-ca")
+    proxy = TlsProxy(pki / "pacs.crt", pki / "pacs.key", orthanc.http_port)
+    url = f"https://127.0.0.1:{proxy.port}/dicom-web"
+    dests = [
+        {"name": "trusted", "kind": "stow", "url": url, "ca_file": str(pki / "site-ca.crt")},
+        {"name": "untrusted", "kind": "stow", "url": url, "ca_file": str(pki / "rogue-ca.crt")},
+        {"name": "system-cas", "kind": "stow", "url": url},
+    ]
+    try:
+        node = outbox_node(tmp_path, dests)
+        assert deliver_due(node.settings, node.catalog, node.store) == 3
+        with node.catalog.read() as s:
+            items = s.scalars(select(OutboxItem).order_by(OutboxItem.id))
+            got = {(i.destination.name, i.state.value, i.attempts, i.last_status) for i in items}
+        assert got == {
+            ("trusted", "SENT", 1, "0x0000"),
+            ("untrusted", "PENDING", 1, "no answer"),  # never sent to a server not trusted
+            ("system-cas", "PENDING", 1, "no answer"),
+        }
+        assert len(orthanc.get("/instances")) == 3
+        node.catalog.dispose()
+    finally:
+        proxy.stop()

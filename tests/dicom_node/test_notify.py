@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -221,7 +222,10 @@ def test_below_the_threshold_nothing_is_queued(tmp_path, fractured, receiver):
         catalog.dispose()
 
 
-def test_identifiers_go_into_the_body_only_when_a_setting_allows_it(tmp_path, fractured, receiver):
+def test_identifiers_go_into_the_body_only_when_a_setting_allows_it_and_never_into_logs(
+    tmp_path, fractured, receiver, caplog
+):
+    caplog.set_level(logging.DEBUG)
     settings, catalog, store = _node(
         tmp_path, fractured, receiver.url, notifications={"include_identifiers": True}
     )
@@ -232,6 +236,9 @@ def test_identifiers_go_into_the_body_only_when_a_setting_allows_it(tmp_path, fr
         assert body["identifiers"]["PatientID"] == source.PatientID
         assert body["identifiers"]["StudyInstanceUID"] == source.StudyInstanceUID
         assert set(body["identifiers"]) == {"StudyInstanceUID", "AccessionNumber", "PatientID"}
+        assert "notification queued" in caplog.text
+        assert source.PatientID not in caplog.text
+        assert str(source.PatientName) not in caplog.text
     finally:
         catalog.dispose()
 
@@ -258,3 +265,40 @@ def test_a_study_not_processed_is_notified_when_configured(tmp_path, receiver):
         assert body["patient_probability"] is None
     finally:
         catalog.dispose()
+
+
+def test_an_https_webhook_is_posted_only_when_ca_file_trusts_its_certificate(
+    tmp_path, fractured, receiver
+):
+    from tests.reliability.test_security import _ca, _leaf
+    from tests.reliability.test_stow_destination import TlsProxy
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    _ca(pki, "site-ca")
+    _ca(pki, "rogue-ca")
+    _leaf(pki, "hook", "site-ca")
+    proxy = TlsProxy(pki / "hook.crt", pki / "hook.key", receiver.server.server_address[1])
+    url = f"https://127.0.0.1:{proxy.port}/hook"
+    try:
+        for name, ca, sent in (("rogue", "rogue-ca", 0), ("site", "site-ca", 1)):
+            folder = tmp_path / name
+            settings, catalog, store = _node(folder, fractured, url)
+            # the same webhook, with its ca_file (only the configuration holds it)
+            hook = {
+                **settings.destinations[0].model_dump(mode="json"),
+                "ca_file": str(pki / f"{ca}.crt"),
+            }
+            hook["secret"] = SECRET
+            settings = load_settings(
+                overrides={**settings.model_dump(mode="json"), "destinations": [hook]}, environ={}
+            )
+            try:
+                assert deliver_due(settings, catalog, store) == sent
+                expected = ("SENT", 1, "HTTP 204") if sent else ("PENDING", 1, "no answer")
+                assert _rows(catalog) == [expected]
+            finally:
+                catalog.dispose()
+        assert len(receiver.accepted) == 1
+    finally:
+        proxy.stop()

@@ -264,3 +264,39 @@ def test_https_is_sent_only_to_a_server_whose_certificate_ca_file_trusts(tmp_pat
         node.catalog.dispose()
     finally:
         proxy.stop()
+
+
+def test_the_seg_sr_and_summary_of_a_real_job_are_stowed_and_read_back(tmp_path, orthanc):
+    """The worker's own outputs (a stand-in pipeline, the real writers) go by STOW-RS."""
+    from ai.synthetic import StudySpec, generate_study, write_study
+    from config import load_settings
+    from dicom_node import destinations as destination_rows
+    from dicom_node.receive import Receiver, open_node_storage
+    from dicom_node.worker import Worker
+    from tests.dicom_node.conftest import make_settings
+    from tests.dicom_node.test_jobs import TruthPipeline, _complete
+
+    study = generate_study(11, StudySpec.small(fracture_rate=1.0))
+    base = make_settings(tmp_path).model_dump(mode="json")
+    settings = load_settings(overrides={**base, "destinations": [_stow(orthanc)]}, environ={})
+    catalog, store = open_node_storage(settings)
+    try:
+        destination_rows.sync(settings, catalog)
+        receiver = Receiver(settings, catalog, store)
+        for path in write_study(study, tmp_path / "study"):
+            assert receiver.accept(path, consume=False).status == 0
+        _complete(catalog)
+        worker = Worker(settings, catalog, store, pipeline_factory=lambda: TruthPipeline(study))
+        assert worker.run_once()
+        assert deliver_due(settings, catalog, store) == 3
+        source = pydicom.dcmread(next((tmp_path / "study").rglob("*.dcm")))
+        qido = DICOMwebClient(f"{orthanc.url}/dicom-web")
+        found = qido.search_for_instances(study_instance_uid=source.StudyInstanceUID)
+        classes = sorted(str(pydicom.Dataset.from_json(d).SOPClassUID) for d in found)
+        assert classes == [
+            "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+            "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture (summary)
+            "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+        ]
+    finally:
+        catalog.dispose()

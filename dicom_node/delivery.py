@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from config import ConfigError, Settings
+from config.settings import DeliverySettings
 from dicom_node import notify
 from dicom_node.destinations import configured
 from dicom_node.liveness import known_dead, worker_id
@@ -68,6 +69,28 @@ def classify(status: int | None) -> OutboxState:
     if stored(status):
         return OutboxState.SENT
     return OutboxState.DEAD
+
+
+def _record_outcome(
+    catalog: Catalog,
+    item: DeliveryInfo,
+    state: OutboxState,
+    label: str,
+    error: str | None,
+    limits: DeliverySettings,
+) -> OutboxState:
+    """Record one delivery's answer; a retryable one waits its backoff (the state the
+    catalog ends with: PENDING past the attempt bound becomes DEAD)."""
+    retry = backoff(item.attempts, limits.max_backoff_s)
+    return record_delivery(
+        catalog,
+        item.id,
+        state,
+        label,
+        error,
+        retry_in_s=retry if state is OutboxState.PENDING else None,
+        max_attempts=limits.max_attempts,
+    )
 
 
 def _send_one_destination(
@@ -127,16 +150,7 @@ def _send_one_destination(
         status = statuses.get(path)
         state = classify(status)
         label = "no response" if status is None else f"0x{status:04X}"
-        retry = backoff(item.attempts, limits.max_backoff_s)
-        state = record_delivery(
-            catalog,
-            item.id,
-            state,
-            label,
-            errors.get(path),
-            retry_in_s=retry if state is OutboxState.PENDING else None,
-            max_attempts=limits.max_attempts,
-        )
+        state = _record_outcome(catalog, item, state, label, errors.get(path), limits)
         if state is OutboxState.SENT:
             delivered += 1
         LOGGER.info(
@@ -192,15 +206,8 @@ def _post_webhook(
             state = OutboxState.PENDING
         else:
             state = OutboxState.DEAD
-        state = record_delivery(
-            catalog,
-            item.id,
-            state,
-            label,
-            None if state is OutboxState.SENT else f"webhook answered {label}",
-            retry_in_s=retry if state is OutboxState.PENDING else None,
-            max_attempts=limits.max_attempts,
-        )
+        error = None if state is OutboxState.SENT else f"webhook answered {label}"
+        state = _record_outcome(catalog, item, state, label, error, limits)
         if state is OutboxState.SENT:
             delivered += 1
         LOGGER.info(

@@ -20,7 +20,7 @@ import html
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import uvicorn
@@ -64,6 +64,14 @@ PAGE_STUDIES = 50
 """Studies listed on the page (most recently received first)."""
 
 
+def _by_state(name: str, doc: str, states: Iterable[Any], counts: Mapping[Any, int]) -> Metric:
+    """A gauge with one sample per state of an enum (0 where the catalog has none)."""
+    gauge = GaugeMetricFamily(name, doc, labels=["state"])
+    for state in states:
+        gauge.add_metric([state.value], counts.get(state, 0))
+    return gauge
+
+
 class CatalogCollector(Collector):
     """Prometheus collector that counts the catalog at every scrape.
 
@@ -93,27 +101,16 @@ class CatalogCollector(Collector):
         for status, n in sorted(m.refusals.items()):
             refused.add_metric([f"0x{status:04X}"], n)
         yield refused
-        studies = GaugeMetricFamily(
-            "cspine_studies", "Studies by reception state.", labels=["state"]
-        )
-        for study_state in StudyState:
-            studies.add_metric([study_state.value], m.studies.get(study_state, 0))
-        yield studies
+        yield _by_state("cspine_studies", "Studies by reception state.", StudyState, m.studies)
         yield GaugeMetricFamily(
             "cspine_studies_processed",
             "Studies with a finished job (DONE or NOT_PROCESSED).",
             value=m.studies_processed,
         )
-        jobs = GaugeMetricFamily("cspine_jobs", "Jobs by state.", labels=["state"])
-        for job_state in JobState:
-            jobs.add_metric([job_state.value], m.jobs.get(job_state, 0))
-        yield jobs
-        outbox = GaugeMetricFamily(
-            "cspine_outbox_deliveries", "Outbox deliveries by state.", labels=["state"]
+        yield _by_state("cspine_jobs", "Jobs by state.", JobState, m.jobs)
+        yield _by_state(
+            "cspine_outbox_deliveries", "Outbox deliveries by state.", OutboxState, m.outbox
         )
-        for outbox_state in OutboxState:
-            outbox.add_metric([outbox_state.value], m.outbox.get(outbox_state, 0))
-        yield outbox
         yield GaugeMetricFamily(
             "cspine_outbox_depth",
             "Deliveries waiting to be sent (PENDING).",

@@ -21,6 +21,9 @@ import pytest
 from ai.seg.train import dice_per_label
 from ai.synthetic import StudySpec, generate_study, write_study
 from dicom_node.writers import read_sr_result, segment_numbers
+from storage import Catalog
+from storage.jobs import latest_job
+from storage.models import JobState
 from tests.conftest import free_port
 from tests.dicom_node.pacs import LoopbackPACS
 from tests.dicom_node.proc import Server, cspine
@@ -33,12 +36,14 @@ SEG, SR, SC = (
 )
 
 
-def _wait(predicate, timeout: float, what: str, server: Server | None = None) -> None:
+def _wait(
+    predicate, timeout: float, what: str, server: Server | None = None, interval: float = 0.5
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.5)
+        time.sleep(interval)
     log = server.log()[-4000:] if server else ""
     raise AssertionError(f"timed out waiting for {what}\n{log}")
 
@@ -186,10 +191,15 @@ def test_storescu_in_worker_killed_mid_job_results_once(tmp_path):
         )
         assert run.returncode == 0, run.stderr
 
+        # The job runs for a second or two: the catalog is read directly every 20 ms (a
+        # `cspine status` subprocess per poll takes about as long as the whole job).
+        catalog = Catalog(f"sqlite:///{data / 'catalog.sqlite'}")
+
         def running_pid() -> int | None:
-            out = cspine("status", "--data-dir", str(data)).stdout
-            m = re.search(r"running: job \d+ .* on [^:]+:(\d+)", out)
-            return int(m.group(1)) if m else None
+            job = latest_job(catalog, 1, [JobState.RUNNING])
+            if job is None or not job.worker:
+                return None
+            return int(job.worker.rsplit(":", 1)[1])
 
         pid: list[int] = []
         _wait(
@@ -197,7 +207,9 @@ def test_storescu_in_worker_killed_mid_job_results_once(tmp_path):
             120,
             "a RUNNING job",
             server,
+            interval=0.02,
         )
+        catalog.dispose()
         os.kill(pid[0], signal.SIGKILL)  # the worker dies mid-job; serve restarts it
 
         def all_sent() -> bool:

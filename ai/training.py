@@ -7,6 +7,9 @@
   and renames it over the target, so an interrupted save leaves the previous checkpoint
   whole; :func:`load_checkpoint` reads one back and refuses it when it was written for
   another architecture or input specification.
+* **Training state:** :func:`training_states` gathers the state dicts of the model,
+  optimiser and gradient scaler under the keys a loop's checkpoints use, and
+  :func:`restore_training_states` loads them back when a run resumes.
 * **Learning-rate schedules:** :func:`one_cycle_lr` (stage 1, by fraction of the run) and
   :func:`warmup_cosine_lr` (stage 2, by step); :func:`set_lr` applies a value.
 
@@ -171,6 +174,60 @@ def load_checkpoint(
     return state
 
 
+def training_states(
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    *,
+    net_key: str = "net",
+    opt_key: str = "opt",
+) -> dict[str, Any]:
+    """The state dicts of a run's model, optimiser and scaler, as a checkpoint holds them.
+
+    Parameters
+    ----------
+    net, opt, scaler
+        The model, its optimiser and the gradient scaler of the run.
+    net_key, opt_key
+        Checkpoint keys of the model and the optimiser (stage 1 uses ``"model"`` and
+        ``"optimizer"``); the scaler is always under ``"scaler"``.
+
+    Returns
+    -------
+    dict
+        ``{net_key: ..., opt_key: ..., "scaler": ...}``, in that order, for the loop to
+        extend with its own entries before :func:`save_checkpoint`.
+    """
+    return {net_key: net.state_dict(), opt_key: opt.state_dict(), "scaler": scaler.state_dict()}
+
+
+def restore_training_states(
+    state: Mapping[str, Any],
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    *,
+    net_key: str = "net",
+    opt_key: str = "opt",
+) -> None:
+    """Load what :func:`training_states` saved back into the model, optimiser and scaler.
+
+    Parameters
+    ----------
+    state
+        A checkpoint read with :func:`load_checkpoint`.
+    net, opt, scaler
+        Where the states go.
+    net_key, opt_key
+        As for :func:`training_states`. A checkpoint without a ``"scaler"`` entry (one
+        written before the scaler was saved) leaves ``scaler`` as it is.
+    """
+    net.load_state_dict(state[net_key])
+    opt.load_state_dict(state[opt_key])
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+
+
 def one_cycle_lr(frac: float, peak: float) -> float:
     """One-cycle learning rate at ``frac`` (0..1) of the run.
 
@@ -207,7 +264,9 @@ __all__ = [
     "one_cycle_lr",
     "optimiser_step",
     "plain",
+    "restore_training_states",
     "save_checkpoint",
     "set_lr",
+    "training_states",
     "warmup_cosine_lr",
 ]

@@ -41,8 +41,10 @@ from ai.training import (
     load_checkpoint,
     optimiser_step,
     plain,
+    restore_training_states,
     save_checkpoint,
     set_lr,
+    training_states,
     warmup_cosine_lr,
 )
 from ai.types import VERTEBRAE
@@ -585,7 +587,7 @@ def _validate(
         entry[f"val_loss_{mode}"] = score(val_items, preds, mode, prior)["weighted_log_loss"]
     val_loss = min(entry[f"val_loss_{m}"] for m in PATIENT_MODES)
     if best is None or val_loss < best[0]:
-        return val_loss, {k: v.detach().clone() for k, v in net.state_dict().items()}
+        return val_loss, _copy_weights(net)
     return best
 
 
@@ -596,6 +598,328 @@ def _slice_targets(item: StudyCrops) -> np.ndarray:
     if sl is None or sl.shape != (n, s):
         sl = np.where(item.labels[:7][item.present][:, None] > 0.5, -1.0, 0.0) * np.ones((1, s))
     return np.asarray(sl, dtype=np.float32)
+
+
+def _copy_weights(net: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``net``'s weights (the best-so-far snapshot)."""
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _split_items(
+    items: Sequence[StudyCrops], cfg: TrainConfig
+) -> tuple[list[StudyCrops], list[StudyCrops]]:
+    """The training and validation studies of fold ``cfg.fold`` (see :func:`fold_split`).
+
+    Studies with no assessed vertebra are dropped first.
+
+    Raises
+    ------
+    ValueError
+        When fewer than 2 studies remain.
+    """
+    items = [it for it in items if it.present.any()]
+    if len(items) < 2:
+        raise ValueError(f"need at least 2 studies with an assessed vertebra, got {len(items)}")
+    tr_idx, va_idx = fold_split(len(items), cfg.folds, cfg.fold, cfg.seed)
+    return [items[i] for i in tr_idx], [items[i] for i in va_idx]
+
+
+def _build_net(
+    cfg: TrainConfig,
+    crop_config: CropConfig,
+    device: torch.device,
+    init: str | Path | None,
+    meta: dict[str, Any],
+) -> tuple[FractureNet, dict[str, Any]]:
+    """The network of ``cfg`` on ``device`` (channels-last on CUDA).
+
+    With ``init``, the weights of that stage-2 package are loaded and its identity is
+    recorded as ``training.init`` in the returned copy of ``meta``.
+
+    Raises
+    ------
+    ValueError
+        When the ``init`` package's architecture differs from ``cfg``'s.
+    """
+    net = build(cfg.net_params(crop_config.channels))
+    if init is not None:
+        from ai.modelpkg import load_module, read_package
+
+        package = read_package(init)
+        if package.architecture.get("params") != cfg.net_params(crop_config.channels):
+            raise ValueError(
+                f"--init package {init} has architecture {package.architecture.get('params')}, "
+                f"not {cfg.net_params(crop_config.channels)}"
+            )
+        net.load_state_dict(load_module(package, build).state_dict())
+        meta = {**meta, "training": {**meta.get("training", {}), "init": vars(package.identity)}}
+    net = net.to(device)
+    if device.type == "cuda":
+        net = with_memory_format(net, torch.channels_last)
+    return net, meta
+
+
+@dataclass
+class _Run:
+    """What the steps of one :func:`train` call share: the data, the model and the progress.
+
+    ``start_epoch``, ``history`` and ``best`` (``(loss, weights)`` of the lowest
+    validation loss so far) change as the run goes on and are what a checkpoint keeps.
+    """
+
+    cfg: TrainConfig
+    crop_config: CropConfig
+    device: torch.device
+    train_items: list[StudyCrops]
+    val_items: list[StudyCrops]
+    net: FractureNet
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    checkpoint: Path
+    progress: Any = None
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: _Best = None
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        """Architecture parameters of the network (see :meth:`TrainConfig.net_params`)."""
+        return self.cfg.net_params(self.crop_config.channels)
+
+    @property
+    def prior(self) -> np.ndarray:
+        """Label frequencies of the training studies, clipped to 0.01..0.99."""
+        return np.stack([it.labels for it in self.train_items]).mean(axis=0).clip(0.01, 0.99)
+
+
+def _resume(run: _Run) -> None:
+    """Continue ``run`` from its checkpoint: weights, optimiser, scaler, history and best.
+
+    Raises
+    ------
+    ValueError
+        When the checkpoint was written for another architecture or crop configuration.
+    """
+    state = load_checkpoint(
+        run.checkpoint, map_location=run.device, arch=run.arch, crop=run.crop_config.to_dict()
+    )
+    restore_training_states(state, run.net, run.opt, run.scaler)
+    run.start_epoch = int(state["epoch"])
+    run.history = list(state["history"])
+    if state.get("best_net") is not None:
+        run.best = (float(state["best_loss"]), state["best_net"])
+    log.info("resumed at epoch %d", run.start_epoch)
+
+
+def _warm_start(
+    run: _Run, init: str | Path | None
+) -> tuple[list[dict[str, float]], list[dict[str, Any]]]:
+    """Encoder pre-training and the head phase, both only when the run starts at epoch 0.
+
+    Pre-training (:func:`pretrain_encoder`) is skipped when the run starts from an
+    ``init`` package. After the head phase (:func:`train_heads`) its best validation loss
+    becomes the run's best unless a checkpoint already gave one.
+
+    Returns
+    -------
+    tuple of list
+        The pre-training and head-phase histories (empty when skipped).
+    """
+    cfg, net = run.cfg, run.net
+    pretrain_history: list[dict[str, float]] = []
+    if run.start_epoch == 0 and init is None and cfg.pretrain_steps > 0:
+        pretrain_history = pretrain_encoder(
+            net, run.train_items, cfg, run.device, run.progress, val_items=run.val_items
+        )
+    head_history: list[dict[str, Any]] = []
+    if run.start_epoch == 0 and cfg.head_epochs > 0:
+        head_history = train_heads(
+            net, run.train_items, run.val_items, cfg, run.device, run.prior, run.progress
+        )
+        if run.val_items and run.best is None:
+            loss_now = min(min(e[f"val_loss_{m}"] for m in PATIENT_MODES) for e in head_history)
+            run.best = (loss_now, _copy_weights(net))
+    return pretrain_history, head_history
+
+
+def _train_step(run: _Run, chunk: Sequence[StudyCrops], gen: torch.Generator) -> float:
+    """One optimiser step on a batch of studies (augmented, maybe mixed); returns its loss."""
+    cfg = run.cfg
+    x, present, labels, slice_labels = _batch(chunk, run.device, gen)
+    if cfg.mixup > 0 and len(chunk) > 1 and torch.rand((), generator=gen) < cfg.mixup:
+        x, labels = _mixup(x, present, labels, gen)
+        slice_labels = torch.full_like(slice_labels, -1.0)  # unknown after mixing
+    if run.device.type == "cuda":
+        x = x.contiguous()
+    with autocast(run.device):
+        res = run.net(x, present)
+    loss = weighted_bce(res["vertebra_logits"], res["patient_logits"], labels, present)
+    if cfg.slice_loss > 0:
+        loss = loss + cfg.slice_loss * slice_bce(res["slice_logits"], slice_labels)
+    optimiser_step(loss, run.opt, run.scaler, clip_norm=2.0, params=run.net.parameters())
+    return float(loss.detach())
+
+
+def _train_epoch(run: _Run, epoch: int, gen: torch.Generator) -> float:
+    """One end-to-end epoch over the training studies in a random order.
+
+    The learning rate follows :func:`ai.training.warmup_cosine_lr` by step over all
+    ``cfg.epochs``. Returns the mean training loss.
+    """
+    cfg = run.cfg
+    steps_per_epoch = math.ceil(len(run.train_items) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    run.net.train()
+    order = torch.randperm(len(run.train_items), generator=gen).tolist()
+    batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    progress = run.progress
+    it = progress(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}") if progress else batches
+    losses = []
+    for b, chunk in enumerate(it):
+        set_lr(run.opt, warmup_cosine_lr(epoch * steps_per_epoch + b, total, warmup, cfg.lr))
+        losses.append(_train_step(run, [run.train_items[i] for i in chunk], gen))
+        if progress and hasattr(it, "set_postfix"):
+            it.set_postfix(loss=f"{np.mean(losses):.4f}")
+    return float(np.mean(losses))
+
+
+def _checkpoint_state(run: _Run, epoch: int) -> dict[str, Any]:
+    """What ``checkpoint.pt`` holds after ``epoch`` (1-based) epochs."""
+    return {
+        **training_states(run.net, run.opt, run.scaler),
+        "epoch": epoch,
+        "history": run.history,
+        "best_net": run.best[1] if run.best else None,
+        "best_loss": run.best[0] if run.best else None,
+        "arch": plain(run.arch),
+        "crop": plain(run.crop_config.to_dict()),
+    }
+
+
+def _fit(run: _Run) -> None:
+    """The end-to-end epochs from ``run.start_epoch`` to ``cfg.epochs``.
+
+    After each epoch the validation losses are added to its history entry, the best
+    weights are updated, and the checkpoint is written. The augmentation generator is
+    seeded from ``cfg.seed`` and the start epoch.
+    """
+    cfg = run.cfg
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * run.start_epoch)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": _train_epoch(run, epoch, gen)}
+        if run.val_items:
+            run.best = _validate(
+                run.net, run.val_items, run.device, cfg.batch_size, run.prior, entry, run.best
+            )
+        run.history.append(entry)
+        log.info("epoch %s", entry)
+        if run.progress is not None and hasattr(run.progress, "write"):
+            run.progress.write(str(entry))
+        save_checkpoint(_checkpoint_state(run, epoch + 1), run.checkpoint)
+
+
+def _choose_patient_mode(
+    net: FractureNet, val_items: Sequence[StudyCrops], cfg: TrainConfig, prior: np.ndarray
+) -> tuple[str, dict[str, Any]]:
+    """The patient mode with the lower validation weighted log loss, and the metrics.
+
+    Returns
+    -------
+    tuple
+        The mode (``"head"`` without validation studies) and the ``metrics`` section of
+        ``model.json`` (empty without validation studies).
+    """
+    if not val_items:
+        return "head", {}
+    preds = predict_cached(net, val_items, torch.device("cpu"), cfg.batch_size)
+    comparison = {}
+    for mode in PATIENT_MODES:
+        comparison[mode] = score(val_items, preds, mode, prior)["weighted_log_loss"]
+    patient_mode = min(comparison, key=lambda m: comparison[m])
+    return patient_mode, {
+        "validation": score(val_items, preds, patient_mode, prior, cfg.threshold),
+        "patient_mode_comparison": {
+            "weighted_log_loss": comparison,
+            "chosen": patient_mode,
+            "rule": "lower weighted log loss on the validation fold",
+        },
+    }
+
+
+def _training_record(
+    run: _Run,
+    pretrain_history: list[dict[str, float]],
+    head_history: list[dict[str, Any]],
+    seconds: float,
+) -> dict[str, Any]:
+    """The hyper-parameters and histories of the run, for ``model.json``'s ``training``."""
+    cfg = run.cfg
+    return {
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "folds": cfg.folds,
+        "fold": cfg.fold,
+        "seed": cfg.seed,
+        "mixup": cfg.mixup,
+        "slice_loss": cfg.slice_loss,
+        "box_loss": cfg.box_loss,
+        "box_stage": cfg.box_stage,
+        "pretrain_steps": cfg.pretrain_steps,
+        "pretrain_batch": cfg.pretrain_batch,
+        "pretrain_lr": cfg.pretrain_lr,
+        "pretrain_history": pretrain_history,
+        "head_epochs": cfg.head_epochs,
+        "head_lr": cfg.head_lr,
+        "head_batch": cfg.head_batch,
+        "head_history": head_history,
+        "n_train_studies": len(run.train_items),
+        "n_validation_studies": len(run.val_items),
+        "history": run.history,
+        "seconds": round(seconds, 3),
+        "device": str(run.device),
+        "loss": "RSNA 2022 competition-weighted BCE (per-study weighted mean)",
+        **cfg.extra,
+    }
+
+
+def _package_meta(
+    meta: dict[str, Any],
+    run: _Run,
+    patient_mode: str,
+    result_metrics: dict[str, Any],
+    training: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``model.json`` content: ``meta`` with the task, model, input and training.
+
+    ``training`` (from :func:`_training_record`) extends ``meta``'s own ``training``
+    section; a demo package gets the demo description unless ``meta`` has one.
+    """
+    full_meta = dict(meta)
+    full_meta.update(
+        {
+            "task": "cls",
+            "architecture": {"class": ARCHITECTURE_CLASS, "params": run.arch},
+            "input": {
+                "crop": run.crop_config.to_dict(),
+                "layout": "[N_assessed, n_slices, channels, size, size]; channels = HU window "
+                "of slices i-context..i+context, then the vertebra mask",
+            },
+            "labels": [*VERTEBRAE, "patient_overall"],
+            "inference": {
+                "patient_mode": patient_mode,
+                "threshold": run.cfg.threshold,
+                "prior": [float(p) for p in run.prior],
+            },
+            "metrics": result_metrics,
+        }
+    )
+    full_meta["training"] = {**full_meta.get("training", {}), **training}
+    if full_meta.get("demo"):
+        full_meta.setdefault("description", DEMO_LABEL)
+    return full_meta
 
 
 def train(
@@ -611,6 +935,11 @@ def train(
     progress: Any = None,
 ) -> dict[str, Any]:
     """Train one fold and write a model package.
+
+    The steps: split the studies (:func:`_split_items`), build the network
+    (:func:`_build_net`), resume from the checkpoint, pre-train the encoder and train the
+    heads (:func:`_warm_start`), the end-to-end epochs (:func:`_fit`), then the best
+    weights, the patient mode (:func:`_choose_patient_mode`) and the package.
 
     Parameters
     ----------
@@ -641,184 +970,34 @@ def train(
     """
     t_start = time.perf_counter()  # the whole run: pre-training, head and study epochs
     torch.manual_seed(cfg.seed)
-    items = [it for it in items if it.present.any()]
-    if len(items) < 2:
-        raise ValueError(f"need at least 2 studies with an assessed vertebra, got {len(items)}")
-    tr_idx, va_idx = fold_split(len(items), cfg.folds, cfg.fold, cfg.seed)
-    train_items = [items[i] for i in tr_idx]
-    val_items = [items[i] for i in va_idx]
-    net = build(cfg.net_params(crop_config.channels))
-    if init is not None:
-        from ai.modelpkg import load_module, read_package
-
-        package = read_package(init)
-        if package.architecture.get("params") != cfg.net_params(crop_config.channels):
-            raise ValueError(
-                f"--init package {init} has architecture {package.architecture.get('params')}, "
-                f"not {cfg.net_params(crop_config.channels)}"
-            )
-        net.load_state_dict(load_module(package, build).state_dict())
-        meta = {**meta, "training": {**meta.get("training", {}), "init": vars(package.identity)}}
-    net = net.to(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        net = with_memory_format(net, torch.channels_last)
+    train_items, val_items = _split_items(items, cfg)
+    net, meta = _build_net(cfg, crop_config, device, init, meta)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = grad_scaler(device)
-    steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoint.pt"
-    start_epoch, history = 0, []
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
-    arch = cfg.net_params(crop_config.channels)
-    if resume and ckpt.is_file():
-        state = load_checkpoint(ckpt, map_location=device, arch=arch, crop=crop_config.to_dict())
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"])
-        history = list(state["history"])
-        if state.get("best_net") is not None:
-            best = (float(state["best_loss"]), state["best_net"])
-        log.info("resumed at epoch %d", start_epoch)
-    pretrain_history: list[dict[str, float]] = []
-    if start_epoch == 0 and init is None and cfg.pretrain_steps > 0:
-        pretrain_history = pretrain_encoder(
-            net, train_items, cfg, device, progress, val_items=val_items
-        )
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 * start_epoch)
-    prior = np.stack([it.labels for it in train_items]).mean(axis=0).clip(0.01, 0.99)
-    head_history: list[dict[str, Any]] = []
-    if start_epoch == 0 and cfg.head_epochs > 0:
-        head_history = train_heads(net, train_items, val_items, cfg, device, prior, progress)
-        if val_items and best is None:
-            loss_now = min(min(e[f"val_loss_{m}"] for m in PATIENT_MODES) for e in head_history)
-            best = (loss_now, {k: v.detach().clone() for k, v in net.state_dict().items()})
-    for epoch in range(start_epoch, cfg.epochs):
-        net.train()
-        order = torch.randperm(len(train_items), generator=gen).tolist()
-        batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        it = progress(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}") if progress else batches
-        losses = []
-        for b, chunk in enumerate(it):
-            step = epoch * steps_per_epoch + b
-            set_lr(opt, warmup_cosine_lr(step, total, warmup, cfg.lr))
-            x, present, labels, slice_labels = _batch([train_items[i] for i in chunk], device, gen)
-            if cfg.mixup > 0 and len(chunk) > 1 and torch.rand((), generator=gen) < cfg.mixup:
-                x, labels = _mixup(x, present, labels, gen)
-                slice_labels = torch.full_like(slice_labels, -1.0)  # unknown after mixing
-            if cuda:
-                x = x.contiguous()
-            with autocast(device):
-                res = net(x, present)
-            loss = weighted_bce(res["vertebra_logits"], res["patient_logits"], labels, present)
-            if cfg.slice_loss > 0:
-                loss = loss + cfg.slice_loss * slice_bce(res["slice_logits"], slice_labels)
-            optimiser_step(loss, opt, scaler, clip_norm=2.0, params=net.parameters())
-            losses.append(float(loss.detach()))
-            if progress and hasattr(it, "set_postfix"):
-                it.set_postfix(loss=f"{np.mean(losses):.4f}")
-        entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
-        if val_items:
-            best = _validate(net, val_items, device, cfg.batch_size, prior, entry, best)
-        history.append(entry)
-        log.info("epoch %s", entry)
-        if progress is not None and hasattr(progress, "write"):
-            progress.write(str(entry))
-        save_checkpoint(
-            {
-                "net": net.state_dict(),
-                "opt": opt.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch + 1,
-                "history": history,
-                "best_net": best[1] if best else None,
-                "best_loss": best[0] if best else None,
-                "arch": plain(arch),
-                "crop": plain(crop_config.to_dict()),
-            },
-            ckpt,
-        )
+    run = _Run(
+        cfg=cfg,
+        crop_config=crop_config,
+        device=device,
+        train_items=train_items,
+        val_items=val_items,
+        net=net,
+        opt=opt,
+        scaler=grad_scaler(device),
+        checkpoint=out / "checkpoint.pt",
+        progress=progress,
+    )
+    if resume and run.checkpoint.is_file():
+        _resume(run)
+    pretrain_history, head_history = _warm_start(run, init)
+    _fit(run)
     seconds = time.perf_counter() - t_start
-    if best is not None:
-        net.load_state_dict(best[1])
+    if run.best is not None:
+        net.load_state_dict(run.best[1])
     net = with_memory_format(net, torch.contiguous_format).cpu()
-    result_metrics: dict[str, Any] = {}
-    patient_mode = "head"
-    if val_items:
-        preds = predict_cached(net, val_items, torch.device("cpu"), cfg.batch_size)
-        comparison = {}
-        for mode in PATIENT_MODES:
-            comparison[mode] = score(val_items, preds, mode, prior)["weighted_log_loss"]
-        patient_mode = min(comparison, key=lambda m: comparison[m])
-        result_metrics = {
-            "validation": score(val_items, preds, patient_mode, prior, cfg.threshold),
-            "patient_mode_comparison": {
-                "weighted_log_loss": comparison,
-                "chosen": patient_mode,
-                "rule": "lower weighted log loss on the validation fold",
-            },
-        }
-    full_meta = dict(meta)
-    full_meta.update(
-        {
-            "task": "cls",
-            "architecture": {
-                "class": ARCHITECTURE_CLASS,
-                "params": cfg.net_params(crop_config.channels),
-            },
-            "input": {
-                "crop": crop_config.to_dict(),
-                "layout": "[N_assessed, n_slices, channels, size, size]; channels = HU window "
-                "of slices i-context..i+context, then the vertebra mask",
-            },
-            "labels": [*VERTEBRAE, "patient_overall"],
-            "inference": {
-                "patient_mode": patient_mode,
-                "threshold": cfg.threshold,
-                "prior": [float(p) for p in prior],
-            },
-            "metrics": result_metrics,
-        }
-    )
-    training = dict(full_meta.get("training", {}))
-    training.update(
-        {
-            "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size,
-            "lr": cfg.lr,
-            "weight_decay": cfg.weight_decay,
-            "folds": cfg.folds,
-            "fold": cfg.fold,
-            "seed": cfg.seed,
-            "mixup": cfg.mixup,
-            "slice_loss": cfg.slice_loss,
-            "box_loss": cfg.box_loss,
-            "box_stage": cfg.box_stage,
-            "pretrain_steps": cfg.pretrain_steps,
-            "pretrain_batch": cfg.pretrain_batch,
-            "pretrain_lr": cfg.pretrain_lr,
-            "pretrain_history": pretrain_history,
-            "head_epochs": cfg.head_epochs,
-            "head_lr": cfg.head_lr,
-            "head_batch": cfg.head_batch,
-            "head_history": head_history,
-            "n_train_studies": len(train_items),
-            "n_validation_studies": len(val_items),
-            "history": history,
-            "seconds": round(seconds, 3),
-            "device": str(device),
-            "loss": "RSNA 2022 competition-weighted BCE (per-study weighted mean)",
-            **cfg.extra,
-        }
-    )
-    full_meta["training"] = training
-    if full_meta.get("demo"):
-        full_meta.setdefault("description", DEMO_LABEL)
+    patient_mode, result_metrics = _choose_patient_mode(net, val_items, cfg, run.prior)
+    training = _training_record(run, pretrain_history, head_history, seconds)
+    full_meta = _package_meta(meta, run, patient_mode, result_metrics, training)
     save_package(out, net, full_meta, half=True)
     return full_meta
 

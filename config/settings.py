@@ -25,6 +25,7 @@ import ipaddress
 import json
 import os
 import secrets
+import ssl
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -494,10 +495,20 @@ WEB_TOKEN_MIN_LENGTH = 16
 class WebSettings(_Section):
     """The read-only status page and Prometheus metrics, served by ``cspine serve``.
 
-    Off by default. Every request needs ``Authorization: Bearer <token>``; the listener
-    is on loopback unless ``allow_remote`` is set (then put it behind a TLS proxy: the
-    token travels in clear over plain HTTP). Patient-related identifiers (Study Instance
-    UID, study date) are shown only with ``show_identifiers``.
+    Off by default, on loopback unless ``allow_remote`` is set. Patient-related
+    identifiers (Study Instance UID, study date) are shown only with ``show_identifiers``.
+
+    Who may read it:
+
+    * without ``tls_ca``: every request needs ``Authorization: Bearer <token>``
+      (over plain HTTP, or HTTPS with ``tls_cert`` and ``tls_key``);
+    * with ``tls_ca`` (needs ``tls_cert`` and ``tls_key``): the TLS handshake requires
+      a client certificate signed by that CA, and that certificate is the credential;
+      ``token`` may then be empty. A token that is set is required as well (both
+      credentials), never accepted instead of the certificate.
+
+    The TLS files are checked when the page is enabled: readable PEM files, and a
+    certificate that loads with its key.
     """
 
     enabled: bool = False
@@ -506,23 +517,83 @@ class WebSettings(_Section):
     token: str = Field(default="", repr=False)
     allow_remote: bool = False
     show_identifiers: bool = False
+    tls_cert: str = ""
+    """PEM server certificate (chain): the page is served over HTTPS when set."""
+    tls_key: str = ""
+    """PEM private key of ``tls_cert`` (unencrypted)."""
+    tls_ca: str = ""
+    """PEM CA bundle: when set, clients must present a certificate it signed."""
+
+    @property
+    def tls(self) -> bool:
+        """Whether the page is served over HTTPS (``tls_cert`` and ``tls_key`` set)."""
+        return bool(self.tls_cert)
+
+    @property
+    def client_certificate(self) -> bool:
+        """Whether a client certificate signed by ``tls_ca`` is required."""
+        return bool(self.tls_ca)
 
     @model_validator(mode="after")
     def _v_enabled(self) -> WebSettings:
+        self._check_tls_pairs()
         if not self.enabled:
             return self
-        if len(self.token) < WEB_TOKEN_MIN_LENGTH:
+        if (self.token or not self.client_certificate) and len(self.token) < WEB_TOKEN_MIN_LENGTH:
             raise ValueError(
                 f"web.enabled needs web.token of at least {WEB_TOKEN_MIN_LENGTH} characters "
                 "(for example from: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
-                ", or CSPINE_WEB__TOKEN)"
+                ", or CSPINE_WEB__TOKEN), or client certificates (web.tls_ca with "
+                "web.tls_cert and web.tls_key) and no token"
             )
         if not self.allow_remote and not _is_loopback(self.host):
             raise ValueError(
                 f"refusing to serve the status page on {self.host}: a non-loopback address "
-                "needs web.allow_remote = true (and a TLS proxy in front)"
+                "needs web.allow_remote = true (and web.tls_cert/web.tls_key, or a TLS proxy "
+                "in front)"
             )
+        if self.tls:
+            self._check_tls_files()
         return self
+
+    def _check_tls_pairs(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise ValueError(
+                f"web.{given} needs web.{missing}: HTTPS for the status page takes a "
+                "certificate and its private key (PEM files)"
+            )
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError(
+                "web.tls_ca (client certificates) needs HTTPS: set web.tls_cert and "
+                "web.tls_key as well"
+            )
+
+    def _check_tls_files(self) -> None:
+        names = ("tls_cert", "tls_key", "tls_ca") if self.tls_ca else ("tls_cert", "tls_key")
+        bad = [
+            f"web.{name} ({getattr(self, name)})"
+            for name in names
+            if not _readable_file(getattr(self, name))
+        ]
+        if bad:
+            raise ValueError(
+                "the status page's TLS needs readable PEM files; missing or unreadable: "
+                + ", ".join(bad)
+            )
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"cannot load web.tls_cert {self.tls_cert!r} with web.tls_key "
+                f"{self.tls_key!r}: {exc}"
+            ) from exc
+        if self.tls_ca:
+            try:
+                ctx.load_verify_locations(cafile=self.tls_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load web.tls_ca {self.tls_ca!r}: {exc}") from exc
 
 
 def _is_loopback(host: str) -> bool:

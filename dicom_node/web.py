@@ -6,10 +6,20 @@
   catalog at each scrape, so the receivers and the worker (other processes) are seen;
 * ``GET /``: one HTML page with the studies, jobs, outbox and recent failures.
 
-Every request needs ``Authorization: Bearer <web.token>`` (Starlette's authentication
-middleware; anything else is 401). The page shows catalog ids, states, counts and
-times; the Study Instance UID, study date and description appear only with
-``web.show_identifiers``. The catalog holds no patient name or ID, so none can appear.
+Who may read them (Starlette's authentication middleware; anything else is 401):
+
+* by default every request needs ``Authorization: Bearer <web.token>``, over plain
+  HTTP, or over HTTPS when ``web.tls_cert`` and ``web.tls_key`` are set;
+* with ``web.tls_ca`` uvicorn's TLS handshake requires a client certificate signed by
+  that CA (``ssl_cert_reqs=CERT_REQUIRED``): a client without one, or with one from
+  another CA, never gets an HTTP answer. The certificate is then the credential; a
+  ``web.token`` that is also set is required on top of it.
+
+TLS is uvicorn's own (``ssl_certfile``, ``ssl_keyfile``, ``ssl_ca_certs``,
+``ssl_cert_reqs``), with the TLS 1.2 suites of :data:`dicom_node.tls.BCP195_CIPHERS`.
+The page shows catalog ids, states, counts and times; the Study Instance UID, study
+date and description appear only with ``web.show_identifiers``. The catalog holds no
+patient name or ID, so none can appear.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import datetime as dt
 import hmac
 import html
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -49,6 +60,7 @@ from starlette.routing import Route
 
 from config.settings import WebSettings
 from dicom_node.result import JobResult
+from dicom_node.tls import BCP195_CIPHERS
 from dicom_node.uids import device_uid
 from storage import Catalog
 from storage.catalog import age_seconds, list_studies
@@ -191,6 +203,68 @@ class BearerToken(AuthenticationBackend):
         return AuthCredentials(["authenticated"]), SimpleUser("operator")
 
 
+class ClientCertificate(AuthenticationBackend):
+    """Starlette authentication backend for ``web.tls_ca``: the TLS handshake's client
+    certificate, and the bearer token as well when one is configured.
+
+    uvicorn (``ssl_cert_reqs=CERT_REQUIRED``) completes no handshake without a
+    certificate signed by the CA, so every request that reaches the application over
+    HTTPS carried one. A request over plain HTTP (a server started without TLS) is
+    refused, so this backend never lets a request in on the configuration alone.
+
+    Parameters
+    ----------
+    token
+        The bearer token also required, or ``""`` for the certificate alone.
+    """
+
+    def __init__(self, token: str = "") -> None:
+        self._token = BearerToken(token) if token else None
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser]:
+        """Accept an HTTPS request (and its token, if configured); refuse (401) the rest."""
+        if conn.scope.get("scheme") != "https":
+            raise AuthenticationError("a TLS client certificate is required")
+        if self._token is not None:
+            return await self._token.authenticate(conn)
+        return AuthCredentials(["authenticated"]), SimpleUser("client-certificate")
+
+
+def authentication_backend(settings: WebSettings) -> AuthenticationBackend:
+    """The backend for ``settings``: :class:`ClientCertificate` with ``web.tls_ca``,
+    else :class:`BearerToken`.
+
+    Raises
+    ------
+    ValueError
+        When neither a token nor client certificates are configured.
+    """
+    if settings.client_certificate:
+        return ClientCertificate(settings.token)
+    return BearerToken(settings.token)
+
+
+def uvicorn_tls_options(settings: WebSettings) -> dict[str, Any]:
+    """uvicorn's TLS options for ``settings`` (empty: plain HTTP).
+
+    Returns
+    -------
+    dict
+        ``ssl_certfile``, ``ssl_keyfile`` and ``ssl_ciphers`` with ``web.tls_cert``;
+        with ``web.tls_ca`` also ``ssl_ca_certs`` and ``ssl_cert_reqs=CERT_REQUIRED``.
+    """
+    if not settings.tls:
+        return {}
+    options: dict[str, Any] = {
+        "ssl_certfile": settings.tls_cert,
+        "ssl_keyfile": settings.tls_key,
+        "ssl_ciphers": BCP195_CIPHERS,
+    }
+    if settings.client_certificate:
+        options |= {"ssl_ca_certs": settings.tls_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return options
+
+
 def _unauthorized(_conn: HTTPConnection, exc: Exception) -> Response:
     return PlainTextResponse(
         f"401 Unauthorized: {exc}\n", status_code=401, headers={"WWW-Authenticate": "Bearer"}
@@ -330,14 +404,15 @@ _CSS = (
 
 
 def build_app(catalog: Catalog, settings: WebSettings) -> Starlette:
-    """The Starlette application: ``/`` (status page) and ``/metrics``, both behind the token.
+    """The Starlette application: ``/`` (status page) and ``/metrics``, both behind
+    :func:`authentication_backend` (the token, or the TLS client certificate).
 
     Parameters
     ----------
     catalog
         The node's catalog, read through :mod:`storage`'s record functions.
     settings
-        ``[web]`` settings (token, identifiers shown or not).
+        ``[web]`` settings (token, client certificates, identifiers shown or not).
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CatalogCollector(catalog))
@@ -355,7 +430,7 @@ def build_app(catalog: Catalog, settings: WebSettings) -> Starlette:
         middleware=[
             Middleware(
                 AuthenticationMiddleware,
-                backend=BearerToken(settings.token),
+                backend=authentication_backend(settings),
                 on_error=_unauthorized,
             )
         ],
@@ -363,7 +438,12 @@ def build_app(catalog: Catalog, settings: WebSettings) -> Starlette:
 
 
 class WebServer:
-    """uvicorn serving :func:`build_app` in a background thread of ``cspine serve``."""
+    """uvicorn serving :func:`build_app` in a background thread of ``cspine serve``.
+
+    Plain HTTP, or HTTPS with uvicorn's TLS options (:func:`uvicorn_tls_options`).
+    Proxy headers are ignored: ``X-Forwarded-Proto`` cannot make a request look like
+    HTTPS.
+    """
 
     def __init__(self, catalog: Catalog, settings: WebSettings) -> None:
         config = uvicorn.Config(
@@ -373,6 +453,8 @@ class WebServer:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            proxy_headers=False,
+            **uvicorn_tls_options(settings),
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="web", daemon=True)
@@ -394,10 +476,13 @@ class WebServer:
                     f"{self.server.config.port}"
                 )
             time.sleep(0.02)
+        config = self.server.config
         LOGGER.info(
-            "status page listening host=%s port=%d",
-            self.server.config.host,
-            self.server.config.port,
+            "status page listening host=%s port=%d scheme=%s client_certificate=%s",
+            config.host,
+            config.port,
+            "https" if config.is_ssl else "http",
+            "required" if config.ssl_cert_reqs == ssl.CERT_REQUIRED else "no",
         )
 
     def stop(self) -> None:
@@ -406,4 +491,13 @@ class WebServer:
         self.thread.join(10)
 
 
-__all__ = ["BearerToken", "CatalogCollector", "WebServer", "build_app", "render_page"]
+__all__ = [
+    "BearerToken",
+    "CatalogCollector",
+    "ClientCertificate",
+    "WebServer",
+    "authentication_backend",
+    "build_app",
+    "render_page",
+    "uvicorn_tls_options",
+]

@@ -3,17 +3,23 @@
 The catalog is filled by the node's own code: a synthetic study taken in by the
 receiver, a job run by the worker with a stand-in pipeline (outputs queued for a
 destination that is down), and a refused file. ``cspine serve`` with the page enabled
-runs as a subprocess in the last test.
+runs as a subprocess. The HTTPS tests serve with uvicorn's TLS (the certificates of
+``tests/pki.py``): a client certificate signed by ``web.tls_ca`` instead of the token,
+refused handshakes without one or with one from another CA.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,26 +27,37 @@ import pydicom
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.authentication import AuthenticationError
+from starlette.requests import HTTPConnection
 
 from config import ConfigError, load_settings
 from config.settings import WebSettings
 from dicom_node.uids import device_uid
-from dicom_node.web import WebServer, render_page
+from dicom_node.web import ClientCertificate, WebServer, render_page, uvicorn_tls_options
 from dicom_node.worker import Worker
 from tests.conftest import free_port
 from tests.dicom_node.proc import Server, cspine
 from tests.dicom_node.test_jobs import TruthPipeline, _complete, _node, study  # noqa: F401
 from tests.helpers import SECRET_ACCESSION, SECRET_ID, SECRET_NAME, write_series
+from tests.pki import make_pki
 
 TOKEN = "test-token-0123456789abcdef"
 
 
-def _get(port: int, path: str, token: str | None = TOKEN) -> tuple[int, dict, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+def _get(
+    port: int, path: str, token: str | None = TOKEN, tls: ssl.SSLContext | None = None
+) -> tuple[int, dict, str]:
+    """``(status, headers, body)`` of a GET, over HTTPS when ``tls`` is given.
+
+    Raises ``OSError`` (``ssl.SSLError``, ``URLError``, ``ConnectionError``) when no HTTP
+    answer comes, e.g. a refused TLS handshake.
+    """
+    scheme = "http" if tls is None else "https"
+    request = urllib.request.Request(f"{scheme}://127.0.0.1:{port}{path}")
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=20) as response:
+        with urllib.request.urlopen(request, timeout=20, context=tls) as response:
             return response.status, dict(response.headers), response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read().decode()
@@ -75,7 +92,9 @@ def served(tmp_path, study):  # noqa: F811
 
     def serve(**web) -> int:
         port = free_port()
-        server = WebServer(catalog, WebSettings(enabled=True, port=port, token=TOKEN, **web))
+        server = WebServer(
+            catalog, WebSettings(**{"enabled": True, "port": port, "token": TOKEN, **web})
+        )
         server.start()
         servers.append(server)
         return port
@@ -206,6 +225,168 @@ def test_unsafe_web_settings_are_refused(web, message):
         load_settings(overrides={"web": web}, environ={})
     assert load_settings(environ={}).web.enabled is False  # off by default
     assert load_settings(environ={}).web.host == "127.0.0.1"
+
+
+# ---------------------------------------------------------------------------
+# HTTPS and client certificates (uvicorn's TLS; certificates of tests/pki.py)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """site-ca signs node, pacs and scanner; rogue-ca signs intruder."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _server_tls(pki: Path, client_ca: str | None = "site-ca") -> dict[str, str]:
+    """``[web]`` TLS settings: the node's certificate, and a client CA if given."""
+    tls = {"tls_cert": str(pki / "node.crt"), "tls_key": str(pki / "node.key")}
+    if client_ca is not None:
+        tls["tls_ca"] = str(pki / f"{client_ca}.crt")
+    return tls
+
+
+def _client_tls(pki: Path, cert: str | None) -> ssl.SSLContext:
+    """A client that trusts site-ca (and checks the server's name), with ``cert`` if given."""
+    ctx = ssl.create_default_context(cafile=str(pki / "site-ca.crt"))
+    if cert is not None:
+        ctx.load_cert_chain(pki / f"{cert}.crt", pki / f"{cert}.key")
+    return ctx
+
+
+@pytest.mark.parametrize("path", ["/", "/metrics"])
+def test_a_client_certificate_from_the_ca_is_let_in_without_a_token(served, pki, path):
+    port = served["serve"](token="", **_server_tls(pki))
+    status, headers, body = _get(port, path, token=None, tls=_client_tls(pki, "scanner"))
+    assert status == 200
+    if path == "/metrics":
+        assert _samples(body)[("cspine_instances_stored", ())] == served["files"]
+    else:
+        assert "<h2>Studies</h2>" in body and headers["content-type"].startswith("text/html")
+
+
+def _raw_get(port: int, path: str, ctx: ssl.SSLContext) -> bytes:
+    """The first bytes answered to a GET over a raw TLS socket (``b""``: none, the
+    handshake or the connection failed)."""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=20) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            return tls.recv(1024)
+    except (ssl.SSLError, ConnectionError):
+        return b""
+
+
+@pytest.mark.parametrize("path", ["/", "/metrics"])
+@pytest.mark.parametrize("cert", [None, "intruder"], ids=["no-certificate", "other-ca"])
+def test_the_handshake_is_refused_without_a_certificate_from_the_ca(served, pki, path, cert):
+    port = served["serve"](token="", **_server_tls(pki))
+    with pytest.raises(OSError) as refused:  # no HTTP answer at all, not even a 401
+        _get(port, path, token=TOKEN, tls=_client_tls(pki, cert))
+    assert not isinstance(refused.value, urllib.error.HTTPError)
+    # the same over a raw TLS socket: not one byte of HTTP comes back
+    assert _raw_get(port, path, _client_tls(pki, cert)) == b""
+    assert _raw_get(port, path, _client_tls(pki, "scanner")).startswith(b"HTTP/1.1 200")
+    assert _get(port, path, token=None, tls=_client_tls(pki, "scanner"))[0] == 200
+
+
+def test_a_client_certificate_and_a_token_are_both_required_when_both_are_set(served, pki):
+    port = served["serve"](**_server_tls(pki))  # token=TOKEN as well
+    scanner = _client_tls(pki, "scanner")
+    status, headers, body = _get(port, "/metrics", token=None, tls=scanner)
+    assert status == 401 and headers["www-authenticate"] == "Bearer" and "cspine" not in body
+    assert _get(port, "/metrics", token="wrong-token-0123456789abcdef", tls=scanner)[0] == 401
+    assert _get(port, "/metrics", tls=scanner)[0] == 200
+    with pytest.raises(OSError):  # the token does not stand in for the certificate
+        _get(port, "/metrics", tls=_client_tls(pki, None))
+
+
+def test_https_without_a_client_ca_still_needs_the_token(served, pki):
+    port = served["serve"](**_server_tls(pki, client_ca=None))
+    anonymous = _client_tls(pki, None)
+    assert _get(port, "/", token=None, tls=anonymous)[0] == 401
+    status, _, page = _get(port, "/", tls=anonymous)
+    assert status == 200 and "<h2>Studies</h2>" in page
+    with pytest.raises(OSError):  # plain HTTP to the HTTPS port gets no page
+        _get(port, "/", token=TOKEN)
+
+
+@pytest.mark.parametrize("version", ["TLSv1", "TLSv1_1"])
+def test_https_refuses_protocols_below_tls12(served, pki, version):
+    port = served["serve"](token="", **_server_tls(pki))
+    ctx = _client_tls(pki, "scanner")
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the client really offer the old protocol
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, version)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=20) as raw,
+        pytest.raises(ssl.SSLError) as info,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.do_handshake()
+    # the server refused (asyncio's TLS may close without sending its protocol_version
+    # alert), not the client: the same client offering TLS 1.2 gets in
+    assert info.value.reason in {"TLSV1_ALERT_PROTOCOL_VERSION", "UNEXPECTED_EOF_WHILE_READING"}
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    assert _raw_get(port, "/metrics", ctx).startswith(b"HTTP/1.1 200")
+
+
+def test_uvicorn_gets_its_own_tls_options(pki):
+    assert uvicorn_tls_options(WebSettings(token=TOKEN)) == {}
+    server_only = uvicorn_tls_options(WebSettings(**_server_tls(pki, client_ca=None)))
+    assert server_only["ssl_certfile"] == str(pki / "node.crt")
+    assert server_only["ssl_keyfile"] == str(pki / "node.key")
+    assert "ssl_cert_reqs" not in server_only and "ssl_ca_certs" not in server_only
+    mutual = uvicorn_tls_options(WebSettings(**_server_tls(pki)))
+    assert mutual["ssl_ca_certs"] == str(pki / "site-ca.crt")
+    assert mutual["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+
+
+@pytest.mark.parametrize(
+    "headers", [[], [(b"x-forwarded-proto", b"https")]], ids=["plain", "forwarded-proto"]
+)
+def test_the_client_certificate_backend_refuses_plain_http(headers):
+    conn = HTTPConnection({"type": "http", "scheme": "http", "headers": headers, "path": "/"})
+    with pytest.raises(AuthenticationError, match="client certificate"):
+        asyncio.run(ClientCertificate().authenticate(conn))
+    https = HTTPConnection({"type": "http", "scheme": "https", "headers": [], "path": "/"})
+    assert asyncio.run(ClientCertificate().authenticate(https))[0].scopes == ["authenticated"]
+    with pytest.raises(AuthenticationError, match="bearer token"):
+        asyncio.run(ClientCertificate(TOKEN).authenticate(https))
+
+
+def test_web_tls_settings_are_checked_when_loaded(pki, tmp_path):
+    def load(**web):
+        return load_settings(overrides={"web": web}, environ={}).web
+
+    node_crt, node_key, ca = str(pki / "node.crt"), str(pki / "node.key"), str(pki / "site-ca.crt")
+    on = {"enabled": True, "token": TOKEN}
+    with pytest.raises(ConfigError, match=r"web\.tls_cert needs web\.tls_key"):
+        load(tls_cert=node_crt)  # checked even while the page is off
+    with pytest.raises(ConfigError, match=r"web\.tls_key needs web\.tls_cert"):
+        load(**on, tls_key=node_key)
+    with pytest.raises(ConfigError, match=r"web\.tls_ca \(client certificates\) needs HTTPS"):
+        load(**on, tls_ca=ca)
+    missing = str(tmp_path / "absent.crt")
+    with pytest.raises(ConfigError, match=r"readable PEM files.*web\.tls_cert .*absent\.crt"):
+        load(**on, tls_cert=missing, tls_key=node_key)
+    with pytest.raises(ConfigError, match=r"readable PEM files.*web\.tls_ca .*absent\.crt"):
+        load(**on, tls_cert=node_crt, tls_key=node_key, tls_ca=missing)
+    with pytest.raises(ConfigError, match=r"cannot load web\.tls_cert"):
+        load(**on, tls_cert=node_crt, tls_key=str(pki / "scanner.key"))  # not its key
+    with pytest.raises(ConfigError, match=r"cannot load web\.tls_ca"):
+        load(**on, tls_cert=node_crt, tls_key=node_key, tls_ca=node_key)  # no certificate
+    # client certificates: the token may be empty; a token that is set is still checked
+    mutual = {"enabled": True, "tls_cert": node_crt, "tls_key": node_key, "tls_ca": ca}
+    assert load(**mutual).client_certificate
+    with pytest.raises(ConfigError, match=r"web\.token of at least 16"):
+        load(**mutual, token="short")
+    with pytest.raises(ConfigError, match=r"web\.token of at least 16"):
+        load(enabled=True, tls_cert=node_crt, tls_key=node_key)  # HTTPS alone: token needed
+    # off, with the files not there: only the pairs are checked
+    assert not load(tls_cert=missing, tls_key=missing).enabled
 
 
 @pytest.mark.slow

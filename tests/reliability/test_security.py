@@ -5,7 +5,8 @@ allow-list and its A-ASSOCIATE-RJ reasons, the association limit (2, 3, 2), user
 identity over TLS, slow-drip and silent peers, declared PDU lengths of 0xFFFFFFFF,
 instance-size caps during receipt, stored-file safety and model loading.
 
-Certificates are made per test session with the ``openssl`` command-line tool.
+Certificates are made per test module with the ``openssl`` command-line tool
+(``tests/pki.py``).
 """
 
 from __future__ import annotations
@@ -43,58 +44,17 @@ from storage.models import Instance, OutboxItem, OutboxState
 from tests.conftest import ROOT, free_port
 from tests.dicom_node.scu_tools import store_file
 from tests.helpers import CT, ct_slice, write_series
+from tests.pki import make_pki
 from tests.reliability.outbox import outbox_node, with_destinations
 
 # ---------------------------------------------------------------------------
-# a throwaway PKI
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _ca(folder: Path, name: str) -> None:
-    _openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2",
-        "-subj", f"/CN={name}",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        cwd=folder,
-    )  # fmt: skip
-
-
-def _leaf(folder: Path, name: str, ca: str) -> None:
-    (folder / f"{name}.ext").write_text(
-        "basicConstraints=CA:FALSE\n"
-        "keyUsage=critical,digitalSignature,keyAgreement\n"
-        "extendedKeyUsage=serverAuth,clientAuth\n"
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-        "subjectKeyIdentifier=hash\n"
-        "authorityKeyIdentifier=keyid\n"
-    )
-    _openssl(
-        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
-        cwd=folder,
-    )  # fmt: skip
-    _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-        "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext",
-        cwd=folder,
-    )  # fmt: skip
+# a throwaway PKI (tests/pki.py)
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """site-ca signs node, pacs and scanner; rogue-ca signs an untrusted client."""
-    folder = tmp_path_factory.mktemp("pki")
-    _ca(folder, "site-ca")
-    _ca(folder, "rogue-ca")
-    for name in ("node", "pacs", "scanner"):
-        _leaf(folder, name, "site-ca")
-    _leaf(folder, "intruder", "rogue-ca")
-    return folder
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _tls(pki: Path, cert: str = "node", **extra) -> dict:

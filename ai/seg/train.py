@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,10 @@ from ai.training import (
     one_cycle_lr,
     optimiser_step,
     plain,
+    restore_training_states,
     save_checkpoint,
     set_lr,
+    training_states,
 )
 from ai.types import VERTEBRAE
 
@@ -320,164 +323,312 @@ def _init_weights(
     }
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run a training and write the model package to ``cfg.out``.
+@dataclass
+class _Fold:
+    """The segmented studies of a dataset and the fold's training and validation uids."""
 
-    Returns
-    -------
-    pathlib.Path
-        The package folder.
+    uids: list[str]
+    train_uids: list[str]
+    val_uids: list[str]
+
+
+def _split_studies(cfg: TrainConfig) -> tuple[Any, _Fold]:
+    """The dataset at ``cfg.data`` and the split of its segmented studies.
+
+    Raises
+    ------
+    ValueError
+        When fewer than 2 studies have a segmentation, or the fold is out of range.
     """
-    from monai.losses import DiceLoss
-    from tqdm import tqdm
-
     from ai.rsna import RSNADataset
 
-    t_start = time.monotonic()
-    _seed_all(cfg.seed)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    device = select_device(cfg.device)
-    spec = cfg.input_spec()
     dataset = RSNADataset(cfg.data)
     uids = [u for u in dataset.study_uids if dataset.has_segmentation(u)]
     if len(uids) < 2:
         raise ValueError(f"{cfg.data} holds {len(uids)} segmented studies; at least 2 are needed")
     train_uids, val_uids = split_folds(uids, cfg.folds, cfg.fold, cfg.seed)
-    arch = default_arch_params(cfg.backbone, cfg.decoder_channels)
-    net = build_network(arch).to(device)
-    # before the (long) caching, so that a mismatched --init fails at once
-    init_from = _init_weights(net, cfg.init, arch, spec) if cfg.init is not None else None
+    return dataset, _Fold(uids, train_uids, val_uids)
+
+
+@dataclass
+class _Samples:
+    """The cached training samples and, with a validation fold, the validation crops."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor | None
+    y_val: torch.Tensor | None
+
+
+def _cache_fold(cfg: TrainConfig, dataset: Any, fold: _Fold, spec: InputSpec) -> _Samples:
+    """Preprocess every study of ``fold`` (:func:`cache_study`) and load the samples.
+
+    The cache is ``cfg.cache_dir``, by default ``.seg-cache`` beside the package folder.
+    Training uses every cached sample of its studies, validation the spine crops only.
+    """
+    from tqdm import tqdm
+
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out).parent / ".seg-cache"
-    work_dir = Path(cfg.work_dir) if cfg.work_dir else Path(cfg.out).parent / ".seg-work"
-    work_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("caching studies n=%d cache=%s", len(uids), cache_dir)
+    logger.info("caching studies n=%d cache=%s", len(fold.uids), cache_dir)
     cached = {
         u: cache_study(dataset, u, spec, cache_dir)
-        for u in tqdm(uids, desc="cache", disable=not cfg.progress)
+        for u in tqdm(fold.uids, desc="cache", disable=not cfg.progress)
     }
-    x_train, y_train = _load_cached([cached[u] for u in train_uids])
+    x_train, y_train = _load_cached([cached[u] for u in fold.train_uids])
     x_val, y_val = (
-        _load_cached([cached[u] for u in val_uids], "crops") if val_uids else (None, None)
+        _load_cached([cached[u] for u in fold.val_uids], "crops") if fold.val_uids else (None, None)
     )
-    n_train = x_train.shape[0]
+    return _Samples(x_train, y_train, x_val, y_val)
 
+
+_Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _loss_fn(cfg: TrainConfig, device: torch.device) -> _Loss:
+    """BCE (``cfg.pos_weight`` on the positives) plus soft Dice of logits against targets."""
+    from monai.losses import DiceLoss
+
+    dice_loss = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
+    bce = torch.nn.BCEWithLogitsLoss(
+        pos_weight=torch.full((N_LABELS, 1, 1, 1), float(cfg.pos_weight), device=device)
+    )
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return bce(logits.float(), target) + dice_loss(logits.float(), target)
+
+    return loss
+
+
+def _no_best() -> dict[str, Any]:
+    """The best epoch before any: no weights, a Dice every validation beats."""
+    return {"dice": -1.0, "state": None, "epoch": -1}
+
+
+@dataclass
+class _SegRun:
+    """What the steps of one :func:`train` call share: the model, optimiser and progress.
+
+    ``epoch0``, ``step``, ``history``, ``best`` (validation Dice, weights, epoch and Dice
+    per label of the best epoch so far), ``gen`` and the global torch RNG are what a
+    checkpoint keeps.
+    """
+
+    cfg: TrainConfig
+    device: torch.device
+    spec: InputSpec
+    arch: dict[str, Any]
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: _Loss
+    gen: torch.Generator
+    checkpoint: Path
+    t_start: float
+    steps_per_epoch: int
+    total_steps: int
+    epoch0: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=_no_best)
+
+
+def _start_run(
+    cfg: TrainConfig,
+    device: torch.device,
+    spec: InputSpec,
+    arch: dict[str, Any],
+    net: torch.nn.Module,
+    n_train: int,
+    work_dir: Path,
+    t_start: float,
+) -> _SegRun:
+    """AdamW, the gradient scaler, the loss and the augmentation generator of a new run.
+
+    The run lasts ``cfg.epochs`` epochs of full batches over ``n_train`` samples, at most
+    ``cfg.max_steps`` steps; its checkpoint is ``work_dir / CHECKPOINT``.
+    """
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    scaler = grad_scaler(device)
-    dice_loss = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5, batch=True)
-    bce = torch.nn.BCEWithLogitsLoss(
-        pos_weight=torch.full((N_LABELS, 1, 1, 1), float(cfg.pos_weight), device=device)
+    return _SegRun(
+        cfg=cfg,
+        device=device,
+        spec=spec,
+        arch=arch,
+        net=net,
+        opt=opt,
+        scaler=grad_scaler(device),
+        loss_fn=_loss_fn(cfg, device),
+        gen=torch.Generator().manual_seed(cfg.seed),
+        checkpoint=work_dir / CHECKPOINT,
+        t_start=t_start,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
     )
-    gen = torch.Generator().manual_seed(cfg.seed)
 
-    epoch0, step, history = 0, 0, []
-    best: dict[str, Any] = {"dice": -1.0, "state": None, "epoch": -1}
-    ckpt_path = work_dir / CHECKPOINT
-    if cfg.resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path, arch=arch, spec=spec.to_json())
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        gen.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        epoch0, step, history = int(ckpt["epoch"]) + 1, int(ckpt["step"]), list(ckpt["history"])
-        best = {
-            "dice": float(ckpt["best_dice"]),
-            "state": ckpt["best_state"],
-            "epoch": ckpt["best_epoch"],
-        }
-        logger.info("resumed from %s at epoch %d step %d", ckpt_path, epoch0, step)
 
-    net.train()
-    stop = False
-    for epoch in range(epoch0, cfg.epochs):
-        perm = torch.randperm(n_train, generator=gen)
-        bar = tqdm(
-            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress
+def _resume(run: _SegRun) -> None:
+    """Continue ``run`` from its checkpoint, random number generators included.
+
+    Raises
+    ------
+    ValueError
+        When the checkpoint was written for another architecture or input spec.
+    """
+    ckpt = load_checkpoint(run.checkpoint, arch=run.arch, spec=run.spec.to_json())
+    restore_training_states(
+        ckpt, run.net, run.opt, run.scaler, net_key="model", opt_key="optimizer"
+    )
+    run.gen.set_state(ckpt["generator"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    run.epoch0, run.step = int(ckpt["epoch"]) + 1, int(ckpt["step"])
+    run.history = list(ckpt["history"])
+    run.best = {
+        "dice": float(ckpt["best_dice"]),
+        "state": ckpt["best_state"],
+        "epoch": ckpt["best_epoch"],
+    }
+    logger.info("resumed from %s at epoch %d step %d", run.checkpoint, run.epoch0, run.step)
+
+
+def _out_of_budget(run: _SegRun) -> bool:
+    """Whether the run has reached ``cfg.max_steps`` or ``cfg.max_minutes``."""
+    cfg = run.cfg
+    out_of_time = (
+        cfg.max_minutes is not None and (time.monotonic() - run.t_start) > 60 * cfg.max_minutes
+    )
+    return (cfg.max_steps is not None and run.step >= cfg.max_steps) or out_of_time
+
+
+def _train_step(run: _SegRun, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One optimiser step on cached samples (augmented here); returns the batch loss.
+
+    The learning rate is :func:`ai.training.one_cycle_lr` at the larger of the step
+    fraction and, with ``cfg.max_minutes``, the wall-time fraction.
+    """
+    cfg = run.cfg
+    xb, yb = augment(x.float(), y.float() / 255.0, run.gen)
+    if cfg.domain_randomisation is not None:
+        xb = domain_randomise(xb, yb, run.gen, cfg.domain_randomisation)
+    xb, yb = xb.to(run.device), yb.to(run.device)
+    with autocast(run.device):
+        logits = run.net(xb)
+    loss = run.loss_fn(logits, yb)
+    frac = run.step / max(run.total_steps, 1)
+    if cfg.max_minutes:
+        frac = max(frac, (time.monotonic() - run.t_start) / (60 * cfg.max_minutes))
+    set_lr(run.opt, one_cycle_lr(frac, cfg.lr))
+    optimiser_step(loss, run.opt, run.scaler)
+    run.step += 1
+    return float(loss.detach())
+
+
+def _train_epoch(run: _SegRun, epoch: int, data: _Samples) -> tuple[list[float], bool]:
+    """One epoch of full batches (wrapping around) over the shuffled training samples.
+
+    Returns
+    -------
+    tuple
+        The batch losses, and whether the run stopped early (:func:`_out_of_budget`).
+    """
+    from tqdm import tqdm
+
+    cfg, n_train = run.cfg, data.x_train.shape[0]
+    perm = torch.randperm(n_train, generator=run.gen)
+    bar = tqdm(
+        range(run.steps_per_epoch),
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        disable=not cfg.progress,
+    )
+    losses: list[float] = []
+    for b in bar:
+        # Always full batches (wrapping around), so batch norm never sees a batch of 1.
+        idx = perm[(b * cfg.batch_size + torch.arange(cfg.batch_size)) % n_train]
+        losses.append(_train_step(run, data.x_train[idx], data.y_train[idx]))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", val_dice=f"{run.best['dice']:.3f}")
+        if _out_of_budget(run):
+            return losses, True
+    return losses, False
+
+
+def _end_epoch(run: _SegRun, epoch: int, losses: list[float], data: _Samples) -> None:
+    """Validate, record the epoch in the history, keep the best weights, log.
+
+    Without a validation fold every epoch counts as the best (the last one is kept).
+    """
+    from tqdm import tqdm
+
+    net, cfg = run.net, run.cfg
+    val = (
+        _val_dice(net, data.x_val, data.y_val, run.device)
+        if data.x_val is not None and data.y_val is not None
+        else {}
+    )
+    entry = {
+        "epoch": epoch + 1,
+        "step": run.step,
+        "loss": float(np.mean(losses)) if losses else None,
+        "val_dice": val.get("mean"),
+        "seconds": round(time.monotonic() - run.t_start, 1),
+    }
+    run.history.append(entry)
+    logger.info(
+        "epoch %d loss=%.4f val_dice=%s", epoch + 1, entry["loss"] or float("nan"), val.get("mean")
+    )
+    if cfg.progress:
+        tqdm.write(
+            f"epoch {epoch + 1}: loss {entry['loss']:.4f} "
+            f"val dice {val.get('mean', float('nan')):.4f}"
         )
-        losses = []
-        for b in bar:
-            # Always full batches (wrapping around), so batch norm never sees a batch of 1.
-            idx = perm[(b * cfg.batch_size + torch.arange(cfg.batch_size)) % n_train]
-            xb, yb = augment(x_train[idx].float(), y_train[idx].float() / 255.0, gen)
-            if cfg.domain_randomisation is not None:
-                xb = domain_randomise(xb, yb, gen, cfg.domain_randomisation)
-            xb, yb = xb.to(device), yb.to(device)
-            with autocast(device):
-                logits = net(xb)
-            loss = bce(logits.float(), yb) + dice_loss(logits.float(), yb)
-            frac = step / max(total_steps, 1)
-            if cfg.max_minutes:
-                frac = max(frac, (time.monotonic() - t_start) / (60 * cfg.max_minutes))
-            set_lr(opt, one_cycle_lr(frac, cfg.lr))
-            optimiser_step(loss, opt, scaler)
-            step += 1
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", val_dice=f"{best['dice']:.3f}")
-            out_of_time = (
-                cfg.max_minutes is not None and (time.monotonic() - t_start) > 60 * cfg.max_minutes
-            )
-            if (cfg.max_steps is not None and step >= cfg.max_steps) or out_of_time:
-                stop = True
-                break
-        val = (
-            _val_dice(net, x_val, y_val, device) if x_val is not None and y_val is not None else {}
-        )
-        entry = {
+    score = val.get("mean", -1.0) if val else -1.0
+    if not val or (not math.isnan(score) and score >= run.best["dice"]):
+        run.best = {
+            "dice": score,
+            "state": copy.deepcopy(net.state_dict()),
             "epoch": epoch + 1,
-            "step": step,
-            "loss": float(np.mean(losses)) if losses else None,
-            "val_dice": val.get("mean"),
-            "seconds": round(time.monotonic() - t_start, 1),
+            "per_label": val,
         }
-        history.append(entry)
-        logger.info(
-            "epoch %d loss=%.4f val_dice=%s",
-            epoch + 1,
-            entry["loss"] or float("nan"),
-            val.get("mean"),
-        )
-        if cfg.progress:
-            tqdm.write(
-                f"epoch {epoch + 1}: loss {entry['loss']:.4f} "
-                f"val dice {val.get('mean', float('nan')):.4f}"
-            )
-        score = val.get("mean", -1.0) if val else -1.0
-        if not val or (not math.isnan(score) and score >= best["dice"]):
-            best = {
-                "dice": score,
-                "state": copy.deepcopy(net.state_dict()),
-                "epoch": epoch + 1,
-                "per_label": val,
-            }
-        save_checkpoint(
-            {
-                "model": net.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict(),
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "epoch": epoch,
-                "step": step,
-                "history": history,
-                "best_dice": best["dice"],
-                "best_state": best["state"],
-                "best_epoch": best["epoch"],
-                "arch": plain(arch),
-                "spec": spec.to_json(),
-            },
-            ckpt_path,
-        )
+
+
+def _checkpoint_state(run: _SegRun, epoch: int) -> dict[str, Any]:
+    """What the checkpoint holds after ``epoch`` (0-based)."""
+    return {
+        **training_states(run.net, run.opt, run.scaler, net_key="model", opt_key="optimizer"),
+        "generator": run.gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch": epoch,
+        "step": run.step,
+        "history": run.history,
+        "best_dice": run.best["dice"],
+        "best_state": run.best["state"],
+        "best_epoch": run.best["epoch"],
+        "arch": plain(run.arch),
+        "spec": run.spec.to_json(),
+    }
+
+
+def _fit(run: _SegRun, data: _Samples) -> None:
+    """The epochs from ``run.epoch0``, each ending with a checkpoint; stops early at the
+    step or time budget."""
+    run.net.train()
+    for epoch in range(run.epoch0, run.cfg.epochs):
+        losses, stop = _train_epoch(run, epoch, data)
+        _end_epoch(run, epoch, losses, data)
+        save_checkpoint(_checkpoint_state(run, epoch), run.checkpoint)
         if stop:
             break
 
-    if best["state"] is not None:
-        net.load_state_dict(best["state"])
+
+def _package_meta(
+    run: _SegRun, fold: _Fold, n_train: int, init_from: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The ``model.json`` content of the trained model (a demo one when the data looks
+    synthetic, unless ``cfg.demo`` says)."""
+    cfg, best = run.cfg, run.best
     demo = cfg.demo if cfg.demo is not None else _looks_synthetic(Path(cfg.data))
-    meta = {
+    return {
         "name": cfg.name,
         "version": cfg.version,
         "task": "seg",
@@ -485,54 +636,102 @@ def train(cfg: TrainConfig) -> Path:
         + f"; FlexibleUNet {cfg.backbone} at {'x'.join(map(str, cfg.size))}",
         "demo": demo,
         "label": DEMO_LABEL if demo else None,
-        "architecture": {"class": ARCH_CLASS, "params": arch},
-        "input": spec.to_json(),
+        "architecture": {"class": ARCH_CLASS, "params": run.arch},
+        "input": run.spec.to_json(),
         "postprocess": cfg.post.to_json(),
         "labels": {str(i): name for i, name in enumerate(VERTEBRAE, start=1)},
         "outputs": f"{N_LABELS} sigmoid channels, channel n-1 = label n",
-        "training": {
-            "data": str(cfg.data),
-            "data_description": (
-                "synthetic RSNA-layout studies from ai.synthetic" if demo else "RSNA layout"
-            ),
-            "n_studies": len(uids),
-            "train_studies": len(train_uids),
-            "train_samples": n_train,
-            "val_studies": len(val_uids),
-            "folds": cfg.folds,
-            "fold": cfg.fold,
-            "epochs_run": len(history),
-            "steps": step,
-            "batch_size": cfg.batch_size,
-            "lr": cfg.lr,
-            "lr_schedule": "5% linear warm-up, cosine decay (by step or wall-time fraction)",
-            "loss": "BCEWithLogits + soft Dice (MONAI DiceLoss, sigmoid)",
-            "bce_pos_weight": cfg.pos_weight,
-            "augmentation": "random rotation/scale/shift, left-right flip, "
-            "intensity scale/shift, noise"
-            + (
-                "; domain randomisation (ai.seg.augment): per-tissue contrast, bias field, "
-                "resolution, blur, gamma, white/correlated noise"
-                if cfg.domain_randomisation is not None
-                else ""
-            ),
-            "domain_randomisation": (
-                cfg.domain_randomisation.to_json() if cfg.domain_randomisation else None
-            ),
-            "seed": cfg.seed,
-            "device": str(device),
-            "init": init_from,
-            "command": cfg.command,
-            "seconds": round(time.monotonic() - t_start, 1),
-            "history": history,
-            **cfg.extra,
-        },
+        "training": _training_record(run, fold, n_train, init_from, demo),
         "metrics": {
             "val_dice_working_grid": best.get("per_label", {}),
             "best_epoch": best["epoch"],
         },
     }
-    out = save_package(cfg.out, net, meta, half=cfg.half)
+
+
+def _training_record(
+    run: _SegRun, fold: _Fold, n_train: int, init_from: dict[str, Any] | None, demo: bool
+) -> dict[str, Any]:
+    """The data, hyper-parameters and history of the run, for ``model.json``'s ``training``."""
+    cfg = run.cfg
+    return {
+        "data": str(cfg.data),
+        "data_description": (
+            "synthetic RSNA-layout studies from ai.synthetic" if demo else "RSNA layout"
+        ),
+        "n_studies": len(fold.uids),
+        "train_studies": len(fold.train_uids),
+        "train_samples": n_train,
+        "val_studies": len(fold.val_uids),
+        "folds": cfg.folds,
+        "fold": cfg.fold,
+        "epochs_run": len(run.history),
+        "steps": run.step,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "lr_schedule": "5% linear warm-up, cosine decay (by step or wall-time fraction)",
+        "loss": "BCEWithLogits + soft Dice (MONAI DiceLoss, sigmoid)",
+        "bce_pos_weight": cfg.pos_weight,
+        "augmentation": "random rotation/scale/shift, left-right flip, "
+        "intensity scale/shift, noise"
+        + (
+            "; domain randomisation (ai.seg.augment): per-tissue contrast, bias field, "
+            "resolution, blur, gamma, white/correlated noise"
+            if cfg.domain_randomisation is not None
+            else ""
+        ),
+        "domain_randomisation": (
+            cfg.domain_randomisation.to_json() if cfg.domain_randomisation else None
+        ),
+        "seed": cfg.seed,
+        "device": str(run.device),
+        "init": init_from,
+        "command": cfg.command,
+        "seconds": round(time.monotonic() - run.t_start, 1),
+        "history": run.history,
+        **cfg.extra,
+    }
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run a training and write the model package to ``cfg.out``.
+
+    The steps: seed everything, split the segmented studies (:func:`_split_studies`),
+    build the network (from ``cfg.init`` when given), cache and load the samples
+    (:func:`_cache_fold`), resume from the checkpoint in ``cfg.work_dir``, the epochs
+    (:func:`_fit`), then the package with the best epoch's weights.
+
+    Parameters
+    ----------
+    cfg
+        The run's settings.
+
+    Returns
+    -------
+    pathlib.Path
+        The package folder.
+    """
+    t_start = time.monotonic()
+    _seed_all(cfg.seed)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    device = select_device(cfg.device)
+    spec = cfg.input_spec()
+    dataset, fold = _split_studies(cfg)
+    arch = default_arch_params(cfg.backbone, cfg.decoder_channels)
+    net = build_network(arch).to(device)
+    # before the (long) caching, so that a mismatched --init fails at once
+    init_from = _init_weights(net, cfg.init, arch, spec) if cfg.init is not None else None
+    work_dir = Path(cfg.work_dir) if cfg.work_dir else Path(cfg.out).parent / ".seg-work"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    data = _cache_fold(cfg, dataset, fold, spec)
+    n_train = data.x_train.shape[0]
+    run = _start_run(cfg, device, spec, arch, net, n_train, work_dir, t_start)
+    if cfg.resume and run.checkpoint.is_file():
+        _resume(run)
+    _fit(run, data)
+    if run.best["state"] is not None:
+        net.load_state_dict(run.best["state"])
+    out = save_package(cfg.out, net, _package_meta(run, fold, n_train, init_from), half=cfg.half)
     logger.info("package written path=%s", out)
     return out
 

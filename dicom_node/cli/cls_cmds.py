@@ -6,11 +6,21 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from dicom_node.cli.common import rsna_data_option
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from ai.cls.crops import CropConfig
+    from ai.cls.data import StudyCrops
+    from ai.cls.train import TrainConfig
 
 
 def default_cache() -> Path:
@@ -245,21 +255,58 @@ def train_cls(
     """Train the stage-2 fracture classifier and write a model package."""
     cache = cache or str(default_cache())
     _setup_torch(threads)
-    from tqdm import tqdm
-
     from ai.cls.crops import CropConfig
-    from ai.cls.data import build_crop_cache
-    from ai.cls.train import TrainConfig, train
-    from ai.modelpkg import DEMO_LABEL, select_device
+    from ai.cls.train import train
+    from ai.modelpkg import select_device
 
+    _check_phases(epochs, head_epochs, folds, fold)
+    dev = select_device(device)
+    crop = CropConfig(size=size, n_slices=slices)
+    items, seg_identity = _crop_items(data, cache, crop, crop_source, seg_model, device)
+    meta = _train_meta(data, name, version, demo, len(items), crop_source, seg_identity, threads)
+    cfg = _train_config(click.get_current_context().params)
+    full = train(
+        items,
+        crop,
+        cfg,
+        out,
+        device=dev,
+        meta=meta,
+        resume=resume,
+        init=init,
+        progress=_StderrProgress(),
+    )
+    click.echo(json.dumps(_summary(full, out), indent=2))
+
+
+def _check_phases(epochs: int, head_epochs: int, folds: int, fold: int) -> None:
+    """Refuse a run with nothing to train or a validation fold out of range.
+
+    Raises
+    ------
+    click.BadParameter
+        When both ``--epochs`` and ``--head-epochs`` are 0, or ``--fold`` >= ``--folds``.
+    """
     if epochs == 0 and head_epochs == 0:
         raise click.BadParameter(
             "give --epochs or --head-epochs (both are 0)", param_hint="--epochs"
         )
     if fold >= folds:
         raise click.BadParameter(f"--fold must be < --folds ({folds})", param_hint="--fold")
-    dev = select_device(device)
-    crop = CropConfig(size=size, n_slices=slices)
+
+
+def _crop_items(
+    data: str, cache: str, crop: CropConfig, crop_source: str, seg_model: str, device: str
+) -> tuple[list[StudyCrops], dict[str, Any] | None]:
+    """The cached crops of every study (:func:`ai.cls.data.build_crop_cache`).
+
+    With ``crop_source == "stage1"`` the label maps come from the ``seg_model`` package,
+    whose identity is returned with the crops (``None`` for ground-truth crops).
+    """
+    from tqdm import tqdm
+
+    from ai.cls.data import build_crop_cache
+
     seg = None
     seg_identity = None
     if crop_source == "stage1":
@@ -276,36 +323,28 @@ def train_cls(
         source=crop_source,
         progress=lambda x: tqdm(x, desc="crops", file=sys.stderr),
     )
+    return items, seg_identity
+
+
+def _train_meta(
+    data: str,
+    name: str,
+    version: str,
+    demo: bool | None,
+    n_studies: int,
+    crop_source: str,
+    seg_identity: dict[str, Any] | None,
+    threads: int | None,
+) -> dict[str, Any]:
+    """The package metadata the command adds to what :func:`ai.cls.train.train` records.
+
+    ``demo`` of ``None`` labels the package as demo weights when the data is synthetic.
+    """
+    from ai.modelpkg import DEMO_LABEL
+
     synthetic = _is_synthetic(Path(data))
     is_demo = synthetic if demo is None else demo
-    cfg = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        folds=folds,
-        fold=fold,
-        seed=seed,
-        mixup=mixup,
-        variant=variant,
-        depths=_int_list(depths),
-        dims=_int_list(dims),
-        lstm_hidden=lstm_hidden,
-        threshold=threshold,
-        layer_scale=layer_scale,
-        pooling=pooling,
-        encoder_pool=encoder_pool,
-        stem=stem,
-        slice_loss=slice_loss,
-        box_loss=box_loss,
-        box_stage=box_stage,
-        pretrain_steps=pretrain_steps,
-        pretrain_batch=pretrain_batch,
-        pretrain_lr=pretrain_lr,
-        head_epochs=head_epochs,
-        head_lr=head_lr,
-        head_batch=head_batch,
-    )
-    meta = {
+    return {
         "name": name,
         "version": version,
         "description": DEMO_LABEL if is_demo else f"stage-2 fracture classifier trained on {data}",
@@ -313,7 +352,7 @@ def train_cls(
         "training": {
             "data": str(Path(data).resolve()),
             "data_synthetic": synthetic,
-            "n_studies": len(items),
+            "n_studies": n_studies,
             "crop_source": "stage-1 predictions" if crop_source == "stage1" else "ground truth",
             "seg_model": seg_identity,
             "command": _command_line(click.get_current_context()),
@@ -321,23 +360,43 @@ def train_cls(
         },
     }
 
-    class _Progress:
-        def __call__(self, it: list, desc: str) -> tqdm:
-            return tqdm(it, desc=desc, file=sys.stderr)
 
-        def write(self, s: str) -> None:
-            tqdm.write(s, file=sys.stderr)
+def _train_config(options: Mapping[str, Any]) -> TrainConfig:
+    """The training hyper-parameters of ``cspine train cls``'s options.
 
-    full = train(
-        items, crop, cfg, out, device=dev, meta=meta, resume=resume, init=init, progress=_Progress()
-    )
+    Each option named like a field of :class:`ai.cls.train.TrainConfig` sets that field
+    (``--depths`` and ``--dims`` parsed into lists); the others keep their defaults.
+    """
+    from ai.cls.train import TrainConfig
+
+    given = {f.name: options[f.name] for f in fields(TrainConfig) if f.name in options}
+    given.update(depths=_int_list(options["depths"]), dims=_int_list(options["dims"]))
+    return TrainConfig(**given)
+
+
+class _StderrProgress:
+    """``tqdm`` bars and messages on stderr, as :func:`ai.cls.train.train` takes them."""
+
+    def __call__(self, it: list[Any], desc: str) -> tqdm[Any]:
+        from tqdm import tqdm
+
+        return tqdm(it, desc=desc, file=sys.stderr)
+
+    def write(self, s: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(s, file=sys.stderr)
+
+
+def _summary(full: dict[str, Any], out: str) -> dict[str, Any]:
+    """What the command prints: the package, its patient mode and validation scores."""
     val = full.get("metrics", {}).get("validation")
     summary = {"package": str(out), "patient_mode": full["inference"]["patient_mode"]}
     if val:
         summary.update(
             {k: val[k] for k in ("weighted_log_loss", "patient_auc", "vertebra_auc_mean")}
         )
-    click.echo(json.dumps(summary, indent=2))
+    return summary
 
 
 def _command_line(ctx: click.Context, prefix: list[str] | None = None) -> str:

@@ -664,7 +664,8 @@ class _Run:
     """What the steps of one :func:`train` call share: the data, the model and the progress.
 
     ``start_epoch``, ``history`` and ``best`` (``(loss, weights)`` of the lowest
-    validation loss so far) change as the run goes on and are what a checkpoint keeps.
+    validation loss so far) change as the run goes on and are what a checkpoint keeps,
+    with the states of ``opt`` and ``scaler`` (made for ``net`` on construction).
     """
 
     cfg: TrainConfig
@@ -673,13 +674,20 @@ class _Run:
     train_items: list[StudyCrops]
     val_items: list[StudyCrops]
     net: FractureNet
-    opt: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
     checkpoint: Path
     progress: Any = None
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     best: _Best = None
+    opt: torch.optim.Optimizer = field(init=False)
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self) -> None:
+        """AdamW over all the network's parameters, and the gradient scaler."""
+        self.opt = torch.optim.AdamW(
+            self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
+        )
+        self.scaler = grad_scaler(self.device)
 
     @property
     def arch(self) -> dict[str, Any]:
@@ -972,21 +980,10 @@ def train(
     torch.manual_seed(cfg.seed)
     train_items, val_items = _split_items(items, cfg)
     net, meta = _build_net(cfg, crop_config, device, init, meta)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(
-        cfg=cfg,
-        crop_config=crop_config,
-        device=device,
-        train_items=train_items,
-        val_items=val_items,
-        net=net,
-        opt=opt,
-        scaler=grad_scaler(device),
-        checkpoint=out / "checkpoint.pt",
-        progress=progress,
-    )
+    checkpoint = out / "checkpoint.pt"
+    run = _Run(cfg, crop_config, device, train_items, val_items, net, checkpoint, progress)
     if resume and run.checkpoint.is_file():
         _resume(run)
     pretrain_history, head_history = _warm_start(run, init)

@@ -37,7 +37,7 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-from tests.bench import ingest, turnaround
+from tests.bench import ingest, ingest_costs, turnaround
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULTS = {
@@ -449,6 +449,7 @@ def main() -> None:
     gpu_name = turnaround.cuda_device()
 
     results = ingest.main()
+    costs = ingest_costs.main([])
     cpu_rows = turnaround.main([str(n) for n in sizes], devices=["cpu"])
     gpu_rows = turnaround.main([str(n) for n in sizes], devices=["cuda"]) if gpu_name else []
     rss = turnaround.main_rss(rss_studies, rss_slices)
@@ -490,7 +491,8 @@ def main() -> None:
         "`CSPINE_BENCH_RSS_SLICES` (default 300), "
         "`CSPINE_BENCH_STABLE` (default 2), `CSPINE_BENCH_DOC` (output, default "
         "docs/performance.md), `CSPINE_BENCH_TMP` (work folder). Parts: "
-        "`python -m tests.bench.ingest`, `python -m tests.bench.turnaround 300 1200`.",
+        "`python -m tests.bench.ingest`, `python -m tests.bench.ingest_costs`, "
+        "`python -m tests.bench.turnaround 300 1200`.",
         "",
         "Processes run by the bench (all on 127.0.0.1, `TCP_NODELAY=1` for dcmtk):",
         "",
@@ -507,6 +509,7 @@ def main() -> None:
         "",
     ]
     lines += ingest_section(results)
+    lines += ["", *costs]
     lines += [
         "",
         "## Turnaround",

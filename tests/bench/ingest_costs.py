@@ -1,0 +1,475 @@
+"""Where the receive path's time goes per instance, and what more cores would give.
+
+Usage::
+
+    .venv/bin/python -m tests.bench.ingest_costs [SENDERS ...]   # default: 1 4
+
+Runs the node's own receive path in this process (the :class:`dicom_node.scp.StorageNode`
+and :class:`dicom_node.receive.Receiver` that ``cspine serve`` runs, fsync and catalog
+on), wraps each phase with a timer that records wall time and the calling thread's CPU
+time (``time.thread_time``), and sends the ingest bench's 300-slice 512x512 series with
+dcmtk ``storescu`` (``TCP_NODELAY=1``). Prints, per sender count, a Markdown table of the
+phases in milliseconds per instance (wall, CPU, and the difference: waiting for the
+disk, the lock or the GIL), the receiver's process CPU, the senders' CPU and the time the
+catalog's writer lock is held.
+
+From the 4-sender run it builds a throughput model and projects it for 8 and 16 cores
+with one receiver process per core (``node.receivers``)::
+
+    rate <= cores / (receiver CPU + sender CPU)     every core busy
+    rate <= processes / receiver CPU                a process runs about one core (its GIL)
+    rate <= 1 / catalog lock hold (one sender)      one SQLite writer at a time
+
+The receiver CPU is taken under load (the 4-sender run: threads contending for one
+interpreter lock cost CPU of their own); the catalog lock hold from the 1-sender run,
+where the lock is held for the catalog's work only, not for interpreter-lock waits. It
+prints the 2-core prediction beside the rate measured in the same run, so the model's
+error is visible. One sender is latency-bound (one instance in flight): its rate
+is 1 / the sum of the phases on the response path, whatever the core count.
+
+A plain script, not a test; ``make bench`` includes its output in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.bench.ingest import (  # noqa: E402
+    DCMTK_ENV,
+    ORTHANC_BENCH_CONFIG,
+    TMP,
+    free_port,
+    make_series,
+    wait_port,
+)
+
+CORES = (2, 8, 16)
+RUNS = int(os.environ.get("CSPINE_BENCH_RUNS", "3"))
+
+
+@dataclass
+class Phase:
+    """A timed call site: where it is, what it is called in the table."""
+
+    label: str
+    owner: Any
+    name: str
+
+
+@dataclass
+class Costs:
+    """Measured per-instance costs of one run (milliseconds per instance)."""
+
+    senders: int
+    instances: int
+    wall_s: float
+    wall: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    process_user: float = 0.0
+    process_sys: float = 0.0
+    sender_cpu: float = 0.0
+    lock_hold: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        """Images per second in this run."""
+        return self.instances / self.wall_s
+
+    @property
+    def process_cpu(self) -> float:
+        return self.process_user + self.process_sys
+
+
+def _phases() -> list[Phase]:
+    import pynetdicom.dimse as dimse
+    import pynetdicom.dul as dul
+
+    import dicom_node.receive as receive
+    import storage.catalog as catalog
+    from storage.db import Catalog
+    from storage.filestore import FileStore
+
+    return [
+        Phase(
+            "receive: read and decode PDUs (DUL thread)", dul.DULServiceProvider, "_read_pdu_data"
+        ),
+        Phase(
+            "receive: P-DATA to message, fragments to the spool file (DUL thread)",
+            dimse.DIMSEServiceProvider,
+            "receive_primitive",
+        ),
+        Phase("handler total (Receiver.accept)", receive.Receiver, "accept"),
+        Phase("  check: parse and validate the header", receive, "inspect_file"),
+        Phase("  hash: sha256 of the file", catalog, "sha256_file"),
+        Phase("  place: link, fsync file and folders", FileStore, "_place"),
+        Phase("  catalog: group commit (fsync of the WAL)", Catalog, "write"),
+        Phase("response: encode and queue the C-STORE-RSP", dimse.DIMSEServiceProvider, "send_msg"),
+    ]
+
+
+@contextmanager
+def _timed(
+    phases: list[Phase], wall: dict[str, float], cpu: dict[str, float], calls: dict[str, int]
+) -> Iterator[None]:
+    lock = threading.Lock()
+    originals = []
+    for phase in phases:
+        original = getattr(phase.owner, phase.name)
+        originals.append((phase, original))
+
+        def timed(
+            *args: Any, _f: Callable[..., Any] = original, _k: str = phase.label, **kwargs: Any
+        ) -> Any:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+                with lock:
+                    wall[_k] += dt
+                    cpu[_k] += dc
+                    calls[_k] += 1
+
+        setattr(phase.owner, phase.name, functools.wraps(original)(timed))
+    try:
+        yield
+    finally:
+        for phase, original in originals:
+            setattr(phase.owner, phase.name, original)
+
+
+@contextmanager
+def _lock_hold(into: list[float]) -> Iterator[None]:
+    """Sum the wall time spent in ``Catalog._commit_batch`` (run under the writer lock)."""
+    from storage.db import Catalog
+
+    original = Catalog._commit_batch
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            into[0] += time.perf_counter() - t0
+
+    Catalog._commit_batch = timed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Catalog._commit_batch = original  # type: ignore[method-assign]
+
+
+@dataclass
+class Reference:
+    """Orthanc's costs in the same run (milliseconds per instance)."""
+
+    senders: int
+    instances: int
+    wall_s: float
+    process_cpu: float
+    sender_cpu: float
+
+    @property
+    def rate(self) -> float:
+        """Images per second in this run."""
+        return self.instances / self.wall_s
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of ``pid`` and its threads (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def send(files: list[Path], port: int, called: str, senders: int) -> float:
+    """``storescu`` x ``senders`` (files split round-robin); seconds until all are done."""
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [
+                "storescu",
+                "-aec",
+                called,
+                "-xs",
+                "127.0.0.1",
+                str(port),
+                *map(str, files[i::senders]),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=DCMTK_ENV,
+        )
+        for i in range(senders)
+    ]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-300:]}")
+    return time.perf_counter() - t0
+
+
+def measure_orthanc(series: Path, senders: int, work: Path) -> Reference:
+    """Orthanc (the ingest bench's configuration) receiving ``series``: its process CPU."""
+    from tests.interop.orthanc import Orthanc
+
+    orthanc = Orthanc(
+        work / f"orthanc-{senders}", extra=ORTHANC_BENCH_CONFIG, env={"TCP_NODELAY": "1"}
+    )
+    orthanc.start()
+    files = sorted(series.iterdir())
+    try:
+        wait_port(orthanc.dicom_port)
+        assert orthanc.proc is not None
+        time.sleep(1.0)
+        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu0 = _proc_cpu_s(orthanc.proc.pid)
+        seconds = send(files, orthanc.dicom_port, orthanc.aet, senders)
+        cpu1 = _proc_cpu_s(orthanc.proc.pid)
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        stored = int(orthanc.get("/statistics")["CountInstances"])
+    finally:
+        orthanc.stop()
+    if stored != len(files):
+        raise RuntimeError(f"Orthanc stored {stored} of {len(files)} instances")
+    per = 1000.0 / len(files)
+    return Reference(
+        senders,
+        len(files),
+        seconds,
+        (cpu1 - cpu0) * per,
+        (kids1.ru_utime - kids0.ru_utime + kids1.ru_stime - kids0.ru_stime) * per,
+    )
+
+
+def measure(series: Path, senders: int, work: Path) -> Costs:
+    """Send ``series`` with ``senders`` storescu to a fresh in-process node; its costs."""
+    from config.settings import load_settings
+    from dicom_node.receive import Receiver, open_node_storage
+    from dicom_node.scp import StorageNode
+
+    port = free_port()
+    data = work / f"node-{senders}"
+    settings = load_settings(
+        overrides={
+            "storage": {"data_dir": str(data)},
+            "node": {"port": port, "host": "127.0.0.1"},
+            "completion": {"stable_seconds": 3600},
+        },
+        environ={"CSPINE_LOGGING__LEVEL": "WARNING"},
+    )
+    catalog, store = open_node_storage(settings)
+    node = StorageNode(settings, Receiver(settings, catalog, store))
+    files = sorted(series.iterdir())
+    wall: dict[str, float] = defaultdict(float)
+    cpu: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    held = [0.0]
+    node.start()
+    try:
+        time.sleep(1.0)  # the scheduler's first ticks, not the instances' cost
+        with _timed(_phases(), wall, cpu, calls), _lock_hold(held):
+            self0 = resource.getrusage(resource.RUSAGE_SELF)
+            kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            seconds = send(files, port, "CSPINE", senders)
+            self1 = resource.getrusage(resource.RUSAGE_SELF)
+            kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    finally:
+        node.stop()
+        catalog.dispose()
+    n = len(files)
+    accepted = calls.get("handler total (Receiver.accept)", 0)
+    if accepted != n:
+        raise RuntimeError(f"the node handled {accepted} of {n} instances")
+    per = 1000.0 / n
+    return Costs(
+        senders=senders,
+        instances=n,
+        wall_s=seconds,
+        wall={k: v * per for k, v in wall.items()},
+        cpu={k: v * per for k, v in cpu.items()},
+        calls=dict(calls),
+        process_user=(self1.ru_utime - self0.ru_utime) * per,
+        process_sys=(self1.ru_stime - self0.ru_stime) * per,
+        sender_cpu=(kids1.ru_utime - kids0.ru_utime + kids1.ru_stime - kids0.ru_stime) * per,
+        lock_hold=held[0] * per,
+    )
+
+
+def median_costs(runs: list[Costs]) -> Costs:
+    """Each figure's median over ``runs`` (same sender count)."""
+
+    def med(values: list[float]) -> float:
+        return float(statistics.median(values))
+
+    keys = runs[0].wall.keys()
+    return Costs(
+        senders=runs[0].senders,
+        instances=runs[0].instances,
+        wall_s=med([r.wall_s for r in runs]),
+        wall={k: med([r.wall[k] for r in runs]) for k in keys},
+        cpu={k: med([r.cpu[k] for r in runs]) for k in keys},
+        calls=runs[0].calls,
+        process_user=med([r.process_user for r in runs]),
+        process_sys=med([r.process_sys for r in runs]),
+        sender_cpu=med([r.sender_cpu for r in runs]),
+        lock_hold=med([r.lock_hold for r in runs]),
+    )
+
+
+def median_reference(runs: list[Reference]) -> Reference:
+    """Each figure's median over ``runs``."""
+    return Reference(
+        runs[0].senders,
+        runs[0].instances,
+        float(statistics.median(r.wall_s for r in runs)),
+        float(statistics.median(r.process_cpu for r in runs)),
+        float(statistics.median(r.sender_cpu for r in runs)),
+    )
+
+
+def table(costs: Costs) -> list[str]:
+    """The phases of one run as Markdown."""
+    lines = [
+        f"### {costs.senders} sender(s): {costs.rate:.0f} images/s "
+        f"({1000 / costs.rate:.2f} ms per instance)",
+        "",
+        "| phase | wall ms/instance | CPU ms/instance | waiting ms/instance |",
+        "|---|---|---|---|",
+    ]
+    for phase in _phases():
+        k = phase.label
+        if k not in costs.wall:
+            continue
+        w, c = costs.wall[k], costs.cpu[k]
+        lines.append(f"| {k} | {w:.3f} | {c:.3f} | {max(0.0, w - c):.3f} |")
+    lines += [
+        "",
+        f"- receiver process CPU: {costs.process_cpu:.2f} ms per instance "
+        f"(user {costs.process_user:.2f}, system {costs.process_sys:.2f})",
+        f"- storescu CPU: {costs.sender_cpu:.2f} ms per instance",
+        f"- catalog writer lock held: {costs.lock_hold:.3f} ms per instance",
+    ]
+    return lines
+
+
+def project(costs: Costs, serial: Costs, orthanc: Reference | None) -> list[str]:
+    """The throughput model of the module docstring: CPU from ``costs`` (several senders),
+    the catalog writer's serial time from ``serial`` (one sender); Orthanc by its CPU."""
+    cpu_total = costs.process_cpu + costs.sender_cpu
+    bounds_of: dict[str, Callable[[int], float]] = {
+        "CPU": lambda cores: cores * 1000 / cpu_total,
+        "one process per core": lambda cores: cores * 1000 / costs.process_cpu,
+        "catalog writer": lambda cores: 1000 / serial.lock_hold,
+    }
+    lines = [
+        "",
+        "### Model and projection",
+        "",
+        f"Receiver CPU {costs.process_cpu:.2f} ms and sender CPU {costs.sender_cpu:.2f} ms "
+        f"per instance ({costs.senders}-sender run); catalog writer lock "
+        f"{serial.lock_hold:.3f} ms per instance ({serial.senders}-sender run). One "
+        "receiver process per core (`node.receivers`), enough senders to keep them busy, "
+        "one SQLite catalog.",
+    ]
+    if orthanc is not None:
+        lines += [
+            "",
+            f"Orthanc in the same run ({orthanc.senders} senders): {orthanc.rate:.0f} "
+            f"images/s, process CPU {orthanc.process_cpu:.2f} ms and sender CPU "
+            f"{orthanc.sender_cpu:.2f} ms per instance. Its projection is its CPU bound "
+            "alone (cores / its CPU plus the senders'), which flatters Orthanc: its own "
+            "index is a single SQLite writer too, and its DICOM threads "
+            "(`DicomThreadsCount`) must be raised with the cores.",
+        ]
+    head = "| cores | CPU bound img/s | process bound img/s | catalog bound img/s | ours img/s "
+    head += "| binding limit |"
+    rule = "|---|---|---|---|---|---|"
+    if orthanc is not None:
+        head += " Orthanc img/s (CPU bound) | ours / Orthanc |"
+        rule += "---|---|"
+    lines += ["", head, rule]
+    for cores in CORES:
+        bounds = {name: f(cores) for name, f in bounds_of.items()}
+        limit = min(bounds, key=lambda b: bounds[b])
+        values = " | ".join(f"{v:.0f}" for v in bounds.values())
+        row = f"| {cores} | {values} | {bounds[limit]:.0f} | {limit} |"
+        if orthanc is not None:
+            theirs = cores * 1000 / (orthanc.process_cpu + orthanc.sender_cpu)
+            row += f" {theirs:.0f} | {bounds[limit] / theirs:.2f} |"
+        lines.append(row)
+    predicted = min(
+        f(1) if name == "one process per core" else f(2) for name, f in bounds_of.items()
+    )
+    lines += [
+        "",
+        f"Check against this run ({os.cpu_count()} cores, one receiver process): the "
+        f"model gives {predicted:.0f} images/s; {costs.rate:.0f} were measured.",
+    ]
+    if orthanc is not None:
+        theirs2 = 2 * 1000 / (orthanc.process_cpu + orthanc.sender_cpu)
+        lines.append(
+            f"Orthanc's CPU bound on 2 cores is {theirs2:.0f} images/s; it measured "
+            f"{orthanc.rate:.0f}."
+        )
+    return lines
+
+
+def main(argv: list[str]) -> list[str]:
+    """Run the sender counts in ``argv`` (default 1 and 4); the Markdown lines."""
+    counts = [int(a) for a in argv] or [1, 4]
+    work = Path(tempfile.mkdtemp(prefix="cspine-costs-", dir=TMP))
+    try:
+        series = make_series(work / "series", "explicit")
+        runs = [
+            median_costs([measure(series, n, work / f"{n}-{k}") for k in range(RUNS)])
+            for n in counts
+        ]
+        several = [c for c in runs if c.senders > 1]
+        orthanc = (
+            median_reference(
+                [measure_orthanc(series, several[-1].senders, work / f"o-{k}") for k in range(RUNS)]
+            )
+            if several
+            else None
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [
+        "## Ingest: where the time goes",
+        "",
+        "`python -m tests.bench.ingest_costs`: the node's receive path in one process, "
+        "each phase timed (wall and the thread's CPU time), the same 300-slice series "
+        f"sent by dcmtk `storescu`; every figure is the median of {RUNS} runs. "
+        "Phases nest: check, hash, place and catalog are inside "
+        "the handler; the DUL rows run on the association's network thread, beside it.",
+        "",
+    ]
+    for costs in runs:
+        lines += [*table(costs), ""]
+    single = [c for c in runs if c.senders == 1]
+    if several and single:
+        lines += project(several[-1], single[0], orthanc)
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(main(sys.argv[1:])))

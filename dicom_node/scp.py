@@ -24,6 +24,7 @@ import struct
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -606,6 +607,7 @@ class GuardedServer(ThreadedAssociationServer):
     ) -> None:
         self.limits = limits
         self._listener = listener
+        self._accepted: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         super().__init__(*args, **kwargs)
         if self.ssl_context is not None:
             self.ssl_context.sslsocket_class = GuardedSSLSocket
@@ -632,10 +634,26 @@ class GuardedServer(ThreadedAssociationServer):
         elif self.socket is not None:
             self.socket.close()
 
+    ACCEPT_DELAY_S = 0.005
+    """With a shared listener: seconds a receiver waits per association it is already
+    serving before it accepts, so that a less busy receiver takes the connection."""
+
     def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept, wrap in the guard (and TLS, handshake deferred to the thread)."""
+        """Accept, wrap in the guard (and TLS, handshake deferred to the thread).
+
+        Receivers sharing one listener are all woken by a new connection and the first to
+        call ``accept`` gets it (the others get ``EAGAIN``, which the server's loop
+        ignores). Left to chance, four senders often landed three on one receiver and one
+        on the other; a receiver thus waits :attr:`ACCEPT_DELAY_S` for each association
+        it already serves (at most 20 ms) before it accepts.
+        """
         if self.socket is None:
             raise OSError("the server socket is closed")
+        if self._listener is not None:
+            # counted from the sockets (an association's thread starts a little later)
+            busy = sum(1 for conn in self._accepted if conn.fileno() != -1)
+            if busy:
+                time.sleep(min(busy * self.ACCEPT_DELAY_S, 0.02))
         raw, address = self.socket.accept()
         raw.settimeout(self.limits.idle_timeout)
         sock: GuardedSocket | GuardedSSLSocket
@@ -649,6 +667,7 @@ class GuardedServer(ThreadedAssociationServer):
             sock = GuardedSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
             sock.settimeout(self.limits.idle_timeout)
         sock._guard = _StreamGuard(self.limits, str(address[0]))
+        self._accepted.add(sock)
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:

@@ -9,7 +9,12 @@ UPDATE [SKIP LOCKED]``, which SQLAlchemy leaves out on SQLite, where the write l
 already serialises writers).
 
 Writers in one process are serialised by a lock, and those waiting for it together
-share one commit (group commit, :meth:`Catalog.write`). A transient failure (SQLite:
+share one commit (group commit, :meth:`Catalog.write`). On a SQLite file, writers in
+several processes (receivers, worker, CLI) queue on an ``flock`` of
+``<catalog>.writelock`` (:class:`ProcessWriteLock`), which the kernel hands to the next
+waiter the moment it is released; SQLite's own busy handler instead polls with sleeps
+of 1 ms growing to 100 ms, which left a second receiver process waiting more than it
+worked. A transient failure (SQLite:
 "database is locked"; PostgreSQL: a lost or refused connection, a deadlock, a
 serialisation failure) is retried until a deadline, after which
 :class:`CatalogBusyError` is raised, so a receiver answers 0xA700 and never
@@ -18,6 +23,8 @@ acknowledges what it could not commit.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import threading
@@ -125,6 +132,68 @@ def make_engine(url: str, busy_timeout_ms: int = 5000, *, migrate: bool = True) 
     return engine
 
 
+class ProcessWriteLock:
+    """An exclusive ``flock`` on a lock file, with a deadline, shared by processes.
+
+    Each acquisition opens the file anew (an ``flock`` belongs to an open file
+    description, so threads never share one by accident) and closing the descriptor
+    releases it, also when the process dies. An uncontended acquisition is one
+    non-blocking call; a contended one waits in the kernel, in a daemon thread, so that
+    the caller can give up at its deadline; a lock granted after the caller gave up is
+    released at once.
+
+    Parameters
+    ----------
+    path
+        The lock file (created ``0o640`` if missing).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def acquire(self, timeout_s: float) -> int | None:
+        """The locked descriptor, or ``None`` when the lock was not granted in time."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+        granted = threading.Event()
+        guard = threading.Lock()
+        abandoned: list[bool] = []
+        errors: list[OSError] = []
+
+        def wait() -> None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                errors.append(exc)
+            with guard:
+                if abandoned:
+                    os.close(fd)
+                else:
+                    granted.set()
+
+        threading.Thread(target=wait, name="cspine-flock", daemon=True).start()
+        granted.wait(max(0.0, timeout_s))
+        with guard:
+            if not granted.is_set():
+                abandoned.append(True)  # closed by the waiter when flock returns
+                return None
+        if errors:
+            os.close(fd)
+            raise errors[0]
+        return fd
+
+    @staticmethod
+    def release(fd: int) -> None:
+        """Release a lock returned by :meth:`acquire`."""
+        os.close(fd)
+
+
 class _Pending:
     """One :meth:`Catalog.write` call waiting for, or done with, its commit."""
 
@@ -180,6 +249,12 @@ class Catalog:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.busy_deadline_s = busy_deadline_s
         self._write_lock = threading.Lock()
+        db_file = _sqlite_path(url)
+        self._process_lock = (
+            ProcessWriteLock(db_file.with_name(db_file.name + ".writelock"))
+            if db_file is not None and db_file.name != ":memory:"
+            else None
+        )
         self._pending_lock = threading.Lock()
         self._pending: list[_Pending] = []
 
@@ -256,6 +331,7 @@ class Catalog:
         delay = 0.05
         while True:
             outcomes: list[tuple[Any, BaseException | None]] = []
+            held = self._lock_processes(deadline, limit)
             try:
                 with self.engine.connect() as conn:
                     conn.info["write"] = True
@@ -272,6 +348,9 @@ class Catalog:
             except DBAPIError as exc:
                 if not transient(exc, self.engine):
                     raise
+                if held is not None:
+                    ProcessWriteLock.release(held)
+                    held = None
                 if time.monotonic() >= deadline:
                     what = "unreachable or locked" if self.postgres else "locked by another writer"
                     raise CatalogBusyError(f"catalog {what} for more than {limit:.0f} s") from exc
@@ -279,9 +358,27 @@ class Catalog:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
+            finally:
+                if held is not None:
+                    ProcessWriteLock.release(held)
             for item, (result, error) in zip(batch, outcomes, strict=True):
                 item.result, item.error, item.done = result, error, True
             return
+
+    def _lock_processes(self, deadline: float, limit: float) -> int | None:
+        """Take the cross-process writer lock (SQLite file catalogs; else ``None``).
+
+        Raises
+        ------
+        CatalogBusyError
+            When another process holds it past ``deadline``.
+        """
+        if self._process_lock is None:
+            return None
+        fd = self._process_lock.acquire(deadline - time.monotonic())
+        if fd is None:
+            raise CatalogBusyError(f"catalog locked by another writer for more than {limit:.0f} s")
+        return fd
 
     def dispose(self) -> None:
         """Close pooled connections."""

@@ -160,7 +160,7 @@ def ingest_section(results: list[ingest.Result]) -> list[str]:
         "## Ingest",
         "",
         f"dcmtk `storescu -xs` sends the same synthetic {ingest.SLICES}-slice 512x512 series "
-        "to three receivers one after another in the same run (the order rotates from run to "
+        "to the receivers one after another in the same run (the order rotates from run to "
         "run; each receiver starts fresh on an empty folder of the same disk; `TCP_NODELAY=1` "
         "for every dcmtk process, Orthanc's DICOM server included). With 4 senders the files "
         "are split round-robin over 4 concurrent `storescu` processes. Time: first "
@@ -168,7 +168,10 @@ def ingest_section(results: list[ingest.Result]) -> list[str]:
         f"each receiver holds every instance. {ingest.RUNS} run(s) per cell.",
         "",
         "- **cspine**: `cspine serve --no-worker` with fsync and the catalog on (every "
-        "0x0000 is written, fsynced, renamed and committed to SQLite first).",
+        "0x0000 is written, fsynced, renamed and committed to SQLite first), the defaults "
+        "(one receiver process).",
+        "- **cspine-2r**: the same with `CSPINE_NODE__RECEIVERS=2` (two receiver processes on "
+        "one listening socket); with several senders only.",
         "- **storescp**: dcmtk `storescp +xa [--fork] -od DIR`: writes files, no fsync, no index.",
         "- **orthanc**: Debian's Orthanc with a generated configuration: SQLite index, "
         "`SyncStorageArea: true` (fsync of every file, the default since 1.7.4), "
@@ -192,15 +195,16 @@ def ingest_section(results: list[ingest.Result]) -> list[str]:
         "",
         "Ratios, ours / reference (images per second at the median time):",
         "",
-        "| transfer syntax | senders | cspine / storescp | cspine / Orthanc |",
-        "|---|---|---|---|",
+        "| receiver | transfer syntax | senders | ours / storescp | ours / Orthanc |",
+        "|---|---|---|---|---|",
     ]
-    table: dict[tuple[str, int], dict[str, float]] = {}
-    for syntax, senders, ref, ratio in ingest.ratios(results):
-        table.setdefault((syntax, senders), {})[ref] = ratio
-    for (syntax, senders), refs in table.items():
+    table: dict[tuple[str, str, int], dict[str, float]] = {}
+    for syntax, senders, ref, ratio, ours in ingest.ratios(results):
+        table.setdefault((ours, syntax, senders), {})[ref] = ratio
+    for (ours, syntax, senders), refs in table.items():
         lines.append(
-            f"| {syntax} | {senders} | {_fmt(refs.get('storescp'))} | {_fmt(refs.get('orthanc'))} |"
+            f"| {ours} | {syntax} | {senders} | {_fmt(refs.get('storescp'))} "
+            f"| {_fmt(refs.get('orthanc'))} |"
         )
     return lines + INGEST_LIMITS
 
@@ -351,11 +355,11 @@ def targets_section(
         "|---|---|---|",
     ]
     by_reference = sorted(ingest.ratios(results), key=lambda r: r[2] != "orthanc")
-    for syntax, senders, ref, ratio in by_reference:
+    for syntax, senders, ref, ratio, ours in by_reference:
         target = INGEST_VS_ORTHANC if ref == "orthanc" else INGEST_VS_STORESCP
         name = "Orthanc" if ref == "orthanc" else "storescp (stretch)"
         lines.append(
-            f"| ingest {syntax}, {senders} sender(s) >= {target:.1f}x {name} "
+            f"| ingest ({ours}) {syntax}, {senders} sender(s) >= {target:.1f}x {name} "
             f"| {ratio:.2f}x | {_verdict_at_least(ratio, target)} |"
         )
     sizes = ", ".join(str(r["slices"]) for r in cpu_rows)

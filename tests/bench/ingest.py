@@ -34,7 +34,10 @@ EXTRA_ENV = {k: v for k, v in os.environ.items() if k.startswith("CSPINE_STORAGE
 RUNS = int(os.environ.get("CSPINE_BENCH_RUNS", "3"))
 SLICES = int(os.environ.get("CSPINE_BENCH_SLICES", "300"))
 TMP = os.environ.get("CSPINE_BENCH_TMP") or None
-RECEIVERS = ("cspine", "storescp", "orthanc")
+RECEIVERS = ("cspine", "cspine-2r", "storescp", "orthanc")
+OURS = ("cspine", "cspine-2r")
+"""``cspine-2r``: ``cspine serve`` with ``node.receivers = 2`` (measured with several
+senders only: one association is served by one process either way)."""
 REFERENCES = ("storescp", "orthanc")
 SYNTAXES = ("explicit", "jpeg-lossless")
 SENDERS = (1, 4)
@@ -65,6 +68,15 @@ def wait_port(port: int, timeout: float = 60) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"port {port} never opened")
+
+
+def _wait_listening(log: Path, processes: int, timeout: float = 60) -> None:
+    """Until ``processes`` receiver processes have logged that they listen."""
+    deadline = time.monotonic() + timeout
+    while log.read_text(errors="replace").count("listening ae_title") < processes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{processes} receiver(s) never listened: see {log}")
+        time.sleep(0.1)
 
 
 def make_series(root: Path, syntax: str) -> Path:
@@ -155,7 +167,10 @@ def start_receiver(kind: str, target: Path, senders: int) -> Running:
             orthanc.stop,
         )
     port = free_port()
-    if kind == "cspine":
+    extra_env = {}
+    if kind in OURS:
+        if kind == "cspine-2r":
+            extra_env["CSPINE_NODE__RECEIVERS"] = "2"
         cmd = [
             sys.executable,
             "-m",
@@ -176,14 +191,20 @@ def start_receiver(kind: str, target: Path, senders: int) -> Running:
         called = "STORESCP"
     else:
         raise ValueError(f"receiver must be one of {RECEIVERS}, got {kind!r}")
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**DCMTK_ENV, "CSPINE_LOGGING__LEVEL": "WARNING", **EXTRA_ENV},
-    )
+    # INFO: the node logs one line per association and per listening process (the
+    # instances are logged at DEBUG), so the bench can wait for every receiver
+    log_path = target.with_name(target.name + ".log")
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env={**DCMTK_ENV, "CSPINE_LOGGING__LEVEL": "INFO", **EXTRA_ENV, **extra_env},
+        )
     try:
         wait_port(port)
+        if kind in OURS:
+            _wait_listening(log_path, 2 if kind == "cspine-2r" else 1)
     except RuntimeError:
         _stop_proc(proc)
         raise
@@ -208,7 +229,7 @@ def measure(kind: str, folder: Path, senders: int, target: Path) -> float:
     stopped = False
     try:
         seconds = send(folder, running.port, running.called, senders)
-        if kind == "cspine":  # the catalog is read once the node has closed it
+        if kind in OURS:  # the catalog is read once the node has closed it
             running.stop()
             stopped = True
         stored = running.count()
@@ -221,11 +242,12 @@ def measure(kind: str, folder: Path, senders: int, target: Path) -> float:
     return seconds
 
 
-def ratios(results: list[Result]) -> list[tuple[str, int, str, float]]:
-    """``(syntax, senders, reference, ours/reference)`` in images per second (medians)."""
+def ratios(results: list[Result]) -> list[tuple[str, int, str, float, str]]:
+    """``(syntax, senders, reference, ours/reference, ours)`` in images per second
+    (medians); ``ours`` is ``cspine`` or ``cspine-2r``."""
     out = []
     for r in results:
-        if r.name != "cspine":
+        if r.name not in OURS:
             continue
         for ref_name in REFERENCES:
             ref = [
@@ -234,7 +256,7 @@ def ratios(results: list[Result]) -> list[tuple[str, int, str, float]]:
                 if x.name == ref_name and x.syntax == r.syntax and x.senders == r.senders
             ]
             if ref:
-                out.append((r.syntax, r.senders, ref_name, r.rate / ref[0].rate))
+                out.append((r.syntax, r.senders, ref_name, r.rate / ref[0].rate, r.name))
     return out
 
 
@@ -247,14 +269,15 @@ def main() -> list[Result]:
             images = sum(1 for _ in folder.iterdir())
             mbytes = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
             for senders in SENDERS:
-                seconds: dict[str, list[float]] = {k: [] for k in RECEIVERS}
+                kinds = tuple(k for k in RECEIVERS if senders > 1 or k != "cspine-2r")
+                seconds: dict[str, list[float]] = {k: [] for k in kinds}
                 for run in range(RUNS):
-                    k = run % len(RECEIVERS)
-                    order = RECEIVERS[k:] + RECEIVERS[:k]
+                    k = run % len(kinds)
+                    order = kinds[k:] + kinds[:k]
                     for kind in order:
                         target = work / f"{kind}-{syntax}-{senders}-{run}"
                         seconds[kind].append(measure(kind, folder, senders, target))
-                for kind in RECEIVERS:
+                for kind in kinds:
                     r = Result(kind, syntax, senders, seconds[kind], images, mbytes)
                     results.append(r)
                     med, lo, hi = r.rates
@@ -266,8 +289,8 @@ def main() -> list[Result]:
                         flush=True,
                     )
         print()
-        for syntax, senders, ref, ratio in ratios(results):
-            print(f"ratio cspine/{ref} {syntax} senders={senders}: {ratio:.2f}")
+        for syntax, senders, ref, ratio, ours in ratios(results):
+            print(f"ratio {ours}/{ref} {syntax} senders={senders}: {ratio:.2f}")
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)

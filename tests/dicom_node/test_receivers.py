@@ -93,6 +93,31 @@ def test_two_receivers_share_the_port_and_every_ack_is_cataloged(tmp_path):
     assert files == set(rows.values()) and spool == []
 
 
+def test_associations_are_spread_evenly_over_the_receivers(tmp_path):
+    """Six associations opened one after another and kept open land three on each
+    receiver: a receiver already serving more waits before it accepts (left to the race
+    of the woken processes, one often took most of them)."""
+    server = _start(Server(tmp_path / "var", free_port(), "--no-worker", env=RECEIVERS))
+    held = []
+    try:
+        before = len(server.log())
+        for _ in range(6):
+            assoc = associate(server.port)
+            assert assoc.is_established
+            held.append(assoc)
+        deadline = time.monotonic() + 10
+        while server.log()[before:].count("association accepted") < 6:
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.05)
+        accepted = re.findall(r"association accepted .*? pid=(\d+)", server.log()[before:])
+    finally:
+        for assoc in held:
+            assoc.release()
+        server.stop()
+    per_process = sorted(accepted.count(pid) for pid in set(accepted))
+    assert per_process == [3, 3], accepted
+
+
 def test_a_dead_receiver_is_restarted_and_receivers_die_with_serve(tmp_path):
     data_dir = tmp_path / "var"
     server = _start(Server(data_dir, free_port(), "--no-worker", env=RECEIVERS))

@@ -148,3 +148,65 @@ def test_placing_onto_an_existing_name_keeps_the_file_already_there(tmp_path: Pa
     assert (store.root / rel).read_bytes() == data
     assert (store.root / rel).stat().st_nlink == 1  # no link left behind in the spool
     assert list(store.tmp_dir.iterdir()) == []
+
+
+def _hold_writelock(catalog_path: Path) -> int:
+    """Take the catalog's cross-process writer lock as another process would (a separate
+    open file description: ``flock`` conflicts between those even in one process)."""
+    import fcntl
+    import os
+
+    fd = os.open(f"{catalog_path}.writelock", os.O_RDWR | os.O_CREAT, 0o640)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_writer_waits_for_the_process_lock_and_runs_the_moment_it_is_released(
+    tmp_path: Path,
+) -> None:
+    import os
+    import time
+
+    path = tmp_path / "catalog.sqlite"
+    catalog = Catalog(f"sqlite:///{path}")
+    fd = _hold_writelock(path)
+    done: list[float] = []
+
+    def write() -> None:
+        catalog.write(lambda s: s.add(_refusal("after the lock")))
+        done.append(time.monotonic())
+
+    waiter = threading.Thread(target=write)
+    waiter.start()
+    time.sleep(0.5)
+    assert not done, "wrote while another process held the writer lock"
+    released = time.monotonic()
+    os.close(fd)
+    waiter.join(10)
+    assert done and done[0] - released < 0.25, "not woken when the lock was released"
+    with catalog.read() as session:
+        assert session.scalar(select(func.count()).select_from(Refusal)) == 1
+    catalog.dispose()
+
+
+def test_a_writer_gives_up_at_its_deadline_and_the_lock_is_not_kept(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from storage import CatalogBusyError
+
+    path = tmp_path / "catalog.sqlite"
+    catalog = Catalog(f"sqlite:///{path}")
+    fd = _hold_writelock(path)
+    t0 = time.monotonic()
+    with pytest.raises(CatalogBusyError, match="locked by another writer"):
+        catalog.write(lambda s: s.add(_refusal("never")), deadline_s=0.3)
+    assert 0.25 < time.monotonic() - t0 < 5
+    os.close(fd)
+    # the waiter that gave up released what it was granted later: the lock is free
+    time.sleep(0.2)
+    os.close(_hold_writelock(path))
+    catalog.write(lambda s: s.add(_refusal("now")))
+    with catalog.read() as session:
+        assert session.scalars(select(Refusal.reason)).all() == ["now"]
+    catalog.dispose()

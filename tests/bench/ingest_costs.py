@@ -368,7 +368,31 @@ def table(costs: Costs) -> list[str]:
         f"- storescu CPU: {costs.sender_cpu:.2f} ms per instance",
         f"- catalog writer lock held: {costs.lock_hold:.3f} ms per instance",
     ]
+    if costs.senders == 1:
+        lines += latency_bounds(costs)
     return lines
+
+
+def latency_bounds(costs: Costs) -> list[str]:
+    """What one sender (one instance in flight) would gain without parts of the path.
+
+    Every phase of the handler is on the response path, so removing one saves at most
+    its wall time per instance.
+    """
+    per = 1000 / costs.rate
+    catalog = costs.wall.get("  catalog: group commit (fsync of the WAL)", 0.0)
+    place = costs.wall.get("  place: link, fsync file and folders", 0.0)
+    flush_wait = max(0.0, place - costs.cpu.get("  place: link, fsync file and folders", 0.0))
+    catalog_wait = max(
+        0.0, catalog - costs.cpu.get("  catalog: group commit (fsync of the WAL)", 0.0)
+    )
+    return [
+        "- upper bounds for one sender, from this table: with the catalog commit off the "
+        f"response path (a journal applied behind the acknowledgement) at most "
+        f"{1000 / (per - catalog):.0f} images/s; with no flush at all (file, folders, WAL: "
+        f"{flush_wait + catalog_wait:.2f} ms of waiting) at most "
+        f"{1000 / (per - flush_wait - catalog_wait):.0f} images/s",
+    ]
 
 
 def project(costs: Costs, serial: Costs, orthanc: Reference | None) -> list[str]:

@@ -23,10 +23,23 @@ tables, except SCT 125605004 which is the SNOMED CT concept "Fracture of bone
         A vertebra with voxels in the SEG is a TID 1411 Volumetric ROI group that
         references its segment; one without voxels (e.g. outside the field of view)
         has no segment to reference and is a TID 1501 group (tracking ID + finding site).
+        A vertebra with voxels also has, right after its TID 1411 group, a TID 1410
+          Planar ROI group with the same tracking identifier and UID, finding type, site
+          and algorithm, and no values: its Image Region is a POLYLINE SCOORD of the
+          vertebra's outline on the CT slice nearest its centroid (largest part, holes
+          filled, along the pixel edges). It places the finding on an image, which
+          viewers such as OHIF need to show a TID 1500 finding at all.
         one patient-level TID 1501 group "patient" with finding site SCT 122494005
-          "Cervical spine", NUM "Probability", NUM DCM 122411 "Threshold Value", the
-          present/absent/not-evaluated CODE, and TEXT comments (demo disclaimer,
-          series-selection note).
+          "Cervical spine", NUM "Probability" (INFERRED FROM a SCOORD3D in the CT's
+          frame of reference: the line through the assessed vertebrae, one point per
+          vertebra at the centre of its outline, C1 down), NUM DCM 122411 "Threshold
+          Value", the present/absent/not-evaluated CODE, and TEXT comments (demo
+          disclaimer, series-selection note).
+
+OHIF 3.13.2 shows a finding only through its spatial coordinates and fails on a TID
+1500 finding without any (``docs/operations.md`` section 8, step 9): with the TID 1410
+groups and the patient's SCOORD3D every finding of a complete study has them. A vertebra
+without voxels has no place on an image, so an SR with one still fails there.
 """
 
 from __future__ import annotations
@@ -37,11 +50,12 @@ from collections.abc import Sequence
 from typing import TypeAlias, cast
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import SegmentationStorage
 
-from ai.types import ModelIdentity, PipelineResult, VertebraResult
+from ai.types import VERTEBRAE, ModelIdentity, PipelineResult, VertebraResult
 from dicom_node.uids import pipeline_device_uid
 from dicom_node.writers.common import (
     DEMO_DISCLAIMER,
@@ -86,7 +100,7 @@ MeasurementGroup: TypeAlias = (
     hd.sr.MeasurementsAndQualitativeEvaluations
     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
 )
-"""A TID 1501 or TID 1411 measurement group, as the SR holds one per finding."""
+"""A TID 1501 or TID 1411 measurement group: the one that holds a finding's values."""
 
 SR_SERIES_DESCRIPTION = "C-spine SR"
 NOT_PROCESSED_SERIES_DESCRIPTION = "C-spine no result"
@@ -140,6 +154,191 @@ def _add_comments(group: MeasurementGroup, texts: Sequence[str]) -> None:
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Closed polygon along the pixel edges around the largest part of a 2D mask.
+
+    The largest 4-connected part of ``mask``, its holes filled, is traced along its
+    outer pixel edges; the vertices where the outline keeps its direction are dropped.
+
+    Parameters
+    ----------
+    mask
+        2D boolean array [row, column] with at least one true pixel.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, 2)`` float array of (column, row) pixel-corner coordinates as SCOORD writes
+        them (0.0\\0.0 is the top left corner of the top left pixel); the last vertex
+        repeats the first (a closed polyline).
+
+    Raises
+    ------
+    ValueError
+        If ``mask`` has no true pixel.
+    """
+    from scipy import ndimage
+
+    parts, count = ndimage.label(np.asarray(mask, dtype=bool))
+    if count == 0:
+        raise ValueError("The mask has no pixel to outline.")
+    largest = int(np.argmax(np.bincount(parts.ravel())[1:])) + 1
+    padded = np.pad(ndimage.binary_fill_holes(parts == largest), 1)
+    rows, cols = padded.shape
+    inside = padded[1:-1, 1:-1]
+    # pixel edges with the part on their right, clockwise on screen (x right, y down)
+    edges: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for (dr, dc), (x0, y0), (x1, y1) in (
+        ((-1, 0), (0, 0), (1, 0)),  # top edge: the pixel above is outside
+        ((0, 1), (1, 0), (1, 1)),  # right edge
+        ((1, 0), (1, 1), (0, 1)),  # bottom edge
+        ((0, -1), (0, 1), (0, 0)),  # left edge
+    ):
+        outside = ~padded[1 + dr : rows - 1 + dr, 1 + dc : cols - 1 + dc]
+        for r, c in zip(*np.nonzero(inside & outside), strict=True):
+            edges.setdefault((int(c) + x0, int(r) + y0), []).append((int(c) + x1, int(r) + y1))
+    loops = []
+    while edges:  # every vertex has as many edges in as out: each walk comes back
+        start = min(edges)
+        here, heading, loop = start, (0, 0), [start]
+        while True:
+            options = edges[here]
+            # where the part touches itself diagonally, turn left: one loop round it all
+            nxt = min(
+                options,
+                key=lambda o: heading[0] * (o[1] - here[1]) - heading[1] * (o[0] - here[0]),
+            )
+            options.remove(nxt)
+            if not options:
+                del edges[here]
+            heading, here = (nxt[0] - here[0], nxt[1] - here[1]), nxt
+            if here == start:
+                break
+            loop.append(here)
+        loops.append(np.array(loop, dtype=float))
+
+    def area(points: np.ndarray) -> float:
+        x, y = points[:, 0], points[:, 1]
+        return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+
+    points = max(loops, key=area)
+    before = points - np.roll(points, 1, axis=0)
+    after = np.roll(points, -1, axis=0) - points
+    corners = points[np.any(before != after, axis=1)]
+    return np.vstack([corners, corners[:1]])
+
+
+def _outlines(
+    label_map: np.ndarray, sources: Sequence[Dataset]
+) -> dict[str, tuple[np.ndarray, Dataset]]:
+    """Per vertebra with voxels, its outline on the CT slice nearest its centroid.
+
+    The slice is the one, among those holding voxels of the vertebra, whose index is
+    nearest the mean slice index of all its voxels; the outline is :func:`_outline` of
+    the vertebra's pixels there.
+
+    Parameters
+    ----------
+    label_map
+        Label map [slice, row, column] on the grid of ``sources`` (value ``n`` is
+        ``VERTEBRAE[n - 1]``).
+    sources
+        CT slices in volume slice order.
+
+    Returns
+    -------
+    dict
+        Vertebra name -> (outline as SCOORD graphic data, the CT slice it lies on), for
+        the vertebrae present, in C1..C7 order.
+    """
+    from scipy import ndimage
+
+    labels = np.asarray(label_map)
+    if labels.dtype.kind not in "ui":
+        labels = labels.astype(np.int32)
+    outlines = {}
+    boxes = ndimage.find_objects(labels, max_label=len(VERTEBRAE))
+    for number, (name, box) in enumerate(zip(VERTEBRAE, boxes, strict=True), start=1):
+        if box is None:
+            continue
+        voxels = labels[box] == number
+        counts = voxels.sum(axis=(1, 2))
+        centroid = float(np.dot(counts, np.arange(len(counts))) / counts.sum())
+        held = np.nonzero(counts)[0]
+        k = int(held[np.argmin(np.abs(held - centroid))])
+        points = _outline(voxels[k]) + np.array([box[2].start, box[1].start])
+        outlines[name] = (points, sources[box[0].start + k])
+    return outlines
+
+
+def _centreline(
+    outlines: dict[str, tuple[np.ndarray, Dataset]], names: Sequence[str]
+) -> hd.sr.CoordinatesForMeasurement3D | None:
+    """The cervical spine as a line through the given vertebrae, in patient coordinates.
+
+    One point per vertebra, in the order of ``names``: the centre of the area inside the
+    vertebra's outline (:func:`_outlines`) on its CT slice, in the frame of reference of
+    the CT. A POLYLINE SCOORD3D from two vertebrae on, a POINT for one.
+
+    Parameters
+    ----------
+    outlines
+        :func:`_outlines` of the label map.
+    names
+        Vertebrae to join (those without an outline are left out).
+
+    Returns
+    -------
+    highdicom.sr.CoordinatesForMeasurement3D or None
+        ``None`` when no named vertebra has an outline.
+    """
+    points = []
+    image = None
+    for name in names:
+        if name not in outlines:
+            continue
+        polygon, image = outlines[name]
+        column, row = _centre(polygon)
+        position = np.asarray(image.ImagePositionPatient, dtype=np.float64)
+        orientation = np.asarray(image.ImageOrientationPatient, dtype=np.float64)
+        spacing = np.asarray(image.PixelSpacing, dtype=np.float64)
+        # pixel (row, column) centres: SCOORD (column, row) minus half a pixel
+        points.append(
+            position
+            + orientation[:3] * spacing[1] * (column - 0.5)
+            + orientation[3:] * spacing[0] * (row - 0.5)
+        )
+    if image is None:
+        return None
+    return hd.sr.CoordinatesForMeasurement3D(
+        graphic_type=(
+            hd.sr.GraphicTypeValues3D.POLYLINE
+            if len(points) > 1
+            else hd.sr.GraphicTypeValues3D.POINT
+        ),
+        graphic_data=np.array(points),  # (n, 3): (1, 3) for a POINT
+        frame_of_reference_uid=image.FrameOfReferenceUID,
+    )
+
+
+def _centre(polygon: np.ndarray) -> tuple[float, float]:
+    """Centroid (column, row) of the area of a closed polygon (SCOORD coordinates)."""
+    x, y = polygon[:-1, 0], polygon[:-1, 1]
+    xn, yn = np.roll(x, -1), np.roll(y, -1)
+    cross = x * yn - xn * y
+    area = cross.sum() / 2
+    column = ((x + xn) * cross).sum() / (6 * area)
+    row = ((y + yn) * cross).sum() / (6 * area)
+    return float(column), float(row)
+
+
+def _source_image(image: Dataset) -> hd.sr.SourceImageForRegion:
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=image.SOPClassUID,
+        referenced_sop_instance_uid=image.SOPInstanceUID,
+    )
 
 
 def _vertebra_group(
@@ -197,6 +396,50 @@ def _vertebra_group(
     return group
 
 
+def _planar_group(
+    verdict: VertebraResult,
+    outline: tuple[np.ndarray, Dataset],
+    tracking: hd.sr.TrackingIdentifier,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The TID 1410 group that places a vertebra's finding on a CT slice.
+
+    Same tracking identifier and UID as the vertebra's TID 1411 group (and its SEG
+    segment), same finding type, site and algorithm; its Image Region is a POLYLINE SCOORD
+    of the vertebra's outline on the CT slice nearest its centroid (:func:`_outlines`). It
+    holds no value of its own: the probability and the verdict are written once, in the
+    TID 1411 group. A viewer that needs every finding of a TID 1500 report on an image
+    (OHIF) reads the two groups as one finding through their shared tracking UID.
+
+    Parameters
+    ----------
+    verdict
+        The vertebra's result (its label names the finding site).
+    outline
+        The vertebra's outline and the CT slice it lies on (:func:`_outlines`).
+    tracking
+        The tracking identifier and UID of the vertebra's TID 1411 group.
+    algorithm
+        The algorithm identification of the report.
+
+    Returns
+    -------
+    highdicom.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        The group.
+    """
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=outline[0],
+            source_image=_source_image(outline[1]),
+        ),
+        finding_type=FRACTURE,
+        finding_sites=[hd.sr.FindingSite(VERTEBRA_CODES[verdict.label])],
+        algorithm_id=algorithm,
+    )
+
+
 def _patient_verdict(result: PipelineResult, threshold: float) -> hd.sr.CodedConcept:
     """Present, absent, or not evaluated: "absent" never covers a refused vertebra in view."""
     verdict = _verdict(result.patient_probability, threshold)
@@ -246,10 +489,12 @@ def write_sr(
     """Write the fracture verdicts as a Comprehensive 3D SR (TID 1500 Measurement Report).
 
     See the module docstring for the content tree and the codes. Each vertebra C1..C7
-    gets one measurement group (in order) whose tracking identifier is its name; the
-    group references the vertebra's segment in ``seg_dataset`` when the vertebra has
-    voxels. A patient-level group ``"patient"`` holds the patient probability, the
-    threshold and the comments.
+    gets one measurement group with its values (in order) whose tracking identifier is
+    its name; the group references the vertebra's segment in ``seg_dataset`` when the
+    vertebra has voxels, and is then followed by a TID 1410 group of the same finding
+    that outlines the vertebra on the CT slice nearest its centroid. A patient-level
+    group ``"patient"`` holds the patient probability (inferred from the line through
+    the assessed vertebrae), the threshold and the comments.
 
     Parameters
     ----------
@@ -329,8 +574,10 @@ def write_sr(
     demo = is_demo(result)
 
     algorithm = _algorithm(result.models, threshold)
-    groups: list[MeasurementGroup] = [
-        _vertebra_group(
+    outlines = _outlines(result.label_map, sources) if seg_dataset is not None else {}
+    groups: list[MeasurementGroup | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    for verdict in result.vertebrae:
+        group = _vertebra_group(
             verdict,
             seg_dataset,
             numbers.get(verdict.label),
@@ -339,13 +586,27 @@ def write_sr(
             threshold,
             algorithm,
         )
-        for verdict in result.vertebrae
-    ]
+        groups.append(group)
+        if verdict.label in outlines and isinstance(
+            group, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        ):
+            tracking = hd.sr.TrackingIdentifier(
+                uid=group.tracking_uid, identifier=str(group.tracking_identifier)
+            )
+            groups.append(_planar_group(verdict, outlines[verdict.label], tracking, algorithm))
     patient_measurements = []
     if result.patient_probability is not None:
+        # inferred from the assessed vertebrae: the line through them, C1 down
+        centreline = _centreline(
+            outlines,
+            [v.label for v in result.vertebrae if v.assessed and v.probability is not None],
+        )
         patient_measurements.append(
             hd.sr.Measurement(
-                name=PROBABILITY, value=float(result.patient_probability), unit=PROBABILITY_UNIT
+                name=PROBABILITY,
+                value=float(result.patient_probability),
+                unit=PROBABILITY_UNIT,
+                referenced_coordinates=None if centreline is None else [centreline],
             )
         )
     patient_measurements.append(

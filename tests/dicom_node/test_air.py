@@ -60,9 +60,11 @@ def _named(ds: Dataset, concept: tuple[str, str]) -> list[Dataset]:
     ]
 
 
-def _measurement_groups(sr: Dataset) -> dict[str, Dataset]:
-    """Tracking identifier -> measurement group container."""
-    groups = {}
+def _measurement_groups(sr: Dataset) -> dict[str, list[Dataset]]:
+    """Tracking identifier -> its measurement group containers, in document order (a
+    vertebra with voxels has two: its TID 1411 group and the TID 1410 group that places
+    it on a CT slice)."""
+    groups: dict[str, list[Dataset]] = {}
     for item in _content_items(sr):
         if item.ValueType != "CONTAINER" or _code(item.ConceptNameCodeSequence[0]) != (
             "125007",
@@ -74,7 +76,7 @@ def _measurement_groups(sr: Dataset) -> dict[str, Dataset]:
             for child in item.ContentSequence
             if _code(child.ConceptNameCodeSequence[0]) == TRACKING_ID
         ]
-        groups[str(tracking.TextValue)] = item
+        groups.setdefault(str(tracking.TextValue), []).append(item)
     return groups
 
 
@@ -138,7 +140,7 @@ def test_vertebra_finding_sites_come_from_cid_7603(files):
     assert vertebrae <= set(groups)
     cid7603 = {(c.value, c.scheme_designator) for c in codes.cid7603.concepts.values()}
     cid4 = {(c.value, c.scheme_designator) for c in codes.cid4.concepts.values()}
-    for label, group in groups.items():
+    for label, group in ((k, g) for k, found in groups.items() for g in found):
         (site,) = [
             child
             for child in group.ContentSequence
@@ -158,21 +160,28 @@ def test_sr_tracking_uids_are_the_seg_segment_tracking_uids(files):
     assert set(segments) == {"C1", "C2", "C3", "C4", "C5", "C6"}
     groups = _measurement_groups(sr)
     for label, segment in segments.items():
-        group = groups[label]
-        (uid,) = [
-            child
-            for child in group.ContentSequence
-            if _code(child.ConceptNameCodeSequence[0]) == TRACKING_UID
-        ]
-        assert segment.TrackingUID == uid.UID
+        # the TID 1411 group with the values, then the TID 1410 group with the outline
+        assert len(groups[label]) == 2, label
+        for group in groups[label]:
+            (uid,) = [
+                child
+                for child in group.ContentSequence
+                if _code(child.ConceptNameCodeSequence[0]) == TRACKING_UID
+            ]
+            assert segment.TrackingUID == uid.UID
+        volumetric, planar = groups[label]
         refs = [
             ref
-            for child in _content_items(group)
+            for child in _content_items(volumetric)
             for ref in child.get("ReferencedSOPSequence", [])
             if "ReferencedSegmentNumber" in ref
         ]
         assert [r.ReferencedSOPInstanceUID for r in refs] == [seg.SOPInstanceUID]
         assert [int(r.ReferencedSegmentNumber) for r in refs] == [int(segment.SegmentNumber)]
+        (region,) = [c for c in planar.ContentSequence if c.ValueType == "SCOORD"]
+        assert region.GraphicType == "POLYLINE"
+        (source,) = region.ContentSequence[0].ReferencedSOPSequence
+        assert source.ReferencedSOPClassUID == pydicom.uid.CTImageStorage
 
 
 def test_summary_image_is_marked_derived_and_ai_generated(files):

@@ -141,8 +141,22 @@ def test_segimage2itkimage_puts_every_segment_where_our_label_map_has_it(study):
         assert theirs == ours, label
 
 
+def _evaluates(group: dict) -> bool:
+    """Whether the group holds a fracture verdict (a TID 1411 or 1501 group)."""
+    return any(
+        q["conceptCode"]["CodeValue"] == "125605004" for q in group["qualitativeEvaluations"]
+    )
+
+
 def _measurements(report: dict) -> dict[str, dict]:
-    return {m["TrackingIdentifier"]: m for m in report["Measurements"]}
+    """Tracking identifier -> the group that holds the finding's values."""
+    return {m["TrackingIdentifier"]: m for m in report["Measurements"] if _evaluates(m)}
+
+
+def _placements(report: dict) -> dict[str, dict]:
+    """Tracking identifier -> the TID 1410 group that places a vertebra on a CT slice
+    (dcmqi reads its finding, site and tracking UID; it skips the SCOORD)."""
+    return {m["TrackingIdentifier"]: m for m in report["Measurements"] if not _evaluates(m)}
 
 
 def _values(group: dict) -> dict[str, float]:
@@ -166,6 +180,8 @@ def test_tid1500reader_reads_our_probabilities_verdicts_and_segment_links(study)
     assert report["compositeContext"] == [seg.SOPInstanceUID]
     groups = _measurements(report)
     assert set(groups) == {*VERTEBRAE, "patient"}
+    placements = _placements(report)
+    assert len(report["Measurements"]) == len(groups) + len(placements)
     numbers = segment_numbers(seg)
     tracking = {str(s.SegmentLabel): str(s.TrackingUID) for s in seg.SegmentSequence}
     for label in VERTEBRAE:
@@ -184,6 +200,12 @@ def test_tid1500reader_reads_our_probabilities_verdicts_and_segment_links(study)
             assert group["ReferencedSegment"] == numbers[label]
             assert group["segmentationSOPInstanceUID"] == seg.SOPInstanceUID
             assert group["TrackingUniqueIdentifier"] == tracking[label]
+            # and a TID 1410 group of the same finding: its outline on a CT slice, no values
+            placement = placements.pop(label)
+            assert placement["TrackingUniqueIdentifier"] == tracking[label]
+            assert placement["FindingSite"] == group["FindingSite"]
+            assert placement["Finding"]["CodeValue"] == "125605004"
+            assert placement["measurementItems"] == []
         else:
             assert "ReferencedSegment" not in group
         algorithm = group["measurementAlgorithmIdentification"]
@@ -191,6 +213,7 @@ def test_tid1500reader_reads_our_probabilities_verdicts_and_segment_links(study)
         assert algorithm["AlgorithmVersion"] == "1.0.0+1.2.0"
         # dcmqi keeps the first Algorithm Parameters item only (we write three)
         assert algorithm["AlgorithmParameters"][0] == f"threshold={THRESHOLD:g}"
+    assert not placements, f"placements without a TID 1411 group: {sorted(placements)}"
     patient = groups["patient"]
     assert _values(patient) == {
         "Probability": pytest.approx(study["result"].patient_probability),

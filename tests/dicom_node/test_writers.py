@@ -34,7 +34,7 @@ from dicom_node.writers import (
     write_sr,
     write_summary,
 )
-from dicom_node.writers.sr import FRACTURE, PROBABILITY
+from dicom_node.writers.sr import FRACTURE, PROBABILITY, _outline
 from dicom_node.writers.summary import OVERLAY_ALPHA
 
 N_SLICES, ROWS, COLS = 20, 64, 64
@@ -342,6 +342,96 @@ def test_sr_reads_back_to_the_same_values(written):
     assert written["sources"][0].SOPInstanceUID in referenced
 
 
+def _pixel_corners(mask: np.ndarray) -> set[tuple[int, int]]:
+    """(x, y) pixel corners on the edge of ``mask``: SCOORD coordinates, where pixel
+    (row r, column c) spans x in [c, c + 1] and y in [r, r + 1]."""
+    padded = np.pad(mask, 1)
+    # corner (x, y) touches pixels (y - 1 .. y, x - 1 .. x): inside and outside both
+    touching = np.stack(
+        [
+            padded[dy : dy + mask.shape[0] + 1, dx : dx + mask.shape[1] + 1]
+            for dy in (0, 1)
+            for dx in (0, 1)
+        ]
+    )
+    edge = touching.any(axis=0) & ~touching.all(axis=0)
+    return {(int(x), int(y)) for y, x in zip(*np.nonzero(edge), strict=True)}
+
+
+def test_sr_places_each_segmented_vertebra_on_the_ct_slice_nearest_its_centroid(written):
+    """Each vertebra with voxels also has a TID 1410 group (same tracking identifier and
+    UID as its TID 1411 group and SEG segment, no values of its own) whose Image Region
+    outlines the vertebra's pixels on the CT slice nearest its centroid; the patient's
+    probability is inferred from those outlines, the most probable vertebra first."""
+    report = hd.sr.srread(written["paths"]["sr"]).content
+    label_map, sources = written["result"].label_map, written["sources"]
+    volumetric = {g.tracking_identifier: g for g in report.get_volumetric_roi_measurement_groups()}
+    planar = report.get_planar_roi_measurement_groups()
+    assert [g.tracking_identifier for g in planar] == ["C1", "C2", "C3", "C4", "C5", "C6"]
+    outlines = {}
+    for group in planar:
+        name = group.tracking_identifier
+        assert group.tracking_uid == volumetric[name].tracking_uid
+        assert group.finding_type == FRACTURE
+        assert group.finding_sites[0].value == VERTEBRA_CODES[name]
+        assert group.get_measurements() == []
+        assert group.get_qualitative_evaluations(name=FRACTURE) == []
+        region = group.roi
+        assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        points = region.value
+        assert (points[0] == points[-1]).all()  # closed
+        ref = region.ContentSequence[0].ReferencedSOPSequence[0]
+        k = [str(s.SOPInstanceUID) for s in sources].index(ref.ReferencedSOPInstanceUID)
+        assert ref.ReferencedSOPClassUID == sources[k].SOPClassUID
+        mask = label_map == VERTEBRAE.index(name) + 1
+        zs = np.nonzero(mask.any(axis=(1, 2)))[0]
+        centroid = np.nonzero(mask)[0].mean()
+        assert abs(k - centroid) == min(abs(zs - centroid)), name
+        # every vertex is a corner on the edge of the vertebra's pixels on that slice, and
+        # the polygon encloses them all (the boxes of make_result are one part each)
+        assert {(int(x), int(y)) for x, y in points} <= _pixel_corners(mask[k])
+        rows, cols = np.nonzero(mask[k])
+        assert points[:, 0].min() == cols.min() and points[:, 0].max() == cols.max() + 1
+        assert points[:, 1].min() == rows.min() and points[:, 1].max() == rows.max() + 1
+        outlines[name] = (ref.ReferencedSOPInstanceUID, points)
+    # the patient's probability: inferred from the line through the assessed vertebrae
+    (patient,) = report.get_image_measurement_groups(finding_site=codes.SCT.CervicalSpine)
+    (probability,) = patient.get_measurements(name=PROBABILITY)
+    (line,) = [item for item in probability[0].ContentSequence if item.ValueType == "SCOORD3D"]
+    assert line.RelationshipType == "INFERRED FROM" and line.GraphicType == "POLYLINE"
+    assert line.ReferencedFrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    points = np.array(line.GraphicData, float).reshape(-1, 3)
+    assessed = [n for n, p in PROBS.items() if p is not None]  # C1, C2, C3, C5, C6
+    assert len(points) == len(assessed)
+    uids = [str(s.SOPInstanceUID) for s in sources]
+    for point, name in zip(points, assessed, strict=True):
+        # on the slice of the vertebra's outline, inside the outline's bounding box
+        image = sources[uids.index(outlines[name][0])]
+        position = np.array(image.ImagePositionPatient, float)
+        orientation = np.array(image.ImageOrientationPatient, float)
+        spacing = np.array(image.PixelSpacing, float)
+        offset = point - position
+        assert abs(np.dot(offset, np.cross(orientation[:3], orientation[3:]))) < 1e-3
+        x = np.dot(offset, orientation[:3]) / spacing[1] + 0.5
+        y = np.dot(offset, orientation[3:]) / spacing[0] + 0.5
+        corners = outlines[name][1]
+        assert corners[:, 0].min() < x < corners[:, 0].max(), name
+        assert corners[:, 1].min() < y < corners[:, 1].max(), name
+
+
+def test_outline_follows_the_edge_of_the_largest_part():
+    mask = np.zeros((8, 10), bool)
+    mask[1:6, 1:6] = True
+    mask[3, 3] = False  # a hole: filled
+    mask[6, 6] = True  # touches the square at a corner only: another part
+    mask[1:3, 7:9] = True  # a smaller part
+    mask[1, 1] = False  # a notch in the corner
+    # (column, row) pixel corners, clockwise on screen, closed
+    assert _outline(mask).tolist() == [[1, 2], [2, 2], [2, 1], [6, 1], [6, 6], [1, 6], [1, 2]]
+    with pytest.raises(ValueError, match="no pixel"):
+        _outline(np.zeros((3, 3), bool))
+
+
 def test_not_processed_sr_reads_back(written):
     values = read_sr_result(pydicom.dcmread(written["paths"]["np"]))
     (group,) = values.values()
@@ -585,6 +675,12 @@ def test_writers_on_real_ct_headers(real_data: Path, tmp_path):
     values = read_sr_result(pydicom.dcmread(tmp_path / "sr.dcm"))
     assert values["C7"]["probability"] == pytest.approx(0.2)
     assert values["C7"]["segment_number"] == 1
+    # one vertebra assessed: the patient's probability is inferred from a point
+    report = hd.sr.srread(tmp_path / "sr.dcm").content
+    (patient,) = report.get_image_measurement_groups(finding_site=codes.SCT.CervicalSpine)
+    (probability,) = patient.get_measurements(name=PROBABILITY)
+    (point,) = [i for i in probability[0].ContentSequence if i.ValueType == "SCOORD3D"]
+    assert point.GraphicType == "POINT" and len(point.GraphicData) == 3
     assert values["C1"]["evaluation"] == "not assessed"
 
 

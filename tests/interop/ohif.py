@@ -635,9 +635,62 @@ scrolled to the top."""
 
 
 SOP_IN_IMAGE_ID = re.compile(r"/instances/([0-9.]+)/frames/")
-OHIF_SR_BUG = "Cannot read properties of undefined (reading 'ReferencedSOPSequence')"
-"""How OHIF 3.13.2 fails on a TID 1500 measurement group without spatial coordinates
-(``_checkIfCanAddMeasurementsToDisplaySet`` in ``extensions/cornerstone-dicom-sr``)."""
+SR_DRAWN = """(() => ({
+  lines: [...document.querySelectorAll('svg polyline')]
+    .filter((e) => (e.getAttribute('stroke') || '').startsWith('rgb('))
+    .map((e) => { const r = e.ownerSVGElement.getBoundingClientRect();
+                  return [r.left, r.top, e.getAttribute('points')]; }),
+  texts: [...document.querySelectorAll('svg text')].map((e) => e.textContent),
+}))()"""
+"""What OHIF's SR display tool drew: its outlines (each the SVG element's page offset and
+its points) and its text boxes. OHIF's own icons are SVG too, stroked ``currentColor``."""
+
+SR_NEXT = '[data-cy="viewport-action-arrows-right"]'
+"""The SR viewport's arrow to its next finding."""
+
+
+def outline_slices(sr_path: Path) -> dict[str, str]:
+    """Vertebra -> SOP Instance UID of the CT slice its outline (TID 1410 group) lies on."""
+    import highdicom as hd
+
+    report = hd.sr.srread(sr_path).content
+    assert isinstance(report, hd.sr.MeasurementReport), "not a TID 1500 report"
+    slices = {}
+    for group in report.get_planar_roi_measurement_groups():
+        region = group.roi
+        assert region is not None, f"{group.tracking_identifier}: no Image Region"
+        ref = region.ContentSequence[0].ReferencedSOPSequence[0]
+        slices[str(group.tracking_identifier)] = str(ref.ReferencedSOPInstanceUID)
+    return slices
+
+
+def outline_on_edge(line: list[Any], state: dict[str, Any], study: ViewerStudy, name: str) -> float:
+    """Fraction of the vertices of a drawn outline that fall on the edge of a vertebra.
+
+    ``line`` is an entry of :data:`SR_DRAWN` ``lines``; ``state`` is :data:`VIEWPORT_STATE`
+    with the plane points of the shown slice (as in :func:`check_overlay`). Each vertex is
+    mapped back to the slice's pixel grid; it is on the edge when it lies within 0.2 pixel
+    of a pixel corner that touches both pixels of the vertebra in the pipeline's label
+    map (what the SEG and the SR were written from) and pixels of something else.
+    """
+    k = slice_index_of(state, study)
+    left, top = float(state["rect"][0]), float(state["rect"][1])
+    scale = float(state["scale"])
+    origin, along_col, along_row = (np.array(p, float) / scale for p in state["canvas"])
+    inverse = np.linalg.inv(np.stack([along_col - origin, along_row - origin], axis=1))
+    numbers = [float(v) for v in re.split(r"[ ,]+", str(line[2]).strip()) if v]
+    page = np.array(numbers).reshape(-1, 2) + np.array([float(line[0]), float(line[1])])
+    col, row = inverse @ (page - [left, top] - origin).T
+    corners = np.stack([col + 0.5, row + 0.5], axis=1)  # SCOORD: pixel corners are integers
+    mask = np.pad(study.label_map[k] == int(name[1]), 1)
+    # corner (x, y) touches pixels (y - 1 .. y, x - 1 .. x): index y .. y + 1 once padded
+    near = np.abs(corners - np.rint(corners)).max(axis=1) < 0.2
+    on_edge = 0
+    for x, y in np.rint(corners[near]).astype(int):
+        if 0 <= x < mask.shape[1] - 1 and 0 <= y < mask.shape[0] - 1:
+            touching = mask[y : y + 2, x : x + 2]
+            on_edge += bool(touching.any() and not touching.all())
+    return on_edge / len(corners)
 
 
 @dataclass
@@ -902,6 +955,19 @@ class ViewerSession:
                 "new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))"
             )
             self.page.pump(0.3)
+
+    def sr_placements(self) -> dict[str, list[Any]]:
+        """Where OHIF put each SR finding: tracking identifier -> [placed on an image,
+        the SOP Instance UID of that image (``None`` for a 3D one), SCOORD value type]."""
+        found = self.page.evaluate(
+            "(() => { const ds = window.services.displaySetService.getActiveDisplaySets()"
+            ".find((d) => d.Modality === 'SR');"
+            " if (!ds || !ds.measurements) return null;"
+            " return ds.measurements.map((m) => [m.TrackingIdentifier, [m.loaded,"
+            " m.ReferencedSOPInstanceUID || null, (m.coords[0] || {}).ValueType || null]]);"
+            " })()"
+        )
+        return {str(name): list(where) for name, where in found or []}
 
     def sr_measurements(self) -> dict[str, list[str]]:
         """What OHIF read from the SR: tracking identifier -> its labels (``label value``)."""

@@ -8,8 +8,10 @@ study of the browser test in OHIF as a radiologist would and writes:
   OHIF's segmentation panel open;
 * ``ohif_seg_c4.png``: the same at the middle of C4;
 * ``ohif_summary.png``: the summary image;
-* ``ohif_sr_tags.png``: OHIF's Tag Browser on the SR, searched for ``NumericValue`` (the
-  SR itself cannot be opened in OHIF 3.13.2: ``docs/operations.md`` section 8).
+* ``ohif_sr_tags.png``: OHIF's Tag Browser on the SR, searched for ``NumericValue`` (every
+  number of the SR, the patient's probability and the threshold included);
+* ``ohif_sr_c1.png``: the SR opened: C1 outlined on its CT slice with its probability
+  (the first of the findings the SR viewport's arrows step through).
 
 Each overlay is checked against the phantom's truth before it is saved.
 """
@@ -24,9 +26,13 @@ import numpy as np
 
 from tests.interop.ohif import (
     SEGMENTATION_SHOWN,
+    SR_DRAWN,
+    SR_LOADED,
     ViewerSession,
     check_overlay,
     click_selector,
+    outline_on_edge,
+    outline_slices,
     shows_image,
 )
 
@@ -54,6 +60,18 @@ def main(out: Path) -> None:
         viewer.settle()
         viewer.page.screenshot(out / "ohif_sr_tags.png")
         print(out / "ohif_sr_tags.png")
+        viewer.close_dialog()
+        viewer.open_series("SR", SR_LOADED)
+        slice_uid = outline_slices(study.sr_path)["C1"]
+        viewer.page.wait_for(shows_image(slice_uid), 15, "C1's slice in the SR viewport")
+        viewer.settle()
+        path = out / "ohif_sr_c1.png"
+        (line,) = viewer.page.evaluate(SR_DRAWN)["lines"]
+        on_edge = outline_on_edge(line, viewer.state(), study, "C1")
+        if on_edge < 0.95:
+            raise SystemExit(f"{path}: only {on_edge:.0%} of C1's outline on its segment's edge")
+        viewer.page.screenshot(path)
+        print(f"{path}: C1's outline, {on_edge:.0%} of it on the segment's edge")
 
 
 if __name__ == "__main__":

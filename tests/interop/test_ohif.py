@@ -5,13 +5,14 @@ plugin; the study is a synthetic CT with the node's outputs from the shipped dem
 (:mod:`tests.interop.ohif`). The tests do what a radiologist does (open the study,
 double-click a series in the study browser) and check what the page then shows: the SEG's
 colours inside the right vertebra of the phantom's truth, the summary image as written,
-and the SR's per-vertebra probabilities as OHIF reads them.
+every number of the SR in the Tag Browser, and the SR itself: each vertebra outlined on
+its CT slice with its probability, one after the other with the SR viewport's arrows.
 
-OHIF 3.13.2 cannot show our SR (the last test): its SR extension expects every TID 1500
-measurement group to carry spatial coordinates, and ours reference a SEG segment instead
-(TID 1411, valid DICOM), so opening the SR throws in ``_checkIfCanAddMeasurementsToDisplaySet``
-(``docs/operations.md``, "Our results in OHIF"). The test pins that exact failure, so a
-newer OHIF that fixes it, or any other load error, fails here and is looked at.
+OHIF 3.13.2 shows a TID 1500 finding only through spatial coordinates and fails ("Something
+went wrong") on one without any; our SR places each vertebra's finding on a CT slice with
+a TID 1410 group (same tracking UID as its TID 1411 group and SEG segment), and the
+patient's probability is inferred from a SCOORD3D (``docs/operations.md``, "Our results
+in OHIF", step 9). Any load error fails the tests.
 """
 
 from __future__ import annotations
@@ -26,15 +27,18 @@ from tests.conftest import ROOT
 from tests.interop import ohif
 from tests.interop.ohif import (
     FIND_TEXT,
-    OHIF_SR_BUG,
     OHIF_VERSION,
     SEGMENTATION_SHOWN,
+    SR_DRAWN,
     SR_LOADED,
+    SR_NEXT,
     SUMMARY_BOX,
     ViewerSession,
     check_overlay,
     click_selector,
     load_errors,
+    outline_on_edge,
+    outline_slices,
     require_viewer_tools,
     shows_image,
     summary_difference,
@@ -121,8 +125,8 @@ def _numeric_values(items) -> list[str]:
 @pytest.mark.slow
 def test_sr_numbers_in_the_tag_browser(viewer):
     """The Tag Browser (menu of the SR's entry) shows every number of the SR as we wrote
-    it (per-vertebra and patient probabilities, threshold): the way to read the SR in
-    OHIF 3.13.2 without opening it (next test)."""
+    it (per-vertebra and patient probabilities, threshold); the SR viewport (next test)
+    draws the per-vertebra ones only."""
     sr = pydicom.dcmread(viewer.truth.sr_path)
     written = _numeric_values(sr.ContentSequence)
     c1 = viewer.truth.probabilities["C1"]
@@ -137,23 +141,45 @@ def test_sr_numbers_in_the_tag_browser(viewer):
 
 
 @pytest.mark.slow
-def test_sr_probabilities_as_ohif_reads_them(viewer):
+def test_sr_shows_each_vertebra_outlined_with_its_probability(viewer):
+    """Opening the SR: OHIF reads every finding with its probability, places each
+    vertebra on the CT slice of its outline (the patient on the CT's frame of reference),
+    opens on C1, and each arrow click shows the next vertebra: its outline drawn on the
+    edge of its segment, its probability and site beside it; no error."""
     viewer.open_series("SR", SR_LOADED)
     found = viewer.sr_measurements()
-    for name, p in viewer.truth.probabilities.items():
+    probabilities = viewer.truth.probabilities
+    for name, p in probabilities.items():
         assert name in found, f"{name} not among the SR's measurements: {found}"
         if p is not None:
             assert f"Probability {p:.2f} {{probability}}" in found[name]
     patient = viewer.truth.patient_probability
     assert patient is not None
     assert f"Probability {patient:.2f} {{probability}}" in found["patient"]
-    # OHIF 3.13.2 then fails on groups without coordinates (module docstring): that and
-    # nothing else
-    errors = load_errors(viewer.page.entries)
-    assert errors, "OHIF showed our SR without error: update docs/operations.md and this test"
-    assert all(OHIF_SR_BUG in e.text or "Something went wrong" in e.text for e in errors), (
-        "\n".join(str(e) for e in errors)
-    )
+
+    slices = outline_slices(viewer.truth.sr_path)
+    assert set(slices) == set(probabilities)  # the study's full field of view: C1-C7
+    placed = viewer.sr_placements()
+    assert list(placed) == [*slices, "patient"], placed
+    for name, uid in slices.items():
+        assert placed[name] == [True, uid, "SCOORD"], (name, placed[name])
+    assert placed["patient"] == [True, None, "SCOORD3D"]
+
+    for n, (name, uid) in enumerate(slices.items()):
+        if n:
+            click_selector(viewer.page, SR_NEXT)
+        viewer.page.wait_for(shows_image(uid), 15, f"{name}'s slice in the SR viewport")
+        viewer.settle()
+        drawn = viewer.page.evaluate(SR_DRAWN)
+        p = probabilities[name]
+        label = f"Probability: {p:.2f} {{probability}}" if p is not None else ""
+        texts = [t for t in drawn["texts"] if f"{name} vertebra" in t]
+        assert texts and label in texts[0], f"{name}: {drawn['texts']}"
+        state = viewer.state()
+        best = max(outline_on_edge(line, state, viewer.truth, name) for line in drawn["lines"])
+        # 1.0 when drawn where written; shifted by one pixel, about half
+        assert best > 0.95, f"{name}: {best:.0%} of the drawn outline on the segment's edge"
+    _fail_on_errors(viewer, "errors while the SR loaded")
 
 
 def test_makefile_fetches_the_version_served():

@@ -283,6 +283,7 @@ def measure(series: Path, senders: int, work: Path) -> Costs:
     cpu: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     held = [0.0]
+    spool_dir = tempfile.tempdir  # the node points tempfile at its spool: put it back
     node.start()
     try:
         time.sleep(1.0)  # the scheduler's first ticks, not the instances' cost
@@ -295,6 +296,7 @@ def measure(series: Path, senders: int, work: Path) -> Costs:
     finally:
         node.stop()
         catalog.dispose()
+        tempfile.tempdir = spool_dir
     n = len(files)
     accepted = calls.get("handler total (Receiver.accept)", 0)
     if accepted != n:

@@ -263,6 +263,12 @@ def turnaround_table(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {row['slices']} | " + " | ".join(f"{row.get(k, 0.0):.2f}" for k in keys) + " |"
         )
+    for row in rows:
+        if "not_processed" in row:
+            lines.append(
+                f"\n{row['slices']} slices: the node ended the study NOT_PROCESSED (its "
+                f"one output, the not-processed SR, timed): {row['not_processed']}"
+            )
     return lines
 
 

@@ -102,6 +102,7 @@ class Node:
         self.device = device
         self.port = free_port()
         self.pacs = TimedPACS()
+        self.not_processed: str | None = None
         self.proc: subprocess.Popen | None = None
         self.memory: NodeMemory | None = None
         self.log_path = data.parent / f"{data.name}.log"
@@ -158,8 +159,15 @@ class Node:
         )
         return t0, time.monotonic(), time.time()
 
-    def wait_outputs(self, total: int, timeout: float = 1800) -> float:
-        """Wait until the PACS acknowledged ``total`` outputs; returns the last arrival."""
+    def wait_outputs(
+        self, total: int, timeout: float = 1800, *, not_processed_ok: bool = False
+    ) -> float:
+        """Wait until the PACS acknowledged ``total`` outputs; returns the last arrival.
+
+        With ``not_processed_ok``, a job the node ended NOT_PROCESSED (the gate found no
+        plausible cervical spine) ends the wait once its one output, the not-processed
+        SR, has arrived; its reason is kept in :attr:`not_processed`.
+        """
         deadline = time.monotonic() + timeout
         next_check = 0.0
         while len(self.pacs.arrivals) < total:
@@ -170,7 +178,11 @@ class Node:
             if time.monotonic() > next_check:
                 next_check = time.monotonic() + 0.5
                 failed = self.failed_jobs()
-                if failed:
+                if failed and not_processed_ok and all(f[1] == "NOT_PROCESSED" for f in failed):
+                    if self.pacs.arrivals:
+                        self.not_processed = str(failed[0][2])
+                        break
+                elif failed:
                     raise RuntimeError(f"the node did not process the study: {failed}")
             time.sleep(0.05)
         return max(self.pacs.arrivals)
@@ -239,7 +251,7 @@ def run(slices: int, work: Path, device: str = "cpu") -> dict[str, float | str]:
     node = Node(data, device).start()
     try:
         t0, t_last_ack, wall_last_ack = node.send(folder)
-        t_done = node.wait_outputs(OUTPUTS_PER_STUDY)
+        t_done = node.wait_outputs(OUTPUTS_PER_STUDY, not_processed_ok=True)
         assert node.memory is not None
         node.memory.sample()
     finally:
@@ -258,6 +270,8 @@ def run(slices: int, work: Path, device: str = "cpu") -> dict[str, float | str]:
         "worker_peak_mb": node.memory.worker_peak_mb,
         "worker_restarts": max(0, len(node.memory.worker_pids) - 1),
     }
+    if node.not_processed is not None:
+        row["not_processed"] = node.not_processed
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(data, ignore_errors=True)
     return row

@@ -230,7 +230,9 @@ def _stage_times(data: Path, wall_last_ack: float) -> dict[str, float]:
 
         queued = at("select min(at) from job_events where job_id=? and state='QUEUED'")
         running = at("select max(at) from job_events where job_id=? and state='RUNNING'")
-        done = at("select max(at) from job_events where job_id=? and state='DONE'")
+        done = at(
+            "select max(at) from job_events where job_id=? and state in ('DONE', 'NOT_PROCESSED')"
+        )
         sent = at(
             "select max(sent_at) from outbox o join outputs u on o.output_id=u.id where u.job_id=?"
         )

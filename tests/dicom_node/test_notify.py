@@ -270,14 +270,14 @@ def test_a_study_not_processed_is_notified_when_configured(tmp_path, receiver):
 def test_an_https_webhook_is_posted_only_when_ca_file_trusts_its_certificate(
     tmp_path, fractured, receiver
 ):
-    from tests.reliability.test_security import _ca, _leaf
+    from tests.pki import make_ca, make_leaf
     from tests.reliability.test_stow_destination import TlsProxy
 
     pki = tmp_path / "pki"
     pki.mkdir()
-    _ca(pki, "site-ca")
-    _ca(pki, "rogue-ca")
-    _leaf(pki, "hook", "site-ca")
+    make_ca(pki, "site-ca")
+    make_ca(pki, "rogue-ca")
+    make_leaf(pki, "hook", "site-ca")
     proxy = TlsProxy(pki / "hook.crt", pki / "hook.key", receiver.server.server_address[1])
     url = f"https://127.0.0.1:{proxy.port}/hook"
     try:

@@ -235,13 +235,13 @@ class TlsProxy:
 
 
 def test_https_is_sent_only_to_a_server_whose_certificate_ca_file_trusts(tmp_path, orthanc):
-    from tests.reliability.test_security import _ca, _leaf
+    from tests.pki import make_ca, make_leaf
 
     pki = tmp_path / "pki"
     pki.mkdir()
-    _ca(pki, "site-ca")
-    _ca(pki, "rogue-ca")
-    _leaf(pki, "pacs", "site-ca")
+    make_ca(pki, "site-ca")
+    make_ca(pki, "rogue-ca")
+    make_leaf(pki, "pacs", "site-ca")
     proxy = TlsProxy(pki / "pacs.crt", pki / "pacs.key", orthanc.http_port)
     url = f"https://127.0.0.1:{proxy.port}/dicom-web"
     dests = [

@@ -29,17 +29,30 @@ tables, except SCT 125605004 which is the SNOMED CT concept "Fracture of bone
           vertebra's outline on the CT slice nearest its centroid (largest part, holes
           filled, along the pixel edges). It places the finding on an image, which
           viewers such as OHIF need to show a TID 1500 finding at all.
+        A vertebra without voxels (no place on any slice) has instead, right after its
+          TID 1501 group, a TID 1410 group with the same tracking identifier and UID,
+          finding type, site and algorithm, and no values, whose Image Region is the field
+          of view it was sought in: a closed POLYLINE SCOORD3D along the outer edges of the
+          middle CT slice (corners and middles of the edges), in the CT's frame of
+          reference. It says where the node looked,
+          never where the vertebra is.
         one patient-level TID 1501 group "patient" with finding site SCT 122494005
           "Cervical spine", NUM "Probability" (INFERRED FROM a SCOORD3D in the CT's
           frame of reference: the line through the assessed vertebrae, one point per
           vertebra at the centre of its outline, C1 down), NUM DCM 122411 "Threshold
           Value", the present/absent/not-evaluated CODE, and TEXT comments (demo
-          disclaimer, series-selection note).
+          disclaimer, series-selection note, "not assessed: <reason>"). Without a patient
+          probability (no vertebra assessed) it is followed by a TID 1410 group of the
+          same finding at the field of view examined, as for a vertebra without voxels.
+
+The not-processed SR (:func:`write_not_processed_sr`) holds one TID 1501 group "study not
+processed" and, when one of its sources is an image with a plane in a frame of reference
+(a CT slice), a TID 1410 group of the same finding at that image's field of view.
 
 OHIF 3.13.2 shows a finding only through its spatial coordinates and fails on a TID
 1500 finding without any (``docs/operations.md`` section 8, step 9): with the TID 1410
-groups and the patient's SCOORD3D every finding of a complete study has them. A vertebra
-without voxels has no place on an image, so an SR with one still fails there.
+groups and the patient's SCOORD3D every finding has them, whether the node found it or
+not; only a not-processed SR whose sources hold no such image still has none.
 """
 
 from __future__ import annotations
@@ -53,6 +66,7 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage
 
 from ai.types import VERTEBRAE, ModelIdentity, PipelineResult, VertebraResult
@@ -300,16 +314,7 @@ def _centreline(
         if name not in outlines:
             continue
         polygon, image = outlines[name]
-        column, row = _centre(polygon)
-        position = np.asarray(image.ImagePositionPatient, dtype=np.float64)
-        orientation = np.asarray(image.ImageOrientationPatient, dtype=np.float64)
-        spacing = np.asarray(image.PixelSpacing, dtype=np.float64)
-        # pixel (row, column) centres: SCOORD (column, row) minus half a pixel
-        points.append(
-            position
-            + orientation[:3] * spacing[1] * (column - 0.5)
-            + orientation[3:] * spacing[0] * (row - 0.5)
-        )
+        points.append(_in_patient(image, np.array([_centre(polygon)]))[0])
     if image is None:
         return None
     return hd.sr.CoordinatesForMeasurement3D(
@@ -332,6 +337,104 @@ def _centre(polygon: np.ndarray) -> tuple[float, float]:
     column = ((x + xn) * cross).sum() / (6 * area)
     row = ((y + yn) * cross).sum() / (6 * area)
     return float(column), float(row)
+
+
+def _in_patient(image: Dataset, scoord: np.ndarray) -> np.ndarray:
+    """Patient coordinates (mm, the image's frame of reference) of SCOORD points.
+
+    ``scoord`` is ``(n, 2)`` (column, row) as SCOORD writes them: 0.0\\0.0 is the top left
+    corner of the top left pixel, so a pixel's centre is half a pixel further.
+    """
+    position = np.asarray(image.ImagePositionPatient, dtype=np.float64)
+    orientation = np.asarray(image.ImageOrientationPatient, dtype=np.float64)
+    spacing = np.asarray(image.PixelSpacing, dtype=np.float64)
+    column, row = scoord[:, :1] - 0.5, scoord[:, 1:] - 0.5
+    return np.asarray(
+        position + orientation[:3] * spacing[1] * column + orientation[3:] * spacing[0] * row
+    )
+
+
+def _places(image: Dataset) -> bool:
+    """Whether ``image`` has what :func:`_field_of_view` needs: a plane in a frame of reference."""
+    needed = (
+        "FrameOfReferenceUID",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "Rows",
+        "Columns",
+    )
+    return all(keyword in image and image[keyword].value not in (None, "") for keyword in needed)
+
+
+def _field_of_view(image: Dataset) -> hd.sr.ImageRegion3D:
+    """The field of view of a CT slice: its whole pixel area as a closed POLYLINE SCOORD3D.
+
+    Along the outer edges of the image, clockwise on screen from the top left corner:
+    each corner and the middle of each edge (nine vertices, the first repeated last), in
+    the patient coordinates of the image's frame of reference. The middles change nothing
+    of the region; without them the polyline would have 5 vertices, which OHIF takes for a
+    rectangle drawn with its own tool and tries, and fails, to rebuild as one.
+    """
+    rows, columns = int(image.Rows), int(image.Columns)
+    x, y = np.array([0, columns / 2, columns]), np.array([0, rows / 2, rows])
+    around = [(0, 0), (1, 0), (2, 0), (2, 1), (2, 2), (1, 2), (0, 2), (0, 1), (0, 0)]
+    corners = np.array([[x[i], y[j]] for i, j in around], float)
+    return hd.sr.ImageRegion3D(
+        graphic_type=hd.sr.GraphicTypeValues3D.POLYLINE,
+        graphic_data=_in_patient(image, corners),
+        frame_of_reference_uid=image.FrameOfReferenceUID,
+    )
+
+
+def _examined_group(
+    tracking: hd.sr.TrackingIdentifier,
+    site: hd.sr.CodedConcept | Code,
+    image: Dataset,
+    algorithm: hd.sr.AlgorithmIdentification | None,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The TID 1410 group that locates a finding with no place of its own where it was sought.
+
+    For a finding the node could not place on the image (a vertebra without voxels, the
+    patient when no vertebra is placed, a study not processed): same tracking identifier
+    and UID as the finding's TID 1501 group, its finding type, site and algorithm, no
+    values; its Image Region is the field of view of ``image`` (:func:`_field_of_view`), a
+    SCOORD3D in the CT's frame of reference. That is the region examined, not where the
+    finding lies: it never says where a vertebra that was not found is. A viewer that
+    needs every finding of a TID 1500 report located (OHIF) reads the two groups as one
+    finding through their shared tracking UID.
+
+    Parameters
+    ----------
+    tracking
+        The tracking identifier and UID of the finding's TID 1501 group.
+    site
+        Its finding site.
+    image
+        The examined image whose field of view locates it (:func:`_places` holds).
+    algorithm
+        The algorithm identification of the report, if any.
+
+    Returns
+    -------
+    highdicom.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        The group.
+    """
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=_field_of_view(image),
+        finding_type=FRACTURE,
+        finding_sites=[hd.sr.FindingSite(site)],
+        algorithm_id=algorithm,
+    )
+
+
+def _same_finding(group: MeasurementGroup) -> hd.sr.TrackingIdentifier:
+    """A tracking identifier with the identifier and UID of ``group`` (a second group of
+    the same finding)."""
+    return hd.sr.TrackingIdentifier(
+        uid=group.tracking_uid, identifier=str(group.tracking_identifier)
+    )
 
 
 def _source_image(image: Dataset) -> hd.sr.SourceImageForRegion:
@@ -492,9 +595,11 @@ def write_sr(
     gets one measurement group with its values (in order) whose tracking identifier is
     its name; the group references the vertebra's segment in ``seg_dataset`` when the
     vertebra has voxels, and is then followed by a TID 1410 group of the same finding
-    that outlines the vertebra on the CT slice nearest its centroid. A patient-level
+    that outlines the vertebra on the CT slice nearest its centroid (one without voxels:
+    at the field of view of the middle slice, where it was sought). A patient-level
     group ``"patient"`` holds the patient probability (inferred from the line through
-    the assessed vertebrae), the threshold and the comments.
+    the assessed vertebrae), the threshold and the comments (without a probability: also
+    followed by a TID 1410 group at the field of view).
 
     Parameters
     ----------
@@ -575,6 +680,7 @@ def write_sr(
 
     algorithm = _algorithm(result.models, threshold)
     outlines = _outlines(result.label_map, sources) if seg_dataset is not None else {}
+    examined = sources[len(sources) // 2]  # where a finding without a place was sought
     groups: list[MeasurementGroup | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     for verdict in result.vertebrae:
         group = _vertebra_group(
@@ -590,11 +696,13 @@ def write_sr(
         if verdict.label in outlines and isinstance(
             group, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
         ):
-            tracking = hd.sr.TrackingIdentifier(
-                uid=group.tracking_uid, identifier=str(group.tracking_identifier)
-            )
-            groups.append(_planar_group(verdict, outlines[verdict.label], tracking, algorithm))
+            outline = outlines[verdict.label]
+            groups.append(_planar_group(verdict, outline, _same_finding(group), algorithm))
+        else:  # not on any slice: located at the field of view it was sought in
+            site = VERTEBRA_CODES[verdict.label]
+            groups.append(_examined_group(_same_finding(group), site, examined, algorithm))
     patient_measurements = []
+    centreline = None
     if result.patient_probability is not None:
         # inferred from the assessed vertebrae: the line through them, C1 down
         centreline = _centreline(
@@ -636,6 +744,9 @@ def write_sr(
         comments.append(str(selection_note))
     _add_comments(patient, comments)
     groups.append(patient)
+    if centreline is None:  # no probability, or no assessed vertebra on a slice
+        site = codes.SCT.CervicalSpine
+        groups.append(_examined_group(_same_finding(patient), site, examined, algorithm))
 
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result.models, software_version),
@@ -674,7 +785,11 @@ def write_not_processed_sr(
 
     The TID 1500 report holds one TID 1501 group ``"study not processed"`` with finding
     type "Fracture of bone", finding site "Cervical spine", qualitative evaluation
-    SCT 373121007 "Not Evaluated" and a TEXT comment ``"not processed: <reason>"``.
+    SCT 373121007 "Not Evaluated" and a TEXT comment ``"not processed: <reason>"``. When a
+    source is an image with a plane in a frame of reference (the first such one), a TID
+    1410 group of the same finding (same tracking identifier and UID, no values) follows:
+    its Image Region is that image's field of view, a SCOORD3D (viewers such as OHIF need
+    every finding located).
 
     Parameters
     ----------
@@ -733,10 +848,16 @@ def write_not_processed_sr(
     if demo:
         comments.append(DEMO_DISCLAIMER)
     _add_comments(group, comments)
+    groups: list[MeasurementGroup | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = [group]
+    examined = next((ds for ds in sources if _places(ds)), None)
+    if examined is not None:  # the study's image it was received with: located there
+        algorithm = _algorithm(models, None) if models else None
+        site = codes.SCT.CervicalSpine
+        groups.append(_examined_group(_same_finding(group), site, examined, algorithm))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(models, software_version),
         procedure_reported=PROCEDURE,
-        imaging_measurements=[group],
+        imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=sources,

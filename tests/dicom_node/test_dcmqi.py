@@ -154,8 +154,9 @@ def _measurements(report: dict) -> dict[str, dict]:
 
 
 def _placements(report: dict) -> dict[str, dict]:
-    """Tracking identifier -> the TID 1410 group that places a vertebra on a CT slice
-    (dcmqi reads its finding, site and tracking UID; it skips the SCOORD)."""
+    """Tracking identifier -> the TID 1410 group that locates a finding: a vertebra's
+    outline on a CT slice, or the field of view examined for a finding without a place
+    (dcmqi reads its finding, site and tracking UID; it skips the SCOORD/SCOORD3D)."""
     return {m["TrackingIdentifier"]: m for m in report["Measurements"] if not _evaluates(m)}
 
 
@@ -213,7 +214,12 @@ def test_tid1500reader_reads_our_probabilities_verdicts_and_segment_links(study)
         assert algorithm["AlgorithmVersion"] == "1.0.0+1.2.0"
         # dcmqi keeps the first Algorithm Parameters item only (we write three)
         assert algorithm["AlgorithmParameters"][0] == f"threshold={THRESHOLD:g}"
-    assert not placements, f"placements without a TID 1411 group: {sorted(placements)}"
+    # C7, without voxels: its TID 1410 group locates it at the field of view examined
+    assert list(placements) == ["C7"], f"placements without a TID 1411 group: {placements}"
+    c7 = placements["C7"]
+    assert c7["TrackingUniqueIdentifier"] == groups["C7"]["TrackingUniqueIdentifier"]
+    assert c7["FindingSite"] == groups["C7"]["FindingSite"]
+    assert c7["measurementItems"] == []
     patient = groups["patient"]
     assert _values(patient) == {
         "Probability": pytest.approx(study["result"].patient_probability),
@@ -230,3 +236,7 @@ def test_tid1500reader_reads_the_not_processed_sr(study):
     assert _evaluation(group) == "Not Evaluated"
     texts = [q["conceptValue"] for q in group["qualitativeEvaluations"]]
     assert any(isinstance(t, str) and t.startswith("not processed: ") for t in texts)
+    # and the TID 1410 group that locates it at the field of view of its CT slice
+    (located,) = _placements(study["np"]).values()
+    assert located["TrackingUniqueIdentifier"] == group["TrackingUniqueIdentifier"]
+    assert located["measurementItems"] == []

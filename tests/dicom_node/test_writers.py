@@ -366,7 +366,9 @@ def test_sr_places_each_segmented_vertebra_on_the_ct_slice_nearest_its_centroid(
     report = hd.sr.srread(written["paths"]["sr"]).content
     label_map, sources = written["result"].label_map, written["sources"]
     volumetric = {g.tracking_identifier: g for g in report.get_volumetric_roi_measurement_groups()}
-    planar = report.get_planar_roi_measurement_groups()
+    planar = [
+        g for g in report.get_planar_roi_measurement_groups() if g.tracking_identifier != "C7"
+    ]  # C7, without voxels, is located at the field of view (next test)
     assert [g.tracking_identifier for g in planar] == ["C1", "C2", "C3", "C4", "C5", "C6"]
     outlines = {}
     for group in planar:
@@ -417,6 +419,129 @@ def test_sr_places_each_segmented_vertebra_on_the_ct_slice_nearest_its_centroid(
         corners = outlines[name][1]
         assert corners[:, 0].min() < x < corners[:, 0].max(), name
         assert corners[:, 1].min() < y < corners[:, 1].max(), name
+
+
+def _field_of_view(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> np.ndarray:
+    """The corners of the Image Region of a TID 1410 group that locates a finding at a
+    field of view (``(4, 3)``, clockwise from the top left), the group holding no values.
+
+    The region is a closed POLYLINE SCOORD3D through each corner and the middle of each
+    edge: 9 vertices (OHIF takes one of 4 or 5 for a rectangle of its own tool)."""
+    assert group.get_measurements() == []
+    assert group.get_qualitative_evaluations(name=FRACTURE) == []
+    (region,) = [i for i in group[0].ContentSequence if i.ValueType in ("SCOORD", "SCOORD3D")]
+    assert region.ValueType == "SCOORD3D" and region.GraphicType == "POLYLINE"
+    points = np.array(region.GraphicData, float).reshape(-1, 3)
+    assert len(points) == 9 and (points[0] == points[-1]).all()
+    corners = points[0:8:2]
+    middles = (corners + np.roll(corners, -1, axis=0)) / 2
+    np.testing.assert_allclose(points[1:9:2], middles, atol=1e-4)  # float32 (FL)
+    return corners
+
+
+def _corners(image: Dataset) -> np.ndarray:
+    """Patient coordinates of the outer corners of an image, clockwise from the top left."""
+    position = np.array(image.ImagePositionPatient, float)
+    orientation = np.array(image.ImageOrientationPatient, float)
+    spacing = np.array(image.PixelSpacing, float)
+    rows, cols = int(image.Rows), int(image.Columns)
+    return np.array(
+        [
+            position + orientation[:3] * spacing[1] * x + orientation[3:] * spacing[0] * y
+            for x, y in (
+                (-0.5, -0.5),
+                (cols - 0.5, -0.5),
+                (cols - 0.5, rows - 0.5),
+                (-0.5, rows - 0.5),
+            )
+        ]
+    )
+
+
+def test_sr_locates_a_finding_without_voxels_at_the_field_of_view_examined(written, tmp_path):
+    """A vertebra without voxels (C7, outside the field of view) keeps its TID 1501 group
+    with its verdict and reason, followed by a TID 1410 group of the same finding (same
+    tracking identifier and UID, no values) whose Image Region is the field of view of
+    the middle CT slice (SCOORD3D, the CT's frame of reference): where it was sought, not
+    a place for it. With nothing segmented every vertebra and the patient are located so;
+    the patient with a probability keeps its line through the vertebrae instead."""
+    report = hd.sr.srread(written["paths"]["sr"]).content
+    sources = written["sources"]
+    middle = sources[len(sources) // 2]
+    (c7,) = report.get_image_measurement_groups(finding_site=VERTEBRA_CODES["C7"])
+    (located,) = report.get_planar_roi_measurement_groups(finding_site=VERTEBRA_CODES["C7"])
+    assert (located.tracking_identifier, located.tracking_uid) == ("C7", c7.tracking_uid)
+    assert located.finding_type == FRACTURE
+    points = _field_of_view(located)
+    np.testing.assert_allclose(points, _corners(middle), atol=1e-4)
+    (region,) = [i for i in located[0].ContentSequence if i.ValueType == "SCOORD3D"]
+    assert region.ReferencedFrameOfReferenceUID == middle.FrameOfReferenceUID
+    # the patient has its probability's line: no field of view
+    assert report.get_planar_roi_measurement_groups(finding_site=codes.SCT.CervicalSpine) == []
+    # right after the finding's own group, in document order
+    (imaging,) = [
+        item
+        for item in pydicom.dcmread(written["paths"]["sr"]).ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "126010"
+    ]
+    order = [
+        next(
+            c.TextValue
+            for c in g.ContentSequence
+            if c.ConceptNameCodeSequence[0].CodeValue == "112039"
+        )
+        for g in imaging.ContentSequence
+    ]
+    assert order == [n for n in VERTEBRAE for _ in range(2)] + ["patient"]
+
+    result = make_result(probs=dict.fromkeys(VERTEBRAE))
+    result.label_map[:] = 0
+    result.patient_probability = None
+    sr = write_sr(sources, None, result, threshold=THRESHOLD, **_identity("sr"))
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    own = {str(g.tracking_identifier): g for g in report.get_image_measurement_groups()}
+    assert set(own) == {*VERTEBRAE, "patient"}
+    located = {str(g.tracking_identifier): g for g in report.get_planar_roi_measurement_groups()}
+    assert set(located) == set(own)
+    for name, group in located.items():
+        assert group.tracking_uid == own[name].tracking_uid, name
+        np.testing.assert_allclose(_field_of_view(group), _corners(middle), atol=1e-4)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    output = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert [line for line in (output.stdout + output.stderr).splitlines() if "Error" in line] == []
+    values = read_sr_result(pydicom.dcmread(path))
+    assert set(values) == {*VERTEBRAE, "patient"}
+    assert values["C7"]["reason"] == "outside field of view"
+    assert values["patient"]["reason"] == "no vertebra could be assessed"
+
+
+def test_not_processed_sr_is_located_at_the_field_of_view_of_its_image(written):
+    """The not-processed finding is followed by a TID 1410 group of the same finding at
+    the field of view of the image it was written from; an instance without a plane in a
+    frame of reference (here a dose report's header) gives no location."""
+    report = hd.sr.srread(written["paths"]["np"]).content
+    (own,) = report.get_image_measurement_groups()
+    (located,) = report.get_planar_roi_measurement_groups()
+    assert str(located.tracking_identifier) == "study not processed"
+    assert located.tracking_uid == own.tracking_uid
+    assert located.finding_sites[0].value == codes.SCT.CervicalSpine
+    first = written["sources"][0]
+    np.testing.assert_allclose(_field_of_view(located), _corners(first), atol=1e-4)
+
+    dose = Dataset()
+    for keyword in ("StudyInstanceUID", "PatientName", "PatientID", "StudyDate", "StudyTime"):
+        setattr(dose, keyword, first[keyword].value)
+    dose.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR
+    dose.SOPInstanceUID = generate_uid(entropy_srcs=["dose"])
+    dose.SeriesInstanceUID = generate_uid(entropy_srcs=["dose series"])
+    dose.Modality = "SR"
+    sr = write_not_processed_sr([dose], "no axial CT series", **_identity("np"))
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    assert report.get_planar_roi_measurement_groups() == []
+    assert read_sr_result(sr)["study not processed"]["reason"] == "no axial CT series"
 
 
 def test_outline_follows_the_edge_of_the_largest_part():

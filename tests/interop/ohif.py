@@ -33,6 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -470,6 +471,7 @@ class ViewerStudy:
     probabilities: dict[str, float | None]
     patient_probability: float | None
     uids: dict[str, str]  # "seg", "sr", "summary" -> SOP Instance UID
+    result: Any = None  # the pipeline's PipelineResult
 
     @property
     def outputs(self) -> dict[str, Path]:
@@ -544,7 +546,133 @@ def build_study(out: Path, seed: int = 7, *, threshold: float = 0.5) -> ViewerSt
             "sr": str(sr.SOPInstanceUID),
             "summary": str(summary.SOPInstanceUID),
         },
+        result=result,
     )
+
+
+@dataclass
+class UnplacedCase:
+    """A study whose SR has findings with no place on a slice (:func:`build_unplaced_cases`)."""
+
+    study_uid: str
+    paths: list[Path]  # the CT copy and the node's outputs, to upload
+    sr_path: Path
+    sop_uids: list[str]  # the copy's CT slices in volume order
+    outlined: dict[str, str]  # finding -> SOP Instance UID of its outline's CT slice
+    located: list[str]  # findings located at the field of view examined (SCOORD3D)
+    texts: list[str]  # comments the SR holds (the not-assessed reasons)
+
+
+UNPLACED_CASES = ("vertebra not found", "none assessed", "not processed")
+"""The SRs OHIF 3.13.2 failed on while their findings without a place had no coordinates."""
+
+
+def build_unplaced_cases(study: ViewerStudy, out: Path) -> dict[str, UnplacedCase]:
+    """For each of :data:`UNPLACED_CASES`, a copy of the study's CT as a new study (new
+    study, series, instance and frame of reference UIDs) with the SR the node writes:
+
+    * ``vertebra not found``: C7 without voxels, "not in the field of view" (SEG and SR
+      written from the pipeline's result with C7's voxels removed);
+    * ``none assessed``: every vertebra segmented but refused as unlike the training data,
+      no patient probability (SEG and SR);
+    * ``not processed``: the not-processed SR of a study whose cervical spine was not found,
+      written from the CT's first slice as the worker does.
+    """
+    import dataclasses
+
+    from ai.types import REASON_CODES, VERTEBRAE, VertebraResult
+    from dicom_node import writers
+    from dicom_node.uids import output_ids
+
+    base = study.result
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    cases = {}
+    for case in UNPLACED_CASES:
+        folder = out / case.replace(" ", "-")
+        folder.mkdir(parents=True, exist_ok=True)
+        new: dict[str, str] = {}
+
+        def uid(old: str, case: str = case, new: dict[str, str] = new) -> str:
+            if old not in new:
+                new[old] = str(pydicom.uid.generate_uid(entropy_srcs=[case, old]))
+            return new[old]
+
+        by_sop, paths = {}, []
+        for path in study.ct_paths:
+            ds = pydicom.dcmread(path)
+            for keyword in (
+                "StudyInstanceUID",
+                "SeriesInstanceUID",
+                "SOPInstanceUID",
+                "FrameOfReferenceUID",
+            ):
+                setattr(ds, keyword, uid(str(ds[keyword].value)))
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            paths.append(folder / path.name)
+            ds.save_as(paths[-1], enforce_file_format=True)
+            del ds.PixelData
+            by_sop[str(ds.SOPInstanceUID)] = ds
+        sop_uids = [uid(u) for u in study.sop_uids]
+        sources = [by_sop[u] for u in sop_uids]
+        key = f"{sources[0].StudyInstanceUID}@viewer-check"
+        outputs: dict[str, Any] = {}
+        located: list[str]
+        if case == "not processed":
+            reason = REASON_CODES["no_cervical_spine"]
+            outputs["sr"] = writers.write_not_processed_sr(
+                sources[:1],
+                reason,
+                models=base.models,
+                content_datetime=when,
+                **output_ids(key, 1, "sr", name="not-processed"),
+            )
+            texts, located = [f"not processed: {reason}"], ["study not processed"]
+        else:
+            if case == "vertebra not found":
+                label_map = np.where(base.label_map == 7, 0, base.label_map)
+                reason = REASON_CODES["not_in_fov"]
+                vertebrae = [
+                    VertebraResult("C7", False, False, None, reason, "not_in_fov")
+                    if v.label == "C7"
+                    else v
+                    for v in base.vertebrae
+                ]
+                result = dataclasses.replace(base, label_map=label_map, vertebrae=vertebrae)
+                texts, located = [f"not assessed: {reason}"], ["C7"]
+            else:
+                reason = f"{REASON_CODES['ood']} (score 40.1, threshold 31.0)"
+                vertebrae = [
+                    VertebraResult(name, True, False, None, reason, "ood", 40.1)
+                    for name in VERTEBRAE
+                ]
+                result = dataclasses.replace(base, vertebrae=vertebrae, patient_probability=None)
+                texts, located = [f"not assessed: {reason}"], ["patient"]
+            outputs["seg"] = writers.write_seg(
+                sources, result, content_datetime=when, **output_ids(key, 1, "seg")
+            )
+            outputs["sr"] = writers.write_sr(
+                sources,
+                outputs["seg"],
+                result,
+                threshold=0.5,
+                selection_note="series 2: the only axial bone-kernel series",
+                content_datetime=when,
+                **output_ids(key, 1, "sr"),
+            )
+        for name, ds in outputs.items():
+            paths.append(folder / f"{name}.dcm")
+            ds.save_as(paths[-1], enforce_file_format=True)
+        sr_path = folder / "sr.dcm"
+        cases[case] = UnplacedCase(
+            study_uid=str(sources[0].StudyInstanceUID),
+            paths=paths,
+            sr_path=sr_path,
+            sop_uids=sop_uids,
+            outlined=outline_slices(sr_path, skip=located),
+            located=located,
+            texts=texts,
+        )
+    return cases
 
 
 def upload(orthanc: Orthanc, paths: list[Path]) -> None:
@@ -649,14 +777,17 @@ SR_NEXT = '[data-cy="viewport-action-arrows-right"]'
 """The SR viewport's arrow to its next finding."""
 
 
-def outline_slices(sr_path: Path) -> dict[str, str]:
-    """Vertebra -> SOP Instance UID of the CT slice its outline (TID 1410 group) lies on."""
+def outline_slices(sr_path: Path, skip: Sequence[str] = ()) -> dict[str, str]:
+    """Vertebra -> SOP Instance UID of the CT slice its outline (TID 1410 group) lies on;
+    the findings in ``skip`` (located at a field of view, SCOORD3D) are left out."""
     import highdicom as hd
 
     report = hd.sr.srread(sr_path).content
     assert isinstance(report, hd.sr.MeasurementReport), "not a TID 1500 report"
     slices = {}
     for group in report.get_planar_roi_measurement_groups():
+        if str(group.tracking_identifier) in skip:
+            continue
         region = group.roi
         assert region is not None, f"{group.tracking_identifier}: no Image Region"
         ref = region.ContentSequence[0].ReferencedSOPSequence[0]
@@ -826,10 +957,12 @@ class ViewerSession:
         assert self.study is not None
         return self.study
 
-    def open_study(self, timeout: float = 45.0) -> None:
-        """The viewer's URL for the study; waits for the first image and skips the tour."""
+    def open_study(self, timeout: float = 45.0, study_uid: str | None = None) -> None:
+        """The viewer's URL for the study (or another one stored in the same Orthanc);
+        waits for the first image and skips the tour."""
         assert self.server is not None
-        self.page.navigate(f"{self.server.url}/viewer?StudyInstanceUIDs={self.truth.study_uid}")
+        uid = study_uid or self.truth.study_uid
+        self.page.navigate(f"{self.server.url}/viewer?StudyInstanceUIDs={uid}")
         self.page.wait_for(VIEWPORT_STATE % "[]", timeout, "the study's first image")
         try:  # a fresh profile gets OHIF's welcome tour over the viewport
             tour = self.page.wait_for(FIND_TEXT % json.dumps("Skip all"), 10, "the tour")

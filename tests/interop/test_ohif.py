@@ -12,11 +12,15 @@ OHIF 3.13.2 shows a TID 1500 finding only through spatial coordinates and fails 
 went wrong") on one without any; our SR places each vertebra's finding on a CT slice with
 a TID 1410 group (same tracking UID as its TID 1411 group and SEG segment), and the
 patient's probability is inferred from a SCOORD3D (``docs/operations.md``, "Our results
-in OHIF", step 9). Any load error fails the tests.
+in OHIF", step 9). A finding with no place on a slice (a vertebra not found, the patient
+when no vertebra was assessed, a study not processed) is located at the field of view
+examined, a SCOORD3D OHIF reads but does not draw: the last test opens such SRs, each in a
+copy of the study. Any load error fails the tests.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -180,6 +184,65 @@ def test_sr_shows_each_vertebra_outlined_with_its_probability(viewer):
         # 1.0 when drawn where written; shifted by one pixel, about half
         assert best > 0.95, f"{name}: {best:.0%} of the drawn outline on the segment's edge"
     _fail_on_errors(viewer, "errors while the SR loaded")
+
+
+@pytest.fixture(scope="module")
+def unplaced(viewer):
+    """The studies whose SR has findings without a place on a slice, stored in the
+    viewer's Orthanc (:func:`tests.interop.ohif.build_unplaced_cases`)."""
+    assert viewer.orthanc is not None
+    cases = ohif.build_unplaced_cases(viewer.truth, viewer.workdir / "unplaced")
+    for case in cases.values():
+        ohif.upload(viewer.orthanc, case.paths)
+    return cases
+
+
+def _shows_one_of(sop_uids: list[str]) -> str:
+    """JavaScript: true while the first viewport shows one of the instances."""
+    return (
+        f"(() => {{ const s = {ohif.VIEWPORT_STATE % '[]'}; "
+        f"return Boolean(s && {json.dumps(sop_uids)}.some((u) => s.imageId.includes(u))); }})()"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ohif.UNPLACED_CASES)
+def test_sr_with_findings_without_a_place_opens(viewer, unplaced, case):
+    """An SR with a vertebra not found, with no vertebra assessed, or "not processed"
+    opens without error: every finding is loaded, those on a slice by their outline, the
+    others (located at the field of view examined, SCOORD3D) on the CT's frame of
+    reference; the viewport shows the CT (the first outlined vertebra's slice when there
+    is one); the not-assessed reason is in the SR as OHIF reads it (Tag Browser)."""
+    study = unplaced[case]
+    viewer.open_study(study_uid=study.study_uid)
+    viewer.open_series("SR", SR_LOADED)
+    placed = viewer.sr_placements()
+    for name, uid in study.outlined.items():
+        assert placed[name] == [True, uid, "SCOORD"], (name, placed)
+    for name in study.located:
+        assert placed[name] == [True, None, "SCOORD3D"], (name, placed)
+    assert all(where[0] for where in placed.values()), placed  # every finding loaded
+    first = next(iter(study.outlined.values()), None)
+    shown = shows_image(first) if first else _shows_one_of(study.sop_uids)
+    viewer.page.wait_for(shown, 15, "the CT in the SR viewport")
+    # stepped to with the arrows, a finding located at the field of view examined shows
+    # the CT with nothing drawn for it: no outline names its site
+    names, at = list(placed), 0
+    for name in study.located:
+        while at < names.index(name):
+            click_selector(viewer.page, SR_NEXT)
+            at += 1
+        viewer.page.wait_for(_shows_one_of(study.sop_uids), 15, f"{name}: the CT")
+        viewer.settle()
+        drawn = viewer.page.evaluate(SR_DRAWN)
+        site = "Cervical spine" if name in ("patient", "study not processed") else name
+        assert not [t for t in drawn["texts"] if site in t], (name, drawn)
+    _fail_on_errors(viewer, f"errors while the SR ({case}) loaded")
+    text = viewer.open_tag_browser("SR", "TextValue")
+    viewer.close_dialog()
+    for wanted in study.texts:
+        assert wanted in text, f"{wanted!r} not in the Tag Browser:\n{text[:3000]}"
+    _fail_on_errors(viewer, f"errors in the Tag Browser ({case})")
 
 
 def test_makefile_fetches_the_version_served():

@@ -92,17 +92,37 @@ def _outputs(ctx: JobContext) -> Iterator[PendingOutput]:
     yield PendingOutput("summary", "summary", summary)
 
 
+_GEOMETRY = (
+    "FrameOfReferenceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+)
+
+
 def _first_source(ctx: JobContext) -> pydicom.Dataset | None:
-    """The first readable header of the study, in series order (``None``: none reads)."""
+    """The header the not-processed SR is written from (``None``: none reads).
+
+    The first readable header of each series, in series order; the first of them that is
+    an image placed in a frame of reference is preferred, so that the SR can locate its
+    finding on the examined field of view (a viewer such as OHIF needs a location for
+    every finding), else the first readable one.
+    """
     if not ctx.candidates:  # the job failed before its series were read
         ctx.study_key, ctx.candidates = ctx.storage.study_series(ctx.job.study_id)
+    fallback: pydicom.Dataset | None = None
     for cand in ctx.candidates:
         for path in cand.paths:
             try:
-                return blank_invalid_dates(pydicom.dcmread(path, stop_before_pixels=True))
+                header = pydicom.dcmread(path, stop_before_pixels=True)
             except Exception:
                 continue
-    return None
+            if all(keyword in header for keyword in _GEOMETRY):
+                return blank_invalid_dates(header)
+            if fallback is None:
+                fallback = blank_invalid_dates(header)
+            break  # one header per series: a series is one kind of object
+    return fallback
 
 
 def _not_processed_sr(ctx: JobContext) -> Iterator[PendingOutput]:

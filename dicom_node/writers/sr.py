@@ -283,8 +283,21 @@ def _outlines(
         held = np.nonzero(counts)[0]
         k = int(held[np.argmin(np.abs(held - centroid))])
         points = _outline(voxels[k]) + np.array([box[2].start, box[1].start])
-        outlines[name] = (points, sources[box[0].start + k])
+        outlines[name] = (_with_edge_midpoints(points), sources[box[0].start + k])
     return outlines
+
+
+def _with_edge_midpoints(points: np.ndarray) -> np.ndarray:
+    """A closed outline of four corners (a rectangular segment) with the middle of each
+    edge added: OHIF reads a closed 4- or 5-point polyline as its own rectangle tool and
+    fails to rebuild it; any other outline is returned as it is."""
+    if len(points) > 5:
+        return points
+    mids = (points[:-1] + points[1:]) / 2
+    out = np.empty((2 * len(points) - 1, 2), dtype=points.dtype)
+    out[0::2] = points
+    out[1::2] = mids
+    return out
 
 
 def _centreline(

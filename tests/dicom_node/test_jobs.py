@@ -479,3 +479,53 @@ def test_failed_job_sr_never_shares_the_uids_of_a_result_sr(tmp_path, study):
         # the UIDs a DONE or NOT_PROCESSED SR of the same job version gets
         assert out.sop_instance_uid != output_uid(key, job.version, "sr")
         assert out.series_instance_uid != output_uid(key, job.version, "sr-series")
+
+
+def test_not_processed_sr_is_written_from_an_image_with_a_place_when_the_study_has_one(
+    tmp_path, pacs
+):
+    """The first series holds instances with no plane in a frame of reference: the
+    not-processed SR is written from the next series' image instead, so that its finding
+    is located at the field of view examined (a viewer such as OHIF needs a location)."""
+    import highdicom as hd
+
+    study = generate_study(13, StudySpec.small(extra_series=True))
+    settings = make_settings(tmp_path)
+    from config import load_settings
+
+    settings = load_settings(
+        overrides={
+            **settings.model_dump(mode="json"),
+            "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        },
+        environ={},
+    )
+    catalog, store = open_node_storage(settings)
+    destination_rows.sync(settings, catalog)
+    receiver = Receiver(settings, catalog, store)
+    scout = next(e for e in study.extra_series if e.name == "scout")
+    from ai.synthetic import write_series
+
+    paths = write_series(study, tmp_path / "scout", series=scout)
+    placed = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    # a first series (lower series number) whose instances have no geometry
+    unplaced = pydicom.dcmread(paths[0])
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "FrameOfReferenceUID"):
+        del unplaced[keyword]
+    unplaced.SeriesInstanceUID = pydicom.uid.generate_uid()
+    unplaced.SeriesNumber = 0
+    unplaced.SOPInstanceUID = unplaced.file_meta.MediaStorageSOPInstanceUID = (
+        pydicom.uid.generate_uid()
+    )
+    unplaced.save_as(tmp_path / "unplaced.dcm", enforce_file_format=True)
+    for path in [tmp_path / "unplaced.dcm", *paths]:
+        assert receiver.accept(path, consume=False).status == 0
+    _complete(catalog)
+    worker = Worker(settings, catalog, store, pipeline_factory=lambda: TruthPipeline(study))
+    assert worker.run_once()
+    assert deliver_due(settings, catalog, store) == 1
+    (sr,) = pacs.received
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    (located,) = report.get_planar_roi_measurement_groups()
+    region = located.roi
+    assert region is not None and region.frame_of_reference_uid == placed.FrameOfReferenceUID

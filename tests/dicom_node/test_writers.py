@@ -1059,3 +1059,18 @@ def test_a_single_code_extension_charset_is_written_as_its_plain_term(charset, e
         if expected:
             assert str(ds.PatientName) == "Müller^Jürgen"
     assert sources[0].SpecificCharacterSet == charset  # the sources are not changed
+
+
+def test_a_rectangular_outline_gets_its_edge_midpoints():
+    """A segment whose slice outline is a plain rectangle is written with nine vertices
+    (OHIF takes a closed 4- or 5-point polyline for its own rectangle tool and fails)."""
+    from dicom_node.writers.sr import _with_edge_midpoints
+
+    square = _outline(np.pad(np.ones((2, 3), bool), 1))
+    assert len(square) == 5
+    nine = _with_edge_midpoints(square)
+    assert len(nine) == 9 and (nine[0] == nine[-1]).all()
+    assert nine[::2].tolist() == square.tolist()
+    assert nine[1].tolist() == ((square[0] + square[1]) / 2).tolist()
+    notched = _outline(np.pad(np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1], [1, 1, 0]], bool), 1))
+    assert _with_edge_midpoints(notched) is notched

@@ -363,7 +363,9 @@ def targets_section(
     gpu_name: str | None,
     tail: dict[str, float | None],
     rss: dict,
+    processed: list[dict],
 ) -> list[str]:
+    """The targets table; ``processed``: the CPU rows the growth was fitted over."""
     lines = [
         "## Targets",
         "",
@@ -402,8 +404,8 @@ def targets_section(
             f"| {_fmt(measured)} s{note} "
             f"| {_verdict_below(measured, TURNAROUND_GPU_300_S, 's')} |"
         )
-    if len(cpu_rows) >= 2:
-        last = cpu_rows[-1]
+    if len(processed) >= 2:
+        last = processed[-1]
         big = int(last["slices"])
         relevant = {
             k: b
@@ -425,7 +427,7 @@ def targets_section(
         )
         lines.append(
             f"| cost growth close to linear (b <= {LINEAR_EXPONENT_MAX} between the two "
-            f"largest sizes, CPU, {int(cpu_rows[-2]['slices'])} -> {big} slices) "
+            f"largest sizes processed, CPU, {int(processed[-2]['slices'])} -> {big} slices) "
             f"| {measured} | {verdict} |"
         )
     else:
@@ -548,7 +550,13 @@ def main() -> None:
         "",
     ]
     lines += turnaround_table(cpu_rows)
-    growth, tail = growth_lines(cpu_rows)
+    # growth is fitted over the studies the node processed: a NOT_PROCESSED one skips
+    # stage 2 and the writers, and would fake a flat cost
+    processed = [r for r in cpu_rows if "not_processed" not in r]
+    growth, tail = growth_lines(processed)
+    if len(processed) < len(cpu_rows):
+        left_out = ", ".join(str(r["slices"]) for r in cpu_rows if "not_processed" in r)
+        growth = [f"Left out of the growth fit (not processed): {left_out} slices.", "", *growth]
     lines += ["", *growth, ""]
     lines += ["### GPU", ""]
     if gpu_rows:
@@ -561,7 +569,7 @@ def main() -> None:
     lines += [""]
     lines += memory_section(cpu_rows, gpu_rows, rss)
     lines += [""]
-    lines += targets_section(results, cpu_rows, gpu_rows, gpu_name, tail, rss)
+    lines += targets_section(results, cpu_rows, gpu_rows, gpu_name, tail, rss, processed)
     lines += [""]
     lines += scale_out_section()
     lines += [""]

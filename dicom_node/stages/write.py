@@ -18,7 +18,7 @@ import pydicom
 from dicom_node.stages.context import JobContext, PendingOutput
 from dicom_node.stages.heap import release_memory
 from dicom_node.uids import output_ids, software_version
-from dicom_node.writers.common import blank_invalid_dates
+from dicom_node.writers.common import blank_invalid_dates, has_plane
 
 LOGGER = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _first_source(ctx: JobContext) -> pydicom.Dataset | None:
                 header = pydicom.dcmread(path, stop_before_pixels=True)
             except Exception:
                 continue
-            if all(keyword in header for keyword in _GEOMETRY):
+            if has_plane(header):
                 return blank_invalid_dates(header)
             if fallback is None:
                 fallback = blank_invalid_dates(header)

@@ -13,6 +13,7 @@ from dicom_node.writers.common import (
     MANUFACTURER,
     VERTEBRA_CODES,
     VERTEBRA_COLORS,
+    has_plane,
 )
 from dicom_node.writers.seg import segment_numbers, write_seg
 from dicom_node.writers.sr import read_sr_result, write_not_processed_sr, write_sr
@@ -30,6 +31,7 @@ __all__ = [
     "SUMMARY_SHAPE",
     "VERTEBRA_CODES",
     "VERTEBRA_COLORS",
+    "has_plane",
     "read_sr_result",
     "render_summary",
     "render_summary_png",

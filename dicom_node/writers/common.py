@@ -97,11 +97,7 @@ from the first source and would stop on a missing one)."""
 _PATIENT_SEX_VALUES = frozenset({"M", "F", "O"})
 """Enumerated values of Patient's Sex (0010,0040); anything else is written empty."""
 
-_GEOMETRY_KEYWORDS = (
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "SOPClassUID",
+PLANE_KEYWORDS = (
     "FrameOfReferenceUID",
     "ImagePositionPatient",
     "ImageOrientationPatient",
@@ -109,6 +105,22 @@ _GEOMETRY_KEYWORDS = (
     "Rows",
     "Columns",
 )
+"""What places an image as a plane in a frame of reference."""
+_GEOMETRY_KEYWORDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    *PLANE_KEYWORDS,
+)
+
+
+def has_plane(image: Dataset) -> bool:
+    """Whether ``image`` is a plane in a frame of reference (every :data:`PLANE_KEYWORDS`
+    present and not empty)."""
+    return all(
+        keyword in image and image[keyword].value not in (None, "") for keyword in PLANE_KEYWORDS
+    )
 
 
 def is_demo(result: PipelineResult) -> bool:

@@ -81,6 +81,7 @@ from dicom_node.writers.common import (
     check_threshold,
     contributing_equipment,
     copy_patient_study,
+    has_plane,
     is_demo,
     model_device_uid,
     present_vertebrae,
@@ -367,19 +368,6 @@ def _in_patient(image: Dataset, scoord: np.ndarray) -> np.ndarray:
     )
 
 
-def _places(image: Dataset) -> bool:
-    """Whether ``image`` has what :func:`_field_of_view` needs: a plane in a frame of reference."""
-    needed = (
-        "FrameOfReferenceUID",
-        "ImagePositionPatient",
-        "ImageOrientationPatient",
-        "PixelSpacing",
-        "Rows",
-        "Columns",
-    )
-    return all(keyword in image and image[keyword].value not in (None, "") for keyword in needed)
-
-
 def _field_of_view(image: Dataset) -> hd.sr.ImageRegion3D:
     """The field of view of a CT slice: its whole pixel area as a closed POLYLINE SCOORD3D.
 
@@ -424,7 +412,7 @@ def _examined_group(
     site
         Its finding site.
     image
-        The examined image whose field of view locates it (:func:`_places` holds).
+        The examined image whose field of view locates it (:func:`has_plane` holds).
     algorithm
         The algorithm identification of the report, if any.
 
@@ -862,7 +850,7 @@ def write_not_processed_sr(
         comments.append(DEMO_DISCLAIMER)
     _add_comments(group, comments)
     groups: list[MeasurementGroup | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = [group]
-    examined = next((ds for ds in sources if _places(ds)), None)
+    examined = next((ds for ds in sources if has_plane(ds)), None)
     if examined is not None:  # the study's image it was received with: located there
         algorithm = _algorithm(models, None) if models else None
         site = codes.SCT.CervicalSpine

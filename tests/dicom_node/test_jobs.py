@@ -329,25 +329,29 @@ def test_worker_waits_out_an_unreachable_catalog_then_takes_over_a_dead_workers_
         server.stop()
 
 
-def test_study_without_eligible_series_is_not_processed_and_says_why(tmp_path, pacs):
-    study = generate_study(13, StudySpec.small(extra_series=True))
-    settings = make_settings(tmp_path)
+def _scout_only(tmp_path, pacs):
+    """A node sending to ``pacs``, and the scout (localizer) series of a synthetic study."""
+    from ai.synthetic import write_series
     from config import load_settings
 
+    study = generate_study(13, StudySpec.small(extra_series=True))
     settings = load_settings(
         overrides={
-            **settings.model_dump(mode="json"),
+            **make_settings(tmp_path).model_dump(mode="json"),
             "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
         },
         environ={},
     )
     catalog, store = open_node_storage(settings)
     destination_rows.sync(settings, catalog)  # as `cspine serve` does when it starts
-    receiver = Receiver(settings, catalog, store)
     scout = next(e for e in study.extra_series if e.name == "scout")
-    from ai.synthetic import write_series
+    paths = write_series(study, tmp_path / "scout", series=scout)
+    return study, settings, catalog, store, Receiver(settings, catalog, store), paths
 
-    for path in write_series(study, tmp_path / "scout", series=scout):
+
+def test_study_without_eligible_series_is_not_processed_and_says_why(tmp_path, pacs):
+    study, settings, catalog, store, receiver, paths = _scout_only(tmp_path, pacs)
+    for path in paths:
         assert receiver.accept(path, consume=False).status == 0
     _complete(catalog)
     worker = Worker(settings, catalog, store, pipeline_factory=lambda: TruthPipeline(study))
@@ -489,24 +493,7 @@ def test_not_processed_sr_is_written_from_an_image_with_a_place_when_the_study_h
     is located at the field of view examined (a viewer such as OHIF needs a location)."""
     import highdicom as hd
 
-    study = generate_study(13, StudySpec.small(extra_series=True))
-    settings = make_settings(tmp_path)
-    from config import load_settings
-
-    settings = load_settings(
-        overrides={
-            **settings.model_dump(mode="json"),
-            "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
-        },
-        environ={},
-    )
-    catalog, store = open_node_storage(settings)
-    destination_rows.sync(settings, catalog)
-    receiver = Receiver(settings, catalog, store)
-    scout = next(e for e in study.extra_series if e.name == "scout")
-    from ai.synthetic import write_series
-
-    paths = write_series(study, tmp_path / "scout", series=scout)
+    study, settings, catalog, store, receiver, paths = _scout_only(tmp_path, pacs)
     placed = pydicom.dcmread(paths[0], stop_before_pixels=True)
     # a first series (lower series number) whose instances have no geometry
     unplaced = pydicom.dcmread(paths[0])

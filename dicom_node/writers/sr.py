@@ -176,6 +176,9 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
     The largest 4-connected part of ``mask``, its holes filled, is traced along its
     outer pixel edges; the vertices where the outline keeps its direction are dropped.
+    Written here because no dependency traces pixel edges (scikit-image's
+    ``find_contours``, not a dependency, draws iso-lines through pixel centres, which
+    cut the corner pixels of a segment).
 
     Parameters
     ----------

@@ -51,6 +51,15 @@ def _make_due(catalog) -> None:
     )
 
 
+def _deliver_once(node) -> set[tuple[str, str, int, str | None]]:
+    """One delivery round of the node's three outputs; ``(destination, state, attempts,
+    last status)`` of every outbox row afterwards."""
+    assert deliver_due(node.settings, node.catalog, node.store) == 3
+    with node.catalog.read() as s:
+        items = s.scalars(select(OutboxItem).order_by(OutboxItem.id))
+        return {(i.destination.name, i.state.value, i.attempts, i.last_status) for i in items}
+
+
 def test_outputs_are_stowed_into_orthanc_and_read_back_byte_for_byte(tmp_path, orthanc):
     node = outbox_node(tmp_path, [_stow(orthanc)])
     try:
@@ -160,10 +169,7 @@ def test_basic_auth_sends_with_good_credentials_and_retries_refused_ones(tmp_pat
     ]
     try:
         node = outbox_node(tmp_path, dests)
-        assert deliver_due(node.settings, node.catalog, node.store) == 3
-        with node.catalog.read() as s:
-            items = s.scalars(select(OutboxItem).order_by(OutboxItem.id))
-            got = {(i.destination.name, i.state.value, i.attempts, i.last_status) for i in items}
+        got = _deliver_once(node)
         assert got == {
             ("good", "SENT", 1, "0x0000"),
             ("refused", "PENDING", 1, "HTTP 401"),  # retried: the credentials may be fixed
@@ -251,10 +257,7 @@ def test_https_is_sent_only_to_a_server_whose_certificate_ca_file_trusts(tmp_pat
     ]
     try:
         node = outbox_node(tmp_path, dests)
-        assert deliver_due(node.settings, node.catalog, node.store) == 3
-        with node.catalog.read() as s:
-            items = s.scalars(select(OutboxItem).order_by(OutboxItem.id))
-            got = {(i.destination.name, i.state.value, i.attempts, i.last_status) for i in items}
+        got = _deliver_once(node)
         assert got == {
             ("trusted", "SENT", 1, "0x0000"),
             ("untrusted", "PENDING", 1, "no answer"),  # never sent to a server not trusted

@@ -275,6 +275,12 @@ class StorageSettings(_Section):
     database_url: str = ""
     min_free_bytes: int = Field(default=512 * 1024**2, ge=0)
     fsync: bool = True
+    acknowledge: Literal["catalog", "journal"] = "catalog"
+    """When a C-STORE is answered 0x0000. ``catalog``: after the file is at its content
+    address and its catalog row is committed (both flushed). ``journal``: after the
+    validated file is flushed into the ingest journal (``storage/journal.py``); an
+    applier process writes the row behind the answer, and ``cspine serve`` applies
+    what is left before it listens again after a crash."""
     orphan_grace_seconds: float | None = Field(default=None, ge=0)
     """The start-up repair leaves spool and unrecorded store files younger than this
     (another host's receiver may be between its rename and its commit). ``None``: 0 on

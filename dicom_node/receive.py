@@ -34,7 +34,8 @@ from dicom_node.validate import (
     valid_uid,
 )
 from storage import Catalog, CatalogBusyError, FileStore, IngestOutcome, ingest
-from storage.catalog import record_refusal
+from storage.catalog import is_known, record_refusal
+from storage.journal import Journal
 
 LOGGER = logging.getLogger(__name__)
 
@@ -43,8 +44,14 @@ KILL_POINTS: tuple[str, ...] = (
     "after-temp-write",  # the spool file is complete, nothing checked yet
     "before-rename",  # validated and hashed, not yet renamed into the store
     "before-commit",  # renamed into the store, catalog transaction not committed
-    "before-response",  # committed, the status not yet returned to the peer
+    "before-response",  # committed (or journaled), the status not yet returned
 )
+JOURNAL_KILL_POINTS: tuple[str, ...] = (
+    "before-journal-rename",  # validated and flushed, not yet renamed into the journal
+    "apply-before-commit",  # the applier placed an entry, its row not committed
+    "apply-before-drop",  # the applier committed an entry's row, the entry not removed
+)
+"""Points of ``storage.acknowledge = "journal"``: the receiver's, then the applier's."""
 
 
 def parse_kill_point(spec: str | None) -> tuple[str, int] | None:
@@ -63,8 +70,9 @@ def parse_kill_point(spec: str | None) -> tuple[str, int] | None:
     if not spec:
         return None
     point, _, count = spec.partition(":")
-    if point not in KILL_POINTS:
-        raise ValueError(f"{FAULT_ENV} point must be one of {', '.join(KILL_POINTS)}")
+    points = KILL_POINTS + JOURNAL_KILL_POINTS
+    if point not in points:
+        raise ValueError(f"{FAULT_ENV} point must be one of {', '.join(points)}")
     if count and (not count.isdigit() or int(count) < 1):
         raise ValueError(f"{FAULT_ENV} count must be a positive integer, got {count!r}")
     return point, int(count or 1)
@@ -128,6 +136,10 @@ class Receiver:
         Free-space probe; defaults to the store's filesystem. Tests inject a fake.
     environ
         Where ``CSPINE_FAULT_KILL_AT`` is read, once, here (defaults to ``os.environ``).
+    journal
+        With ``storage.acknowledge = "journal"``, the journal that new instances from a
+        network peer go to (answered once durable there; the applier catalogs them).
+        ``None``: every instance is placed and cataloged before it is answered.
     """
 
     def __init__(
@@ -137,10 +149,12 @@ class Receiver:
         store: FileStore,
         free_bytes: Callable[[], int] | None = None,
         environ: Mapping[str, str] | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.store = store
+        self.journal = journal
         self.limits = Limits(
             max_pixels=settings.node.max_pixels,
             max_instance_bytes=settings.node.max_instance_bytes,
@@ -194,6 +208,21 @@ class Receiver:
                 affected_sop_class_uid=affected_sop_class_uid,
                 limits=self.limits,
             )
+            if (
+                self.journal is not None
+                and calling_ae is not None
+                and not is_known(self.catalog, header.sop_instance_uid)
+            ):
+                # a new instance: durable in the journal now, cataloged behind the answer
+                if self._checkpoint is not None:
+                    self._flush(spool)
+                    self._checkpoint("before-journal-rename")
+                self.journal.append(spool, calling_ae)
+                spool = None  # consumed by the journal
+                if self._checkpoint is not None:
+                    self._checkpoint("before-response")
+                return Outcome(SUCCESS, "journaled")
+            # known UIDs (duplicates, re-sends with other content) and imports: in line
             result = ingest(
                 self.catalog, self.store, spool, header, calling_ae, checkpoint=self._checkpoint
             )
@@ -245,6 +274,15 @@ class Receiver:
             )
         return Outcome(SUCCESS, result.outcome.value, result.study_id, result.instance_id)
 
+    @staticmethod
+    def _flush(path: Path) -> None:
+        """Flush a file's data (only for the ``before-journal-rename`` kill point)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
     def _record(self, status: int, reason: str, calling_ae: str | None, uid: str | None) -> None:
         """Keep the reason of a refusal in the catalog; never raises (it is best effort)."""
         uid = uid.rstrip("\0 ") if uid else None
@@ -261,3 +299,10 @@ def open_node_storage(settings: Settings) -> tuple[Catalog, FileStore]:
     store = FileStore(settings.storage.store_path, fsync=settings.storage.fsync)
     catalog = Catalog(settings.storage.url)
     return catalog, store
+
+
+def open_journal(settings: Settings, store: FileStore) -> Journal | None:
+    """The ingest journal when ``storage.acknowledge = "journal"``, else ``None``."""
+    if settings.storage.acknowledge != "journal":
+        return None
+    return Journal(store.root, fsync=settings.storage.fsync)

@@ -28,8 +28,9 @@ from pathlib import Path
 
 from config import Settings, check_bind_safety
 from dicom_node import destinations, memory
+from dicom_node.apply import replay
 from dicom_node.memory import trim_malloc
-from dicom_node.receive import Receiver, open_node_storage
+from dicom_node.receive import Receiver, open_journal, open_node_storage
 from dicom_node.scp import StorageNode
 from storage import reconcile
 
@@ -149,6 +150,29 @@ class WorkerSupervisor(ChildSupervisor):
         )
 
 
+class ApplierSupervisor(ChildSupervisor):
+    """Keep one journal applier child process running (``storage.acknowledge = "journal"``).
+
+    It applies on a core of its own what the receivers acknowledged from the journal;
+    a restarted applier takes up the entries where the one that died left them.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings_file = write_settings_file(settings)
+        super().__init__(
+            "applier",
+            [
+                sys.executable,
+                "-m",
+                "dicom_node.apply",
+                "--settings-file",
+                str(self.settings_file),
+                "--parent-pid",
+                str(os.getpid()),
+            ],
+        )
+
+
 def write_settings_file(settings: Settings) -> Path:
     """Write the settings as JSON to ``<data_dir>/run/settings.json`` for child processes."""
     run_dir = Path(settings.storage.data_dir) / "run"
@@ -217,6 +241,9 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
     tune_malloc()
     check_bind_safety(settings)
     catalog, store = open_node_storage(settings)
+    journal = open_journal(settings, store)
+    if journal is not None:
+        replay(settings, catalog, store, journal)  # acknowledged before a crash
     repaired = reconcile(catalog, store, grace_s=settings.storage.orphan_grace_seconds)
     LOGGER.info("store ready tmp_swept=%d orphans_removed=%d", repaired["tmp"], repaired["orphans"])
     for dest in destinations.sync(settings, catalog):
@@ -227,8 +254,9 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
             "tls" if dest.tls else "plain",
             ",".join(dest.outputs),
         )
-    receiver = Receiver(settings, catalog, store)
+    receiver = Receiver(settings, catalog, store, journal=journal)
     node = StorageNode(settings, receiver)
+    applier = ApplierSupervisor(settings) if journal is not None else None
     supervisor = WorkerSupervisor(settings) if settings.worker.enabled else None
     web = None
     if settings.web.enabled:
@@ -247,6 +275,9 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
         listener = open_listener(settings)
         pool = ReceiverPool(settings, listener, settings.node.receivers - 1)
         extra.append((pool.ensure_running, 2.0, "receiver-supervisor"))
+    if applier is not None:
+        applier.ensure_running()
+        extra.append((applier.ensure_running, 1.0, "applier-supervisor"))
     if supervisor is not None:
         supervisor.ensure_running()
         extra.append((supervisor.ensure_running, 5.0, "worker-supervisor"))
@@ -264,6 +295,8 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
             listener.close()
         if supervisor is not None:
             supervisor.stop()
+        if applier is not None:
+            applier.stop()
         catalog.dispose()
 
 
@@ -276,7 +309,8 @@ def run_receiver(settings: Settings, listener: socket.socket) -> None:
     """
     tune_malloc()
     catalog, store = open_node_storage(settings)
-    node = StorageNode(settings, Receiver(settings, catalog, store))
+    journal = open_journal(settings, store)
+    node = StorageNode(settings, Receiver(settings, catalog, store, journal=journal))
     try:
         node.start(
             block=True,

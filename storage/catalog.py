@@ -152,6 +152,12 @@ def _existing(session: Session, sop_uid: str) -> _Known | None:
     return None if row is None else _Known(*row)
 
 
+def is_known(catalog: Catalog, sop_instance_uid: str) -> bool:
+    """Whether an instance with this SOP Instance UID is in the catalog (a read only)."""
+    with catalog.read() as session:
+        return _existing(session, sop_instance_uid) is not None
+
+
 def ingest(
     catalog: Catalog,
     store: FileStore,
@@ -160,6 +166,7 @@ def ingest(
     calling_ae: str | None,
     *,
     checkpoint: Callable[[str], None] | None = None,
+    received_at: dt.datetime | None = None,
 ) -> IngestResult:
     """Make a received file durable and record it.
 
@@ -178,6 +185,8 @@ def ingest(
     checkpoint
         Fault-injection hook called with ``"before-rename"`` and ``"before-commit"``
         (tests only; ``None`` in production).
+    received_at
+        When the instance was acknowledged (a journal entry's arrival); default now.
 
     Returns
     -------
@@ -210,7 +219,7 @@ def ingest(
             keep = again.file_path == rel
             raced.append(again)
             return None
-        now = utcnow()
+        now = received_at or utcnow()
         conn = session.connection()  # Core statements: no ORM overhead on the hot path
         found_study = conn.execute(_FIND_STUDY, {"uid": header.study_instance_uid}).first()
         if found_study is None:

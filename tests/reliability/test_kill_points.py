@@ -10,6 +10,7 @@ Each point runs with the catalog on SQLite and on a real PostgreSQL.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pydicom
@@ -20,6 +21,7 @@ from config import load_settings
 from config.digest import sha256_file
 from dicom_node.receive import KILL_POINTS, Receiver, parse_kill_point
 from dicom_node.receive import open_node_storage as open_storage
+from storage.journal import Journal
 from storage.models import Instance
 from tests.conftest import free_port
 from tests.dicom_node.proc import Server, echo_ok
@@ -118,6 +120,105 @@ def test_sigkill_at_each_receive_step_loses_nothing_acknowledged(tmp_path, point
     sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
     assert set(rows) == sent and len(files) == len(paths) and tmp == []
     assert "Traceback" not in server.log()
+
+
+def _journal_state(data_dir: Path, url: str) -> tuple[dict[str, Instance], set[str], int, int]:
+    """Rows, store files, journal entries and spool files, before any repair."""
+    rows, files, tmp = _state(data_dir, url)
+    entries = Journal(data_dir / "store", fsync=False).count()
+    return rows, files, entries, len(tmp)
+
+
+@pytest.mark.parametrize("point", ["before-journal-rename", "before-response"])
+def test_sigkill_at_each_journal_step_loses_nothing_acknowledged(tmp_path, point, database_url):
+    """``storage.acknowledge = "journal"``: a torn append, and a journaled instance whose
+    answer never left; the applier may have cataloged any entry before the kill."""
+    paths = write_series(tmp_path / "series", 6, rows=64, cols=64)
+    data_dir = tmp_path / "var"
+    port = free_port()
+    env = {
+        "CSPINE_STORAGE__DATABASE_URL": database_url,
+        "CSPINE_STORAGE__ORPHAN_GRACE_SECONDS": "0",
+        "CSPINE_STORAGE__ACKNOWLEDGE": "journal",
+    }
+    armed = Server(
+        data_dir,
+        port,
+        "--no-worker",
+        "--stable-seconds",
+        "600",
+        env={"CSPINE_FAULT_KILL_AT": f"{point}:{KILL_AT}", **env},
+    ).start()
+    acked, broke = _send(port, paths)
+    assert armed.proc is not None
+    assert armed.proc.wait(10) == -9
+    assert broke and len(acked) == KILL_AT - 1
+    assert f"fault injection: SIGKILL at {point} (instance {KILL_AT})" in armed.log()
+
+    rows, _files, entries, spool = _journal_state(data_dir, database_url)
+    # every instance that reached the journal is a row or still an entry; a torn
+    # append left its flushed spool file, never renamed and never answered
+    journaled = KILL_AT - 1 if point == "before-journal-rename" else KILL_AT
+    assert (len(rows) + entries, spool) == (journaled, 1 if journaled < KILL_AT else 0)
+
+    server = Server(data_dir, port, "--no-worker", "--stable-seconds", "600", env=env).start()
+    try:
+        rows, files, entries, spool = _journal_state(data_dir, database_url)
+        assert set(acked) <= set(rows) and len(rows) == journaled  # replayed before listening
+        assert (entries, spool) == (0, 0) and files == {r.file_path for r in rows.values()}
+        again, broke = _send(port, paths)
+        assert not broke and len(again) == len(paths)
+        _wait_applied(data_dir, database_url, len(paths))
+    finally:
+        server.stop()
+    rows, files, entries, spool = _journal_state(data_dir, database_url)
+    assert len(rows) == len(paths) and len(files) == len(paths) and (entries, spool) == (0, 0)
+    assert "Traceback" not in server.log()
+
+
+def test_sigkill_between_answer_and_apply_is_replayed_at_start(tmp_path):
+    """The applier dies at every entry (so nothing is cataloged), then the whole node is
+    SIGKILLed with every instance answered: the restart catalogs all of them."""
+    paths = write_series(tmp_path / "series", 6, rows=64, cols=64)
+    data_dir = tmp_path / "var"
+    port = free_port()
+    url = f"sqlite:///{data_dir / 'catalog.sqlite'}"
+    env = {"CSPINE_STORAGE__ACKNOWLEDGE": "journal"}
+    armed = Server(
+        data_dir,
+        port,
+        "--no-worker",
+        "--stable-seconds",
+        "600",
+        env={"CSPINE_FAULT_KILL_AT": "apply-before-commit:1", **env},
+    ).start()
+    acked, broke = _send(port, paths)
+    assert not broke and len(acked) == len(paths)
+    deadline = time.monotonic() + 30
+    while "SIGKILL at apply-before-commit (instance 1)" not in armed.log():
+        assert time.monotonic() < deadline, "the applier never reached the kill point"
+        time.sleep(0.1)
+    armed.kill()
+    rows, _files, entries, _spool = _journal_state(data_dir, url)
+    assert (len(rows), entries) == (0, len(paths))  # answered, none cataloged
+    server = Server(data_dir, port, "--no-worker", "--stable-seconds", "600", env=env).start()
+    try:
+        rows, files, entries, spool = _journal_state(data_dir, url)
+        assert set(rows) == set(acked) and (entries, spool) == (0, 0)
+        assert files == {r.file_path for r in rows.values()}  # the applier's orphan is reused
+        assert "journal replayed entries=6 stored=6" in server.log()
+    finally:
+        server.stop()
+
+
+def _wait_applied(data_dir: Path, url: str, count: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows, _files, entries, _spool = _journal_state(data_dir, url)
+        if len(rows) == count and entries == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the applier did not catalog {count} instances in {timeout} s")
 
 
 def test_kill_point_hook_is_inert_unless_set(tmp_path):

@@ -1,0 +1,220 @@
+"""The journal applier: catalog what was acknowledged from the ingest journal.
+
+With ``storage.acknowledge = "journal"`` the receivers answer 0x0000 once an instance is
+durable in :class:`storage.journal.Journal`; this applier then does what the answer no
+longer waits for: hash, place at the content address, commit the catalog row, and only
+then drop the entry. ``cspine serve`` applies every entry left by a crash before it
+listens (:func:`replay`), then keeps one applier child process
+(``python -m dicom_node.apply``) running beside its receivers, on another core than
+theirs.
+
+Applying is idempotent, so a crash anywhere in it is repaired by applying again: an
+entry whose row was committed is a duplicate (same bytes) and is dropped; a file placed
+without its row is placed again (the name exists; the file is kept). An entry that can
+never be applied (unreadable, or its UID stored in another series or study) is moved to
+``journal/bad/`` and logged; nothing acknowledged is deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from config import Settings
+from dicom_node.receive import FAULT_ENV, KillSwitch, parse_kill_point
+from dicom_node.validate import Limits, Rejection, inspect_file
+from storage import Catalog, CatalogBusyError, FileStore, IngestOutcome, ingest
+from storage.journal import Journal, JournalEntry
+
+LOGGER = logging.getLogger(__name__)
+
+IDLE_S = 0.005
+"""Wait between looks at an empty journal (about 0.1 % of a core)."""
+RETRY_S = 1.0
+"""Wait after an entry failed for a passing reason (catalog busy, disk error)."""
+
+
+class Applier:
+    """Apply journal entries to the store and the catalog, oldest first.
+
+    Parameters
+    ----------
+    settings
+        Node settings (the limits the entries are checked against again).
+    catalog, store, journal
+        The node's catalog, file store and journal.
+    environ
+        Where ``CSPINE_FAULT_KILL_AT`` is read (tests only; default ``os.environ``).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        store: FileStore,
+        journal: Journal,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.journal = journal
+        self.limits = Limits(
+            max_pixels=settings.node.max_pixels,
+            max_instance_bytes=settings.node.max_instance_bytes,
+        )
+        env = os.environ if environ is None else environ
+        kill = parse_kill_point(env.get(FAULT_ENV))
+        self._checkpoint: Callable[[str], None] | None = None
+        if kill is not None and kill[0].startswith("apply-"):
+            LOGGER.warning("fault injection armed: %s=%s:%d", FAULT_ENV, *kill)
+            self._checkpoint = KillSwitch(*kill)
+
+    def apply(self, entry: JournalEntry) -> str:
+        """Apply one entry; the outcome (``stored``, ``duplicate``, ``quarantined``, ``bad``).
+
+        Raises
+        ------
+        OSError, storage.CatalogBusyError
+            A passing failure: the entry stays and is tried again.
+        """
+        try:
+            header = inspect_file(
+                entry.path,
+                affected_sop_instance_uid=None,
+                affected_sop_class_uid=None,
+                limits=self.limits,
+            )
+        except Rejection as exc:
+            self._set_aside(entry, exc.reason)
+            return "bad"
+        # ingest consumes its file; it gets a second name of the entry's bytes, so the
+        # entry stays until its row is committed
+        link = self.store.tmp_dir / f"apply-{uuid.uuid4().hex}.part"
+        os.link(entry.path, link)
+        received = dt.datetime.fromtimestamp(entry.received_ns / 1e9, dt.UTC).replace(tzinfo=None)
+        try:
+            result = ingest(
+                self.catalog,
+                self.store,
+                link,
+                header,
+                entry.calling_ae,
+                checkpoint=self._hook,
+                received_at=received,
+            )
+        finally:
+            link.unlink(missing_ok=True)
+        if result.outcome is IngestOutcome.CONFLICT:
+            self._set_aside(entry, result.detail)
+            return "bad"
+        if self._checkpoint is not None:
+            self._checkpoint("apply-before-drop")
+        self.journal.drop(entry)
+        return result.outcome.value.lower()
+
+    def _hook(self, point: str) -> None:
+        if point == "before-commit" and self._checkpoint is not None:
+            self._checkpoint("apply-before-commit")
+
+    def _set_aside(self, entry: JournalEntry, reason: str) -> None:
+        dest = self.journal.set_aside(entry)
+        LOGGER.error("journal entry set aside entry=%s reason=%s", dest.name, reason)
+
+    def apply_pending(self, limit: int | None = None) -> dict[str, int]:
+        """Apply the entries waiting now, oldest first; counts per outcome.
+
+        A passing failure stops the pass (the entry stays; the next pass retries it).
+        """
+        counts: dict[str, int] = {}
+        for entry in self.journal.pending(limit):
+            outcome = self.apply(entry)
+            counts[outcome] = counts.get(outcome, 0) + 1
+        return counts
+
+    def run(self, stop: threading.Event) -> None:
+        """Apply entries as they arrive until ``stop`` is set (holds the applier lock)."""
+        with self.journal.applying():
+            while not stop.is_set():
+                try:
+                    done = self.apply_pending(limit=256)
+                except (OSError, CatalogBusyError) as exc:  # passing: log, wait, retry
+                    LOGGER.error("journal apply failed, retrying: %s", type(exc).__name__)
+                    stop.wait(RETRY_S)
+                    continue
+                except Exception:  # a defect: logged whole (no identifiers), then retried
+                    LOGGER.exception("journal apply failed, retrying")
+                    stop.wait(RETRY_S)
+                    continue
+                if not done:
+                    stop.wait(IDLE_S)
+
+
+def replay(settings: Settings, catalog: Catalog, store: FileStore, journal: Journal) -> int:
+    """Apply every entry a crash left, before the node serves again; how many were applied.
+
+    Raises
+    ------
+    OSError, storage.CatalogBusyError
+        When an entry cannot be applied now: the node must not serve with acknowledged
+        instances missing from its catalog.
+    """
+    applier = Applier(settings, catalog, store, journal, environ={})
+    with journal.applying():
+        counts = applier.apply_pending()
+    total = sum(counts.values())
+    if total:
+        LOGGER.info(
+            "journal replayed entries=%d %s",
+            total,
+            " ".join(f"{k}={v}" for k, v in sorted(counts.items())),
+        )
+    return total
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the applier child process of ``cspine serve``."""
+    import signal
+
+    from dicom_node.cli.common import configure_logging
+    from dicom_node.cli.job_cmds import die_with_parent
+    from dicom_node.receive import open_node_storage
+
+    parser = argparse.ArgumentParser(prog="python -m dicom_node.apply")
+    parser.add_argument("--settings-file", required=True)
+    parser.add_argument("--parent-pid", type=int, default=0)
+    parser.add_argument(
+        "--once", action="store_true", help="apply what waits now, then exit (a replay)"
+    )
+    args = parser.parse_args(argv)
+    if args.parent_pid:
+        die_with_parent(args.parent_pid)
+    settings = Settings.model_validate_json(Path(args.settings_file).read_text())
+    configure_logging(settings.logging.level)
+    catalog, store = open_node_storage(settings)
+    journal = Journal(store.root, fsync=settings.storage.fsync)
+    stop = threading.Event()
+
+    def _term(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        if args.once:
+            applier = Applier(settings, catalog, store, journal)
+            with journal.applying():
+                counts = applier.apply_pending()
+            LOGGER.info("journal applied %s", counts)
+        else:
+            Applier(settings, catalog, store, journal).run(stop)
+    finally:
+        catalog.dispose()
+
+
+if __name__ == "__main__":
+    main()

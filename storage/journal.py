@@ -1,0 +1,180 @@
+"""The ingest journal: acknowledged instances whose catalog row is still to be written.
+
+With ``storage.acknowledge = "journal"`` a receiver answers 0x0000 once the validated
+instance is durable here, and an applier (another process) hashes it, places it at its
+content address and commits its catalog row behind the acknowledgement. After a crash
+the entries left here are applied again before the node serves (applying is idempotent:
+an entry whose row exists already is a duplicate and is dropped).
+
+Layout, under the store root (same filesystem as the spool, so the rename is atomic)::
+
+    journal/<ns>-<pid>-<seq>-<ae hex>.dcm   one entry: the instance as received
+    journal/bad/<name>                      entries that could not be applied (kept)
+
+The name carries the arrival time (nanoseconds since the epoch, which orders replay),
+the receiving process and a counter (unique names without a lookup), and the calling AE
+title in hexadecimal (any AE character survives a file name). Appending is: flush the
+spool file's data, rename it into ``journal/``, flush the folder: two flushes, and
+nothing else on the acknowledgement path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+LOGGER = logging.getLogger(__name__)
+
+SUFFIX = ".dcm"
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One acknowledged instance waiting in the journal."""
+
+    path: Path
+    received_ns: int
+    calling_ae: str | None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """Append acknowledged instances; list, apply and drop them in arrival order.
+
+    Parameters
+    ----------
+    store_root
+        Root of the file store (the journal is its ``journal/`` folder).
+    fsync
+        Flush the entry and the folder before :meth:`append` returns (the durability
+        promise of a 0x0000; off only in tests and benchmarks of the unsafe case).
+    """
+
+    def __init__(self, store_root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(store_root).resolve() / "journal"
+        self.bad_dir = self.root / "bad"
+        self.fsync = fsync
+        for folder in (self.root, self.bad_dir):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._seq = itertools.count()
+        self._seq_lock = threading.Lock()
+
+    def _name(self, calling_ae: str | None) -> str:
+        with self._seq_lock:
+            seq = next(self._seq)
+        ae = "" if calling_ae is None else calling_ae.encode("ascii", "replace").hex()
+        return f"{time.time_ns():020d}-{os.getpid()}-{seq:08d}-{ae}{SUFFIX}"
+
+    def append(self, spool: Path, calling_ae: str | None) -> Path:
+        """Make a closed, validated spool file a journal entry; durable when this returns.
+
+        Parameters
+        ----------
+        spool
+            The instance, a closed file on the store's filesystem; it is moved.
+        calling_ae
+            The sender's AE title.
+
+        Returns
+        -------
+        Path
+            The entry.
+        """
+        if self.fsync:
+            fd = os.open(spool, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        os.chmod(spool, 0o640)
+        entry = self.root / self._name(calling_ae)
+        os.rename(spool, entry)
+        if self.fsync:
+            _fsync_dir(self.root)
+        return entry
+
+    def pending(self, limit: int | None = None) -> list[JournalEntry]:
+        """Entries waiting to be applied, oldest first (at most ``limit``)."""
+        names = sorted(
+            e.name for e in os.scandir(self.root) if e.name.endswith(SUFFIX) and e.is_file()
+        )
+        if limit is not None:
+            names = names[:limit]
+        return [parse_entry(self.root / name) for name in names]
+
+    def count(self) -> int:
+        """How many entries wait (the backlog ``cspine status`` shows)."""
+        return sum(1 for e in os.scandir(self.root) if e.name.endswith(SUFFIX))
+
+    def drop(self, entry: JournalEntry) -> None:
+        """Remove an applied entry (its bytes are in the store and its row committed)."""
+        entry.path.unlink(missing_ok=True)
+
+    def set_aside(self, entry: JournalEntry) -> Path:
+        """Move an entry that cannot be applied to ``journal/bad/``; nothing is deleted."""
+        dest = self.bad_dir / entry.path.name
+        os.replace(entry.path, dest)
+        if self.fsync:
+            _fsync_dir(self.bad_dir)
+            _fsync_dir(self.root)
+        return dest
+
+    def bad_count(self) -> int:
+        """How many entries were set aside."""
+        return sum(1 for _ in os.scandir(self.bad_dir))
+
+    @contextmanager
+    def applying(self, *, wait: bool = True) -> Iterator[bool]:
+        """Hold the applier lock (``journal/.apply.lock``); yields whether it was taken.
+
+        One applier at a time applies entries: the start-up replay of ``cspine serve``
+        and then its applier process. With ``wait=False`` the lock is only tried.
+        """
+        fd = os.open(self.root / ".apply.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def parse_entry(path: Path) -> JournalEntry:
+    """Read the arrival time and calling AE title from an entry's name.
+
+    Raises
+    ------
+    ValueError
+        When the name is not ``<ns>-<pid>-<seq>-<ae hex>.dcm``.
+    """
+    stem = path.name.removesuffix(SUFFIX)
+    parts = stem.split("-", 3)
+    if len(parts) != 4 or not all(p.isdigit() for p in parts[:3]):
+        raise ValueError(f"journal entry name {path.name!r} is not <ns>-<pid>-<seq>-<ae>.dcm")
+    ae_hex = parts[3]
+    if ae_hex == "":
+        calling_ae: str | None = None
+    else:
+        try:
+            calling_ae = bytes.fromhex(ae_hex).decode("ascii")
+        except ValueError as exc:
+            raise ValueError(f"journal entry name {path.name!r} has a bad AE title") from exc
+    return JournalEntry(path, int(parts[0]), calling_ae)

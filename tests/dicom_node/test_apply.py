@@ -1,0 +1,208 @@
+"""The ingest journal (``storage.acknowledge = "journal"``) and its applier, in process.
+
+Real files through :meth:`Receiver.accept`, the same call the SCP handler makes; the
+applier then catalogs them. The subprocess crash points are in
+``tests/reliability/test_kill_points.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from config.digest import sha256_file
+from dicom_node.apply import Applier, replay
+from dicom_node.receive import Receiver, open_journal, open_node_storage
+from dicom_node.service import write_settings_file
+from dicom_node.validate import DATASET_MISMATCH, SUCCESS
+from storage.journal import Journal, parse_entry
+from storage.models import Instance, Study
+from tests.dicom_node.conftest import make_settings
+from tests.helpers import write_series
+
+
+@pytest.fixture
+def journaled(tmp_path):
+    settings = make_settings(tmp_path, storage={"acknowledge": "journal"})
+    catalog, store = open_node_storage(settings)
+    journal = open_journal(settings, store)
+    assert journal is not None
+    receiver = Receiver(settings, catalog, store, environ={}, journal=journal)
+    yield settings, receiver, journal
+    catalog.dispose()
+
+
+def _receive(receiver: Receiver, path: Path, ae: str = "SCANNER 1"):
+    """What the SCP handler does: a spool file in the store's tmp folder, then accept."""
+    spool = receiver.store.new_temp()
+    shutil.copyfile(path, spool)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return receiver.accept(
+        spool,
+        affected_sop_instance_uid=ds.SOPInstanceUID,
+        affected_sop_class_uid=ds.SOPClassUID,
+        calling_ae=ae,
+    )
+
+
+def _rows(receiver: Receiver) -> dict[str, Instance]:
+    with receiver.catalog.read() as s:
+        return {r.sop_instance_uid: r for r in s.scalars(select(Instance))}
+
+
+def test_entry_names_keep_arrival_order_and_any_ae_title(tmp_path):
+    journal = Journal(tmp_path)
+    spools = []
+    for i in range(3):
+        spool = tmp_path / f"s{i}"
+        spool.write_bytes(b"x")
+        spools.append(spool)
+    titles = ["A/B \\C", "SCU", "ÅE"]  # a slash, a space, a non-ASCII character
+    for spool, ae in zip(spools, titles, strict=True):
+        journal.append(spool, ae)
+    pending = journal.pending()
+    assert [e.calling_ae for e in pending] == ["A/B \\C", "SCU", "?E"]
+    assert [e.received_ns for e in pending] == sorted(e.received_ns for e in pending)
+    assert journal.count() == 3 and not any(s.exists() for s in spools)
+    with pytest.raises(ValueError, match=r"<ns>-<pid>-<seq>-<ae>\.dcm"):
+        parse_entry(tmp_path / "journal" / "nonsense.dcm")
+
+
+def test_one_applier_at_a_time(tmp_path):
+    journal = Journal(tmp_path)
+    with journal.applying() as first:
+        assert first
+        with journal.applying(wait=False) as second:
+            assert not second
+    with journal.applying(wait=False) as again:
+        assert again
+
+
+def test_answered_from_the_journal_then_cataloged_behind_the_answer(tmp_path, journaled):
+    settings, receiver, journal = journaled
+    paths = write_series(tmp_path / "series", 4, rows=32, cols=32)
+    outcomes = [_receive(receiver, p) for p in paths]
+    assert [(o.status, o.reason) for o in outcomes] == [(SUCCESS, "journaled")] * 4
+    assert journal.count() == 4 and _rows(receiver) == {}  # answered, not yet cataloged
+
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    assert applier.apply_pending() == {"stored": 4}
+    rows = _rows(receiver)
+    sent = {pydicom.dcmread(p).SOPInstanceUID: sha256_file(p) for p in paths}
+    assert {uid: r.sha256 for uid, r in rows.items()} == sent
+    assert {r.calling_ae for r in rows.values()} == {"SCANNER 1"}
+    for row in rows.values():
+        assert sha256_file(receiver.store.root / row.file_path) == row.sha256
+    assert journal.count() == 0 and list(receiver.store.tmp_dir.iterdir()) == []
+    with receiver.catalog.read() as s:
+        study = s.scalars(select(Study)).one()
+        assert (study.received_count, study.instance_count) == (4, 4)
+
+    # a known UID is decided in line, with the statuses of the catalog mode
+    again = _receive(receiver, paths[0])
+    assert (again.status, again.reason) == (SUCCESS, "DUPLICATE") and journal.count() == 0
+    moved = pydicom.dcmread(paths[0])
+    moved.SeriesInstanceUID = generate_uid()
+    moved_path = tmp_path / "moved.dcm"
+    moved.save_as(moved_path, enforce_file_format=True)
+    assert _receive(receiver, moved_path).status == DATASET_MISMATCH
+
+
+def test_a_conflict_found_behind_the_answer_is_set_aside_not_deleted(tmp_path, journaled, caplog):
+    settings, receiver, journal = journaled
+    first = write_series(tmp_path / "a", 1)[0]
+    other = pydicom.dcmread(first)
+    other.SeriesInstanceUID = generate_uid()  # same SOP Instance UID, another series
+    second = tmp_path / "other.dcm"
+    other.save_as(second, enforce_file_format=True)
+    # both in flight before either is applied: both answered 0x0000
+    assert _receive(receiver, first).status == SUCCESS
+    assert _receive(receiver, second).status == SUCCESS
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    with caplog.at_level(logging.ERROR, logger="dicom_node.apply"):
+        assert applier.apply_pending() == {"stored": 1, "bad": 1}
+    assert len(_rows(receiver)) == 1 and journal.count() == 0
+    kept = list(journal.bad_dir.iterdir())
+    assert len(kept) == 1 and sha256_file(kept[0]) == sha256_file(second)
+    assert "journal entry set aside" in caplog.text and "another series or study" in caplog.text
+    assert str(other.PatientName) and str(other.PatientName) not in caplog.text
+    assert other.SOPInstanceUID not in caplog.text  # the entry's name carries no UID
+
+
+def test_a_torn_entry_is_set_aside_and_the_replay_goes_on(tmp_path, journaled):
+    settings, receiver, journal = journaled
+    paths = write_series(tmp_path / "series", 3)
+    for p in paths:
+        assert _receive(receiver, p).status == SUCCESS
+    torn = journal.pending()[1].path
+    data = torn.read_bytes()
+    torn.write_bytes(data[: len(data) // 3])  # as if power failed mid-write, fsync off
+    assert replay(settings, receiver.catalog, receiver.store, journal) == 3
+    assert len(_rows(receiver)) == 2 and journal.count() == 0 and journal.bad_count() == 1
+
+
+def test_imports_and_the_catalog_mode_never_use_the_journal(tmp_path):
+    settings = make_settings(tmp_path)
+    catalog, store = open_node_storage(settings)
+    try:
+        assert open_journal(settings, store) is None
+    finally:
+        catalog.dispose()
+    settings = make_settings(tmp_path, storage={"acknowledge": "journal"})
+    catalog, store = open_node_storage(settings)
+    journal = open_journal(settings, store)
+    try:
+        receiver = Receiver(settings, catalog, store, environ={}, journal=journal)
+        path = write_series(tmp_path / "imp", 1)[0]
+        outcome = receiver.accept(path, consume=False)  # cspine import: no calling AE
+        assert (outcome.status, outcome.reason) == (SUCCESS, "STORED")
+        assert journal is not None and journal.count() == 0
+    finally:
+        catalog.dispose()
+
+
+@pytest.mark.parametrize("point", ["apply-before-commit", "apply-before-drop"])
+def test_sigkill_while_applying_then_replay_loses_nothing(tmp_path, journaled, point):
+    settings, receiver, journal = journaled
+    paths = write_series(tmp_path / "series", 5)
+    for p in paths:
+        assert _receive(receiver, p).status == SUCCESS
+    settings_file = write_settings_file(settings)
+    cmd = [sys.executable, "-m", "dicom_node.apply", "--settings-file", str(settings_file)]
+    killed = subprocess.run(
+        [*cmd, "--once"],
+        env={**_env(), "CSPINE_FAULT_KILL_AT": f"{point}:3"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert f"fault injection: SIGKILL at {point} (instance 3)" in killed.stderr
+    committed = 2 if point == "apply-before-commit" else 3
+    assert len(_rows(receiver)) == committed and journal.count() == 3
+    # the applier of the next start applies the rest; the third entry is a duplicate
+    # (committed) or placed again over its orphan (not committed)
+    again = subprocess.run(
+        [*cmd, "--once"], env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode == 0, again.stderr
+    rows = _rows(receiver)
+    assert len(rows) == 5 and journal.count() == 0
+    assert set(receiver.store.iter_instance_files()) == {r.file_path for r in rows.values()}
+    for row in rows.values():
+        assert sha256_file(receiver.store.root / row.file_path) == row.sha256
+    assert "Traceback" not in again.stderr
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "CSPINE_FAULT_KILL_AT"}

@@ -275,7 +275,7 @@ class StorageSettings(_Section):
     database_url: str = ""
     min_free_bytes: int = Field(default=512 * 1024**2, ge=0)
     fsync: bool = True
-    acknowledge: Literal["catalog", "journal"] = "catalog"
+    acknowledge: Literal["catalog", "journal"] = "journal"
     """When a C-STORE is answered 0x0000. ``catalog``: after the file is at its content
     address and its catalog row is committed (both flushed). ``journal``: after the
     validated file is flushed into the ingest journal (``storage/journal.py``); an

@@ -19,6 +19,10 @@ from storage.catalog import mark_complete, receiving_studies
 LOGGER = logging.getLogger(__name__)
 
 
+HOLD_AFTER_S = 2.0
+"""An ingest journal entry older than this holds every completion (the applier lags)."""
+
+
 class CompletionChecker:
     """Decide which RECEIVING studies are complete.
 
@@ -32,6 +36,11 @@ class CompletionChecker:
         Monotonic clock in seconds; tests inject a fake one.
     on_complete
         Called with the study id after a study became COMPLETE (e.g. to queue a job).
+    backlog_age
+        Seconds the oldest answered-but-uncataloged instance has waited (the ingest
+        journal), or ``None`` when none waits. While it exceeds :data:`HOLD_AFTER_S`
+        (the applier is stalled) no study is completed: a waiting instance may belong
+        to any of them.
     """
 
     def __init__(
@@ -40,12 +49,15 @@ class CompletionChecker:
         stable_seconds: float,
         clock: Callable[[], float] = time.monotonic,
         on_complete: Callable[[int], None] | None = None,
+        backlog_age: Callable[[], float | None] | None = None,
     ) -> None:
         self.catalog = catalog
         self.stable_seconds = stable_seconds
         self.clock = clock
         self.on_complete = on_complete
+        self.backlog_age = backlog_age
         self._seen: dict[int, tuple[int, float]] = {}
+        self._held = False
 
     def tick(self) -> list[int]:
         """Check every open study once.
@@ -55,6 +67,13 @@ class CompletionChecker:
         list of int
             Ids of the studies completed by this tick.
         """
+        age = self.backlog_age() if self.backlog_age is not None else None
+        if age is not None and age > HOLD_AFTER_S:
+            if not self._held:
+                LOGGER.warning("completion held: ingest journal entry waiting %.1f s", age)
+            self._held = True
+            return []
+        self._held = False
         now = self.clock()
         done: list[int] = []
         open_ids = set()

@@ -38,6 +38,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # s
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from config import Settings, check_bind_safety
+from dicom_node import store_rsp
 from dicom_node.receive import Receiver
 from dicom_node.tls import describe, server_context
 from dicom_node.validate import (
@@ -239,6 +240,7 @@ class FastAssociationSocket(AssociationSocket):
                 return None, None
 
         dimse.get_msg = get_msg
+        store_rsp.install(dimse)  # a plain C-STORE success: no pydicom round trip
 
     def close_wakeup(self) -> None:
         """Close the wake-up pipe (the connection is gone)."""
@@ -728,8 +730,13 @@ class StorageNode:
         self.settings = settings
         self.receiver = receiver
         self.ae = build_ae(settings)
+        journal = receiver.journal
         self.checker = CompletionChecker(
-            receiver.catalog, settings.completion.stable_seconds, clock, on_complete
+            receiver.catalog,
+            settings.completion.stable_seconds,
+            clock,
+            on_complete,
+            backlog_age=journal.oldest_age_s if journal is not None else None,
         )
         self._started: dict[int, float] = {}
         self.connections = ConnectionCounts()

@@ -121,6 +121,17 @@ class Journal:
         """How many entries wait (the backlog ``cspine status`` shows)."""
         return sum(1 for e in os.scandir(self.root) if e.name.endswith(SUFFIX))
 
+    def oldest_age_s(self) -> float | None:
+        """Seconds since the oldest waiting entry arrived, or ``None`` when none waits."""
+        names = [e.name for e in os.scandir(self.root) if e.name.endswith(SUFFIX)]
+        if not names:
+            return None
+        try:
+            oldest = parse_entry(self.root / min(names))
+        except ValueError:
+            return None
+        return max(0.0, (time.time_ns() - oldest.received_ns) / 1e9)
+
     def drop(self, entry: JournalEntry) -> None:
         """Remove an applied entry (its bytes are in the store and its row committed)."""
         entry.path.unlink(missing_ok=True)
@@ -142,8 +153,9 @@ class Journal:
     def applying(self, *, wait: bool = True) -> Iterator[bool]:
         """Hold the applier lock (``journal/.apply.lock``); yields whether it was taken.
 
-        One applier at a time applies entries: the start-up replay of ``cspine serve``
-        and then its applier process. With ``wait=False`` the lock is only tried.
+        One pass of one applier at a time: the start-up replay of ``cspine serve``, its
+        applier process, the appliers of other hosts on the same store. With
+        ``wait=False`` the lock is only tried.
         """
         fd = os.open(self.root / ".apply.lock", os.O_RDWR | os.O_CREAT, 0o640)
         try:

@@ -126,11 +126,18 @@ def status(config_file: str | None, data_dir: str | None) -> None:
     from dicom_node.receive import open_node_storage
     from dicom_node.reports import status_lines
     from storage.jobs import status_report
+    from storage.journal import Journal
 
     settings = make_settings(config_file, data_dir)
-    catalog, _ = open_node_storage(settings)
+    catalog, store = open_node_storage(settings)
     for line in status_lines(status_report(catalog)):
         click.echo(line)
+    if (store.root / "journal").is_dir():
+        journal = Journal(store.root, fsync=False)
+        click.echo(
+            f"ingest journal: {journal.count()} answered, not yet cataloged; "
+            f"{journal.bad_count()} set aside in {journal.bad_dir}"
+        )
 
 
 COMMANDS: list[click.Command] = [worker, replay, resend, results, status]

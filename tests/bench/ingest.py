@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # dcmtk reads TCP_NODELAY from the environment: without it Nagle's algorithm and
@@ -34,10 +34,16 @@ EXTRA_ENV = {k: v for k, v in os.environ.items() if k.startswith("CSPINE_STORAGE
 RUNS = int(os.environ.get("CSPINE_BENCH_RUNS", "3"))
 SLICES = int(os.environ.get("CSPINE_BENCH_SLICES", "300"))
 TMP = os.environ.get("CSPINE_BENCH_TMP") or None
-RECEIVERS = ("cspine", "cspine-2r", "storescp", "orthanc")
-OURS = ("cspine", "cspine-2r")
-"""``cspine-2r``: ``cspine serve`` with ``node.receivers = 2`` (measured with several
-senders only: one association is served by one process either way)."""
+RECEIVERS = ("cspine", "cspine-catalog", "cspine-2r", "storescp", "orthanc")
+OURS = ("cspine", "cspine-catalog", "cspine-2r")
+"""``cspine``: ``cspine serve`` with the defaults (answered from the ingest journal);
+``cspine-catalog``: with ``storage.acknowledge = "catalog"`` (answered once the catalog
+row is committed); ``cspine-2r``: the defaults with ``node.receivers = 2`` (measured
+with several senders only: one association is served by one process either way)."""
+ENV_OF = {
+    "cspine-catalog": {"CSPINE_STORAGE__ACKNOWLEDGE": "catalog"},
+    "cspine-2r": {"CSPINE_NODE__RECEIVERS": "2"},
+}
 REFERENCES = ("storescp", "orthanc")
 SYNTAXES = ("explicit", "jpeg-lossless")
 SENDERS = (1, 4)
@@ -97,6 +103,8 @@ class Result:
     seconds: list[float]
     images: int
     mbytes: float
+    cataloged: list[float] = field(default_factory=list)
+    """Ours: seconds from the first association to the last instance in the catalog."""
 
     @property
     def median(self) -> float:
@@ -167,10 +175,8 @@ def start_receiver(kind: str, target: Path, senders: int) -> Running:
             orthanc.stop,
         )
     port = free_port()
-    extra_env = {}
+    extra_env = ENV_OF.get(kind, {})
     if kind in OURS:
-        if kind == "cspine-2r":
-            extra_env["CSPINE_NODE__RECEIVERS"] = "2"
         cmd = [
             sys.executable,
             "-m",
@@ -221,16 +227,28 @@ def start_receiver(kind: str, target: Path, senders: int) -> Running:
     return Running(port, called, count, lambda: _stop_proc(proc))
 
 
-def measure(kind: str, folder: Path, senders: int, target: Path) -> float:
-    """One timed send of ``folder`` to a fresh ``kind``; checks every instance was stored."""
+def measure(kind: str, folder: Path, senders: int, target: Path) -> tuple[float, float | None]:
+    """One timed send of ``folder`` to a fresh ``kind``; checks every instance was stored.
+
+    Returns
+    -------
+    tuple
+        Seconds to the last C-STORE response, and (ours) to the last catalog row.
+    """
     expected = sum(1 for _ in folder.iterdir())
     target.mkdir(parents=True)
     running = start_receiver(kind, target, senders)
     stopped = False
+    cataloged = None
     try:
+        t0 = time.perf_counter()
         seconds = send(folder, running.port, running.called, senders)
-        if kind in OURS:  # the catalog is read once the node has closed it
-            running.stop()
+        if kind in OURS:
+            deadline = time.perf_counter() + 60
+            while running.count() < expected and time.perf_counter() < deadline:
+                time.sleep(0.005)
+            cataloged = time.perf_counter() - t0
+            running.stop()  # the final count is read once the node has closed its catalog
             stopped = True
         stored = running.count()
     finally:
@@ -239,12 +257,12 @@ def measure(kind: str, folder: Path, senders: int, target: Path) -> float:
         shutil.rmtree(target, ignore_errors=True)
     if stored != expected:
         raise RuntimeError(f"{kind} stored {stored} of {expected} instances")
-    return seconds
+    return seconds, cataloged
 
 
 def ratios(results: list[Result]) -> list[tuple[str, int, str, float, str]]:
     """``(syntax, senders, reference, ours/reference, ours)`` in images per second
-    (medians); ``ours`` is ``cspine`` or ``cspine-2r``."""
+    (medians); ``ours`` is one of :data:`OURS`."""
     out = []
     for r in results:
         if r.name not in OURS:
@@ -271,21 +289,32 @@ def main() -> list[Result]:
             for senders in SENDERS:
                 kinds = tuple(k for k in RECEIVERS if senders > 1 or k != "cspine-2r")
                 seconds: dict[str, list[float]] = {k: [] for k in kinds}
+                cataloged: dict[str, list[float]] = {k: [] for k in kinds}
                 for run in range(RUNS):
                     k = run % len(kinds)
                     order = kinds[k:] + kinds[:k]
                     for kind in order:
                         target = work / f"{kind}-{syntax}-{senders}-{run}"
-                        seconds[kind].append(measure(kind, folder, senders, target))
+                        sent, in_catalog = measure(kind, folder, senders, target)
+                        seconds[kind].append(sent)
+                        if in_catalog is not None:
+                            cataloged[kind].append(in_catalog)
                 for kind in kinds:
-                    r = Result(kind, syntax, senders, seconds[kind], images, mbytes)
+                    r = Result(
+                        kind, syntax, senders, seconds[kind], images, mbytes, cataloged[kind]
+                    )
                     results.append(r)
                     med, lo, hi = r.rates
                     runs = " ".join(f"{s:.2f}" for s in r.seconds)
                     print(
                         f"{r.name:<9} {r.syntax:<14} senders={senders} {med:7.1f} img/s "
                         f"(min {lo:.1f}, max {hi:.1f}) {r.mbytes / r.median:7.1f} MB/s  "
-                        f"runs={runs} s",
+                        f"runs={runs} s"
+                        + (
+                            f" cataloged after {statistics.median(r.cataloged):.2f} s"
+                            if r.cataloged
+                            else ""
+                        ),
                         flush=True,
                     )
         print()

@@ -5,27 +5,29 @@ Usage::
     .venv/bin/python -m tests.bench.ingest_costs [SENDERS ...]   # default: 1 4
 
 Runs the node's own receive path in this process (the :class:`dicom_node.scp.StorageNode`
-and :class:`dicom_node.receive.Receiver` that ``cspine serve`` runs, fsync and catalog
-on), wraps each phase with a timer that records wall time and the calling thread's CPU
-time (``time.thread_time``), and sends the ingest bench's 300-slice 512x512 series with
-dcmtk ``storescu`` (``TCP_NODELAY=1``). Prints, per sender count, a Markdown table of the
-phases in milliseconds per instance (wall, CPU, and the difference: waiting for the
-disk, the lock or the GIL), the receiver's process CPU, the senders' CPU and the time the
-catalog's writer lock is held.
+and :class:`dicom_node.receive.Receiver` that ``cspine serve`` runs, with its defaults:
+fsync on, answered from the ingest journal), wraps each phase with a timer that records
+wall time and the calling thread's CPU time (``time.thread_time``), and sends the ingest
+bench's 300-slice 512x512 series with dcmtk ``storescu`` (``TCP_NODELAY=1``). Then it
+applies the journal the way the applier process does (:class:`dicom_node.apply.Applier`),
+timed the same way. Prints, per sender count, Markdown tables of the phases in
+milliseconds per instance (wall, CPU, and the difference: waiting for the disk, the lock
+or the GIL), the receiver's process CPU, the applier's CPU, the senders' CPU and the time
+the catalog's writer lock is held.
 
 From the 4-sender run it builds a throughput model and projects it for 8 and 16 cores
-with one receiver process per core (``node.receivers``)::
+with one receiver process per core (``node.receivers``) and the one applier::
 
-    rate <= cores / (receiver CPU + sender CPU)     every core busy
-    rate <= processes / receiver CPU                a process runs about one core (its GIL)
-    rate <= 1 / catalog lock hold (one sender)      one SQLite writer at a time
+    rate <= cores / (receiver CPU + applier CPU + sender CPU)   every core busy
+    rate <= processes / receiver CPU            a process runs about one core (its GIL)
+    rate <= 1 / applier CPU                     one applier process catalogs everything
+    rate <= 1 / catalog lock hold               one SQLite writer at a time
 
 The receiver CPU is taken under load (the 4-sender run: threads contending for one
-interpreter lock cost CPU of their own); the catalog lock hold from the 1-sender run,
-where the lock is held for the catalog's work only, not for interpreter-lock waits. It
-prints the 2-core prediction beside the rate measured in the same run, so the model's
-error is visible. One sender is latency-bound (one instance in flight): its rate
-is 1 / the sum of the phases on the response path, whatever the core count.
+interpreter lock cost CPU of their own). It prints the 2-core prediction beside the rate
+measured in the same run, so the model's error is visible. One sender is latency-bound
+(one instance in flight): its rate is 1 / the sum of the phases on the response path,
+whatever the core count; the applier works behind the answers, on the other core.
 
 A plain script, not a test; ``make bench`` includes its output in docs/performance.md.
 """
@@ -88,6 +90,10 @@ class Costs:
     process_sys: float = 0.0
     sender_cpu: float = 0.0
     lock_hold: float = 0.0
+    applier_wall: dict[str, float] = field(default_factory=dict)
+    applier_cpu: dict[str, float] = field(default_factory=dict)
+    applier_total: float = 0.0
+    """CPU of applying the journal (the applier process's work), ms per instance."""
 
     @property
     def rate(self) -> float:
@@ -100,13 +106,13 @@ class Costs:
 
 
 def _phases() -> list[Phase]:
+    """The receiver's phases: the answer waits for every one of them."""
     import pynetdicom.dimse as dimse
     import pynetdicom.dul as dul
 
     import dicom_node.receive as receive
-    import storage.catalog as catalog
-    from storage.db import Catalog
-    from storage.filestore import FileStore
+    import dicom_node.store_rsp as store_rsp
+    from storage.journal import Journal
 
     return [
         Phase(
@@ -119,10 +125,28 @@ def _phases() -> list[Phase]:
         ),
         Phase("handler total (Receiver.accept)", receive.Receiver, "accept"),
         Phase("  check: parse and validate the header", receive, "inspect_file"),
+        Phase("  lookup: is the UID in the catalog (a read)", receive, "is_known"),
+        Phase("  journal: flush the file, rename, flush the folder", Journal, "append"),
+        Phase("response: encode and queue the C-STORE-RSP", store_rsp, "send_plain"),
+    ]
+
+
+APPLY_TOTAL = "applier total (Applier.apply, per entry)"
+
+
+def _applier_phases() -> list[Phase]:
+    """The applier's phases, behind the answers (its own process in ``cspine serve``)."""
+    import dicom_node.apply as apply
+    import storage.catalog as catalog
+    from storage.db import Catalog
+    from storage.filestore import FileStore
+
+    return [
+        Phase(APPLY_TOTAL, apply.Applier, "apply"),
+        Phase("  check: parse the header again", apply, "inspect_file"),
         Phase("  hash: sha256 of the file", catalog, "sha256_file"),
         Phase("  place: link, fsync file and folders", FileStore, "_place"),
-        Phase("  catalog: group commit (fsync of the WAL)", Catalog, "write"),
-        Phase("response: encode and queue the C-STORE-RSP", dimse.DIMSEServiceProvider, "send_msg"),
+        Phase("  catalog: commit (fsync of the WAL)", Catalog, "write"),
     ]
 
 
@@ -263,7 +287,8 @@ def measure_orthanc(series: Path, senders: int, work: Path) -> Reference:
 def measure(series: Path, senders: int, work: Path) -> Costs:
     """Send ``series`` with ``senders`` storescu to a fresh in-process node; its costs."""
     from config.settings import load_settings
-    from dicom_node.receive import Receiver, open_node_storage
+    from dicom_node.apply import Applier
+    from dicom_node.receive import Receiver, open_journal, open_node_storage
     from dicom_node.scp import StorageNode
 
     port = free_port()
@@ -277,30 +302,43 @@ def measure(series: Path, senders: int, work: Path) -> Costs:
         environ={"CSPINE_LOGGING__LEVEL": "WARNING"},
     )
     catalog, store = open_node_storage(settings)
-    node = StorageNode(settings, Receiver(settings, catalog, store))
+    journal = open_journal(settings, store)
+    if journal is None:
+        raise RuntimeError("the defaults must answer from the ingest journal")
+    node = StorageNode(settings, Receiver(settings, catalog, store, journal=journal))
     files = sorted(series.iterdir())
     wall: dict[str, float] = defaultdict(float)
     cpu: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     held = [0.0]
+    a_wall: dict[str, float] = defaultdict(float)
+    a_cpu: dict[str, float] = defaultdict(float)
+    a_calls: dict[str, int] = defaultdict(int)
     spool_dir = tempfile.tempdir  # the node points tempfile at its spool: put it back
     node.start()
     try:
         time.sleep(1.0)  # the scheduler's first ticks, not the instances' cost
-        with _timed(_phases(), wall, cpu, calls), _lock_hold(held):
+        with _timed(_phases(), wall, cpu, calls):
             self0 = resource.getrusage(resource.RUSAGE_SELF)
             kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             seconds = send(files, port, "CSPINE", senders)
             self1 = resource.getrusage(resource.RUSAGE_SELF)
             kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        node.stop()
+        # what the applier process does behind the answers, timed alone
+        applier = Applier(settings, catalog, store, journal, environ={})
+        with _timed(_applier_phases(), a_wall, a_cpu, a_calls), _lock_hold(held):
+            c0 = time.thread_time()
+            applied = applier.apply_pending()
+            applier_cpu_s = time.thread_time() - c0
     finally:
         node.stop()
         catalog.dispose()
         tempfile.tempdir = spool_dir
     n = len(files)
     accepted = calls.get("handler total (Receiver.accept)", 0)
-    if accepted != n:
-        raise RuntimeError(f"the node handled {accepted} of {n} instances")
+    if accepted != n or applied != {"stored": n}:
+        raise RuntimeError(f"the node handled {accepted} of {n} instances, applied {applied}")
     per = 1000.0 / n
     return Costs(
         senders=senders,
@@ -313,6 +351,9 @@ def measure(series: Path, senders: int, work: Path) -> Costs:
         process_sys=(self1.ru_stime - self0.ru_stime) * per,
         sender_cpu=(kids1.ru_utime - kids0.ru_utime + kids1.ru_stime - kids0.ru_stime) * per,
         lock_hold=held[0] * per,
+        applier_wall={k: v * per for k, v in a_wall.items()},
+        applier_cpu={k: v * per for k, v in a_cpu.items()},
+        applier_total=applier_cpu_s * per,
     )
 
 
@@ -334,6 +375,9 @@ def median_costs(runs: list[Costs]) -> Costs:
         process_sys=med([r.process_sys for r in runs]),
         sender_cpu=med([r.sender_cpu for r in runs]),
         lock_hold=med([r.lock_hold for r in runs]),
+        applier_wall={k: med([r.applier_wall[k] for r in runs]) for k in runs[0].applier_wall},
+        applier_cpu={k: med([r.applier_cpu[k] for r in runs]) for k in runs[0].applier_cpu},
+        applier_total=med([r.applier_total for r in runs]),
     )
 
 
@@ -365,10 +409,24 @@ def table(costs: Costs) -> list[str]:
         lines.append(f"| {k} | {w:.3f} | {c:.3f} | {max(0.0, w - c):.3f} |")
     lines += [
         "",
+        "Behind the answers, the applier (timed alone, after the send):",
+        "",
+        "| phase | wall ms/instance | CPU ms/instance | waiting ms/instance |",
+        "|---|---|---|---|",
+    ]
+    for phase in _applier_phases():
+        k = phase.label
+        if k not in costs.applier_wall:
+            continue
+        w, c = costs.applier_wall[k], costs.applier_cpu[k]
+        lines.append(f"| {k} | {w:.3f} | {c:.3f} | {max(0.0, w - c):.3f} |")
+    lines += [
+        "",
         f"- receiver process CPU: {costs.process_cpu:.2f} ms per instance "
         f"(user {costs.process_user:.2f}, system {costs.process_sys:.2f})",
+        f"- applier CPU: {costs.applier_total:.2f} ms per instance",
         f"- storescu CPU: {costs.sender_cpu:.2f} ms per instance",
-        f"- catalog writer lock held: {costs.lock_hold:.3f} ms per instance",
+        f"- catalog writer lock held (by the applier): {costs.lock_hold:.3f} ms per instance",
     ]
     if costs.senders == 1:
         lines += latency_bounds(costs)
@@ -382,39 +440,35 @@ def latency_bounds(costs: Costs) -> list[str]:
     its wall time per instance.
     """
     per = 1000 / costs.rate
-    catalog = costs.wall.get("  catalog: group commit (fsync of the WAL)", 0.0)
-    place = costs.wall.get("  place: link, fsync file and folders", 0.0)
-    flush_wait = max(0.0, place - costs.cpu.get("  place: link, fsync file and folders", 0.0))
-    catalog_wait = max(
-        0.0, catalog - costs.cpu.get("  catalog: group commit (fsync of the WAL)", 0.0)
-    )
+    key = "  journal: flush the file, rename, flush the folder"
+    flush_wait = max(0.0, costs.wall.get(key, 0.0) - costs.cpu.get(key, 0.0))
     return [
-        "- upper bounds for one sender, from this table: with the catalog commit off the "
-        f"response path (a journal applied behind the acknowledgement) at most "
-        f"{1000 / (per - catalog):.0f} images/s; with no flush at all (file, folders, WAL: "
-        f"{flush_wait + catalog_wait:.2f} ms of waiting) at most "
-        f"{1000 / (per - flush_wait - catalog_wait):.0f} images/s",
+        "- upper bound for one sender, from this table: with no flush before the answer "
+        f"({flush_wait:.2f} ms of waiting per instance) at most "
+        f"{1000 / (per - flush_wait):.0f} images/s",
     ]
 
 
 def project(costs: Costs, serial: Costs, orthanc: Reference | None) -> list[str]:
     """The throughput model of the module docstring: CPU from ``costs`` (several senders),
     the catalog writer's serial time from ``serial`` (one sender); Orthanc by its CPU."""
-    cpu_total = costs.process_cpu + costs.sender_cpu
+    cpu_total = costs.process_cpu + costs.applier_total + costs.sender_cpu
     bounds_of: dict[str, Callable[[int], float]] = {
         "CPU": lambda cores: cores * 1000 / cpu_total,
         "one process per core": lambda cores: cores * 1000 / costs.process_cpu,
+        "one applier": lambda cores: 1000 / serial.applier_total,
         "catalog writer": lambda cores: 1000 / serial.lock_hold,
     }
     lines = [
         "",
         "### Model and projection",
         "",
-        f"Receiver CPU {costs.process_cpu:.2f} ms and sender CPU {costs.sender_cpu:.2f} ms "
-        f"per instance ({costs.senders}-sender run); catalog writer lock "
-        f"{serial.lock_hold:.3f} ms per instance ({serial.senders}-sender run). One "
-        "receiver process per core (`node.receivers`), enough senders to keep them busy, "
-        "one SQLite catalog.",
+        f"Receiver CPU {costs.process_cpu:.2f} ms, applier CPU {costs.applier_total:.2f} ms "
+        f"and sender CPU {costs.sender_cpu:.2f} ms per instance ({costs.senders}-sender "
+        f"run); applier CPU {serial.applier_total:.2f} ms and catalog writer lock "
+        f"{serial.lock_hold:.3f} ms per instance ({serial.senders}-sender run, applied "
+        "alone). One receiver process per core (`node.receivers`), enough senders to keep "
+        "them busy, one applier process, one SQLite catalog.",
     ]
     if orthanc is not None:
         lines += [
@@ -426,9 +480,10 @@ def project(costs: Costs, serial: Costs, orthanc: Reference | None) -> list[str]
             "index is a single SQLite writer too, and its DICOM threads "
             "(`DicomThreadsCount`) must be raised with the cores.",
         ]
-    head = "| cores | CPU bound img/s | process bound img/s | catalog bound img/s | ours img/s "
+    head = "| cores | CPU bound img/s | process bound img/s | applier bound img/s "
+    head += "| catalog bound img/s | ours img/s "
     head += "| binding limit |"
-    rule = "|---|---|---|---|---|---|"
+    rule = "|---|---|---|---|---|---|---|"
     if orthanc is not None:
         head += " Orthanc img/s (CPU bound) | ours / Orthanc |"
         rule += "---|---|"
@@ -444,7 +499,7 @@ def project(costs: Costs, serial: Costs, orthanc: Reference | None) -> list[str]
         lines.append(row)
     predicted = min(
         f(1) if name == "one process per core" else f(2) for name, f in bounds_of.items()
-    )
+    )  # this run: one receiver process on 2 cores
     lines += [
         "",
         f"Check against this run ({os.cpu_count()} cores, one receiver process): the "
@@ -485,8 +540,9 @@ def main(argv: list[str]) -> list[str]:
         "`python -m tests.bench.ingest_costs`: the node's receive path in one process, "
         "each phase timed (wall and the thread's CPU time), the same 300-slice series "
         f"sent by dcmtk `storescu`; every figure is the median of {RUNS} runs. "
-        "Phases nest: check, hash, place and catalog are inside "
-        "the handler; the DUL rows run on the association's network thread, beside it.",
+        "Phases nest: check, lookup and journal are inside the handler; the DUL rows run "
+        "on the association's network thread, beside it. The applier's phases are "
+        "measured applying the same run's journal afterwards, alone.",
         "",
     ]
     for costs in runs:

@@ -6,12 +6,15 @@ Usage::
 
 Sends the same synthetic N-slice (default 100) 512x512 series with dcmtk ``storescu``
 (one association, ``TCP_NODELAY=1``) to Orthanc (the ingest bench's configuration) and
-to ``cspine serve --no-worker``, each traced with ``strace -f -e trace=<sync and rename
+to ``cspine serve --no-worker`` (the defaults: the ingest journal; and with
+``storage.acknowledge = "catalog"``), each traced with ``strace -f -e trace=<sync and rename
 calls>``, and prints per receiver how many ``fsync``/``fdatasync`` calls hit which kind
-of file (stored instance, folder, SQLite database or WAL). It explains the ingest ratio:
-both receivers flush every stored file, but only cspine also flushes the file's folders
-and the catalog's WAL before it answers 0x0000 (power-loss durability of the name and the
-index row, not just the bytes). A plain script, not a test; needs ``strace``.
+of file (stored instance, folder, SQLite database or WAL). Orthanc flushes every stored
+file and its index only at checkpoints. cspine's receiver flushes the file and the
+journal's folder before it answers 0x0000 (the name is durable too, not just the bytes);
+its applier then flushes the file's content address, folders and the catalog's WAL behind
+the answer. With ``storage.acknowledge = "catalog"`` all of that precedes the answer.
+A plain script, not a test; needs ``strace``.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from tests.bench.ingest import send, start_receiver  # noqa: E402
 CALLS = "fsync,fdatasync,sync_file_range,syncfs"
 
 
-def _pid_of(marker: str) -> int:
-    """The process whose command line mentions ``marker`` (the receiver's folder)."""
+def _pid_of(marker: str, role: str = "") -> int:
+    """The process whose command line mentions ``marker`` (the receiver's folder) and
+    ``role`` (``dicom_node.apply`` for the journal applier; else not the applier)."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -42,9 +46,14 @@ def _pid_of(marker: str) -> int:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if marker in cmd and "strace" not in cmd:
+        if marker not in cmd or "strace" in cmd:
+            continue
+        if (role and role in cmd) or (not role and APPLIER not in cmd):
             return int(proc.name)
-    raise RuntimeError(f"no process for {marker}")
+    raise RuntimeError(f"no process for {marker} {role}".strip())
+
+
+APPLIER = "dicom_node.apply"
 
 
 def _kind(path: str) -> str:
@@ -57,25 +66,36 @@ def _kind(path: str) -> str:
 
 
 def trace(kind: str, series: Path, work: Path) -> tuple[float, collections.Counter]:
-    """Send ``series`` to a fresh ``kind`` under strace; images/s and sync calls by target."""
+    """Send ``series`` to a fresh ``kind`` under strace; images/s and sync calls by target.
+
+    For ``cspine`` (the ingest journal) the receiver, whose flushes the answer waits for,
+    and the applier, which flushes behind the answer, are counted apart.
+    """
     target = work / kind
     running = start_receiver(kind, target, 1)
-    log = work / f"strace-{kind}.txt"
+    tracers = []
+    logs = []
     try:
-        pid = _pid_of(str(target))
-        tracer = subprocess.Popen(
-            ["strace", "-f", "-y", "-qq", "-o", str(log), "-e", f"trace={CALLS}", "-p", str(pid)]
-        )
+        pids = [("", _pid_of(str(target)))]
+        if kind == "cspine":
+            pids.append((" (applier, behind the answer)", _pid_of(str(target), APPLIER)))
+        for label, pid in pids:
+            log = work / f"strace-{kind}-{pid}.txt"
+            logs.append((label, log))
+            cmd = ["strace", "-f", "-y", "-qq", "-o", str(log), "-e", f"trace={CALLS}"]
+            tracers.append(subprocess.Popen([*cmd, "-p", str(pid)]))
         time.sleep(1.5)  # strace attaches to every thread
         seconds = send(series, running.port, running.called, 1)
-        time.sleep(0.5)
-        tracer.terminate()
-        tracer.wait()
+        time.sleep(1.0)  # the applier catches up
+        for tracer in tracers:
+            tracer.terminate()
+            tracer.wait()
     finally:
         running.stop()
     counts: collections.Counter = collections.Counter()
-    for call, path in re.findall(r"(\w+)\(\d+<([^>]*)>", log.read_text()):
-        counts[f"{call} {_kind(path)}"] += 1
+    for label, log in logs:
+        for call, path in re.findall(r"(\w+)\(\d+<([^>]*)>", log.read_text()):
+            counts[f"{call} {_kind(path)}{label}"] += 1
     n = sum(1 for _ in series.iterdir())
     return n / seconds, counts
 
@@ -90,7 +110,7 @@ def main() -> None:
     try:
         series = work / "series"
         write_series(generate_study(2024, StudySpec(n_slices=n)), series, "explicit")
-        for kind in ("orthanc", "cspine"):
+        for kind in ("orthanc", "cspine", "cspine-catalog"):
             rate, counts = trace(kind, series, work)
             print(f"{kind}: {n} instances, {rate:.0f} img/s under strace")
             for key, value in sorted(counts.items()):

@@ -8,6 +8,7 @@ applier then catalogs them. The subprocess crash points are in
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -16,8 +17,9 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from config import load_settings
 from config.digest import sha256_file
 from dicom_node.apply import Applier, replay
 from dicom_node.receive import Receiver, open_journal, open_node_storage
@@ -25,7 +27,9 @@ from dicom_node.service import write_settings_file
 from dicom_node.validate import DATASET_MISMATCH, SUCCESS
 from storage.journal import Journal, parse_entry
 from storage.models import Instance, Study
+from tests.conftest import free_port
 from tests.dicom_node.conftest import make_settings
+from tests.dicom_node.proc import Server, cspine
 from tests.helpers import write_series
 
 
@@ -150,7 +154,7 @@ def test_a_torn_entry_is_set_aside_and_the_replay_goes_on(tmp_path, journaled):
 
 
 def test_imports_and_the_catalog_mode_never_use_the_journal(tmp_path):
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, storage={"acknowledge": "catalog"})
     catalog, store = open_node_storage(settings)
     try:
         assert open_journal(settings, store) is None
@@ -203,6 +207,61 @@ def test_sigkill_while_applying_then_replay_loses_nothing(tmp_path, journaled, p
 
 
 def _env() -> dict[str, str]:
-    import os
-
     return {k: v for k, v in os.environ.items() if k != "CSPINE_FAULT_KILL_AT"}
+
+
+def test_serve_answers_from_the_journal_and_a_clean_stop_leaves_it_empty(tmp_path):
+    """The defaults of ``cspine serve``: an applier process beside the receiver; dcmtk
+    sends; SIGTERM drains what is left; ``cspine status`` shows the backlog."""
+    paths = write_series(tmp_path / "series", 20, rows=64, cols=64)
+    data_dir = tmp_path / "var"
+    port = free_port()
+    server = Server(data_dir, port, "--no-worker", "--stable-seconds", "600").start()
+    try:
+        sent = subprocess.run(
+            ["storescu", "-aec", "CSPINE", "-xs", "127.0.0.1", str(port), *map(str, paths)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        assert sent.returncode == 0, sent.stderr
+    finally:
+        server.stop()
+    assert server.proc is not None and server.proc.returncode == 0
+    assert "applier started" in server.log() and "Traceback" not in server.log()
+    settings = load_settings(overrides={"storage": {"data_dir": str(data_dir)}}, environ={})
+    catalog, store = open_node_storage(settings)
+    try:
+        with catalog.read() as s:
+            assert s.scalar(select(func.count(Instance.id))) == len(paths)
+        assert Journal(store.root).count() == 0
+    finally:
+        catalog.dispose()
+    status = cspine("status", "--data-dir", str(data_dir))
+    assert status.returncode == 0, status.stderr
+    assert "ingest journal: 0 answered, not yet cataloged; 0 set aside" in status.stdout
+
+
+def test_a_stalled_applier_holds_every_completion(tmp_path, journaled):
+    from dicom_node.completion import HOLD_AFTER_S, CompletionChecker
+
+    settings, receiver, journal = journaled
+    paths = write_series(tmp_path / "series", 2)
+    assert _receive(receiver, paths[0]).status == SUCCESS
+    Applier(settings, receiver.catalog, receiver.store, journal, environ={}).apply_pending()
+    assert _receive(receiver, paths[1]).status == SUCCESS  # waits in the journal
+    age = [0.0]
+    clock = [0.0]
+    checker = CompletionChecker(
+        receiver.catalog, 10, clock=lambda: clock[0], backlog_age=lambda: age[0]
+    )
+    assert checker.tick() == []  # first sight of the study
+    clock[0] = 60.0
+    age[0] = HOLD_AFTER_S + 1  # the applier is stalled: the study is not judged complete
+    assert checker.tick() == []
+    age[0] = 0.0
+    (study_id,) = checker.tick()  # applied in time (here: no backlog) completes it
+    assert study_id
+    oldest = journal.oldest_age_s()
+    assert oldest is not None and oldest >= 0

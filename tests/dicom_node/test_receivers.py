@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from config import load_settings
@@ -155,17 +156,22 @@ def _send_until_broken(port: int, paths: list[Path]) -> list[str]:
     return acked
 
 
-def test_kill_points_with_two_receivers_lose_nothing_acknowledged(tmp_path):
-    """Every receiver SIGKILLs itself with its 2nd instance between rename and commit."""
+@pytest.mark.parametrize(
+    ("acknowledge", "point"), [("catalog", "before-commit"), ("journal", "before-response")]
+)
+def test_kill_points_with_two_receivers_lose_nothing_acknowledged(tmp_path, acknowledge, point):
+    """Every receiver SIGKILLs itself with its 2nd instance: between rename and commit
+    (catalog), or with the entry durable in the journal and the answer not sent."""
     paths = write_series(tmp_path / "series", 16, rows=64, cols=64)
     data_dir = tmp_path / "var"
     port = free_port()
+    mode = {"CSPINE_STORAGE__ACKNOWLEDGE": acknowledge}
     armed = _start(
         Server(
             data_dir,
             port,
             "--no-worker",
-            env={**RECEIVERS, "CSPINE_FAULT_KILL_AT": "before-commit:2"},
+            env={**RECEIVERS, **mode, "CSPINE_FAULT_KILL_AT": f"{point}:2"},
         )
     )
     acked: list[list[str]] = [[] for _ in range(4)]
@@ -183,11 +189,11 @@ def test_kill_points_with_two_receivers_lose_nothing_acknowledged(tmp_path):
         log = armed.log()
     finally:
         armed.kill()
-    assert "fault injection: SIGKILL at before-commit" in log
+    assert f"fault injection: SIGKILL at {point}" in log
     confirmed = {uid for group in acked for uid in group}
     assert len(confirmed) < len(paths)  # the kills did cut transfers
-    # restart (the start-up repair runs) and check what was acknowledged
-    server = _start(Server(data_dir, port, "--no-worker", env=RECEIVERS))
+    # restart (the start-up repair and replay run) and check what was acknowledged
+    server = _start(Server(data_dir, port, "--no-worker", env={**RECEIVERS, **mode}))
     try:
         rows, files, spool = _catalog(data_dir)
         assert confirmed <= set(rows)

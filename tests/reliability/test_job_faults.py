@@ -89,17 +89,18 @@ def test_sigkill_during_inference_job_completes_once(tmp_path):
     assert sorted(pacs.uids()) == sorted(o.sop_instance_uid for o in outputs)
 
 
-def _children(pid: int) -> list[int]:
-    """Child pids of ``pid`` from /proc (Linux)."""
+def _children(pid: int, marker: str = "") -> list[int]:
+    """Child pids of ``pid`` from /proc (Linux) whose command line holds ``marker``."""
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and marker.encode() in cmdline:
             out.append(int(entry))
     return out
 
@@ -118,25 +119,29 @@ def test_sigkill_of_serve_takes_its_worker_down_and_a_restart_runs_one_worker(tm
 
     port = free_port()
     server = Server(tmp_path / "var", port).start()
-    try:
+
+    def children(marker: str) -> list[int]:
+        assert server.proc is not None
         deadline = time.monotonic() + 30
-        workers: list[int] = []
-        while time.monotonic() < deadline and not workers:
-            workers = _children(server.proc.pid)
+        found: list[int] = []
+        while time.monotonic() < deadline and not found:
+            found = _children(server.proc.pid, marker)
             time.sleep(0.2)
-        assert len(workers) == 1, server.log()[-2000:]
-        (worker,) = workers
+        return found
+
+    try:
+        workers = children("worker")  # the worker, and the journal's applier beside it
+        appliers = children("dicom_node.apply")
+        assert len(workers) == 1 and len(appliers) == 1, server.log()[-2000:]
         server.kill()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(worker):
+        while time.monotonic() < deadline and any(map(_alive, workers + appliers)):
             time.sleep(0.1)
-        assert not _alive(worker), "the worker outlived the killed node"
+        assert not _alive(workers[0]), "the worker outlived the killed node"
+        assert not _alive(appliers[0]), "the applier outlived the killed node"
         server.start()
-        deadline = time.monotonic() + 30
-        workers = []
-        while time.monotonic() < deadline and not workers:
-            workers = _children(server.proc.pid)
-            time.sleep(0.2)
-        assert len(workers) == 1 and worker not in workers
+        again = children("worker")
+        assert len(again) == 1 and workers[0] not in again
+        assert len(children("dicom_node.apply")) == 1
     finally:
         server.stop()

@@ -77,6 +77,7 @@ def test_sigkill_at_each_receive_step_loses_nothing_acknowledged(tmp_path, point
     catalog_env = {
         "CSPINE_STORAGE__DATABASE_URL": database_url,
         "CSPINE_STORAGE__ORPHAN_GRACE_SECONDS": "0",
+        "CSPINE_STORAGE__ACKNOWLEDGE": "catalog",  # these points are the catalog mode's
     }
     armed = Server(
         data_dir,

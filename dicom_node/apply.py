@@ -36,6 +36,8 @@ LOGGER = logging.getLogger(__name__)
 
 IDLE_S = 0.005
 """Wait between looks at an empty journal (about 0.1 % of a core)."""
+APPLIER_NICE = 10
+"""Scheduling niceness added to the applier process (the receivers keep 0)."""
 RETRY_S = 1.0
 """Wait after an entry failed for a passing reason (catalog busy, disk error)."""
 
@@ -211,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.parent_pid:
         die_with_parent(args.parent_pid)
+    if not args.once:
+        # background work: the receivers, whose answers senders wait for, go first when
+        # the cores are busy; the applier catches up in their gaps
+        os.nice(APPLIER_NICE)
     settings = Settings.model_validate_json(Path(args.settings_file).read_text())
     configure_logging(settings.logging.level)
     catalog, store = open_node_storage(settings)

@@ -281,6 +281,12 @@ class StorageSettings(_Section):
     validated file is flushed into the ingest journal (``storage/journal.py``); an
     applier process writes the row behind the answer, and ``cspine serve`` applies
     what is left before it listens again after a crash."""
+    appliers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="journal applier processes of cspine serve, each on its share of entries",
+    )
     orphan_grace_seconds: float | None = Field(default=None, ge=0)
     """The start-up repair leaves spool and unrecorded store files younger than this
     (another host's receiver may be between its rename and its commit). ``None``: 0 on

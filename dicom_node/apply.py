@@ -53,6 +53,9 @@ class Applier:
         The node's catalog, file store and journal.
     environ
         Where ``CSPINE_FAULT_KILL_AT`` is read (tests only; default ``os.environ``).
+    share
+        ``(i, k)``: apply the entries of share ``i`` of ``k`` (``storage.appliers``
+        processes, each with its own share and lock).
     """
 
     def __init__(
@@ -62,10 +65,12 @@ class Applier:
         store: FileStore,
         journal: Journal,
         environ: Mapping[str, str] | None = None,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         self.catalog = catalog
         self.store = store
         self.journal = journal
+        self.share = share
         self.limits = Limits(
             max_pixels=settings.node.max_pixels,
             max_instance_bytes=settings.node.max_instance_bytes,
@@ -85,6 +90,8 @@ class Applier:
         OSError, storage.CatalogBusyError
             A passing failure: the entry stays and is tried again.
         """
+        if not entry.path.exists():
+            return "gone"  # applied by another applier (a start-up replay beside it)
         try:
             header = inspect_file(
                 entry.path,
@@ -93,12 +100,17 @@ class Applier:
                 limits=self.limits,
             )
         except Rejection as exc:
+            if not entry.path.exists():
+                return "gone"
             self._set_aside(entry, exc.reason)
             return "bad"
         # ingest consumes its file; it gets a second name of the entry's bytes, so the
         # entry stays until its row is committed
         link = self.store.tmp_dir / f"apply-{uuid.uuid4().hex}.part"
-        os.link(entry.path, link)
+        try:
+            os.link(entry.path, link)
+        except FileNotFoundError:
+            return "gone"
         received = dt.datetime.fromtimestamp(entry.received_ns / 1e9, dt.UTC).replace(tzinfo=None)
         try:
             result = ingest(
@@ -134,7 +146,7 @@ class Applier:
         A passing failure stops the pass (the entry stays; the next pass retries it).
         """
         counts: dict[str, int] = {}
-        for entry in self.journal.pending(limit):
+        for entry in self.journal.pending(limit, share=self.share):
             outcome = self.apply(entry)
             counts[outcome] = counts.get(outcome, 0) + 1
         return counts
@@ -149,7 +161,7 @@ class Applier:
         """
         self._loop(stop)
         try:
-            with self.journal.applying():
+            with self.journal.applying(share=self.share):
                 counts = self.apply_pending()
         except Exception as exc:  # left for the start-up replay
             LOGGER.error("journal not drained at stop: %s", type(exc).__name__)
@@ -160,7 +172,7 @@ class Applier:
     def _loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                with self.journal.applying():
+                with self.journal.applying(share=self.share):
                     done = self.apply_pending(limit=256)
             except (OSError, CatalogBusyError) as exc:  # passing: log, wait, retry
                 LOGGER.error("journal apply failed, retrying: %s", type(exc).__name__)
@@ -184,8 +196,7 @@ def replay(settings: Settings, catalog: Catalog, store: FileStore, journal: Jour
         instances missing from its catalog.
     """
     applier = Applier(settings, catalog, store, journal, environ={})
-    with journal.applying():
-        counts = applier.apply_pending()
+    counts = applier.apply_pending()  # every share, before any applier starts
     total = sum(counts.values())
     if total:
         LOGGER.info(
@@ -210,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--once", action="store_true", help="apply what waits now, then exit (a replay)"
     )
+    parser.add_argument("--share", type=int, default=0, help="this applier's share, 0-based")
     args = parser.parse_args(argv)
     if args.parent_pid:
         die_with_parent(args.parent_pid)
@@ -229,13 +241,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)  # Ctrl-C reaches the whole process group: drain
     try:
-        if args.once:
+        if args.once:  # every share
             applier = Applier(settings, catalog, store, journal)
-            with journal.applying():
-                counts = applier.apply_pending()
+            counts = applier.apply_pending()
             LOGGER.info("journal applied %s", counts)
         else:
-            Applier(settings, catalog, store, journal).run(stop)
+            share = (args.share, settings.storage.appliers)
+            if not 0 <= share[0] < share[1]:
+                parser.error(f"--share must be below storage.appliers ({share[1]})")
+            Applier(settings, catalog, store, journal, share=share).run(stop)
     finally:
         catalog.dispose()
 

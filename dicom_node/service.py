@@ -77,6 +77,8 @@ class ChildSupervisor:
         File descriptors the children inherit (the shared listener of the receivers).
     numbered
         Log the children as ``name 1``, ``name 2`` ... (``receiver 1``).
+    index_arg
+        When set, child ``i`` (0-based) gets ``index_arg i`` appended to its command.
     """
 
     def __init__(
@@ -87,9 +89,11 @@ class ChildSupervisor:
         *,
         pass_fds: Sequence[int] = (),
         numbered: bool = False,
+        index_arg: str | None = None,
     ) -> None:
         self.name = name
         self.numbered = numbered
+        self.index_arg = index_arg
         self.command = list(command)
         self.pass_fds = tuple(pass_fds)
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
@@ -111,7 +115,10 @@ class ChildSupervisor:
                 if proc is not None:
                     self.restarts += 1
                     LOGGER.warning("%s exited code=%s; restarting", self._label(i), proc.returncode)
-                started = subprocess.Popen(self.command, pass_fds=self.pass_fds)
+                command = self.command
+                if self.index_arg is not None:
+                    command = [*command, self.index_arg, str(i)]
+                started = subprocess.Popen(command, pass_fds=self.pass_fds)
                 self.procs[i] = started
                 LOGGER.info("%s started pid=%d", self._label(i), started.pid)
 
@@ -151,10 +158,11 @@ class WorkerSupervisor(ChildSupervisor):
 
 
 class ApplierSupervisor(ChildSupervisor):
-    """Keep one journal applier child process running (``storage.acknowledge = "journal"``).
+    """Keep ``storage.appliers`` journal applier processes running (journal mode).
 
-    It applies on a core of its own what the receivers acknowledged from the journal;
-    a restarted applier takes up the entries where the one that died left them.
+    They apply, on other cores than the receivers', what the receivers acknowledged;
+    applier ``i`` takes share ``i`` of the entries. A restarted applier takes up its
+    share where the one that died left it.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -170,6 +178,9 @@ class ApplierSupervisor(ChildSupervisor):
                 "--parent-pid",
                 str(os.getpid()),
             ],
+            settings.storage.appliers,
+            numbered=settings.storage.appliers > 1,
+            index_arg="--share",
         )
 
 
@@ -297,6 +308,11 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
             supervisor.stop()
         if applier is not None:
             applier.stop()
+        if journal is not None:  # what a stopped (or still starting) applier left
+            try:
+                replay(settings, catalog, store, journal)
+            except Exception as exc:  # applied at the next start instead
+                LOGGER.error("journal not drained at stop: %s", type(exc).__name__)
         catalog.dispose()
 
 

@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -108,10 +109,24 @@ class Journal:
             _fsync_dir(self.root)
         return entry
 
-    def pending(self, limit: int | None = None) -> list[JournalEntry]:
-        """Entries waiting to be applied, oldest first (at most ``limit``)."""
+    def pending(
+        self, limit: int | None = None, *, share: tuple[int, int] = (0, 1)
+    ) -> list[JournalEntry]:
+        """Entries waiting to be applied, oldest first (at most ``limit``).
+
+        Parameters
+        ----------
+        share
+            ``(i, k)``: only the entries of applier ``i`` of ``k`` (by a hash of the
+            name, so every entry belongs to exactly one share).
+        """
+        index, count = share
         names = sorted(
-            e.name for e in os.scandir(self.root) if e.name.endswith(SUFFIX) and e.is_file()
+            e.name
+            for e in os.scandir(self.root)
+            if e.name.endswith(SUFFIX)
+            and (count == 1 or zlib.crc32(e.name.encode()) % count == index)
+            and e.is_file()
         )
         if limit is not None:
             names = names[:limit]
@@ -150,14 +165,15 @@ class Journal:
         return sum(1 for _ in os.scandir(self.bad_dir))
 
     @contextmanager
-    def applying(self, *, wait: bool = True) -> Iterator[bool]:
-        """Hold the applier lock (``journal/.apply.lock``); yields whether it was taken.
+    def applying(self, *, wait: bool = True, share: tuple[int, int] = (0, 1)) -> Iterator[bool]:
+        """Hold the lock of one share (``journal/.apply-<i>-of-<k>.lock``); whether taken.
 
-        One pass of one applier at a time: the start-up replay of ``cspine serve``, its
-        applier process, the appliers of other hosts on the same store. With
-        ``wait=False`` the lock is only tried.
+        One pass of one applier per share at a time: the appliers of ``cspine serve``
+        and of other hosts on the same store. With ``wait=False`` the lock is only tried.
         """
-        fd = os.open(self.root / ".apply.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        fd = os.open(
+            self.root / f".apply-{share[0]}-of-{share[1]}.lock", os.O_RDWR | os.O_CREAT, 0o640
+        )
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

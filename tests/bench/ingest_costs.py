@@ -16,11 +16,12 @@ or the GIL), the receiver's process CPU, the applier's CPU, the senders' CPU and
 the catalog's writer lock is held.
 
 From the 4-sender run it builds a throughput model and projects it for 8 and 16 cores
-with one receiver process per core (``node.receivers``) and the one applier::
+with one receiver process and one applier process per core (``node.receivers``,
+``storage.appliers``)::
 
     rate <= cores / (receiver CPU + applier CPU + sender CPU)   every core busy
-    rate <= processes / receiver CPU            a process runs about one core (its GIL)
-    rate <= 1 / applier CPU                     one applier process catalogs everything
+    rate <= receivers / receiver CPU            a process runs about one core (its GIL)
+    rate <= appliers / applier CPU              an applier runs about one core
     rate <= 1 / catalog lock hold               one SQLite writer at a time
 
 The receiver CPU is taken under load (the 4-sender run: threads contending for one
@@ -456,7 +457,7 @@ def project(costs: Costs, serial: Costs, orthanc: Reference | None) -> list[str]
     bounds_of: dict[str, Callable[[int], float]] = {
         "CPU": lambda cores: cores * 1000 / cpu_total,
         "one process per core": lambda cores: cores * 1000 / costs.process_cpu,
-        "one applier": lambda cores: 1000 / serial.applier_total,
+        "appliers": lambda cores: cores * 1000 / serial.applier_total,
         "catalog writer": lambda cores: 1000 / serial.lock_hold,
     }
     lines = [
@@ -467,8 +468,9 @@ def project(costs: Costs, serial: Costs, orthanc: Reference | None) -> list[str]
         f"and sender CPU {costs.sender_cpu:.2f} ms per instance ({costs.senders}-sender "
         f"run); applier CPU {serial.applier_total:.2f} ms and catalog writer lock "
         f"{serial.lock_hold:.3f} ms per instance ({serial.senders}-sender run, applied "
-        "alone). One receiver process per core (`node.receivers`), enough senders to keep "
-        "them busy, one applier process, one SQLite catalog.",
+        "alone). One receiver process and one applier process per core (`node.receivers`, "
+        "`storage.appliers`), sharing the cores, enough senders to keep them busy, one "
+        "SQLite catalog.",
     ]
     if orthanc is not None:
         lines += [
@@ -498,8 +500,9 @@ def project(costs: Costs, serial: Costs, orthanc: Reference | None) -> list[str]
             row += f" {theirs:.0f} | {bounds[limit] / theirs:.2f} |"
         lines.append(row)
     predicted = min(
-        f(1) if name == "one process per core" else f(2) for name, f in bounds_of.items()
-    )  # this run: one receiver process on 2 cores
+        f(1) if name in ("one process per core", "appliers") else f(2)
+        for name, f in bounds_of.items()
+    )  # this run: one receiver process and one applier on 2 cores
     lines += [
         "",
         f"Check against this run ({os.cpu_count()} cores, one receiver process): the "

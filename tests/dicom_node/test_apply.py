@@ -80,6 +80,33 @@ def test_entry_names_keep_arrival_order_and_any_ae_title(tmp_path):
         parse_entry(tmp_path / "journal" / "nonsense.dcm")
 
 
+def test_shares_split_the_entries_between_appliers(tmp_path):
+    journal = Journal(tmp_path)
+    for i in range(40):
+        spool = tmp_path / f"s{i}"
+        spool.write_bytes(b"x")
+        journal.append(spool, "SCU")
+    every = {e.path for e in journal.pending()}
+    shares = [{e.path for e in journal.pending(share=(i, 3))} for i in range(3)]
+    assert set().union(*shares) == every and sum(map(len, shares)) == len(every) == 40
+    assert all(shares)  # 40 entries: each of three shares gets some
+    with (
+        journal.applying(share=(0, 3)) as first,
+        journal.applying(wait=False, share=(1, 3)) as other,
+    ):
+        assert first and other  # shares do not wait for each other
+
+
+def test_an_entry_applied_by_another_applier_is_gone_not_an_error(tmp_path, journaled):
+    settings, receiver, journal = journaled
+    path = write_series(tmp_path / "series", 1)[0]
+    assert _receive(receiver, path).status == SUCCESS
+    (entry,) = journal.pending()
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    assert applier.apply(entry) == "stored"
+    assert applier.apply(entry) == "gone"  # the same entry, listed before the other applied it
+
+
 def test_one_applier_at_a_time(tmp_path):
     journal = Journal(tmp_path)
     with journal.applying() as first:
@@ -210,13 +237,21 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "CSPINE_FAULT_KILL_AT"}
 
 
-def test_serve_answers_from_the_journal_and_a_clean_stop_leaves_it_empty(tmp_path):
-    """The defaults of ``cspine serve``: an applier process beside the receiver; dcmtk
-    sends; SIGTERM drains what is left; ``cspine status`` shows the backlog."""
+@pytest.mark.parametrize("appliers", [1, 2])
+def test_serve_answers_from_the_journal_and_a_clean_stop_leaves_it_empty(tmp_path, appliers):
+    """The defaults of ``cspine serve`` (and two appliers): applier processes beside the
+    receiver; dcmtk sends; SIGTERM drains what is left; ``cspine status`` shows it."""
     paths = write_series(tmp_path / "series", 20, rows=64, cols=64)
     data_dir = tmp_path / "var"
     port = free_port()
-    server = Server(data_dir, port, "--no-worker", "--stable-seconds", "600").start()
+    server = Server(
+        data_dir,
+        port,
+        "--no-worker",
+        "--stable-seconds",
+        "600",
+        env={"CSPINE_STORAGE__APPLIERS": str(appliers)},
+    ).start()
     try:
         sent = subprocess.run(
             ["storescu", "-aec", "CSPINE", "-xs", "127.0.0.1", str(port), *map(str, paths)],
@@ -229,7 +264,9 @@ def test_serve_answers_from_the_journal_and_a_clean_stop_leaves_it_empty(tmp_pat
     finally:
         server.stop()
     assert server.proc is not None and server.proc.returncode == 0
-    assert "applier started" in server.log() and "Traceback" not in server.log()
+    log = server.log()
+    names = ["applier"] if appliers == 1 else [f"applier {i + 1}" for i in range(appliers)]
+    assert all(f"{name} started" in log for name in names) and "Traceback" not in log
     settings = load_settings(overrides={"storage": {"data_dir": str(data_dir)}}, environ={})
     catalog, store = open_node_storage(settings)
     try:

@@ -92,18 +92,20 @@ class Applier:
         """
         if not entry.path.exists():
             return "gone"  # applied by another applier (a start-up replay beside it)
-        try:
-            header = inspect_file(
-                entry.path,
-                affected_sop_instance_uid=None,
-                affected_sop_class_uid=None,
-                limits=self.limits,
-            )
-        except Rejection as exc:
-            if not entry.path.exists():
-                return "gone"
-            self._set_aside(entry, exc.reason)
-            return "bad"
+        header = self.journal.header(entry)  # validated by the receiver
+        if header is None:
+            try:
+                header = inspect_file(
+                    entry.path,
+                    affected_sop_instance_uid=None,
+                    affected_sop_class_uid=None,
+                    limits=self.limits,
+                )
+            except Rejection as exc:
+                if not entry.path.exists():
+                    return "gone"
+                self._set_aside(entry, exc.reason)
+                return "bad"
         # ingest consumes its file; it gets a second name of the entry's bytes, so the
         # entry stays until its row is committed
         link = self.store.tmp_dir / f"apply-{uuid.uuid4().hex}.part"

@@ -217,7 +217,7 @@ class Receiver:
                 if self._checkpoint is not None:
                     self._flush(spool)
                     self._checkpoint("before-journal-rename")
-                self.journal.append(spool, calling_ae)
+                self.journal.append(spool, calling_ae, header)
                 spool = None  # consumed by the journal
                 if self._checkpoint is not None:
                     self._checkpoint("before-response")

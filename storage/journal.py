@@ -20,8 +20,10 @@ nothing else on the acknowledgement path.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
+import json
 import logging
 import os
 import threading
@@ -29,12 +31,16 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from storage.catalog import InstanceHeader
 
 LOGGER = logging.getLogger(__name__)
 
 SUFFIX = ".dcm"
+HEADER_XATTR = "user.cspine.header"
+"""Extended attribute of an entry holding its validated header as JSON."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,9 @@ class Journal:
         ae = "" if calling_ae is None else calling_ae.encode("ascii", "replace").hex()
         return f"{time.time_ns():020d}-{os.getpid()}-{seq:08d}-{ae}{SUFFIX}"
 
-    def append(self, spool: Path, calling_ae: str | None) -> Path:
+    def append(
+        self, spool: Path, calling_ae: str | None, header: InstanceHeader | None = None
+    ) -> Path:
         """Make a closed, validated spool file a journal entry; durable when this returns.
 
         Parameters
@@ -90,12 +98,20 @@ class Journal:
             The instance, a closed file on the store's filesystem; it is moved.
         calling_ae
             The sender's AE title.
+        header
+            The attributes the receiver validated, kept with the entry (an extended
+            attribute, :data:`HEADER_XATTR`) so the applier need not parse the file
+            again; where the filesystem has no extended attributes, it parses.
 
         Returns
         -------
         Path
             The entry.
         """
+        if header is not None:
+            kept = {"header": asdict(header), "size": spool.stat().st_size}
+            with contextlib.suppress(OSError):  # ENOTSUP: the applier parses instead
+                os.setxattr(spool, HEADER_XATTR, json.dumps(kept).encode())
         if self.fsync:
             fd = os.open(spool, os.O_RDONLY)
             try:
@@ -108,6 +124,21 @@ class Journal:
         if self.fsync:
             _fsync_dir(self.root)
         return entry
+
+    @staticmethod
+    def header(entry: JournalEntry) -> InstanceHeader | None:
+        """The header the receiver kept with ``entry``, or ``None`` (parse the file).
+
+        ``None`` too when the entry's size is not the size the receiver validated (an
+        entry torn by a power cut with fsync off): parsing it then sets it aside.
+        """
+        try:
+            kept = json.loads(os.getxattr(entry.path, HEADER_XATTR))
+            if kept["size"] != entry.path.stat().st_size:
+                return None
+            return InstanceHeader(**kept["header"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
 
     def pending(
         self, limit: int | None = None, *, share: tuple[int, int] = (0, 1)

@@ -25,7 +25,7 @@ from dicom_node.apply import Applier, replay
 from dicom_node.receive import Receiver, open_journal, open_node_storage
 from dicom_node.service import write_settings_file
 from dicom_node.validate import DATASET_MISMATCH, SUCCESS
-from storage.journal import Journal, parse_entry
+from storage.journal import HEADER_XATTR, Journal, parse_entry
 from storage.models import Instance, Study
 from tests.conftest import free_port
 from tests.dicom_node.conftest import make_settings
@@ -178,6 +178,34 @@ def test_a_torn_entry_is_set_aside_and_the_replay_goes_on(tmp_path, journaled):
     torn.write_bytes(data[: len(data) // 3])  # as if power failed mid-write, fsync off
     assert replay(settings, receiver.catalog, receiver.store, journal) == 3
     assert len(_rows(receiver)) == 2 and journal.count() == 0 and journal.bad_count() == 1
+
+
+def test_the_applier_uses_the_receivers_header_and_parses_without_it(
+    tmp_path, journaled, monkeypatch
+):
+    import dicom_node.apply as apply_module
+
+    settings, receiver, journal = journaled
+    paths = write_series(tmp_path / "series", 2)
+    for p in paths:
+        assert _receive(receiver, p).status == SUCCESS
+    first, second = journal.pending()
+    assert journal.header(first) is not None
+    os.removexattr(second.path, HEADER_XATTR)  # a filesystem without extended attributes
+    assert journal.header(second) is None
+    parsed = []
+    original = apply_module.inspect_file
+    monkeypatch.setattr(
+        apply_module, "inspect_file", lambda *a, **k: parsed.append(1) or original(*a, **k)
+    )
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    assert applier.apply_pending() == {"stored": 2}
+    assert len(parsed) == 1  # only the entry without the kept header was parsed
+    rows = _rows(receiver)
+    sent = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in paths}
+    for uid, row in rows.items():
+        assert row.instance_number == int(sent[uid].InstanceNumber)
+        assert row.sop_class_uid == sent[uid].SOPClassUID
 
 
 def test_imports_and_the_catalog_mode_never_use_the_journal(tmp_path):

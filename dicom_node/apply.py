@@ -23,11 +23,11 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from config import Settings
-from dicom_node.receive import FAULT_ENV, KillSwitch, parse_kill_point
+from dicom_node.receive import arm_kill_switch
 from dicom_node.validate import Limits, Rejection, inspect_file
 from storage import Catalog, CatalogBusyError, FileStore, IngestOutcome, ingest
 from storage.journal import Journal, JournalEntry
@@ -71,16 +71,8 @@ class Applier:
         self.store = store
         self.journal = journal
         self.share = share
-        self.limits = Limits(
-            max_pixels=settings.node.max_pixels,
-            max_instance_bytes=settings.node.max_instance_bytes,
-        )
-        env = os.environ if environ is None else environ
-        kill = parse_kill_point(env.get(FAULT_ENV))
-        self._checkpoint: Callable[[str], None] | None = None
-        if kill is not None and kill[0].startswith("apply-"):
-            LOGGER.warning("fault injection armed: %s=%s:%d", FAULT_ENV, *kill)
-            self._checkpoint = KillSwitch(*kill)
+        self.limits = Limits.of(settings.node)
+        self._checkpoint = arm_kill_switch(environ, applier=True)
 
     def apply(self, entry: JournalEntry) -> str:
         """Apply one entry; the outcome (``stored``, ``duplicate``, ``quarantined``, ``bad``).

@@ -100,6 +100,25 @@ class KillSwitch:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def arm_kill_switch(
+    environ: Mapping[str, str] | None, *, applier: bool
+) -> Callable[[str], None] | None:
+    """The kill switch ``CSPINE_FAULT_KILL_AT`` asks for, or ``None`` (production).
+
+    Parameters
+    ----------
+    environ
+        Where the variable is read (``None``: ``os.environ``).
+    applier
+        Arm only the journal applier's points (``apply-...``); else the receiver's.
+    """
+    kill = parse_kill_point((os.environ if environ is None else environ).get(FAULT_ENV))
+    if kill is None or kill[0].startswith("apply-") != applier:
+        return None
+    LOGGER.warning("fault injection armed: %s=%s:%d", FAULT_ENV, *kill)
+    return KillSwitch(*kill)
+
+
 @dataclass(frozen=True)
 class Outcome:
     """Status answered for one instance and why."""
@@ -155,17 +174,9 @@ class Receiver:
         self.catalog = catalog
         self.store = store
         self.journal = journal
-        self.limits = Limits(
-            max_pixels=settings.node.max_pixels,
-            max_instance_bytes=settings.node.max_instance_bytes,
-        )
+        self.limits = Limits.of(settings.node)
         self._free_bytes = free_bytes or store.free_bytes
-        env = os.environ if environ is None else environ
-        kill = parse_kill_point(env.get(FAULT_ENV))
-        self._checkpoint: Callable[[str], None] | None = None
-        if kill is not None:
-            LOGGER.warning("fault injection armed: %s=%s:%d", FAULT_ENV, *kill)
-            self._checkpoint = KillSwitch(*kill)
+        self._checkpoint = arm_kill_switch(environ, applier=False)
 
     def accept(
         self,

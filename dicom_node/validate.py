@@ -32,6 +32,7 @@ from pydicom.uid import (
 )
 
 from ai.compression import is_lossy
+from config.settings import NodeSettings
 from storage import InstanceHeader
 
 # DIMSE C-STORE statuses (PS3.4 Annex B.2.3)
@@ -99,6 +100,11 @@ class Limits:
 
     max_pixels: int = 512 * 1024 * 1024
     max_instance_bytes: int = 2 * 1024**3
+
+    @classmethod
+    def of(cls, node: NodeSettings) -> Limits:
+        """The limits of the ``[node]`` settings."""
+        return cls(max_pixels=node.max_pixels, max_instance_bytes=node.max_instance_bytes)
 
 
 def _uid(ds: pydicom.Dataset, keyword: str) -> str:

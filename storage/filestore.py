@@ -26,7 +26,8 @@ DIR_MODE = 0o750
 FILE_MODE = 0o640
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder (its entries: names created, renamed or removed)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -137,14 +138,14 @@ class FileStore:
             if self.fsync:
                 with dest.open("rb") as fh:
                     os.fsync(fh.fileno())
-                _fsync_dir(dest.parent)
+                fsync_dir(dest.parent)
             return rel
         src.unlink()
         if not self.fsync:
             return rel
         fd = os.open(dest, os.O_RDONLY)
         try:
-            pending = [_FSYNC_POOL.submit(_fsync_dir, folder) for folder in changed]
+            pending = [_FSYNC_POOL.submit(fsync_dir, folder) for folder in changed]
             try:
                 os.fsync(fd)
             finally:
@@ -177,7 +178,7 @@ class FileStore:
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, folder / name)
         if self.fsync:
-            _fsync_dir(folder)
+            fsync_dir(folder)
         return f"outputs/{int(job_id)}/{name}"
 
     def iter_instance_files(self) -> list[str]:

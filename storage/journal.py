@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from storage.catalog import InstanceHeader
+from storage.filestore import fsync_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ class JournalEntry:
     path: Path
     received_ns: int
     calling_ae: str | None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Journal:
@@ -122,7 +115,7 @@ class Journal:
         entry = self.root / self._name(calling_ae)
         os.rename(spool, entry)
         if self.fsync:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         return entry
 
     @staticmethod
@@ -187,8 +180,8 @@ class Journal:
         dest = self.bad_dir / entry.path.name
         os.replace(entry.path, dest)
         if self.fsync:
-            _fsync_dir(self.bad_dir)
-            _fsync_dir(self.root)
+            fsync_dir(self.bad_dir)
+            fsync_dir(self.root)
         return dest
 
     def bad_count(self) -> int:

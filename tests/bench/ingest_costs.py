@@ -393,34 +393,31 @@ def median_reference(runs: list[Reference]) -> Reference:
     )
 
 
+def _phase_table(phases: list[Phase], wall: dict[str, float], cpu: dict[str, float]) -> list[str]:
+    lines = [
+        "| phase | wall ms/instance | CPU ms/instance | waiting ms/instance |",
+        "|---|---|---|---|",
+    ]
+    for phase in phases:
+        k = phase.label
+        if k in wall:
+            w, c = wall[k], cpu[k]
+            lines.append(f"| {k} | {w:.3f} | {c:.3f} | {max(0.0, w - c):.3f} |")
+    return lines
+
+
 def table(costs: Costs) -> list[str]:
     """The phases of one run as Markdown."""
     lines = [
         f"### {costs.senders} sender(s): {costs.rate:.0f} images/s "
         f"({1000 / costs.rate:.2f} ms per instance)",
         "",
-        "| phase | wall ms/instance | CPU ms/instance | waiting ms/instance |",
-        "|---|---|---|---|",
-    ]
-    for phase in _phases():
-        k = phase.label
-        if k not in costs.wall:
-            continue
-        w, c = costs.wall[k], costs.cpu[k]
-        lines.append(f"| {k} | {w:.3f} | {c:.3f} | {max(0.0, w - c):.3f} |")
-    lines += [
+        *_phase_table(_phases(), costs.wall, costs.cpu),
         "",
         "Behind the answers, the applier (timed alone, after the send):",
         "",
-        "| phase | wall ms/instance | CPU ms/instance | waiting ms/instance |",
-        "|---|---|---|---|",
+        *_phase_table(_applier_phases(), costs.applier_wall, costs.applier_cpu),
     ]
-    for phase in _applier_phases():
-        k = phase.label
-        if k not in costs.applier_wall:
-            continue
-        w, c = costs.applier_wall[k], costs.applier_cpu[k]
-        lines.append(f"| {k} | {w:.3f} | {c:.3f} | {max(0.0, w - c):.3f} |")
     lines += [
         "",
         f"- receiver process CPU: {costs.process_cpu:.2f} ms per instance "

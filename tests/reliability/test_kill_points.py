@@ -68,30 +68,43 @@ def _state(data_dir: Path, url: str) -> tuple[dict[str, Instance], set[str], lis
         catalog.dispose()
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_sigkill_at_each_receive_step_loses_nothing_acknowledged(tmp_path, point, database_url):
-    paths = write_series(tmp_path / "series", 6, rows=64, cols=64)
-    data_dir = tmp_path / "var"
-    port = free_port()
+def _env(database_url: str, acknowledge: str) -> dict[str, str]:
     # one host: its start-up repair may remove every unrecorded file at once
-    catalog_env = {
+    return {
         "CSPINE_STORAGE__DATABASE_URL": database_url,
         "CSPINE_STORAGE__ORPHAN_GRACE_SECONDS": "0",
-        "CSPINE_STORAGE__ACKNOWLEDGE": "catalog",  # these points are the catalog mode's
+        "CSPINE_STORAGE__ACKNOWLEDGE": acknowledge,
     }
+
+
+def _killed_at(
+    point: str, data_dir: Path, port: int, paths: list[Path], env: dict[str, str]
+) -> list[str]:
+    """Serve armed at ``point`` for the KILL_AT-th instance, send, see it die there;
+    the UIDs acknowledged before."""
     armed = Server(
         data_dir,
         port,
         "--no-worker",
         "--stable-seconds",
         "600",
-        env={"CSPINE_FAULT_KILL_AT": f"{point}:{KILL_AT}", **catalog_env},
+        env={"CSPINE_FAULT_KILL_AT": f"{point}:{KILL_AT}", **env},
     ).start()
     acked, broke = _send(port, paths)
     assert armed.proc is not None
     assert armed.proc.wait(10) == -9  # it really died by SIGKILL
     assert broke and len(acked) == KILL_AT - 1  # killed on the third instance, no response
     assert f"fault injection: SIGKILL at {point} (instance {KILL_AT})" in armed.log()
+    return acked
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_sigkill_at_each_receive_step_loses_nothing_acknowledged(tmp_path, point, database_url):
+    paths = write_series(tmp_path / "series", 6, rows=64, cols=64)
+    data_dir = tmp_path / "var"
+    port = free_port()
+    catalog_env = _env(database_url, "catalog")  # these points are the catalog mode's
+    acked = _killed_at(point, data_dir, port, paths, catalog_env)
 
     # the leftovers show where it died, before any repair
     rows, files, tmp = _state(data_dir, database_url)
@@ -137,24 +150,8 @@ def test_sigkill_at_each_journal_step_loses_nothing_acknowledged(tmp_path, point
     paths = write_series(tmp_path / "series", 6, rows=64, cols=64)
     data_dir = tmp_path / "var"
     port = free_port()
-    env = {
-        "CSPINE_STORAGE__DATABASE_URL": database_url,
-        "CSPINE_STORAGE__ORPHAN_GRACE_SECONDS": "0",
-        "CSPINE_STORAGE__ACKNOWLEDGE": "journal",
-    }
-    armed = Server(
-        data_dir,
-        port,
-        "--no-worker",
-        "--stable-seconds",
-        "600",
-        env={"CSPINE_FAULT_KILL_AT": f"{point}:{KILL_AT}", **env},
-    ).start()
-    acked, broke = _send(port, paths)
-    assert armed.proc is not None
-    assert armed.proc.wait(10) == -9
-    assert broke and len(acked) == KILL_AT - 1
-    assert f"fault injection: SIGKILL at {point} (instance {KILL_AT})" in armed.log()
+    env = _env(database_url, "journal")
+    acked = _killed_at(point, data_dir, port, paths, env)
 
     rows, _files, entries, spool = _journal_state(data_dir, database_url)
     # every instance that reached the journal is a row or still an entry; a torn

@@ -32,6 +32,7 @@ from storage.outbox import claim_deliveries, record_delivery
 from storage.records import DestinationSpec
 from tests.conftest import free_port
 from tests.dicom_node.proc import Server
+from tests.dicom_node.scu_tools import serves_no_requests
 from tests.helpers import CT, ct_slice
 
 JOBS = int(os.environ.get("CSPINE_BENCH_JOBS", "200"))
@@ -82,7 +83,7 @@ def job_overhead_ms(url: str) -> float:
 def _send(port: int, count: int, seed: int) -> None:
     ae = AE(ae_title=f"BENCH{seed}")
     ae.add_requested_context(CT, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="CSPINE")
+    assoc = serves_no_requests(ae.associate("127.0.0.1", port, ae_title="CSPINE"))
     assert assoc.is_established
     study, series = generate_uid(), generate_uid()
     for i in range(count):

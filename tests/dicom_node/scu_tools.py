@@ -27,6 +27,27 @@ def chunked_send() -> Iterator[None]:
         _config.STORE_SEND_CHUNKED_DATASET = old
 
 
+def serves_no_requests(assoc):
+    """Keep a requestor's own reactor thread from taking DIMSE messages off its queue.
+
+    pynetdicom's ``send_c_store`` pauses the requestor's reactor while it waits for the
+    response, but the pause has a window: the reactor may have seen the checkpoint set,
+    and then call ``get_msg(block=False)`` after the request went out. An SCP that
+    answers within that window (the node answers from its journal in a few ms; several
+    sender threads in one interpreter widen the window) loses the response to the
+    reactor, which drops it, and ``send_c_store`` waits until the association dies.
+    These test senders serve no requests, so the reactor's non-blocking polls get
+    nothing; the calls that wait for a response (``block=True``) get the message.
+    """
+    get_msg = assoc.dimse.get_msg
+
+    def only_waiting_callers(block: bool = False):
+        return get_msg(block=True) if block else (None, None)
+
+    assoc.dimse.get_msg = only_waiting_callers
+    return assoc
+
+
 def associate(port: int, *, calling: str = "TESTSCU", called: str = "CSPINE", sop_class=CT):
     ae = AE(ae_title=calling)
     # one context per transfer syntax: byte-exact sending needs an exact match
@@ -34,7 +55,7 @@ def associate(port: int, *, calling: str = "TESTSCU", called: str = "CSPINE", so
     ae.add_requested_context(sop_class, "1.2.840.10008.1.2")
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    return ae.associate("127.0.0.1", port, ae_title=called)
+    return serves_no_requests(ae.associate("127.0.0.1", port, ae_title=called))
 
 
 def store_file(port: int, path: Path, **kw) -> Dataset | None:

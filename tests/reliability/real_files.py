@@ -10,7 +10,7 @@ from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.dicom_node.scu_tools import chunked_send
+from tests.dicom_node.scu_tools import chunked_send, serves_no_requests
 from tests.helpers import CT
 
 NOT_DICOM = (".nii", ".nii.gz", ".json", ".md", ".nrrd", ".txt", ".csv")
@@ -80,7 +80,7 @@ def send_one(port: int, path: Path, sop_class: str, ts: str) -> tuple[str, str]:
     ae.add_requested_context(sop_class, ts)
     ae.add_requested_context(Verification)  # so a refused context still associates
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    assoc = ae.associate("127.0.0.1", port, ae_title="CSPINE")
+    assoc = serves_no_requests(ae.associate("127.0.0.1", port, ae_title="CSPINE"))
     if not assoc.is_established:
         return "association-failed", ""
     try:

@@ -23,7 +23,7 @@ from storage.catalog import mark_complete, receiving_studies
 from storage.models import Instance, Job, JobState, Output, QuarantinedInstance, Study
 from tests.conftest import free_port
 from tests.dicom_node.proc import Server, echo_ok
-from tests.dicom_node.scu_tools import chunked_send, store_file
+from tests.dicom_node.scu_tools import chunked_send, serves_no_requests, store_file
 from tests.helpers import CT, ct_slice, dataset_bytes, lenient_writing
 from tests.reliability.test_receive_faults import (
     assert_intact,
@@ -209,7 +209,7 @@ def _send_as_is(port: int, paths: list[Path]) -> list[int]:
         str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in paths
     }:
         ae.add_requested_context(CT, ts)
-    assoc = ae.associate("127.0.0.1", port, ae_title="CSPINE")
+    assoc = serves_no_requests(ae.associate("127.0.0.1", port, ae_title="CSPINE"))
     assert assoc.is_established
     with chunked_send():
         out = [int(assoc.send_c_store(p).Status) for p in paths]

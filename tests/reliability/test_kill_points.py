@@ -90,9 +90,12 @@ def _killed_at(
         "600",
         env={"CSPINE_FAULT_KILL_AT": f"{point}:{KILL_AT}", **env},
     ).start()
-    acked, broke = _send(port, paths)
-    assert armed.proc is not None
-    assert armed.proc.wait(10) == -9  # it really died by SIGKILL
+    try:
+        acked, broke = _send(port, paths)
+        assert armed.proc is not None
+        assert armed.proc.wait(10) == -9  # it really died by SIGKILL
+    finally:
+        armed.kill()  # a server that missed its kill point must not outlive the test
     assert broke and len(acked) == KILL_AT - 1  # killed on the third instance, no response
     assert f"fault injection: SIGKILL at {point} (instance {KILL_AT})" in armed.log()
     return acked

@@ -22,6 +22,7 @@ from dicom_node.receive import open_node_storage
 from storage.models import Instance
 from tests.conftest import free_port
 from tests.dicom_node.proc import Server, echo_ok
+from tests.dicom_node.scu_tools import serves_no_requests
 from tests.helpers import CT, ct_slice
 
 FULL = os.environ.get("CSPINE_RELIABILITY_FULL") == "1"
@@ -40,7 +41,7 @@ def _sender(port: int, index: int, barrier: threading.Barrier, out: dict) -> Non
     ae = AE(ae_title=f"SENDER{index:02d}")
     ae.add_requested_context(CT, "1.2.840.10008.1.2.1")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
-    assoc = ae.associate("127.0.0.1", port, ae_title="CSPINE")
+    assoc = serves_no_requests(ae.associate("127.0.0.1", port, ae_title="CSPINE"))
     out[index] = statuses = []
     try:
         barrier.wait(60)  # every association is established before anyone sends

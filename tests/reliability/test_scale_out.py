@@ -32,6 +32,7 @@ from storage.models import Instance, Job, JobState, Output, Study, StudyState
 from tests.conftest import free_port
 from tests.dicom_node.pacs import LoopbackPACS
 from tests.dicom_node.proc import Server
+from tests.dicom_node.scu_tools import serves_no_requests
 from tests.helpers import CT
 
 FULL = os.environ.get("CSPINE_RELIABILITY_FULL") == "1"
@@ -60,7 +61,7 @@ def _sender(
             ae = AE(ae_title=f"SENDER{index}")
             ae.add_requested_context(CT, "1.2.840.10008.1.2.1")
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-            assoc = ae.associate("127.0.0.1", port, ae_title="CSPINE")
+            assoc = serves_no_requests(ae.associate("127.0.0.1", port, ae_title="CSPINE"))
             if not assoc.is_established:
                 time.sleep(0.2)
                 continue

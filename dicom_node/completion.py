@@ -14,13 +14,9 @@ import time
 from collections.abc import Callable
 
 from storage import Catalog
-from storage.catalog import mark_complete, receiving_studies
+from storage.catalog import mark_complete, receiving_studies, study_ids
 
 LOGGER = logging.getLogger(__name__)
-
-
-HOLD_AFTER_S = 2.0
-"""An ingest journal entry older than this holds every completion (the applier lags)."""
 
 
 class CompletionChecker:
@@ -36,11 +32,11 @@ class CompletionChecker:
         Monotonic clock in seconds; tests inject a fake one.
     on_complete
         Called with the study id after a study became COMPLETE (e.g. to queue a job).
-    backlog_age
-        Seconds the oldest answered-but-uncataloged instance has waited (the ingest
-        journal), or ``None`` when none waits. While it exceeds :data:`HOLD_AFTER_S`
-        (the applier is stalled) no study is completed: a waiting instance may belong
-        to any of them.
+    waiting_studies
+        Study Instance UIDs of the instances answered but not yet cataloged (the ingest
+        journal), or ``None`` when some are unknown. A study with such an instance is
+        not quiet: its stable window starts again once they are cataloged. ``None``
+        holds every study.
     """
 
     def __init__(
@@ -49,13 +45,13 @@ class CompletionChecker:
         stable_seconds: float,
         clock: Callable[[], float] = time.monotonic,
         on_complete: Callable[[int], None] | None = None,
-        backlog_age: Callable[[], float | None] | None = None,
+        waiting_studies: Callable[[], set[str] | None] | None = None,
     ) -> None:
         self.catalog = catalog
         self.stable_seconds = stable_seconds
         self.clock = clock
         self.on_complete = on_complete
-        self.backlog_age = backlog_age
+        self.waiting_studies = waiting_studies
         self._seen: dict[int, tuple[int, float]] = {}
         self._held = False
 
@@ -67,20 +63,22 @@ class CompletionChecker:
         list of int
             Ids of the studies completed by this tick.
         """
-        age = self.backlog_age() if self.backlog_age is not None else None
-        if age is not None and age > HOLD_AFTER_S:
+        now = self.clock()
+        waiting = self.waiting_studies() if self.waiting_studies is not None else set()
+        if waiting is None:
             if not self._held:
-                LOGGER.warning("completion held: ingest journal entry waiting %.1f s", age)
+                LOGGER.warning("completion held: ingest journal entries of unknown studies")
             self._held = True
+            self._seen = {sid: (count, now) for sid, (count, _t) in self._seen.items()}
             return []
         self._held = False
-        now = self.clock()
+        held = study_ids(self.catalog, waiting)
         done: list[int] = []
         open_ids = set()
         for study_id, count in receiving_studies(self.catalog):
             open_ids.add(study_id)
             seen = self._seen.get(study_id)
-            if seen is None or seen[0] != count:
+            if seen is None or seen[0] != count or study_id in held:
                 self._seen[study_id] = (count, now)
                 continue
             quiet = now - seen[1]

@@ -736,7 +736,7 @@ class StorageNode:
             settings.completion.stable_seconds,
             clock,
             on_complete,
-            backlog_age=journal.oldest_age_s if journal is not None else None,
+            waiting_studies=journal.waiting_studies if journal is not None else None,
         )
         self._started: dict[int, float] = {}
         self.connections = ConnectionCounts()

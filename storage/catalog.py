@@ -479,6 +479,17 @@ def reconcile(
     return {"tmp": swept, "orphans": orphans}
 
 
+def study_ids(catalog: Catalog, study_instance_uids: set[str]) -> set[int]:
+    """Catalog ids of the studies with these Study Instance UIDs (those it has)."""
+    if not study_instance_uids:
+        return set()
+    with catalog.read() as session:
+        found = session.scalars(
+            select(Study.id).where(Study.study_instance_uid.in_(sorted(study_instance_uids)))
+        )
+        return {int(i) for i in found}
+
+
 def receiving_studies(catalog: Catalog) -> list[tuple[int, int]]:
     """``(study id, received_count)`` of every study in RECEIVING."""
     with catalog.read() as session:

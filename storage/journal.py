@@ -160,16 +160,18 @@ class Journal:
         """How many entries wait (the backlog ``cspine status`` shows)."""
         return sum(1 for e in os.scandir(self.root) if e.name.endswith(SUFFIX))
 
-    def oldest_age_s(self) -> float | None:
-        """Seconds since the oldest waiting entry arrived, or ``None`` when none waits."""
-        names = [e.name for e in os.scandir(self.root) if e.name.endswith(SUFFIX)]
-        if not names:
-            return None
-        try:
-            oldest = parse_entry(self.root / min(names))
-        except ValueError:
-            return None
-        return max(0.0, (time.time_ns() - oldest.received_ns) / 1e9)
+    def waiting_studies(self) -> set[str] | None:
+        """Study Instance UIDs of the entries waiting now; ``None`` when an entry's is
+        unknown (no kept header: a filesystem without extended attributes)."""
+        uids = set()
+        for entry in self.pending():
+            header = self.header(entry)
+            if header is None:
+                if entry.path.exists():
+                    return None
+                continue  # applied meanwhile
+            uids.add(header.study_instance_uid)
+        return uids
 
     def drop(self, entry: JournalEntry) -> None:
         """Remove an applied entry (its bytes are in the store and its row committed)."""

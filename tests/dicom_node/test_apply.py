@@ -308,25 +308,35 @@ def test_serve_answers_from_the_journal_and_a_clean_stop_leaves_it_empty(tmp_pat
     assert "ingest journal: 0 answered, not yet cataloged; 0 set aside" in status.stdout
 
 
-def test_a_stalled_applier_holds_every_completion(tmp_path, journaled):
-    from dicom_node.completion import HOLD_AFTER_S, CompletionChecker
+def test_a_study_with_answered_uncataloged_instances_is_not_complete(tmp_path, journaled):
+    from dicom_node.completion import CompletionChecker
 
     settings, receiver, journal = journaled
     paths = write_series(tmp_path / "series", 2)
     assert _receive(receiver, paths[0]).status == SUCCESS
-    Applier(settings, receiver.catalog, receiver.store, journal, environ={}).apply_pending()
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    applier.apply_pending()
     assert _receive(receiver, paths[1]).status == SUCCESS  # waits in the journal
-    age = [0.0]
+    study_uid = pydicom.dcmread(paths[0]).StudyInstanceUID
+    assert journal.waiting_studies() == {study_uid}
     clock = [0.0]
     checker = CompletionChecker(
-        receiver.catalog, 10, clock=lambda: clock[0], backlog_age=lambda: age[0]
+        receiver.catalog, 10, clock=lambda: clock[0], waiting_studies=journal.waiting_studies
     )
     assert checker.tick() == []  # first sight of the study
-    clock[0] = 60.0
-    age[0] = HOLD_AFTER_S + 1  # the applier is stalled: the study is not judged complete
+    clock[0] = 60.0  # long past the stable window, but an answered instance waits
     assert checker.tick() == []
-    age[0] = 0.0
-    (study_id,) = checker.tick()  # applied in time (here: no backlog) completes it
+    applier.apply_pending()  # cataloged now: its stable window starts here
+    assert journal.waiting_studies() == set()
+    assert checker.tick() == []
+    clock[0] = 65.0
+    assert checker.tick() == []
+    clock[0] = 71.0
+    (study_id,) = checker.tick()
     assert study_id
-    oldest = journal.oldest_age_s()
-    assert oldest is not None and oldest >= 0
+    # an entry without the kept header (no extended attributes): every study waits
+    path = write_series(tmp_path / "other", 1)[0]
+    assert _receive(receiver, path).status == SUCCESS
+    (entry,) = journal.pending()
+    os.removexattr(entry.path, HEADER_XATTR)
+    assert journal.waiting_studies() is None

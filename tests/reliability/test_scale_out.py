@@ -233,7 +233,8 @@ def test_two_receivers_three_workers_one_postgresql_survive_sigkills(tmp_path, p
         # exactly one DONE job per study version; the killed worker's job was taken over
         per_version = Counter((j.study_id, j.version) for j in jobs if j.state is JobState.DONE)
         versions = {(j.study_id, j.version) for j in jobs if j.state is not JobState.SUPERSEDED}
-        assert set(per_version) == versions and set(per_version.values()) == {1}
+        states = sorted((j.study_id, j.version, j.state.value, j.attempts) for j in jobs)
+        assert set(per_version) == versions and set(per_version.values()) == {1}, states
         assert any(j.attempts >= 2 and j.state is JobState.DONE for j in jobs)
         assert {j.state for j in jobs} <= {JobState.DONE, JobState.SUPERSEDED}
         # each recorded output reached the PACS exactly once (no other object arrived)

@@ -94,11 +94,12 @@ class Applier:
                     affected_sop_class_uid=None,
                     limits=self.limits,
                 )
+            except FileNotFoundError:
+                return "gone"
             except Rejection as exc:
                 if not entry.path.exists():
                     return "gone"
-                self._set_aside(entry, exc.reason)
-                return "bad"
+                return self._set_aside(entry, exc.reason)
         # ingest consumes its file; it gets a second name of the entry's bytes, so the
         # entry stays until its row is committed
         link = self.store.tmp_dir / f"apply-{uuid.uuid4().hex}.part"
@@ -120,8 +121,7 @@ class Applier:
         finally:
             link.unlink(missing_ok=True)
         if result.outcome is IngestOutcome.CONFLICT:
-            self._set_aside(entry, result.detail)
-            return "bad"
+            return self._set_aside(entry, result.detail)
         if self._checkpoint is not None:
             self._checkpoint("apply-before-drop")
         self.journal.drop(entry)
@@ -131,9 +131,13 @@ class Applier:
         if point == "before-commit" and self._checkpoint is not None:
             self._checkpoint("apply-before-commit")
 
-    def _set_aside(self, entry: JournalEntry, reason: str) -> None:
-        dest = self.journal.set_aside(entry)
+    def _set_aside(self, entry: JournalEntry, reason: str) -> str:
+        try:
+            dest = self.journal.set_aside(entry)
+        except FileNotFoundError:
+            return "gone"  # another applier decided it first
         LOGGER.error("journal entry set aside entry=%s reason=%s", dest.name, reason)
+        return "bad"
 
     def apply_pending(self, limit: int | None = None) -> dict[str, int]:
         """Apply the entries waiting now, oldest first; counts per outcome.

@@ -4,9 +4,9 @@ With ``storage.acknowledge = "journal"`` the receivers answer 0x0000 once an ins
 durable in :class:`storage.journal.Journal`; this applier then does what the answer no
 longer waits for: hash, place at the content address, commit the catalog row, and only
 then drop the entry. ``cspine serve`` applies every entry left by a crash before it
-listens (:func:`replay`), then keeps one applier child process
-(``python -m dicom_node.apply``) running beside its receivers, on another core than
-theirs.
+listens and after it stops (:func:`replay`), and keeps ``storage.appliers`` applier
+child processes (``python -m dicom_node.apply``) running beside its receivers, on
+other cores than theirs.
 
 Applying is idempotent, so a crash anywhere in it is repaired by applying again: an
 entry whose row was committed is a duplicate (same bytes) and is dropped; a file placed
@@ -83,8 +83,8 @@ class Applier:
         OSError, storage.CatalogBusyError
             A passing failure: the entry stays and is tried again.
         """
-        if not entry.path.exists():
-            return "gone"  # applied by another applier (a start-up replay beside it)
+        # an entry another applier (a start-up replay beside it) took meanwhile is
+        # "gone": its file vanishes under one of the steps below
         header = self.journal.header(entry)  # validated by the receiver
         if header is None:
             try:
@@ -97,8 +97,6 @@ class Applier:
             except FileNotFoundError:
                 return "gone"
             except Rejection as exc:
-                if not entry.path.exists():
-                    return "gone"
                 return self._set_aside(entry, exc.reason)
         # ingest consumes its file; it gets a second name of the entry's bytes, so the
         # entry stays until its row is committed
@@ -153,22 +151,10 @@ class Applier:
     def run(self, stop: threading.Event) -> None:
         """Apply entries as they arrive until ``stop`` is set.
 
-        Each pass holds the applier lock, so the appliers of several hosts on one store
-        (and a start-up replay) take turns. A stop (SIGTERM from ``cspine serve``, whose
-        receivers stopped first) applies what waits before returning, so a clean
-        shutdown leaves the catalog complete.
+        Each pass holds its share's lock, so the appliers of several hosts on one store
+        take turns. What waits at a stop is applied by ``cspine serve`` itself once its
+        appliers have stopped (:func:`replay`), or at the next start.
         """
-        self._loop(stop)
-        try:
-            with self.journal.applying(share=self.share):
-                counts = self.apply_pending()
-        except Exception as exc:  # left for the start-up replay
-            LOGGER.error("journal not drained at stop: %s", type(exc).__name__)
-        else:
-            if counts:
-                LOGGER.info("journal drained at stop entries=%d", sum(counts.values()))
-
-    def _loop(self, stop: threading.Event) -> None:
         idle = IDLE_S[0]
         while not stop.is_set():
             try:
@@ -190,7 +176,7 @@ class Applier:
 
 
 def replay(settings: Settings, catalog: Catalog, store: FileStore, journal: Journal) -> int:
-    """Apply every entry a crash left, before the node serves again; how many were applied.
+    """Apply every entry waiting (at start: what a crash left); how many were applied.
 
     Raises
     ------
@@ -242,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         stop.set()
 
     signal.signal(signal.SIGTERM, _term)
-    signal.signal(signal.SIGINT, _term)  # Ctrl-C reaches the whole process group: drain
+    signal.signal(signal.SIGINT, _term)  # Ctrl-C reaches the whole process group
     try:
         if args.once:  # every share
             applier = Applier(settings, catalog, store, journal)

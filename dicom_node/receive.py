@@ -225,10 +225,7 @@ class Receiver:
                 and not is_known(self.catalog, header.sop_instance_uid)
             ):
                 # a new instance: durable in the journal now, cataloged behind the answer
-                if self._checkpoint is not None:
-                    self._flush(spool)
-                    self._checkpoint("before-journal-rename")
-                self.journal.append(spool, calling_ae, header)
+                self.journal.append(spool, calling_ae, header, checkpoint=self._checkpoint)
                 spool = None  # consumed by the journal
                 if self._checkpoint is not None:
                     self._checkpoint("before-response")
@@ -284,15 +281,6 @@ class Receiver:
                 "instance quarantined study_id=%s reason=%s", result.study_id, result.detail
             )
         return Outcome(SUCCESS, result.outcome.value, result.study_id, result.instance_id)
-
-    @staticmethod
-    def _flush(path: Path) -> None:
-        """Flush a file's data (only for the ``before-journal-rename`` kill point)."""
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
 
     def _record(self, status: int, reason: str, calling_ae: str | None, uid: str | None) -> None:
         """Keep the reason of a refusal in the catalog; never raises (it is best effort)."""

@@ -142,19 +142,7 @@ class WorkerSupervisor(ChildSupervisor):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.settings_file = write_settings_file(settings)
-        super().__init__(
-            "worker",
-            [
-                sys.executable,
-                "-m",
-                "dicom_node",
-                "worker",
-                "--settings-file",
-                str(self.settings_file),
-                "--parent-pid",
-                str(os.getpid()),
-            ],
-        )
+        super().__init__("worker", child_command(("dicom_node", "worker"), self.settings_file))
 
 
 class ApplierSupervisor(ChildSupervisor):
@@ -169,19 +157,25 @@ class ApplierSupervisor(ChildSupervisor):
         self.settings_file = write_settings_file(settings)
         super().__init__(
             "applier",
-            [
-                sys.executable,
-                "-m",
-                "dicom_node.apply",
-                "--settings-file",
-                str(self.settings_file),
-                "--parent-pid",
-                str(os.getpid()),
-            ],
+            child_command(("dicom_node.apply",), self.settings_file),
             settings.storage.appliers,
             numbered=settings.storage.appliers > 1,
             index_arg="--share",
         )
+
+
+def child_command(module: Sequence[str], settings_file: Path, *extra: str) -> list[str]:
+    """``python -m MODULE... --settings-file FILE [EXTRA...] --parent-pid <this process>``."""
+    return [
+        sys.executable,
+        "-m",
+        *module,
+        "--settings-file",
+        str(settings_file),
+        *extra,
+        "--parent-pid",
+        str(os.getpid()),
+    ]
 
 
 def write_settings_file(settings: Settings) -> Path:
@@ -222,17 +216,12 @@ class ReceiverPool(ChildSupervisor):
         self.listener = listener
         super().__init__(
             "receiver",
-            [
-                sys.executable,
-                "-m",
-                "dicom_node.service",
-                "--settings-file",
-                str(self.settings_file),
+            child_command(
+                ("dicom_node.service",),
+                self.settings_file,
                 "--listen-fd",
                 str(listener.fileno()),
-                "--parent-pid",
-                str(os.getpid()),
-            ],
+            ),
             count,
             pass_fds=(listener.fileno(),),
             numbered=True,

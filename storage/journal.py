@@ -24,20 +24,17 @@ import contextlib
 import fcntl
 import itertools
 import json
-import logging
 import os
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from storage.catalog import InstanceHeader
 from storage.filestore import fsync_dir
-
-LOGGER = logging.getLogger(__name__)
 
 SUFFIX = ".dcm"
 HEADER_XATTR = "user.cspine.header"
@@ -81,7 +78,12 @@ class Journal:
         return f"{time.time_ns():020d}-{os.getpid()}-{seq:08d}-{ae}{SUFFIX}"
 
     def append(
-        self, spool: Path, calling_ae: str | None, header: InstanceHeader | None = None
+        self,
+        spool: Path,
+        calling_ae: str | None,
+        header: InstanceHeader | None = None,
+        *,
+        checkpoint: Callable[[str], None] | None = None,
     ) -> Path:
         """Make a closed, validated spool file a journal entry; durable when this returns.
 
@@ -95,6 +97,9 @@ class Journal:
             The attributes the receiver validated, kept with the entry (an extended
             attribute, :data:`HEADER_XATTR`) so the applier need not parse the file
             again; where the filesystem has no extended attributes, it parses.
+        checkpoint
+            Fault-injection hook called with ``"before-journal-rename"`` once the data
+            is flushed (tests only; ``None`` in production).
 
         Returns
         -------
@@ -111,6 +116,8 @@ class Journal:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
+        if checkpoint is not None:
+            checkpoint("before-journal-rename")
         os.chmod(spool, 0o640)
         entry = self.root / self._name(calling_ae)
         os.rename(spool, entry)

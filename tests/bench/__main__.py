@@ -264,9 +264,8 @@ INGEST_LIMITS = [
         "and dropped, no gain within the run-to-run spread: hashing the file in a thread "
         "beside the header parse (the two contend for the interpreter lock), folder fsyncs "
         "after the file's instead of beside it, and the journal's two flushes issued "
-        "together after the rename (4.05 against 4.21 ms per instance, one sender, within "
-        "the spread; it would also let a crash leave a renamed entry whose data never "
-        "reached the disk)."
+        "together after the rename (no gain beyond the spread; it would also let a crash "
+        "leave a renamed entry whose data never reached the disk)."
     ),
 ]
 

@@ -38,7 +38,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # s
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from config import Settings, check_bind_safety
-from dicom_node import store_rsp
+from dicom_node import store_rq, store_rsp
 from dicom_node.receive import Receiver
 from dicom_node.tls import describe, server_context
 from dicom_node.validate import (
@@ -241,6 +241,7 @@ class FastAssociationSocket(AssociationSocket):
 
         dimse.get_msg = get_msg
         store_rsp.install(dimse)  # a plain C-STORE success: no pydicom round trip
+        store_rq.install(dimse)  # data sets spooled with plain writes
 
     def close_wakeup(self) -> None:
         """Close the wake-up pipe (the connection is gone)."""

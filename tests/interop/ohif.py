@@ -748,9 +748,12 @@ SCROLLED_TEXT = """(async (needle) => {
   const list = lists.pop();
   if (!list) return document.body.innerText;
   const parts = [];
+  const frame = () => new Promise((done) => requestAnimationFrame(done));
   for (let top = 0; ; top += list.clientHeight / 2) {
     list.scrollTop = top;
-    await new Promise((done) => setTimeout(done, 150));
+    await frame();
+    await frame();  // the virtual list renders the rows now in view
+    await new Promise((done) => setTimeout(done, 30));
     parts.push(list.innerText);
     if (list.scrollTop + list.clientHeight >= list.scrollHeight - 1) break;
   }
@@ -928,6 +931,8 @@ class ViewerSession:
     orthanc: Orthanc | None = None
     server: ViewerServer | None = None
     browser: Chromium | None = None
+    tour_checked: bool = False
+    """The welcome tour was waited for once (a skipped tour stays away for the profile)."""
 
     def __enter__(self) -> ViewerSession:
         dist = ohif_dist()
@@ -959,13 +964,21 @@ class ViewerSession:
 
     def open_study(self, timeout: float = 45.0, study_uid: str | None = None) -> None:
         """The viewer's URL for the study (or another one stored in the same Orthanc);
-        waits for the first image and skips the tour."""
+        waits for the first image and, the first time, skips the tour (later calls click
+        it away only if it shows; :meth:`open_series` does the same)."""
         assert self.server is not None
         uid = study_uid or self.truth.study_uid
         self.page.navigate(f"{self.server.url}/viewer?StudyInstanceUIDs={uid}")
         self.page.wait_for(VIEWPORT_STATE % "[]", timeout, "the study's first image")
+        skip_all = FIND_TEXT % json.dumps("Skip all")
         try:  # a fresh profile gets OHIF's welcome tour over the viewport
-            tour = self.page.wait_for(FIND_TEXT % json.dumps("Skip all"), 10, "the tour")
+            if self.tour_checked:
+                tour = self.page.evaluate(skip_all)
+                if not tour:
+                    return
+            else:
+                self.tour_checked = True
+                tour = self.page.wait_for(skip_all, 10, "the tour")
         except AssertionError:
             return
         self.page.click(*tour)

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from storage import Catalog, CatalogBusyError, FileStore, IngestOutcome, ingest
-from storage.catalog import InstanceHeader
+from storage.catalog import InstanceHeader, is_known
 from storage.models import Instance, QuarantinedInstance, Series, Study
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -201,3 +201,16 @@ def test_start_up_repair_of_a_shared_catalog_leaves_other_hosts_files_in_flight(
         assert not young.exists() and not spooling.exists()
     assert not old.exists() and not stale.exists()
     catalog.dispose()
+
+
+def test_is_known_sees_a_row_committed_by_another_engine(tmp_path: Path, database_url: str) -> None:
+    """The receive path's look-up (a raw pooled read on SQLite): false before another
+    host commits the UID, true after, and never true for a look-alike UID."""
+    reader, writer = Catalog(database_url), Catalog(database_url)
+    store = FileStore(tmp_path / "store")
+    assert not is_known(reader, "1.2.3.4.77")
+    ingest(writer, store, _spool(store, b"x" * 256), _header("1.2.3.4.77"), "S")
+    assert is_known(reader, "1.2.3.4.77")
+    assert not is_known(reader, "1.2.3.4.7") and not is_known(reader, "1.2.3.4.77 ")
+    for catalog in (reader, writer):
+        catalog.dispose()

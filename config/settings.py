@@ -281,6 +281,11 @@ class StorageSettings(_Section):
     validated file is flushed into the ingest journal (``storage/journal.py``); an
     applier process writes the row behind the answer, and ``cspine serve`` applies
     what is left before it listens again after a crash."""
+    journal_flush: Literal["file", "filesystem"] = "file"
+    """How a journal entry is made durable before its answer. ``file``: ``fdatasync`` of
+    the entry, rename, ``fsync`` of the journal folder (two flushes). ``filesystem``:
+    rename, then one ``syncfs(2)`` of the store's filesystem (Linux), which also flushes
+    everything else dirty there: for a store on a filesystem of its own."""
     appliers: int = Field(
         default=1,
         ge=1,

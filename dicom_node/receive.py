@@ -304,4 +304,4 @@ def open_journal(settings: Settings, store: FileStore) -> Journal | None:
     """The ingest journal when ``storage.acknowledge = "journal"``, else ``None``."""
     if settings.storage.acknowledge != "journal":
         return None
-    return Journal(store.root, fsync=settings.storage.fsync)
+    return Journal(store.root, fsync=settings.storage.fsync, flush=settings.storage.journal_flush)

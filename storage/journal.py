@@ -15,7 +15,13 @@ The name carries the arrival time (nanoseconds since the epoch, which orders rep
 the receiving process and a counter (unique names without a lookup), and the calling AE
 title in hexadecimal (any AE character survives a file name). Appending is: flush the
 spool file's data, rename it into ``journal/``, flush the folder: two flushes, and
-nothing else on the acknowledgement path.
+nothing else on the acknowledgement path. With ``flush="filesystem"``
+(``storage.journal_flush``) it is: rename, then one ``syncfs(2)`` of the store's
+filesystem, which makes the data and the name durable in one journal commit (and
+flushes whatever else is dirty there, so it is meant for a store on a filesystem of its
+own). A crash between that rename and the flush can leave an entry whose data did not
+reach the disk; it was never acknowledged, and the applier sets it aside when it cannot
+be parsed (its kept size does not match).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from storage.catalog import InstanceHeader
-from storage.filestore import fsync_dir
+from storage.filestore import HAS_SYNCFS, fsync_dir, syncfs
 
 SUFFIX = ".dcm"
 HEADER_XATTR = "user.cspine.header"
@@ -62,10 +68,17 @@ class Journal:
         promise of a 0x0000; off only in tests and benchmarks of the unsafe case).
     """
 
-    def __init__(self, store_root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(
+        self, store_root: str | os.PathLike[str], *, fsync: bool = True, flush: str = "file"
+    ) -> None:
+        if flush not in ("file", "filesystem"):
+            raise ValueError(f"journal flush must be 'file' or 'filesystem', not {flush!r}")
+        if fsync and flush == "filesystem" and not HAS_SYNCFS:
+            raise ValueError("journal flush 'filesystem' needs syncfs(2) (Linux)")
         self.root = Path(store_root).resolve() / "journal"
         self.bad_dir = self.root / "bad"
         self.fsync = fsync
+        self.flush = flush
         for folder in (self.root, self.bad_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o750)
         self._seq = itertools.count()
@@ -99,7 +112,8 @@ class Journal:
             again; where the filesystem has no extended attributes, it parses.
         checkpoint
             Fault-injection hook called with ``"before-journal-rename"`` once the data
-            is flushed (tests only; ``None`` in production).
+            is flushed (with ``flush="filesystem"``: once the header is kept; tests
+            only, ``None`` in production).
 
         Returns
         -------
@@ -110,7 +124,8 @@ class Journal:
             kept = {"header": asdict(header), "size": spool.stat().st_size}
             with contextlib.suppress(OSError):  # ENOTSUP: the applier parses instead
                 os.setxattr(spool, HEADER_XATTR, json.dumps(kept).encode())
-        if self.fsync:
+        whole_fs = self.fsync and self.flush == "filesystem"
+        if self.fsync and not whole_fs:
             fd = os.open(spool, os.O_RDONLY)
             try:
                 os.fdatasync(fd)
@@ -121,7 +136,9 @@ class Journal:
         os.chmod(spool, 0o640)
         entry = self.root / self._name(calling_ae)
         os.rename(spool, entry)
-        if self.fsync:
+        if whole_fs:
+            syncfs(self.root)  # the data and the new name, in one flush
+        elif self.fsync:
             fsync_dir(self.root)
         return entry
 

@@ -177,6 +177,11 @@ def ingest_section(results: list[ingest.Result]) -> list[str]:
         "flushed): the node before the journal, measured in the same run.",
         "- **cspine-2r**: the defaults with `CSPINE_NODE__RECEIVERS=2` (two receiver "
         "processes on one listening socket); with several senders only.",
+        "- **cspine-syncfs**: the defaults with `CSPINE_STORAGE__JOURNAL_FLUSH=filesystem` "
+        "(each journal entry made durable by one `syncfs(2)` of the store's filesystem "
+        "after its rename, instead of a flush of the file and one of the folder: meant "
+        "for a store on a filesystem of its own); **cspine-syncfs-2r**: that and two "
+        "receiver processes, with several senders only.",
         "- **storescp**: dcmtk `storescp +xa [--fork] -od DIR`: writes files, no fsync, no index.",
         "- **orthanc**: Debian's Orthanc with a generated configuration: SQLite index, "
         "`SyncStorageArea: true` (fsync of every file, the default since 1.7.4), "
@@ -256,7 +261,11 @@ INGEST_LIMITS = [
         "- **Done in this code** (measure with `make bench`): the ingest journal with its "
         "applier process and start-up replay, a C-STORE success response written directly "
         "(`dicom_node/store_rsp.py`, byte-identical to pynetdicom's, without its two "
-        "pydicom encodes), whole-PDU socket reads and an event wake-up instead of "
+        "pydicom encodes), C-STORE data sets spooled with plain descriptor writes and a "
+        "directly encoded File Meta (`dicom_node/store_rq.py`, byte-identical to "
+        "pynetdicom's), the catalog look-up before each answer as one compiled read on a "
+        "pooled SQLite connection, an optional single `syncfs` per journal entry "
+        "(`storage.journal_flush`), whole-PDU socket reads and an event wake-up instead of "
         "pynetdicom's 1 ms polls, folder and file fsyncs issued in parallel, group commit "
         "of concurrent catalog writes, a cross-process writer queue, balanced accepts over "
         "receivers, prebuilt SQL on the hot path, success statuses without a status data "

@@ -34,16 +34,33 @@ EXTRA_ENV = {k: v for k, v in os.environ.items() if k.startswith("CSPINE_STORAGE
 RUNS = int(os.environ.get("CSPINE_BENCH_RUNS", "3"))
 SLICES = int(os.environ.get("CSPINE_BENCH_SLICES", "300"))
 TMP = os.environ.get("CSPINE_BENCH_TMP") or None
-RECEIVERS = ("cspine", "cspine-catalog", "cspine-2r", "storescp", "orthanc")
-OURS = ("cspine", "cspine-catalog", "cspine-2r")
+RECEIVERS = (
+    "cspine",
+    "cspine-catalog",
+    "cspine-2r",
+    "cspine-syncfs",
+    "cspine-syncfs-2r",
+    "storescp",
+    "orthanc",
+)
+OURS = ("cspine", "cspine-catalog", "cspine-2r", "cspine-syncfs", "cspine-syncfs-2r")
 """``cspine``: ``cspine serve`` with the defaults (answered from the ingest journal);
 ``cspine-catalog``: with ``storage.acknowledge = "catalog"`` (answered once the catalog
 row is committed); ``cspine-2r``: the defaults with ``node.receivers = 2`` (measured
-with several senders only: one association is served by one process either way)."""
+with several senders only: one association is served by one process either way);
+``cspine-syncfs``: the defaults with ``storage.journal_flush = "filesystem"`` (one
+``syncfs`` per entry instead of a file and a folder flush); ``cspine-syncfs-2r``: both
+(several senders only)."""
 ENV_OF = {
     "cspine-catalog": {"CSPINE_STORAGE__ACKNOWLEDGE": "catalog"},
     "cspine-2r": {"CSPINE_NODE__RECEIVERS": "2"},
+    "cspine-syncfs": {"CSPINE_STORAGE__JOURNAL_FLUSH": "filesystem"},
+    "cspine-syncfs-2r": {
+        "CSPINE_STORAGE__JOURNAL_FLUSH": "filesystem",
+        "CSPINE_NODE__RECEIVERS": "2",
+    },
 }
+TWO_RECEIVERS = ("cspine-2r", "cspine-syncfs-2r")
 REFERENCES = ("storescp", "orthanc")
 SYNTAXES = ("explicit", "jpeg-lossless")
 SENDERS = (1, 4)
@@ -210,7 +227,7 @@ def start_receiver(kind: str, target: Path, senders: int) -> Running:
     try:
         wait_port(port)
         if kind in OURS:
-            _wait_listening(log_path, 2 if kind == "cspine-2r" else 1)
+            _wait_listening(log_path, 2 if kind in TWO_RECEIVERS else 1)
     except RuntimeError:
         _stop_proc(proc)
         raise
@@ -287,7 +304,7 @@ def main() -> list[Result]:
             images = sum(1 for _ in folder.iterdir())
             mbytes = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
             for senders in SENDERS:
-                kinds = tuple(k for k in RECEIVERS if senders > 1 or k != "cspine-2r")
+                kinds = tuple(k for k in RECEIVERS if senders > 1 or k not in TWO_RECEIVERS)
                 seconds: dict[str, list[float]] = {k: [] for k in kinds}
                 cataloged: dict[str, list[float]] = {k: [] for k in kinds}
                 for run in range(RUNS):

@@ -13,7 +13,9 @@ of file (stored instance, folder, SQLite database or WAL). Orthanc flushes every
 file and its index only at checkpoints. cspine's receiver flushes the file and the
 journal's folder before it answers 0x0000 (the name is durable too, not just the bytes);
 its applier then flushes the file's content address, folders and the catalog's WAL behind
-the answer. With ``storage.acknowledge = "catalog"`` all of that precedes the answer.
+the answer. With ``storage.journal_flush = "filesystem"`` (``cspine-syncfs``) the
+receiver's two flushes are one ``syncfs``. With ``storage.acknowledge = "catalog"`` all
+of that precedes the answer.
 A plain script, not a test; needs ``strace``.
 """
 
@@ -77,7 +79,7 @@ def trace(kind: str, series: Path, work: Path) -> tuple[float, collections.Count
     logs = []
     try:
         pids = [("", _pid_of(str(target)))]
-        if kind == "cspine":
+        if kind in ("cspine", "cspine-syncfs"):
             pids.append((" (applier, behind the answer)", _pid_of(str(target), APPLIER)))
         for label, pid in pids:
             log = work / f"strace-{kind}-{pid}.txt"
@@ -95,7 +97,8 @@ def trace(kind: str, series: Path, work: Path) -> tuple[float, collections.Count
     counts: collections.Counter = collections.Counter()
     for label, log in logs:
         for call, path in re.findall(r"(\w+)\(\d+<([^>]*)>", log.read_text()):
-            counts[f"{call} {_kind(path)}{label}"] += 1
+            what = "of the store's filesystem" if call == "syncfs" else _kind(path)
+            counts[f"{call} {what}{label}"] += 1
     n = sum(1 for _ in series.iterdir())
     return n / seconds, counts
 
@@ -110,7 +113,7 @@ def main() -> None:
     try:
         series = work / "series"
         write_series(generate_study(2024, StudySpec(n_slices=n)), series, "explicit")
-        for kind in ("orthanc", "cspine", "cspine-catalog"):
+        for kind in ("orthanc", "cspine", "cspine-syncfs", "cspine-catalog"):
             rate, counts = trace(kind, series, work)
             print(f"{kind}: {n} instances, {rate:.0f} img/s under strace")
             for key, value in sorted(counts.items()):

@@ -80,6 +80,40 @@ def test_entry_names_keep_arrival_order_and_any_ae_title(tmp_path):
         parse_entry(tmp_path / "journal" / "nonsense.dcm")
 
 
+@pytest.mark.parametrize("flush", ["file", "filesystem"])
+def test_an_append_flushes_data_and_name_before_it_returns(tmp_path, monkeypatch, flush):
+    """``file``: fdatasync of the entry then fsync of the journal folder; ``filesystem``:
+    one syncfs(2) of the store's filesystem after the rename (the real call runs)."""
+    from storage import journal as journal_module
+
+    calls: list[str] = []
+    real_syncfs, real_fsync_dir, real_fdatasync = (
+        journal_module.syncfs,
+        journal_module.fsync_dir,
+        os.fdatasync,
+    )
+
+    def record(name, fn):
+        def call(arg):
+            entries = list((tmp_path / "journal").glob("*.dcm"))
+            calls.append(f"{name}:{len(entries)}")  # entries renamed in so far
+            return fn(arg)
+
+        return call
+
+    monkeypatch.setattr(journal_module, "syncfs", record("syncfs", real_syncfs))
+    monkeypatch.setattr(journal_module, "fsync_dir", record("fsync_dir", real_fsync_dir))
+    monkeypatch.setattr(os, "fdatasync", record("fdatasync", real_fdatasync))
+    journal = Journal(tmp_path, flush=flush)
+    spool = tmp_path / "s"
+    spool.write_bytes(b"x" * 1000)
+    entry = journal.append(spool, "SCU")
+    assert entry.read_bytes() == b"x" * 1000
+    assert calls == (["fdatasync:0", "fsync_dir:1"] if flush == "file" else ["syncfs:1"])
+    with pytest.raises(ValueError, match="'file' or 'filesystem'"):
+        Journal(tmp_path, flush="none")
+
+
 def test_shares_split_the_entries_between_appliers(tmp_path):
     journal = Journal(tmp_path)
     for i in range(40):

@@ -146,14 +146,23 @@ def _journal_state(data_dir: Path, url: str) -> tuple[dict[str, Instance], set[s
     return rows, files, entries, len(tmp)
 
 
-@pytest.mark.parametrize("point", ["before-journal-rename", "before-response"])
-def test_sigkill_at_each_journal_step_loses_nothing_acknowledged(tmp_path, point, database_url):
+@pytest.mark.parametrize(
+    ("point", "flush"),
+    [
+        ("before-journal-rename", "file"),
+        ("before-response", "file"),
+        ("before-response", "filesystem"),  # storage.journal_flush: one syncfs
+    ],
+)
+def test_sigkill_at_each_journal_step_loses_nothing_acknowledged(
+    tmp_path, point, flush, database_url
+):
     """``storage.acknowledge = "journal"``: a torn append, and a journaled instance whose
     answer never left; the applier may have cataloged any entry before the kill."""
     paths = write_series(tmp_path / "series", 6, rows=64, cols=64)
     data_dir = tmp_path / "var"
     port = free_port()
-    env = _env(database_url, "journal")
+    env = {**_env(database_url, "journal"), "CSPINE_STORAGE__JOURNAL_FLUSH": flush}
     acked = _killed_at(point, data_dir, port, paths, env)
 
     rows, _files, entries, spool = _journal_state(data_dir, database_url)

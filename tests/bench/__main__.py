@@ -16,12 +16,13 @@ Environment (defaults are the full benchmark)::
 
 A quick functional run (not a measurement)::
 
-    CSPINE_BENCH_RUNS=1 CSPINE_BENCH_SLICES=30 CSPINE_BENCH_STUDIES=40,60 \\
+    CSPINE_BENCH_RUNS=1 CSPINE_BENCH_SLICES=30 CSPINE_BENCH_STUDIES=150 \\
     CSPINE_BENCH_RSS_STUDIES=3 CSPINE_BENCH_RSS_SLICES=40 CSPINE_BENCH_DOC=/tmp/perf.md \\
     python -m tests.bench
 
-Studies shorter than about 32 slices are not processed by the node (coverage below the
-40 mm minimum of series selection), so turnaround sizes must be at least 40.
+Turnaround studies must show a whole cervical spine: shorter ones are not processed by
+the node (series selection needs 40 mm of coverage, and the plausibility gate refuses a
+40-slice synthetic study whose C2 the field of view cuts), so use 150 slices or more.
 """
 
 from __future__ import annotations
@@ -252,8 +253,10 @@ INGEST_LIMITS = [
     ),
     (
         "- **Durability per 0x0000.** cspine answers 0x0000 only after the file's data and "
-        "its name in the journal are flushed (a power cut loses nothing acknowledged); "
-        "Orthanc flushes each stored file but its SQLite index only at checkpoints. Count "
+        "its name in the journal are flushed (a power cut loses nothing acknowledged): two "
+        'flushes by default, one `syncfs` with `storage.journal_flush = "filesystem"` '
+        "(the cspine-syncfs rows); Orthanc flushes each stored file (not its folder) and "
+        "its SQLite index only at checkpoints. Count "
         "it with `.venv/bin/python -m tests.bench.sync_calls 100` (strace of Orthanc, the "
         "receiver and the applier, and the catalog mode, over the same 100 instances)."
     ),

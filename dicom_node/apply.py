@@ -221,9 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings.model_validate_json(Path(args.settings_file).read_text())
     configure_logging(settings.logging.level)
     catalog, store = open_node_storage(settings)
-    journal = Journal(
-        store.root, fsync=settings.storage.fsync, flush=settings.storage.journal_flush
-    )
+    journal = Journal(store.root, fsync=settings.storage.fsync)  # it never appends
     stop = threading.Event()
 
     def _term(_signum: int, _frame: object) -> None:

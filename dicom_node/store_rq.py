@@ -68,9 +68,6 @@ class SpoolFile:
         if fd >= 0:
             os.close(fd)
 
-    def __bool__(self) -> bool:
-        return True
-
 
 def _element(tag_element: int, vr: bytes, value: bytes) -> bytes:
     """One group-2 element, explicit VR little endian (short-length VRs, and OB)."""
@@ -92,6 +89,14 @@ def _plain_uid(value: object) -> bool:
     return isinstance(value, str) and _UID_CHARS.fullmatch(value) is not None
 
 
+_PREAMBLE = b"\0" * 128 + b"DICM"
+_VERSION = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
+_IMPLEMENTATION = _element(0x0012, b"UI", _ui(PYNETDICOM_IMPLEMENTATION_UID)) + _element(
+    0x0013, b"SH", _VERSION + b" " * (len(_VERSION) % 2)
+)
+"""The File Meta's two elements that name pynetdicom (the same for every instance)."""
+
+
 def file_meta_bytes(sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any) -> bytes:
     """The 128-byte preamble, ``DICM`` and the File Meta Information pynetdicom writes.
 
@@ -103,10 +108,9 @@ def file_meta_bytes(sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: 
     transfer_syntax
         The accepted transfer syntax of the request's presentation context.
     """
-    uids = (sop_class_uid, sop_instance_uid, transfer_syntax, PYNETDICOM_IMPLEMENTATION_UID)
-    if not all(_plain_uid(uid) for uid in uids):
+    if not all(_plain_uid(uid) for uid in (sop_class_uid, sop_instance_uid, transfer_syntax)):
         buf = BytesIO()
-        buf.write(b"\0" * 128 + b"DICM")
+        buf.write(_PREAMBLE)
         meta = create_file_meta(
             sop_class_uid=sop_class_uid,
             sop_instance_uid=sop_instance_uid,
@@ -114,21 +118,17 @@ def file_meta_bytes(sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: 
         )
         write_file_meta_info(buf, meta)  # type: ignore[arg-type]
         return buf.getvalue()
-    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
-    if len(version) % 2:
-        version += b" "
     body = b"".join(
         (
             _element(0x0001, b"OB", b"\x00\x01"),
             _element(0x0002, b"UI", _ui(sop_class_uid)),
             _element(0x0003, b"UI", _ui(sop_instance_uid)),
             _element(0x0010, b"UI", _ui(transfer_syntax)),
-            _element(0x0012, b"UI", _ui(PYNETDICOM_IMPLEMENTATION_UID)),
-            _element(0x0013, b"SH", version),
+            _IMPLEMENTATION,
         )
     )
     group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
-    return b"\0" * 128 + b"DICM" + group_length + body
+    return _PREAMBLE + group_length + body
 
 
 def open_spool(folder: str | None = None) -> SpoolFile:

@@ -124,8 +124,8 @@ class Journal:
             kept = {"header": asdict(header), "size": spool.stat().st_size}
             with contextlib.suppress(OSError):  # ENOTSUP: the applier parses instead
                 os.setxattr(spool, HEADER_XATTR, json.dumps(kept).encode())
-        whole_fs = self.fsync and self.flush == "filesystem"
-        if self.fsync and not whole_fs:
+        flush = self.flush if self.fsync else None
+        if flush == "file":
             fd = os.open(spool, os.O_RDONLY)
             try:
                 os.fdatasync(fd)
@@ -136,10 +136,10 @@ class Journal:
         os.chmod(spool, 0o640)
         entry = self.root / self._name(calling_ae)
         os.rename(spool, entry)
-        if whole_fs:
-            syncfs(self.root)  # the data and the new name, in one flush
-        elif self.fsync:
+        if flush == "file":
             fsync_dir(self.root)
+        elif flush == "filesystem":
+            syncfs(self.root)  # the data and the new name, in one flush
         return entry
 
     @staticmethod

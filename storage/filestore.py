@@ -140,11 +140,15 @@ class FileStore:
         removed = 0
         limit = time.time() - older_than_s
         for entry in os.scandir(self.tmp_dir):
-            if entry.is_file(follow_symlinks=False):
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
                 if older_than_s and entry.stat(follow_symlinks=False).st_mtime > limit:
                     continue
                 os.unlink(entry.path)
-                removed += 1
+            except FileNotFoundError:  # another process on the store renamed it meanwhile
+                continue
+            removed += 1
         if removed:
             LOGGER.info("swept orphan temp files count=%d", removed)
         return removed

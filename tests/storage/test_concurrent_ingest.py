@@ -5,13 +5,15 @@ constraints, so every race ends as if one receiver had come second."""
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from storage import Catalog, CatalogBusyError, FileStore, IngestOutcome, ingest
+from storage import Catalog, CatalogBusyError, FileStore, IngestOutcome, filestore, ingest
 from storage.catalog import InstanceHeader, is_known
 from storage.models import Instance, QuarantinedInstance, Series, Study
 
@@ -214,3 +216,20 @@ def test_is_known_sees_a_row_committed_by_another_engine(tmp_path: Path, databas
     assert not is_known(reader, "1.2.3.4.7") and not is_known(reader, "1.2.3.4.77 ")
     for catalog in (reader, writer):
         catalog.dispose()
+
+
+@pytest.mark.parametrize("grace_s", [0.0, 60.0])
+def test_the_spool_sweep_skips_a_file_another_process_took(tmp_path, monkeypatch, grace_s):
+    """Receivers sharing a store sweep one spool: a file listed, then renamed by another
+    process (an applier's ``.part``), is no orphan and must not stop the start-up."""
+    store = FileStore(tmp_path / "store")
+    taken = store.tmp_dir / "apply-1.part"
+    taken.write_bytes(b"x")
+    orphan = store.tmp_dir / "rq-1.dcm"
+    orphan.write_bytes(b"y")
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
+    listed = list(os.scandir(store.tmp_dir))
+    taken.unlink()
+    monkeypatch.setattr(filestore.os, "scandir", lambda path: iter(listed))
+    assert store.sweep_tmp(grace_s) == 1
+    assert not orphan.exists()

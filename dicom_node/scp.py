@@ -27,13 +27,16 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
+import pynetdicom.sop_class as sop_classes
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import ServiceUser
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # set at import
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
@@ -81,11 +84,29 @@ def handle_store(event: evt.Event, receiver: Receiver) -> Dataset | int:
     """C-STORE: validate, store durably, record, then answer. Never raises."""
     try:
         req = cast(C_STORE, event.request)
+        path = event.dataset_path
+        sop_instance = str(req.AffectedSOPInstanceUID or "")
+        sop_class = str(req.AffectedSOPClassUID or "")
+        calling_ae = event.assoc.requestor.ae_title
+    except Exception:  # pynetdicom could not give the request's parts; a last guard
+        LOGGER.exception("C-STORE handler failed")
+        return CANNOT_UNDERSTAND
+    return store_answer(receiver, path, sop_instance, sop_class, calling_ae)
+
+
+def store_answer(
+    receiver: Receiver, path: Path, sop_instance_uid: str, sop_class_uid: str, calling_ae: str
+) -> Dataset | int:
+    """The status of one C-STORE whose data set is the spool file ``path``. Never raises.
+
+    A status with a reason is a data set with an Error Comment (64 characters at most).
+    """
+    try:
         outcome = receiver.accept(
-            event.dataset_path,
-            affected_sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
-            affected_sop_class_uid=str(req.AffectedSOPClassUID or ""),
-            calling_ae=event.assoc.requestor.ae_title,
+            path,
+            affected_sop_instance_uid=sop_instance_uid,
+            affected_sop_class_uid=sop_class_uid,
+            calling_ae=calling_ae,
         )
     except Exception:  # the receive path itself never raises; this is a last guard
         LOGGER.exception("C-STORE handler failed")
@@ -96,6 +117,103 @@ def handle_store(event: evt.Event, receiver: Receiver) -> Dataset | int:
     status.Status = outcome.status
     status.ErrorComment = outcome.reason[:64]
     return status
+
+
+class InlineStore:
+    """Plain C-STORE requests served on the thread that reads the association.
+
+    pynetdicom hands every complete message from the thread that reads the socket (the
+    DUL's) to the association's own thread through a queue, turns its command set into
+    a primitive (validating each UID with a regular expression), builds an event for
+    the handler, and hands the response back through a second queue. For a C-STORE
+    request that :func:`dicom_node.store_rq.plain_store` accepts, this object does the
+    handler's work where the last fragment was read: :func:`store_answer`, then a
+    success written straight to the socket (:func:`dicom_node.store_rsp.send_store_success`)
+    or any other status through pynetdicom's ``send_msg``. The sender waits for the
+    answer before it sends more (one operation at a time is negotiated), so nothing is
+    read meanwhile that it would have to wait for.
+
+    Used only when the association's handlers allow it (:func:`inline_store_for`).
+    """
+
+    def __init__(self, assoc: Any, receiver: Receiver) -> None:
+        self.assoc = assoc
+        self.receiver = receiver
+        self._storage: dict[str, bool] = {}
+
+    def takes(self, request: store_rq.StoreRequest) -> bool:
+        """Whether pynetdicom would give this request to the Storage service, as it is."""
+        assoc = self.assoc
+        if assoc._sent_release or not assoc.is_established:
+            return False
+        if assoc.acceptor.accepted_common_extended:  # pynetdicom maps such SOP classes
+            return False
+        if _config.ENFORCE_UID_CONFORMANCE:  # pynetdicom's stricter check of each UID
+            return False
+        storage = self._storage.get(request.sop_class_uid)
+        if storage is None:
+            storage = _config.UNRESTRICTED_STORAGE_SERVICE or (
+                sop_classes.uid_to_service_class(request.sop_class_uid) is StorageServiceClass
+            )
+            self._storage[request.sop_class_uid] = storage
+        return storage
+
+    def __call__(self, request: store_rq.StoreRequest, path: str) -> None:
+        """Answer ``request``; its data set is the closed spool file ``path``."""
+        assoc = self.assoc
+        try:
+            answer = store_answer(
+                self.receiver,
+                Path(path),
+                request.sop_instance_uid,
+                request.sop_class_uid,
+                assoc.requestor.ae_title,
+            )
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # not consumed (refused): as pynetdicom deletes it
+        if not assoc.is_established:  # aborted meanwhile: nothing to answer
+            return
+        if answer == SUCCESS and store_rsp.send_store_success(
+            assoc.dimse,
+            request.context_id,
+            request.message_id,
+            request.sop_class_uid,
+            request.sop_instance_uid,
+        ):
+            return
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = request.message_id
+        rsp.AffectedSOPClassUID = request.sop_class_uid
+        rsp.AffectedSOPInstanceUID = request.sop_instance_uid
+        rsp = StorageServiceClass(assoc).validate_status(answer, rsp)
+        assoc.dimse.send_msg(rsp, request.context_id)
+
+
+_OBSERVED_EVENTS = (
+    evt.EVT_DATA_RECV,
+    evt.EVT_PDU_RECV,
+    evt.EVT_FSM_TRANSITION,
+    evt.EVT_DIMSE_RECV,
+    evt.EVT_DIMSE_SENT,
+    evt.EVT_PDU_SENT,
+)
+"""Notifications the inline path does not raise: with any of them bound it stays off."""
+
+
+def inline_store_for(assoc: Any) -> InlineStore | None:
+    """An :class:`InlineStore` for ``assoc``, or ``None`` when its handlers rule it out.
+
+    It needs :func:`handle_store` bound to ``EVT_C_STORE`` with a :class:`Receiver`, and
+    no handler on the notifications it skips (:data:`_OBSERVED_EVENTS`: pynetdicom's
+    own logging handlers, bound when its logger is at DEBUG, are such handlers).
+    """
+    handler, args = assoc.get_handlers(evt.EVT_C_STORE)
+    if handler is not handle_store or not args or not isinstance(args[0], Receiver):
+        return None
+    if any(assoc.get_handlers(event) for event in _OBSERVED_EVENTS):
+        return None
+    return InlineStore(assoc, args[0])
 
 
 def _event_value(event: evt.Event, name: str) -> Any:
@@ -197,12 +315,22 @@ class FastAssociationSocket(AssociationSocket):
     idle association thus costs one wake-up per :attr:`WAIT_S` instead of one per
     millisecond, and a release request is noticed within :attr:`WAIT_S`.
 
+    When the association's handlers allow it (:func:`inline_store_for`), a P-DATA-TF PDU
+    read while the association is established (state Sta6) with no event pending goes
+    straight to the DIMSE provider (:meth:`read_pdu`), and plain C-STORE requests are
+    answered on this thread (:class:`InlineStore`). Every other PDU, and every PDU in
+    any other state, goes through pynetdicom's decoder and state machine as before.
+
     Installed on each accepted connection by :meth:`adopt`, before its threads start.
     """
 
     WAIT_S = 0.005
     _wake_r: socket.socket | None = None
     _wake_w: socket.socket | None = None
+    _unread: bytes = b""
+    """Bytes read ahead by :meth:`read_pdu` and given back to pynetdicom's reader."""
+    inline: InlineStore | None = None
+    """The association's inline C-STORE service, when its handlers allow one."""
 
     @classmethod
     def adopt(cls, assoc: Any) -> None:
@@ -241,7 +369,11 @@ class FastAssociationSocket(AssociationSocket):
 
         dimse.get_msg = get_msg
         store_rsp.install(dimse)  # a plain C-STORE success: no pydicom round trip
-        store_rq.install(dimse)  # data sets spooled with plain writes
+        fast.inline = inline_store_for(assoc)
+        store_rq.install(dimse, fast.inline)  # data sets spooled with plain writes
+        if fast.inline is not None:
+            read_any = assoc.dul._read_pdu_data
+            assoc.dul._read_pdu_data = lambda: fast.read_pdu(read_any)
 
     def close_wakeup(self) -> None:
         """Close the wake-up pipe (the connection is gone)."""
@@ -252,6 +384,8 @@ class FastAssociationSocket(AssociationSocket):
     @property
     def ready(self) -> bool:
         """Whether a PDU can be read; waits up to :attr:`WAIT_S` for data or work."""
+        if self._unread:
+            return True
         sock = self.socket
         if sock is None or not self._is_connected or self._wake_r is None:
             time.sleep(0.001)  # the DUL's loop has no other pacing now
@@ -272,11 +406,15 @@ class FastAssociationSocket(AssociationSocket):
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` (fewer only when the peer closed the connection)."""
+        buf = bytearray(nr_bytes)
+        got = 0
+        if self._unread:
+            got = min(nr_bytes, len(self._unread))
+            buf[:got] = self._unread[:got]
+            self._unread = self._unread[got:]
         sock = self.socket
         assert sock is not None
-        buf = bytearray(nr_bytes)
         view = memoryview(buf)
-        got = 0
         while got < nr_bytes:
             n = sock.recv_into(view[got:], nr_bytes - got)
             if not n:
@@ -284,6 +422,72 @@ class FastAssociationSocket(AssociationSocket):
                 return buf[:got]
             got += n
         return buf
+
+    def read_pdu(self, read_any: Callable[[], None]) -> None:
+        """Read one PDU: P-DATA in state Sta6 straight to DIMSE, the rest to pynetdicom.
+
+        Parameters
+        ----------
+        read_any
+            pynetdicom's own ``DULServiceProvider._read_pdu_data``: it is given every PDU
+            this does not take, its bytes put back in front of the stream first.
+        """
+        dul = self.assoc.dul
+        try:
+            head = self.recv(6)
+            take = (
+                len(head) == 6
+                and head[0] == 0x04
+                and dul.state_machine.current_state == "Sta6"
+                and dul.event_queue.empty()
+            )
+            body = self.recv(int.from_bytes(head[2:6], "big")) if take else bytearray()
+        except (OSError, TimeoutError) as exc:  # as pynetdicom: the connection is gone
+            LOGGER.info("connection closed within a PDU error=%s", type(exc).__name__)
+            dul.event_queue.put("Evt17")
+            return
+        if take and len(body) == int.from_bytes(head[2:6], "big"):
+            pdvs = split_pdvs(body)
+            if pdvs is not None:
+                self.assoc.dimse.receive_primitive(cast(Any, ReceivedValues(pdvs)))
+                return
+        self._unread = bytes(head) + bytes(body)
+        read_any()
+
+
+class ReceivedValues:
+    """What the DIMSE provider reads of a P-DATA indication: its values, as views.
+
+    pynetdicom's ``P_DATA`` primitive insists on ``bytes``; the values here are views
+    of the PDU as read, which :func:`dicom_node.store_rq.decode_msg` takes as they are.
+    """
+
+    __slots__ = ("presentation_data_value_list",)
+
+    def __init__(self, values: list[tuple[int, memoryview]]) -> None:
+        self.presentation_data_value_list = values
+
+
+def split_pdvs(body: bytearray) -> list[tuple[int, memoryview]] | None:
+    """The presentation data values of a P-DATA-TF PDU's body, or ``None`` if malformed.
+
+    Each item (PS3.8 9.3.5.1) is a 4-byte length, a presentation context ID and the
+    value: a message control header and a fragment. ``None`` for an item shorter than
+    its context ID and control header, an item running past the PDU, or no item at
+    all: pynetdicom's decoder then judges the PDU.
+    """
+    view = memoryview(body)
+    values: list[tuple[int, memoryview]] = []
+    i, n = 0, len(view)
+    while i < n:
+        if n - i < 6:
+            return None
+        length = int.from_bytes(view[i : i + 4], "big")
+        if length < 2 or length > n - i - 4:
+            return None
+        values.append((view[i + 4], view[i + 5 : i + 4 + length]))
+        i += 4 + length
+    return values or None
 
 
 class ConnectionCounts:

@@ -33,9 +33,11 @@ import re
 import secrets
 import struct
 import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol
 
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
@@ -142,55 +144,194 @@ def open_spool(folder: str | None = None) -> SpoolFile:
             continue
 
 
-def decode_msg(message: Any, primitive: Any, assoc: Any) -> bool:
+def parse_command(raw: bytes) -> dict[int, bytes] | None:
+    """The elements of an encoded command set, by element number, or ``None``.
+
+    A command set is group 0000 in implicit VR little endian (PS3.7 6.3.1); any
+    other group, a truncated element or an undefined length gives ``None``.
+    """
+    fields: dict[int, bytes] = {}
+    view = memoryview(raw)
+    i, n = 0, len(view)
+    while i < n:
+        if n - i < 8:
+            return None
+        group, element, length = _ELEMENT_HEAD.unpack_from(view, i)
+        i += 8
+        if group != 0 or length > n - i:
+            return None
+        fields[element] = bytes(view[i : i + length])
+        i += length
+    return fields
+
+
+_ELEMENT_HEAD = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """A C-STORE request whose command set was read without pydicom (see :func:`plain_store`)."""
+
+    context_id: int
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+def _plain_uid_value(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        text = value.rstrip(b"\0 ").decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return text if _plain_uid(text) else None
+
+
+def plain_store(fields: dict[int, bytes], context_id: int) -> StoreRequest | None:
+    """The request, when ``fields`` are a C-STORE-RQ pynetdicom would take as it is.
+
+    That is: Command Field C-STORE-RQ with a data set, a 2-byte Message ID, a Priority
+    of 0, 1 or 2, and Affected SOP Class and Instance UIDs of 1-64 digits and dots
+    (after the trailing padding pydicom also strips). Anything else is ``None``: the
+    message then goes through pydicom and pynetdicom as before.
+    """
+    try:
+        if _US.unpack(fields[0x0100])[0] != 0x0001:  # Command Field: C-STORE-RQ
+            return None
+        if _US.unpack(fields[0x0800])[0] == 0x0101:  # no data set
+            return None
+        message_id = _US.unpack(fields[0x0110])[0]
+        if _US.unpack(fields[0x0700])[0] not in (0, 1, 2):  # Priority
+            return None
+    except (KeyError, struct.error):
+        return None
+    sop_class = _plain_uid_value(fields.get(0x0002))
+    sop_instance = _plain_uid_value(fields.get(0x1000))
+    if sop_class is None or sop_instance is None:
+        return None
+    return StoreRequest(context_id, message_id, sop_class, sop_instance)
+
+
+class InlineStore(Protocol):
+    """Serves a complete C-STORE request on the thread that read it (see :func:`install`)."""
+
+    def takes(self, request: StoreRequest) -> bool:
+        """Whether this request is served here (else it goes to pynetdicom)."""
+
+    def __call__(self, request: StoreRequest, path: str) -> None:
+        """Answer the request whose data set is the closed spool file ``path``."""
+
+
+def decode_msg(
+    message: Any,
+    pdvs: Iterable[tuple[int, Any]],
+    assoc: Any,
+    inline: InlineStore | None = None,
+) -> bool:
     """``DIMSEMessage.decode_msg`` for one message, spooling with plain writes.
 
-    Returns whether the message is complete, as pynetdicom's does.
+    Parameters
+    ----------
+    message
+        The association's DIMSE message being received.
+    pdvs
+        ``(context ID, control header + fragment)`` of a P-DATA's presentation data values.
+    assoc
+        The association.
+    inline
+        Serves plain C-STORE requests itself; such a request is then answered when
+        its last fragment arrives, and this returns false (pynetdicom has nothing to
+        do). ``None``: every message goes to pynetdicom.
+
+    Returns
+    -------
+    bool
+        Whether the message is complete and is pynetdicom's to handle, as
+        pynetdicom's own ``decode_msg`` returns.
     """
-    for context_id, data in primitive.presentation_data_value_list:
+    for context_id, data in pdvs:
         control = data[0]
         if control & 1:  # command set fragment
             message.encoded_command_set.write(data[1:])
             if not control & 2:
                 continue
             message.context_id = context_id
+            request = None
+            if inline is not None and context_id in assoc._accepted_cx:
+                fields = parse_command(message.encoded_command_set.getvalue())
+                if fields is not None:
+                    request = plain_store(fields, context_id)
+                if request is not None and not inline.takes(request):
+                    request = None
+            if request is not None:
+                message.__class__ = C_STORE_RQ
+                message.inline_request = request
+                _open_spool(
+                    message,
+                    request.sop_class_uid,
+                    request.sop_instance_uid,
+                    assoc._accepted_cx[context_id].transfer_syntax[0],
+                )
+                continue
             message.command_set = decode(message.encoded_command_set, True, True)
             message.__class__ = _MESSAGE_TYPES[int(message.command_set.CommandField)][1]
             if message.command_set.CommandDataSetType == 0x0101:
                 return True  # no data set
             if isinstance(message, C_STORE_RQ):
-                message = cast(Any, message)  # it holds a SpoolFile, not pynetdicom's NTF
                 command = message.command_set
-                spool = open_spool()
-                message._data_set_file = spool
-                message._data_set_path = Path(spool.name)
-                try:
-                    spool.write(
-                        file_meta_bytes(
-                            command.AffectedSOPClassUID,
-                            command.AffectedSOPInstanceUID,
-                            assoc._accepted_cx[context_id].transfer_syntax[0],
-                        )
-                    )
-                except BaseException:
-                    spool.close()
-                    with contextlib.suppress(OSError):
-                        os.unlink(spool.name)
-                    message._data_set_file = None
-                    message._data_set_path = None
-                    raise
+                _open_spool(
+                    message,
+                    command.AffectedSOPClassUID,
+                    command.AffectedSOPInstanceUID,
+                    assoc._accepted_cx[context_id].transfer_syntax[0],
+                )
         else:  # data set fragment
             sink = message._data_set_file
             if sink is not None:
-                sink.write(memoryview(data)[1:])
+                try:
+                    sink.write(memoryview(data)[1:])
+                except BaseException:  # e.g. ENOSPC: pynetdicom then aborts the association
+                    _drop_spool(message)
+                    raise
             else:
                 message.data_set.write(data[1:])
             if control & 2:
-                return True
+                request = getattr(message, "inline_request", None)
+                if request is None or inline is None:
+                    return True
+                spool = message._data_set_file
+                spool.close()
+                assoc.dimse.message = None  # as pynetdicom does once a message is complete
+                inline(request, spool.name)
+                return False
     return False
 
 
-def install(dimse: Any) -> None:
+def _open_spool(message: Any, sop_class_uid: Any, sop_instance_uid: Any, syntax: Any) -> None:
+    """Open the message's spool file and write its preamble and File Meta."""
+    spool = open_spool()
+    message._data_set_file = spool
+    message._data_set_path = Path(spool.name)
+    try:
+        spool.write(file_meta_bytes(sop_class_uid, sop_instance_uid, syntax))
+    except BaseException:
+        _drop_spool(message)
+        raise
+
+
+def _drop_spool(message: Any) -> None:
+    """Close and delete the message's spool file (a write failed; nothing was answered)."""
+    spool = message._data_set_file
+    message._data_set_file = None
+    message._data_set_path = None
+    spool.close()
+    with contextlib.suppress(OSError):
+        os.unlink(spool.name)
+
+
+def install(dimse: Any, inline: InlineStore | None = None) -> None:
     """Spool the C-STORE data sets this association's DIMSE provider receives directly.
 
     Parameters
@@ -198,6 +339,8 @@ def install(dimse: Any) -> None:
     dimse
         The association's ``pynetdicom.dimse.DIMSEServiceProvider``; its
         ``receive_primitive`` gives each new message :func:`decode_msg`.
+    inline
+        Serves plain C-STORE requests on the reading thread (see :func:`decode_msg`).
     """
     original = dimse.receive_primitive
 
@@ -205,7 +348,9 @@ def install(dimse: Any) -> None:
         if dimse.message is None:
             message: Any = DIMSEMessage()
             # an instance attribute: it survives decode_msg's change of class
-            message.decode_msg = lambda p, a=None: decode_msg(message, p, a)
+            message.decode_msg = lambda p, a=None: decode_msg(
+                message, p.presentation_data_value_list, a, inline
+            )
             dimse.message = message
         original(primitive)
 

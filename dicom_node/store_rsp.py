@@ -108,3 +108,45 @@ def send_plain(dimse: Any, primitive: Any, context_id: int) -> bool:
     pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
     dimse.dul.send_pdu(pdata)
     return True
+
+
+_PDU_HEAD = struct.Struct(">BBIIBB")
+
+
+def store_success_pdu(context_id: int, command: bytes) -> bytes:
+    """A whole P-DATA-TF PDU carrying one command set as its only fragment.
+
+    One presentation data value whose message control header is ``0x03``: a command,
+    last fragment (PS3.8 E.2).
+    """
+    item_length = 2 + len(command)  # context ID, control header, fragment
+    return _PDU_HEAD.pack(0x04, 0, 4 + item_length, item_length, context_id, 0x03) + command
+
+
+def send_store_success(
+    dimse: Any, context_id: int, message_id: int, sop_class_uid: str, sop_instance_uid: str
+) -> bool:
+    """Answer a C-STORE with success from the thread that reads the association.
+
+    The PDU is written to the socket at once when nothing else waits to be sent (the
+    caller is the DUL's own thread, which alone writes to the socket); otherwise it is
+    queued behind what waits, as pynetdicom would.
+
+    Returns
+    -------
+    bool
+        False when the peer's maximum PDU cannot hold the response in one fragment
+        (nothing was sent; pynetdicom must fragment it).
+    """
+    command = encode_store_success(message_id, sop_class_uid, sop_instance_uid)
+    max_pdu = dimse.maximum_pdu_size
+    if max_pdu and len(command) > max_pdu - 6:
+        return False
+    dul = dimse.dul
+    if dul.to_provider_queue.empty():
+        dul.socket.send(store_success_pdu(context_id, command))
+        return True
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+    dul.send_pdu(pdata)
+    return True

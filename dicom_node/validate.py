@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     JPEG2000,
@@ -107,8 +108,86 @@ class Limits:
         return cls(max_pixels=node.max_pixels, max_instance_bytes=node.max_instance_bytes)
 
 
+_TAGS = {
+    "SOPClassUID": (0x00080016, "UI"),
+    "SOPInstanceUID": (0x00080018, "UI"),
+    "StudyInstanceUID": (0x0020000D, "UI"),
+    "SeriesInstanceUID": (0x0020000E, "UI"),
+    "Rows": (0x00280010, "US"),
+    "Columns": (0x00280011, "US"),
+    "BitsAllocated": (0x00280100, "US"),
+    "BitsStored": (0x00280101, "US"),
+    "SamplesPerPixel": (0x00280002, "US"),
+    "NumberOfFrames": (0x00280008, "IS"),
+    "SeriesNumber": (0x00200011, "IS"),
+    "InstanceNumber": (0x00200013, "IS"),
+    "Modality": (0x00080060, "CS"),
+    "StudyDate": (0x00080020, "DA"),
+    "LossyImageCompression": (0x00282110, "CS"),
+}
+"""Attributes :func:`_get` may decode from their raw bytes: tag and dictionary VR."""
+
+_PLAIN_TEXT = {
+    "UI": re.compile(r"[0-9]+(\.[0-9]+)*"),
+    "IS": re.compile(r"[+-]?[0-9]{1,12}"),
+    "CS": re.compile(r"[A-Z0-9_]{1,16}"),
+    "DA": re.compile(r"[0-9]{8}"),
+}
+"""Single values that pydicom would return exactly as written (less trailing padding)."""
+
+
+def _get(ds: pydicom.Dataset, keyword: str, default: object = None) -> object:
+    """``ds.get(keyword, default)``, without pydicom's conversion for plain values.
+
+    pydicom converts an element on first access: a dictionary look-up, hooks, the
+    value's conversion and validation (a regular expression per UID), a new
+    element stored back; about a third of the header check. For the attributes in
+    :data:`_TAGS`, a raw little-endian element of the dictionary VR (or implicit) whose
+    value is plain (one US, or one value matching :data:`_PLAIN_TEXT` after the trailing
+    NUL or spaces pydicom strips as well) is decoded here, to what pydicom returns for
+    it: ``int`` for US and IS, ``str`` otherwise. An empty value is ``None``, which the
+    callers treat as pydicom's empty value. Everything else (another VR, big endian, a
+    multi-value, odd characters, a deferred value) goes through ``ds.get``.
+    ``tests/dicom_node/test_validate.py`` compares the two on crafted values.
+    """
+    tag, vr = _TAGS[keyword]
+    elem = ds.get_item(tag, keep_deferred=True)
+    if elem is None:
+        return default
+    value = getattr(elem, "value", None)
+    if (
+        isinstance(elem, RawDataElement)  # not yet converted
+        and elem.VR in (None, vr)
+        and elem.is_little_endian
+        and isinstance(value, bytes)
+    ):
+        if not value:
+            return None
+        if vr == "US":
+            if len(value) == 2:
+                return value[0] | value[1] << 8
+        else:
+            text = value.rstrip(b"\0 ")
+            if not text:
+                return None
+            try:
+                plain = text.decode("ascii")
+            except UnicodeDecodeError:
+                plain = ""
+            if _PLAIN_TEXT[vr].fullmatch(plain):
+                return int(plain) if vr == "IS" else plain
+    return ds.get(keyword, default)
+
+
 def _uid(ds: pydicom.Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
+    return _checked_uid(_get(ds, keyword), keyword)
+
+
+def _file_meta_uid(meta: pydicom.Dataset, keyword: str) -> str:
+    return _checked_uid(meta.get(keyword), keyword)
+
+
+def _checked_uid(value: object, keyword: str) -> str:
     if value is None or str(value).strip("\0 ") == "":
         raise Rejection(DATASET_MISMATCH, f"{keyword} is missing")
     text = str(value).rstrip("\0 ")
@@ -118,11 +197,11 @@ def _uid(ds: pydicom.Dataset, keyword: str) -> str:
 
 
 def _int(ds: pydicom.Dataset, keyword: str, default: int | None = None) -> int:
-    value = ds.get(keyword, default)
+    value = _get(ds, keyword, default)
     if value is None or value == "":
         raise Rejection(DATASET_MISMATCH, f"{keyword} is missing")
     try:
-        return int(value)
+        return int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError) as exc:
         raise Rejection(DATASET_MISMATCH, f"{keyword} is not an integer") from exc
 
@@ -195,8 +274,8 @@ def inspect_file(
     try:
         ds = pydicom.dcmread(path, defer_size=4096)
         ts = UID(ds.file_meta.TransferSyntaxUID)
-        sop_class = _uid(ds.file_meta, "MediaStorageSOPClassUID")
-        ds_class = ds.get("SOPClassUID")
+        sop_class = _file_meta_uid(ds.file_meta, "MediaStorageSOPClassUID")
+        ds_class = _get(ds, "SOPClassUID")
         if ds_class is not None and str(ds_class).strip() and str(ds_class).strip() != sop_class:
             raise Rejection(DATASET_MISMATCH, "SOPClassUID differs from the file meta / request")
         sop_uid = _uid(ds, "SOPInstanceUID")
@@ -228,13 +307,13 @@ def inspect_file(
             raise Rejection(CANNOT_UNDERSTAND, f"image attributes unreadable: {exc}") from exc
 
     def text(keyword: str, size: int) -> str | None:
-        value = ds.get(keyword)
+        value = _get(ds, keyword) if keyword in _TAGS else ds.get(keyword)
         return None if value in (None, "") else str(value)[:size]
 
     def number(keyword: str) -> int | None:
         try:
-            value = ds.get(keyword)
-            return None if value in (None, "") else int(value)
+            value = _get(ds, keyword)
+            return None if value in (None, "") else int(value)  # type: ignore[call-overload]
         except (TypeError, ValueError):
             return None
 
@@ -250,5 +329,5 @@ def inspect_file(
         instance_number=number("InstanceNumber"),
         study_date=text("StudyDate", 8),
         study_description=text("StudyDescription", 64),
-        lossy=is_lossy(ts, ds.get("LossyImageCompression")),
+        lossy=is_lossy(ts, _get(ds, "LossyImageCompression")),
     )

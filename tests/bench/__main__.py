@@ -262,7 +262,11 @@ INGEST_LIMITS = [
     ),
     (
         "- **Done in this code** (measure with `make bench`): the ingest journal with its "
-        "applier process and start-up replay, a C-STORE success response written directly "
+        "applier process and start-up replay, a plain C-STORE served on the thread that "
+        "reads its association (`dicom_node/scp.py` `InlineStore`: no state machine, "
+        "queue hand-offs, primitives or events; anything else goes through pynetdicom), "
+        "plain header values decoded from their raw bytes (`dicom_node/validate.py`), "
+        "a C-STORE success response written directly "
         "(`dicom_node/store_rsp.py`, byte-identical to pynetdicom's, without its two "
         "pydicom encodes), C-STORE data sets spooled with plain descriptor writes and a "
         "directly encoded File Meta (`dicom_node/store_rq.py`, byte-identical to "

@@ -7,6 +7,7 @@ was acknowledged before is intact, and the node still answers another peer's C-E
 from __future__ import annotations
 
 import errno
+import itertools
 import socket
 import sqlite3
 import struct
@@ -24,6 +25,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from sqlalchemy import select
 
 from config.digest import sha256_file
+from dicom_node import store_rq
 from dicom_node.receive import Receiver
 from dicom_node.scp import StorageNode
 from storage import Catalog
@@ -153,6 +155,32 @@ def test_disk_full_during_the_write_gives_a700_and_leaves_nothing(node, tmp_path
     assert store_files(node.port, write_series(tmp_path / "b", 2)) == [0xA700, 0xA700]
     assert_intact(node, 1)
     assert_other_peer_served(node.port)
+
+
+def test_disk_full_while_spooling_aborts_and_leaves_nothing(node, tmp_path, monkeypatch):
+    """ENOSPC while a data set is still arriving: nothing was checked or answered yet, so
+    the association is aborted (A-P-ABORT) and the half-written spool file removed."""
+    assert store_files(node.port, write_series(tmp_path / "a", 1)) == [0]
+    written = store_rq.SpoolFile.write
+    calls = itertools.count()
+
+    def filling(self, data):  # the File Meta and one fragment fit, then the disk is full
+        if next(calls) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written(self, data)
+
+    monkeypatch.setattr(store_rq.SpoolFile, "write", filling)
+    assoc = associate(node.port)
+    with chunked_send():
+        rsp = assoc.send_c_store(write_series(tmp_path / "b", 1, rows=512, cols=512)[0])
+    assert "Status" not in rsp  # no answer: the association ended
+    assert assoc.is_aborted
+    assert next(calls) > 2, "the spool write was reached"
+    monkeypatch.undo()
+    _wait_no_spool(node)
+    assert_intact(node, 1)
+    assert_other_peer_served(node.port)
+    assert store_files(node.port, write_series(tmp_path / "c", 1)) == [0]
 
 
 def _hold_write_lock(db: Path, seconds: float, holding: threading.Event) -> None:

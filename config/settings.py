@@ -292,6 +292,12 @@ class StorageSettings(_Section):
         le=64,
         description="journal applier processes of cspine serve, each on its share of entries",
     )
+    applier_nice: int = Field(default=19, ge=0, le=19)
+    """Niceness added to each applier process. The senders wait for the receivers'
+    answers, not for the applier: at 19 it yields the cores to receivers (and to the
+    worker) and catches up in their gaps, so the catalog lags the answers during a busy
+    burst; the journal keeps every answered instance meanwhile, and a study is not
+    complete while its entries wait. 0: the applier competes as an equal."""
     orphan_grace_seconds: float | None = Field(default=None, ge=0)
     """The start-up repair leaves spool and unrecorded store files younger than this
     (another host's receiver may be between its rename and its commit). ``None``: 0 on

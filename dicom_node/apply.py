@@ -37,8 +37,6 @@ LOGGER = logging.getLogger(__name__)
 IDLE_S = (0.005, 0.05)
 """Wait between looks at an empty journal: from the first to the second, doubling
 while it stays empty (an idle node looks 20 times a second; a busy one every 5 ms)."""
-APPLIER_NICE = 10
-"""Scheduling niceness added to the applier process (the receivers keep 0)."""
 RETRY_S = 1.0
 """Wait after an entry failed for a passing reason (catalog busy, disk error)."""
 
@@ -214,11 +212,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.parent_pid:
         die_with_parent(args.parent_pid)
+    settings = Settings.model_validate_json(Path(args.settings_file).read_text())
     if not args.once:
         # background work: the receivers, whose answers senders wait for, go first when
         # the cores are busy; the applier catches up in their gaps
-        os.nice(APPLIER_NICE)
-    settings = Settings.model_validate_json(Path(args.settings_file).read_text())
+        os.nice(settings.storage.applier_nice)
     configure_logging(settings.logging.level)
     catalog, store = open_node_storage(settings)
     journal = Journal(store.root, fsync=settings.storage.fsync)  # it never appends

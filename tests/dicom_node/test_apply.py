@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -299,21 +301,26 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "CSPINE_FAULT_KILL_AT"}
 
 
+def _wait_journal_empty(data_dir: Path, timeout: float = 30) -> None:
+    journal = Journal(data_dir / "store")
+    deadline = time.monotonic() + timeout
+    while journal.count() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert journal.count() == 0, "the appliers applied the journal"
+
+
 @pytest.mark.parametrize("appliers", [1, 2])
 def test_serve_answers_from_the_journal_and_a_clean_stop_leaves_it_empty(tmp_path, appliers):
-    """The defaults of ``cspine serve`` (and two appliers): applier processes beside the
-    receiver; dcmtk sends; SIGTERM drains what is left; ``cspine status`` shows it."""
+    """The defaults of ``cspine serve`` (and two appliers, at another niceness): applier
+    processes beside the receiver; dcmtk sends; SIGTERM drains what is left; ``cspine
+    status`` shows it."""
     paths = write_series(tmp_path / "series", 20, rows=64, cols=64)
     data_dir = tmp_path / "var"
     port = free_port()
-    server = Server(
-        data_dir,
-        port,
-        "--no-worker",
-        "--stable-seconds",
-        "600",
-        env={"CSPINE_STORAGE__APPLIERS": str(appliers)},
-    ).start()
+    env = {"CSPINE_STORAGE__APPLIERS": str(appliers)}
+    if appliers == 2:
+        env["CSPINE_STORAGE__APPLIER_NICE"] = "7"
+    server = Server(data_dir, port, "--no-worker", "--stable-seconds", "600", env=env).start()
     try:
         sent = subprocess.run(
             ["storescu", "-aec", "CSPINE", "-xs", "127.0.0.1", str(port), *map(str, paths)],
@@ -323,6 +330,13 @@ def test_serve_answers_from_the_journal_and_a_clean_stop_leaves_it_empty(tmp_pat
             env={**os.environ, "TCP_NODELAY": "1"},
         )
         assert sent.returncode == 0, sent.stderr
+        _wait_journal_empty(data_dir)  # the appliers are at work: their niceness is set
+        pids = [int(p) for p in re.findall(r"applier(?: \d+)? started pid=(\d+)", server.log())]
+        assert len(pids) == appliers
+        added = 19 if appliers == 1 else 7  # the default, then the setting
+        for pid in pids:
+            nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+            assert nice == min(19, os.nice(0) + added)
     finally:
         server.stop()
     assert server.proc is not None and server.proc.returncode == 0

@@ -135,13 +135,19 @@ class Applier:
         LOGGER.error("journal entry set aside entry=%s reason=%s", dest.name, reason)
         return "bad"
 
-    def apply_pending(self, limit: int | None = None) -> dict[str, int]:
+    def apply_pending(
+        self, limit: int | None = None, stop: threading.Event | None = None
+    ) -> dict[str, int]:
         """Apply the entries waiting now, oldest first; counts per outcome.
 
         A passing failure stops the pass (the entry stays; the next pass retries it).
+        Once ``stop`` is set the pass ends after the entry in hand: what is left is
+        applied by ``cspine serve`` itself (:func:`replay`), at its own priority.
         """
         counts: dict[str, int] = {}
         for entry in self.journal.pending(limit, share=self.share):
+            if stop is not None and stop.is_set():
+                break
             outcome = self.apply(entry)
             counts[outcome] = counts.get(outcome, 0) + 1
         return counts
@@ -157,7 +163,7 @@ class Applier:
         while not stop.is_set():
             try:
                 with self.journal.applying(share=self.share):
-                    done = self.apply_pending(limit=256)
+                    done = self.apply_pending(limit=256, stop=stop)
             except (OSError, CatalogBusyError) as exc:  # passing: log, wait, retry
                 LOGGER.error("journal apply failed, retrying: %s", type(exc).__name__)
                 stop.wait(RETRY_S)

@@ -311,9 +311,11 @@ class FastAssociationSocket(AssociationSocket):
     ``select`` on the socket and on a wake-up pipe that is written whenever a primitive
     is queued for sending (the DUL's ``to_provider_queue``), for at most
     :attr:`WAIT_S`; the DUL's own sleep is set to zero. The association thread's poll for
-    a decoded message likewise waits on the message queue for up to :attr:`WAIT_S`. An
-    idle association thus costs one wake-up per :attr:`WAIT_S` instead of one per
-    millisecond, and a release request is noticed within :attr:`WAIT_S`.
+    a decoded message waits on the message queue for up to :attr:`MESSAGE_WAIT_S`, and
+    is woken at once by whatever the DUL hands the association (a release request, an
+    abort). An idle association thus costs a wake-up per :attr:`WAIT_S` on its reading
+    thread and one per :attr:`MESSAGE_WAIT_S` on its own, instead of one per
+    millisecond on each.
 
     When the association's handlers allow it (:func:`inline_store_for`), a P-DATA-TF PDU
     read while the association is established (state Sta6) with no event pending goes
@@ -325,6 +327,7 @@ class FastAssociationSocket(AssociationSocket):
     """
 
     WAIT_S = 0.005
+    MESSAGE_WAIT_S = 0.05
     _wake_r: socket.socket | None = None
     _wake_w: socket.socket | None = None
     _unread: bytes = b""
@@ -355,17 +358,37 @@ class FastAssociationSocket(AssociationSocket):
         outgoing.put = put_and_wake
         assoc.dul._run_loop_delay = 0.0
         # The association's own loop sleeps 1 ms and then polls for a decoded message:
-        # its poll waits on the message queue for up to WAIT_S instead.
+        # its poll waits on the message queue for up to MESSAGE_WAIT_S instead, and
+        # whatever the DUL hands the association (a release request, an abort) also
+        # puts a notice there, which ends the wait at once.
         dimse = assoc.dimse
         messages = dimse.msg_queue
+        to_user = assoc.dul.to_user_queue
+        put_to_user = to_user.put
+
+        def put_and_notify(item: Any, *args: Any, **kwargs: Any) -> None:
+            put_to_user(item, *args, **kwargs)
+            messages.put((None, None))
+
+        to_user.put = put_and_notify
 
         def get_msg(block: bool = False) -> tuple[Any, Any]:
-            try:
-                return messages.get(
-                    block=True, timeout=dimse.dimse_timeout if block else cls.WAIT_S
-                )
-            except queue.Empty:
-                return None, None
+            if not block:
+                try:
+                    return messages.get(block=True, timeout=cls.MESSAGE_WAIT_S)
+                except queue.Empty:
+                    return None, None
+            deadline = (
+                None if dimse.dimse_timeout is None else time.monotonic() + dimse.dimse_timeout
+            )
+            while True:  # a caller waiting for a message: notices are not one
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    item = messages.get(block=True, timeout=left)
+                except queue.Empty:
+                    return None, None
+                if item[1] is not None:
+                    return item
 
         dimse.get_msg = get_msg
         store_rsp.install(dimse)  # a plain C-STORE success: no pydicom round trip

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def tune_malloc() -> bool:
     )
 
 
+APPLIER_STOP_GRACE_S = 5.0
+"""How long a stop waits for an applier after SIGTERM (see :class:`ApplierSupervisor`)."""
+
+
 class ChildSupervisor:
     """Keep ``count`` child processes of one command running, restarting those that die.
 
@@ -79,6 +84,8 @@ class ChildSupervisor:
         Log the children as ``name 1``, ``name 2`` ... (``receiver 1``).
     index_arg
         When set, child ``i`` (0-based) gets ``index_arg i`` appended to its command.
+    stop_grace_s
+        How long :meth:`stop` waits for a child after SIGTERM before it kills it.
     """
 
     def __init__(
@@ -90,8 +97,10 @@ class ChildSupervisor:
         pass_fds: Sequence[int] = (),
         numbered: bool = False,
         index_arg: str | None = None,
+        stop_grace_s: float = 30.0,
     ) -> None:
         self.name = name
+        self.stop_grace_s = stop_grace_s
         self.numbered = numbered
         self.index_arg = index_arg
         self.command = list(command)
@@ -123,17 +132,24 @@ class ChildSupervisor:
                 LOGGER.info("%s started pid=%d", self._label(i), started.pid)
 
     def stop(self) -> None:
-        """Terminate every child and wait for them (30 s each, then kill)."""
+        """Terminate every child and wait for them (:attr:`stop_grace_s`, then kill)."""
         with self._lock:
             self._stopped = True
             running = [p for p in self.procs if p is not None and p.poll() is None]
             for proc in running:
                 proc.terminate()
-            for proc in running:
+            deadline = time.monotonic() + self.stop_grace_s
+            for i, child in enumerate(self.procs):
+                if child is None or child not in running:
+                    continue
                 try:
-                    proc.wait(30)
+                    child.wait(max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    LOGGER.warning(
+                        "%s did not stop within %g s; killing it", self._label(i), self.stop_grace_s
+                    )
+                    child.kill()
+                    child.wait()
 
 
 class WorkerSupervisor(ChildSupervisor):
@@ -150,7 +166,10 @@ class ApplierSupervisor(ChildSupervisor):
 
     They apply, on other cores than the receivers', what the receivers acknowledged;
     applier ``i`` takes share ``i`` of the entries. A restarted applier takes up its
-    share where the one that died left it.
+    share where the one that died left it. At a stop an applier gets
+    :data:`APPLIER_STOP_GRACE_S` to end its pass, then it is killed: at its niceness
+    (``storage.applier_nice``) it may be starved of CPU, and ``cspine serve`` applies
+    what it left itself (:func:`dicom_node.apply.replay`), as after a crash.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -161,6 +180,7 @@ class ApplierSupervisor(ChildSupervisor):
             settings.storage.appliers,
             numbered=settings.storage.appliers > 1,
             index_arg="--share",
+            stop_grace_s=APPLIER_STOP_GRACE_S,
         )
 
 

@@ -107,6 +107,7 @@ class Costs:
 
 
 HANDLER_TOTAL = "  handler total (Receiver.accept)"
+JOURNAL_APPEND = "    journal: flush the file, rename, flush the folder"
 
 
 def _phases() -> list[Phase]:
@@ -128,7 +129,7 @@ def _phases() -> list[Phase]:
         Phase(HANDLER_TOTAL, receive.Receiver, "accept"),
         Phase("    check: parse and validate the header", receive, "inspect_file"),
         Phase("    lookup: is the UID in the catalog (a read)", receive, "is_known"),
-        Phase("    journal: flush the file, rename, flush the folder", Journal, "append"),
+        Phase(JOURNAL_APPEND, Journal, "append"),
         Phase("  response: encode and send the C-STORE-RSP", store_rsp, "send_store_success"),
     ]
 
@@ -439,7 +440,7 @@ def latency_bounds(costs: Costs) -> list[str]:
     its wall time per instance.
     """
     per = 1000 / costs.rate
-    key = "  journal: flush the file, rename, flush the folder"
+    key = JOURNAL_APPEND
     flush_wait = max(0.0, costs.wall.get(key, 0.0) - costs.cpu.get(key, 0.0))
     return [
         "- upper bound for one sender, from this table: with no flush before the answer "

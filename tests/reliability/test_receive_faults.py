@@ -174,6 +174,9 @@ def test_disk_full_while_spooling_aborts_and_leaves_nothing(node, tmp_path, monk
     with chunked_send():
         rsp = assoc.send_c_store(write_series(tmp_path / "b", 1, rows=512, cols=512)[0])
     assert "Status" not in rsp  # no answer: the association ended
+    deadline = time.monotonic() + 10
+    while not assoc.is_aborted and time.monotonic() < deadline:  # the SCU's thread notes it
+        time.sleep(0.02)
     assert assoc.is_aborted
     assert next(calls) > 2, "the spool write was reached"
     monkeypatch.undo()

@@ -10,6 +10,7 @@ import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -59,6 +60,33 @@ def out_of_resources(status: int) -> bool:
     The one failure worth retrying unchanged: the SCP may have room later.
     """
     return 0xA700 <= status <= 0xA7FF
+
+
+def serve_no_requests(assoc: Any) -> Any:
+    """Keep a requestor's own reactor thread from taking DIMSE messages off its queue.
+
+    pynetdicom's ``send_c_store`` (and ``send_c_echo``) pauses the requestor's reactor
+    while it waits for the response, but the pause has a window: the reactor may have
+    seen the checkpoint still set, and then call ``get_msg(block=False)`` after the
+    request went out. A peer that answers within that window (a few milliseconds when
+    the reactor thread waits for the CPU) loses its response to the reactor, which
+    drops it as an unexpected message; ``send_c_store`` then waits for the DIMSE
+    timeout and the association is aborted. The node's associations as a requestor
+    serve no requests, so the reactor's non-blocking polls get nothing here; the calls
+    that wait for a response (``block=True``) get the message.
+
+    Returns
+    -------
+    pynetdicom.association.Association
+        ``assoc``, its DIMSE provider's ``get_msg`` wrapped.
+    """
+    get_msg = assoc.dimse.get_msg
+
+    def only_waiting_callers(block: bool = False) -> Any:
+        return get_msg(block=True) if block else (None, None)
+
+    assoc.dimse.get_msg = only_waiting_callers
+    return assoc
 
 
 def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -152,6 +180,7 @@ def send_paths(
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise SendError(f"association with {ae_title}@{host}:{port} ({transport}) {reason}")
+    serve_no_requests(assoc)
     dul_socket = assoc.dul.socket
     if dul_socket is not None and dul_socket.socket is not None:
         with contextlib.suppress(Exception):

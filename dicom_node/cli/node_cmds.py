@@ -109,6 +109,8 @@ def echo(
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # set at import
 
+    from dicom_node.scu import serve_no_requests
+
     settings = make_settings(config_file, data_dir)
     quiet_client_logging(settings)
     if "@" in target:
@@ -125,6 +127,7 @@ def echo(
     assoc = ae.associate(host, port, ae_title=called, tls_args=(ctx, host) if ctx else None)
     if not assoc.is_established:
         raise NodeError(f"C-ECHO to {host}:{port}: association not established")
+    serve_no_requests(assoc)
     rsp = assoc.send_c_echo()
     assoc.release()
     status = int(rsp.Status) if "Status" in rsp else None

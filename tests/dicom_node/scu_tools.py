@@ -13,6 +13,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 
+from dicom_node.scu import serve_no_requests
 from tests.helpers import CT, MR
 
 
@@ -27,25 +28,8 @@ def chunked_send() -> Iterator[None]:
         _config.STORE_SEND_CHUNKED_DATASET = old
 
 
-def serves_no_requests(assoc):
-    """Keep a requestor's own reactor thread from taking DIMSE messages off its queue.
-
-    pynetdicom's ``send_c_store`` pauses the requestor's reactor while it waits for the
-    response, but the pause has a window: the reactor may have seen the checkpoint set,
-    and then call ``get_msg(block=False)`` after the request went out. An SCP that
-    answers within that window (the node answers from its journal in a few ms; several
-    sender threads in one interpreter widen the window) loses the response to the
-    reactor, which drops it, and ``send_c_store`` waits until the association dies.
-    These test senders serve no requests, so the reactor's non-blocking polls get
-    nothing; the calls that wait for a response (``block=True``) get the message.
-    """
-    get_msg = assoc.dimse.get_msg
-
-    def only_waiting_callers(block: bool = False):
-        return get_msg(block=True) if block else (None, None)
-
-    assoc.dimse.get_msg = only_waiting_callers
-    return assoc
+serves_no_requests = serve_no_requests
+"""The product's guard (:func:`dicom_node.scu.serve_no_requests`), for test senders."""
 
 
 def associate(port: int, *, calling: str = "TESTSCU", called: str = "CSPINE", sop_class=CT):

@@ -447,7 +447,12 @@ class FastAssociationSocket(AssociationSocket):
         return buf
 
     def read_pdu(self, read_any: Callable[[], None]) -> None:
-        """Read one PDU: P-DATA in state Sta6 straight to DIMSE, the rest to pynetdicom.
+        """Read PDUs: P-DATA in state Sta6 straight to DIMSE, the rest to pynetdicom.
+
+        While a message is part-way in and its next PDU is already readable (the sender
+        streams a data set's PDUs back to back) that PDU is read at once, without a turn
+        of pynetdicom's reactor loop; the turn comes once the message is complete, or
+        nothing is readable, or a PDU goes to pynetdicom.
 
         Parameters
         ----------
@@ -455,6 +460,11 @@ class FastAssociationSocket(AssociationSocket):
             pynetdicom's own ``DULServiceProvider._read_pdu_data``: it is given every PDU
             this does not take, its bytes put back in front of the stream first.
         """
+        while self._read_one(read_any) and self._more_of_a_message():
+            pass
+
+    def _read_one(self, read_any: Callable[[], None]) -> bool:
+        """Read one PDU; whether it was a P-DATA taken here."""
         dul = self.assoc.dul
         try:
             head = self.recv(6)
@@ -468,14 +478,31 @@ class FastAssociationSocket(AssociationSocket):
         except (OSError, TimeoutError) as exc:  # as pynetdicom: the connection is gone
             LOGGER.info("connection closed within a PDU error=%s", type(exc).__name__)
             dul.event_queue.put("Evt17")
-            return
+            return False
         if take and len(body) == int.from_bytes(head[2:6], "big"):
             pdvs = split_pdvs(body)
             if pdvs is not None:
                 self.assoc.dimse.receive_primitive(cast(Any, ReceivedValues(pdvs)))
-                return
+                return True
         self._unread = bytes(head) + bytes(body)
         read_any()
+        return False
+
+    def _more_of_a_message(self) -> bool:
+        """Whether a message is part-way in, its next bytes readable now, nothing to send."""
+        sock = self.socket
+        dul = self.assoc.dul
+        if sock is None or self.assoc.dimse.message is None or dul._kill_thread:
+            return False
+        if not dul.to_provider_queue.empty():
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
 
 
 class ReceivedValues:

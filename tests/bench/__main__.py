@@ -230,19 +230,21 @@ INGEST_LIMITS = [
     "",
     (
         "- **Python CPU per instance.** The receiver spends a few ms of CPU per 512x512 "
-        "instance in pynetdicom's PDU and DIMSE handling and pydicom's header parse, more "
-        "than Orthanc's CPU per instance measured in the same run (the cost model below). "
-        "With one sender each instance waits for the receiver's CPU, then for its two "
-        "flushes; with four, one receiver process is CPU-bound on one core."
+        "instance reading PDUs, spooling, parsing the header with pydicom and flushing "
+        "(the cost table below); a plain C-STORE no longer passes through pynetdicom's "
+        "state machine, queues and events. With one sender each instance waits for the "
+        "receiver's CPU, then for its two flushes; with four, one receiver process is "
+        "CPU-bound on one core (one interpreter lock)."
     ),
     (
         '- **The ingest journal (the default, `storage.acknowledge = "journal"`).** The '
         "answer waits for one data flush of the validated file and one flush of the "
         "journal's folder; hashing, placing the file at its content address (with its "
         "flushes) and the catalog commit run behind the answer in the applier process, on "
-        "the other core. The cspine-catalog rows are the same node answering after the "
-        "commit: the difference between the two rows is what the journal bought. The "
-        "last column shows the catalog catching up within a fraction of a second."
+        "the other core, at `storage.applier_nice` (19 by default: it yields the cores "
+        "to the receivers and catches up in their gaps). The cspine-catalog rows are the "
+        "same node answering after the commit: the difference between the two rows is "
+        "what the journal bought. The last column shows when the catalog caught up."
     ),
     (
         "- **One interpreter lock per process.** `node.receivers = 2` (the cspine-2r rows) "

@@ -123,7 +123,7 @@ def _phases() -> list[Phase]:
     from storage.journal import Journal
 
     return [
-        Phase("reader total: one PDU and all done on it", scp.FastAssociationSocket, "read_pdu"),
+        Phase("reader total: PDUs and all done on them", scp.FastAssociationSocket, "read_pdu"),
         Phase("  read: PDU bytes from the socket", scp.FastAssociationSocket, "recv"),
         Phase("  spool: preamble, File Meta, fragments", store_rq.SpoolFile, "write"),
         Phase(HANDLER_TOTAL, receive.Receiver, "accept"),

@@ -474,12 +474,13 @@ class FastAssociationSocket(AssociationSocket):
                 and dul.state_machine.current_state == "Sta6"
                 and dul.event_queue.empty()
             )
-            body = self.recv(int.from_bytes(head[2:6], "big")) if take else bytearray()
+            length = int.from_bytes(head[2:6], "big") if take else 0
+            body = self.recv(length) if take else bytearray()
         except (OSError, TimeoutError) as exc:  # as pynetdicom: the connection is gone
             LOGGER.info("connection closed within a PDU error=%s", type(exc).__name__)
             dul.event_queue.put("Evt17")
             return False
-        if take and len(body) == int.from_bytes(head[2:6], "big"):
+        if take and len(body) == length:
             pdvs = split_pdvs(body)
             if pdvs is not None:
                 self.assoc.dimse.receive_primitive(cast(Any, ReceivedValues(pdvs)))

@@ -101,13 +101,23 @@ def send_plain(dimse: Any, primitive: Any, context_id: int) -> bool:
         str(primitive.AffectedSOPClassUID),
         str(primitive.AffectedSOPInstanceUID),
     )
-    max_pdu = dimse.maximum_pdu_size
-    if max_pdu and len(command) > max_pdu - 6:
+    if not _fits(dimse, command):
         return False
+    _queue(dimse, context_id, command)
+    return True
+
+
+def _fits(dimse: Any, command: bytes) -> bool:
+    """Whether ``command`` fits one P-DATA fragment of the peer's maximum PDU."""
+    max_pdu = dimse.maximum_pdu_size
+    return not (max_pdu and len(command) > max_pdu - 6)
+
+
+def _queue(dimse: Any, context_id: int, command: bytes) -> None:
+    """Queue ``command`` as one last command fragment for the DUL to send."""
     pdata = P_DATA()
     pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
     dimse.dul.send_pdu(pdata)
-    return True
 
 
 _PDU_HEAD = struct.Struct(">BBIIBB")
@@ -139,14 +149,10 @@ def send_store_success(
         (nothing was sent; pynetdicom must fragment it).
     """
     command = encode_store_success(message_id, sop_class_uid, sop_instance_uid)
-    max_pdu = dimse.maximum_pdu_size
-    if max_pdu and len(command) > max_pdu - 6:
+    if not _fits(dimse, command):
         return False
-    dul = dimse.dul
-    if dul.to_provider_queue.empty():
-        dul.socket.send(store_success_pdu(context_id, command))
-        return True
-    pdata = P_DATA()
-    pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
-    dul.send_pdu(pdata)
+    if dimse.dul.to_provider_queue.empty():
+        dimse.dul.socket.send(store_success_pdu(context_id, command))
+    else:
+        _queue(dimse, context_id, command)
     return True

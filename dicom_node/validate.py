@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -109,23 +111,27 @@ class Limits:
 
 
 _TAGS = {
-    "SOPClassUID": (0x00080016, "UI"),
-    "SOPInstanceUID": (0x00080018, "UI"),
-    "StudyInstanceUID": (0x0020000D, "UI"),
-    "SeriesInstanceUID": (0x0020000E, "UI"),
-    "Rows": (0x00280010, "US"),
-    "Columns": (0x00280011, "US"),
-    "BitsAllocated": (0x00280100, "US"),
-    "BitsStored": (0x00280101, "US"),
-    "SamplesPerPixel": (0x00280002, "US"),
-    "NumberOfFrames": (0x00280008, "IS"),
-    "SeriesNumber": (0x00200011, "IS"),
-    "InstanceNumber": (0x00200013, "IS"),
-    "Modality": (0x00080060, "CS"),
-    "StudyDate": (0x00080020, "DA"),
-    "LossyImageCompression": (0x00282110, "CS"),
+    keyword: (int(Tag(keyword)), dictionary_VR(keyword))
+    for keyword in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "SamplesPerPixel",
+        "NumberOfFrames",
+        "SeriesNumber",
+        "InstanceNumber",
+        "Modality",
+        "StudyDate",
+        "LossyImageCompression",
+    )
 }
-"""Attributes :func:`_get` may decode from their raw bytes: tag and dictionary VR."""
+"""Attributes :func:`_get` may decode from their raw bytes: tag and dictionary VR
+(pydicom's data dictionary; each VR is one of :data:`_PLAIN_TEXT`'s or US)."""
 
 _PLAIN_TEXT = {
     "UI": re.compile(r"[0-9]+(\.[0-9]+)*"),

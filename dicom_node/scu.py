@@ -63,7 +63,8 @@ def out_of_resources(status: int) -> bool:
 
 
 def serve_no_requests(assoc: Any) -> Any:
-    """Keep a requestor's own reactor thread from taking DIMSE messages off its queue.
+    """Keep a requestor's own reactor thread from taking DIMSE messages off its queue,
+    and never wait for an A-RELEASE-RP from a peer that is gone.
 
     pynetdicom's ``send_c_store`` (and ``send_c_echo``) pauses the requestor's reactor
     while it waits for the response, but the pause has a window: the reactor may have
@@ -75,18 +76,50 @@ def serve_no_requests(assoc: Any) -> Any:
     serve no requests, so the reactor's non-blocking polls get nothing here; the calls
     that wait for a response (``block=True``) get the message.
 
+    A wait that ends with nothing (the connection closed, an A-ABORT, the DIMSE
+    timeout) marks the association lost (:func:`association_lost`), and ``release()``
+    then aborts instead: pynetdicom's ``release()`` right after such a wait may find
+    the reactor's pause flag still set from the wait, send an A-RELEASE-RQ, and wait
+    the whole ACSE timeout for an answer while the reactor takes the abort indication
+    off the queue.
+
     Returns
     -------
     pynetdicom.association.Association
-        ``assoc``, its DIMSE provider's ``get_msg`` wrapped.
+        ``assoc``, its DIMSE provider's ``get_msg`` and its ``release`` wrapped.
     """
     get_msg = assoc.dimse.get_msg
+    release = assoc.release
+    lost: list[bool] = []
 
     def only_waiting_callers(block: bool = False) -> Any:
-        return get_msg(block=True) if block else (None, None)
+        if not block:
+            return None, None
+        message = get_msg(block=True)
+        if message[1] is None:
+            lost.append(True)
+        return message
 
+    def release_unless_lost() -> None:
+        if association_lost(assoc):
+            if not (assoc.is_aborted or assoc.is_released):
+                assoc.abort()
+            return
+        release()
+
+    only_waiting_callers.lost = lost  # type: ignore[attr-defined]
     assoc.dimse.get_msg = only_waiting_callers
+    assoc.release = release_unless_lost
     return assoc
+
+
+def association_lost(assoc: Any) -> bool:
+    """Whether a requestor association can carry no more requests: not established,
+    aborted (an A-ABORT or A-P-ABORT waits for its reactor), or, under
+    :func:`serve_no_requests`, a wait for a response that ended with nothing."""
+    if not assoc.is_established or assoc.is_aborted or assoc.acse.is_aborted():
+        return True
+    return bool(getattr(assoc.dimse.get_msg, "lost", False))
 
 
 def collect_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -187,7 +220,7 @@ def send_paths(
             dul_socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         for path in metas:
-            if not assoc.is_established:
+            if association_lost(assoc):
                 summary.statuses[path] = None
                 summary.errors[path] = "association lost"
                 continue

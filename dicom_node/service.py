@@ -17,6 +17,7 @@ a long-running receiver stays flat instead of growing with every study it handle
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import socket
@@ -219,13 +220,42 @@ def open_listener(settings: Settings) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((node.host, node.port))
+        _bind_when_free(sock, (node.host, node.port))
         sock.listen(128)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+LISTENER_WAIT_S = 10.0
+"""How long :func:`open_listener` waits for the port of a killed ``cspine serve``."""
+
+
+def _bind_when_free(sock: socket.socket, address: tuple[str, int]) -> None:
+    """Bind, waiting up to :data:`LISTENER_WAIT_S` while the port is in use.
+
+    The receiver children of a ``cspine serve`` that was SIGKILLed hold its listening
+    socket until they die: at once when they run (``PR_SET_PDEATHSIG``), but a child
+    still starting (its interpreter importing) only notices when it checks its parent,
+    about a second later. A restart in that moment would fail with ``EADDRINUSE``.
+    """
+    deadline = time.monotonic() + LISTENER_WAIT_S
+    waited = False
+    while True:
+        try:
+            sock.bind(address)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            if not waited:
+                LOGGER.warning(
+                    "port %d in use; waiting for it (a previous serve's receivers?)", address[1]
+                )
+                waited = True
+            time.sleep(0.1)
 
 
 class ReceiverPool(ChildSupervisor):

@@ -203,3 +203,18 @@ def test_kill_points_with_two_receivers_lose_nothing_acknowledged(tmp_path, ackn
         server.stop()
     rows, files, spool = _catalog(data_dir)
     assert len(rows) == len(paths) and files == set(rows.values()) and spool == []
+
+
+def test_serve_starts_again_on_its_port_while_a_killed_serves_receiver_is_starting(tmp_path):
+    """SIGKILL ``cspine serve`` as soon as it answers, while its second receiver is still
+    starting (it holds the inherited listening socket until it finds its parent gone),
+    and start it again at once on the same port: it waits for the port, not fails."""
+    data_dir = tmp_path / "var"
+    port = free_port()
+    first = Server(data_dir, port, "--no-worker", env=RECEIVERS).start()
+    first.kill()
+    second = _start(Server(data_dir, port, "--no-worker", env=RECEIVERS))
+    try:
+        assert echo_ok(port)
+    finally:
+        second.stop()

@@ -42,6 +42,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from config import Settings, check_bind_safety
 from dicom_node import store_rq, store_rsp
+from dicom_node.assoc_count import AssociationCount
 from dicom_node.receive import Receiver
 from dicom_node.tls import describe, server_context
 from dicom_node.validate import (
@@ -243,17 +244,22 @@ def _reject(event: evt.Event, result: int, source: int, reason: int, why: str) -
     event.assoc.kill()
 
 
-def handle_requested(event: evt.Event, settings: Settings) -> None:
+def handle_requested(
+    event: evt.Event, settings: Settings, count: AssociationCount | None = None
+) -> None:
     """A-ASSOCIATE-RQ: apply the peer allow-list and the user-identity requirement.
 
     * calling AE title not in ``node.peers``, or from outside its ``host`` network:
       A-ASSOCIATE-RJ (1, 1, 3), rejected-permanent, service-user, calling AE title
       not recognised;
     * ``node.user_identity.required`` and no User Identity item: (1, 1, 1),
-      rejected-permanent, service-user, no reason given.
+      rejected-permanent, service-user, no reason given;
+    * with several receiver processes (``count``), the node already running
+      ``node.max_associations`` in all of them: (2, 3, 2), rejected-transient,
+      service-provider (presentation), local limit exceeded.
 
-    The called AE title (1, 1, 7), a refused identity (2, 2, 1) and the association
-    limit (2, 3, 2) are checked afterwards by pynetdicom's negotiation.
+    The called AE title (1, 1, 7), a refused identity (2, 2, 1) and, in one process,
+    the association limit (2, 3, 2) are checked afterwards by pynetdicom's negotiation.
     """
     node = settings.node
     requestor = event.assoc.requestor
@@ -265,6 +271,20 @@ def handle_requested(event: evt.Event, settings: Settings) -> None:
     identity = node.user_identity
     if identity.enabled and identity.required and requestor.user_identity is None:
         _reject(event, 0x01, 0x01, 0x01, "user-identity-missing")
+        return
+    if count is not None:
+        # this process's slot recounted from its live associations: one whose close went
+        # unseen cannot hold a place for ever
+        here = sum(
+            1
+            for a in event.assoc.ae.active_associations
+            if getattr(a, "_cspine_counted", None) is not None
+        )
+        if not count.try_acquire(here):
+            _reject(event, 0x02, 0x03, 0x02, "too-many-associations")
+            return
+        # released when its connection closes
+        event.assoc._cspine_counted = count  # type: ignore[attr-defined]
 
 
 def handle_user_id(event: evt.Event, settings: Settings) -> tuple[bool, bytes | None]:
@@ -611,12 +631,17 @@ def handle_conn_open(
 def handle_conn_close(
     event: evt.Event, started: dict[int, float], counts: ConnectionCounts | None = None
 ) -> None:
-    """Connection closed: drop a half-received spool file left by an aborted transfer."""
+    """Connection closed: drop a half-received spool file left by an aborted transfer;
+    the association no longer counts against the node's limit."""
     try:
         _discard_partial(event, started)
     finally:
         if counts is not None:
             counts.add(closed=1)
+        counted = getattr(event.assoc, "_cspine_counted", None)
+        if counted is not None:
+            event.assoc._cspine_counted = None  # type: ignore[attr-defined]
+            counted.release()
 
 
 def _discard_partial(event: evt.Event, started: dict[int, float]) -> None:
@@ -697,13 +722,13 @@ class ConnectionLimits:
 
 
 def associations_per_receiver(settings: Settings) -> int:
-    """Associations one receiver process accepts at once.
+    """Associations one receiver process accepts at once: ``node.max_associations``.
 
-    ``node.max_associations`` is divided over the ``node.receivers`` processes, rounded
-    up: each process enforces its share (A-ASSOCIATE-RJ (2, 3, 2) beyond it).
+    With several receiver processes one of them may run all of them; the node's total
+    is held by :class:`dicom_node.assoc_count.AssociationCount` (A-ASSOCIATE-RJ
+    (2, 3, 2) beyond it, see :func:`handle_requested`).
     """
-    node = settings.node
-    return -(-node.max_associations // node.receivers)
+    return settings.node.max_associations
 
 
 class _StreamGuard:
@@ -1009,6 +1034,7 @@ class StorageNode:
         extra_jobs: list[tuple[Callable[[], Any], float, str]] = (),  # type: ignore[assignment]
         listener: socket.socket | None = None,
         completion: bool = True,
+        associations: AssociationCount | None = None,
     ) -> None:
         """Bind and serve; with ``block=False`` return once listening.
 
@@ -1017,7 +1043,8 @@ class StorageNode:
         ``extra_jobs`` are ``(function, interval_s, name)`` run by the same scheduler.
         ``listener`` is a listening socket shared with other receiver processes (none:
         bind ``node.host``/``node.port``); ``completion=False`` leaves the completion
-        checker to another process.
+        checker to another process. ``associations`` is this process's slot in the
+        node-wide association count of several receiver processes.
         """
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -1036,7 +1063,7 @@ class StorageNode:
         handlers: list[EventHandlerType] = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.receiver]),
-            (evt.EVT_REQUESTED, handle_requested, [self.settings]),
+            (evt.EVT_REQUESTED, handle_requested, [self.settings, associations]),
             (evt.EVT_CONN_OPEN, handle_conn_open, [self._started, limits, self.connections]),
             (evt.EVT_CONN_CLOSE, handle_conn_close, [self._started, self.connections]),
             (evt.EVT_ABORTED, handle_assoc_event),

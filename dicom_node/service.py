@@ -31,6 +31,7 @@ from pathlib import Path
 from config import Settings, check_bind_safety
 from dicom_node import destinations, memory
 from dicom_node.apply import replay
+from dicom_node.assoc_count import AssociationCount
 from dicom_node.memory import trim_malloc
 from dicom_node.receive import Receiver, open_journal, open_node_storage
 from dicom_node.scp import StorageNode
@@ -259,9 +260,15 @@ def _bind_when_free(sock: socket.socket, address: tuple[str, int]) -> None:
 
 
 class ReceiverPool(ChildSupervisor):
-    """Keep ``node.receivers - 1`` receiver child processes on the shared listener."""
+    """Keep ``node.receivers - 1`` receiver child processes on the shared listener.
 
-    def __init__(self, settings: Settings, listener: socket.socket, count: int) -> None:
+    Child ``i`` counts its associations in slot ``i + 1`` of ``associations`` (see
+    :mod:`dicom_node.assoc_count`; slot 0 is ``cspine serve``'s own).
+    """
+
+    def __init__(
+        self, settings: Settings, listener: socket.socket, count: int, associations: Path
+    ) -> None:
         self.settings_file = write_settings_file(settings)
         self.listener = listener
         super().__init__(
@@ -271,11 +278,21 @@ class ReceiverPool(ChildSupervisor):
                 self.settings_file,
                 "--listen-fd",
                 str(listener.fileno()),
+                "--associations-file",
+                str(associations),
             ),
             count,
             pass_fds=(listener.fileno(),),
             numbered=True,
+            index_arg="--index",
         )
+
+
+def association_count_file(settings: Settings) -> Path:
+    """``<data_dir>/run/associations``: the node-wide association count of the receivers."""
+    run_dir = Path(settings.storage.data_dir) / "run"
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    return run_dir / "associations"
 
 
 def run_service(settings: Settings, *, config_file: str | None = None) -> None:
@@ -320,10 +337,14 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
             trim_malloc()  # the outputs were read into memory to be sent
 
     extra = [(deliver, 1.0, "delivery"), (trim_malloc, TRIM_INTERVAL_S, "malloc-trim")]
-    listener = pool = None
+    listener = pool = associations = None
     if settings.node.receivers > 1:
         listener = open_listener(settings)
-        pool = ReceiverPool(settings, listener, settings.node.receivers - 1)
+        count_file = AssociationCount.create(
+            association_count_file(settings), settings.node.receivers
+        )
+        associations = AssociationCount(count_file, 0, settings.node.max_associations)
+        pool = ReceiverPool(settings, listener, settings.node.receivers - 1, count_file)
         extra.append((pool.ensure_running, 2.0, "receiver-supervisor"))
     if applier is not None:
         applier.ensure_running()
@@ -334,7 +355,7 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
     try:
         if pool is not None:
             pool.ensure_running()
-        node.start(block=True, extra_jobs=extra, listener=listener)
+        node.start(block=True, extra_jobs=extra, listener=listener, associations=associations)
     finally:
         node.stop()
         if web is not None:
@@ -355,7 +376,9 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
         catalog.dispose()
 
 
-def run_receiver(settings: Settings, listener: socket.socket) -> None:
+def run_receiver(
+    settings: Settings, listener: socket.socket, associations: AssociationCount | None = None
+) -> None:
     """A receiver child: serve C-STOREs on the inherited listener until terminated.
 
     No spool sweep (the parent did it before starting receivers, and a sweep now would
@@ -372,6 +395,7 @@ def run_receiver(settings: Settings, listener: socket.socket) -> None:
             listener=listener,
             completion=False,
             extra_jobs=[(trim_malloc, TRIM_INTERVAL_S, "malloc-trim")],
+            associations=associations,
         )
     finally:
         node.stop()
@@ -389,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--settings-file", required=True)
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--associations-file", type=Path)
+    parser.add_argument("--index", type=int, default=0)
     args = parser.parse_args(argv)
     die_with_parent(args.parent_pid)
     settings = Settings.model_validate_json(Path(args.settings_file).read_text())
@@ -400,7 +426,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _term)
-    run_receiver(settings, listener)
+    associations = None
+    if args.associations_file is not None:
+        associations = AssociationCount(
+            args.associations_file, args.index + 1, settings.node.max_associations
+        )
+    run_receiver(settings, listener, associations)
 
 
 if __name__ == "__main__":

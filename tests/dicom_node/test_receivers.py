@@ -21,7 +21,7 @@ from tests.dicom_node.proc import Server, echo_ok
 from tests.dicom_node.scu_tools import associate, send_until_refused, store_files
 from tests.helpers import write_series
 
-# 2 processes; max_associations is divided over them (10 each)
+# 2 processes; max_associations (20) holds for the two together
 RECEIVERS = {"CSPINE_NODE__RECEIVERS": "2", "CSPINE_NODE__MAX_ASSOCIATIONS": "20"}
 
 
@@ -218,3 +218,35 @@ def test_serve_starts_again_on_its_port_while_a_killed_serves_receiver_is_starti
         assert echo_ok(port)
     finally:
         second.stop()
+
+
+def test_max_associations_holds_for_the_node_not_each_receiver(tmp_path):
+    """Three associations at most, over two processes: a share of two each would let a
+    fourth in; the node-wide count refuses it (2, 3, 2) however the kernel spread the
+    first three, and takes a new one once one of them has ended."""
+    env = {**RECEIVERS, "CSPINE_NODE__MAX_ASSOCIATIONS": "3"}
+    server = _start(Server(tmp_path / "var", free_port(), "--no-worker", env=env))
+    held = []
+    try:
+        for _ in range(3):
+            held.append(associate(server.port))
+            assert held[-1].is_established
+        extra = associate(server.port)
+        assert extra.is_rejected
+        rj = extra.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)
+        assert "association rejected reason=too-many-associations" in server.log()
+        held.pop().release()
+        deadline = time.monotonic() + 10
+        again = associate(server.port)
+        while not again.is_established and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the ended one's close is counted
+            again = associate(server.port)
+        assert again.is_established
+        held.append(again)
+        assert associate(server.port).is_rejected
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+        server.stop()

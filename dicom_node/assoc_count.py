@@ -1,0 +1,105 @@
+"""One association limit for all receiver processes of a ``cspine serve``.
+
+With ``node.receivers`` > 1 the processes accept from one listening socket, and the
+kernel, not the node, decides which process gets a connection. ``node.max_associations``
+holds for the node as a whole: each process counts its running associations in its own
+slot of a small shared file (``<data_dir>/run/associations``, memory-mapped), and an
+A-ASSOCIATE-RQ is accepted only while the sum of the slots is under the limit (checked
+and counted under an ``flock`` of the file, so two processes cannot both take the last
+place). A process that starts (or restarts after a crash) zeroes its own slot: the
+associations of a dead process died with it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_SLOT = struct.Struct("<q")
+
+
+class AssociationCount:
+    """Running associations of one process, in its slot of the node's shared count.
+
+    Parameters
+    ----------
+    path
+        The shared file, made by :meth:`create` before the processes start.
+    slot
+        This process's slot: 0 for ``cspine serve`` itself, ``i + 1`` for receiver
+        child ``i``.
+    limit
+        ``node.max_associations``.
+    """
+
+    def __init__(self, path: Path, slot: int, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self._fd = os.open(path, os.O_RDWR)
+        size = os.fstat(self._fd).st_size
+        if size == 0 or size % _SLOT.size or not 0 <= slot < size // _SLOT.size:
+            os.close(self._fd)
+            raise ValueError(f"{path}: no slot {slot} in a count of {size} bytes")
+        self._slots = size // _SLOT.size
+        self._offset = slot * _SLOT.size
+        self._map = mmap.mmap(self._fd, size)
+        with self._locked():
+            _SLOT.pack_into(self._map, self._offset, 0)
+
+    @staticmethod
+    def create(path: Path, processes: int) -> Path:
+        """Write a zeroed count with one slot per receiver process (replacing any old one)."""
+        part = path.with_name(path.name + ".part")
+        with open(part, "wb") as f:
+            f.write(bytes(_SLOT.size * processes))
+        os.chmod(part, 0o640)
+        os.replace(part, path)
+        return path
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _total(self) -> int:
+        return sum(_SLOT.unpack_from(self._map, i * _SLOT.size)[0] for i in range(self._slots))
+
+    def total(self) -> int:
+        """Associations running in all the processes now."""
+        with self._locked():
+            return self._total()
+
+    def try_acquire(self, here: int | None = None) -> bool:
+        """Count one more association here, unless the node already runs ``limit``.
+
+        ``here``: the associations this process counts now, if known (its slot is set to
+        it first).
+        """
+        with self._locked():
+            if here is not None:
+                _SLOT.pack_into(self._map, self._offset, here)
+            if self._total() >= self.limit:
+                return False
+            (own,) = _SLOT.unpack_from(self._map, self._offset)
+            _SLOT.pack_into(self._map, self._offset, own + 1)
+            return True
+
+    def release(self) -> None:
+        """Count one association fewer here (an association counted by :meth:`try_acquire`
+        has ended)."""
+        with self._locked():
+            (own,) = _SLOT.unpack_from(self._map, self._offset)
+            _SLOT.pack_into(self._map, self._offset, max(0, own - 1))
+
+    def close(self) -> None:
+        """Unmap and close the file (this process's slot keeps its last value)."""
+        self._map.close()
+        os.close(self._fd)

@@ -224,6 +224,21 @@ class UserIdentitySettings(_Section):
         return next((u for u in self.users if u.username == username), None)
 
 
+AUTO_RECEIVERS_MAX = 8
+"""``node.receivers = 0`` starts one receiver process per usable core, at most this many."""
+
+
+def auto_receivers() -> int:
+    """One receiver process per core this process may run on, at most
+    :data:`AUTO_RECEIVERS_MAX`: each process holds one interpreter lock, so one process
+    serves at most one core's worth of senders (``docs/performance.md``)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, AUTO_RECEIVERS_MAX))
+
+
 class NodeSettings(_Section):
     """The listening Application Entity."""
 
@@ -235,10 +250,13 @@ class NodeSettings(_Section):
     extra_storage_sop_classes: tuple[str, ...] = ()
     max_associations: int = Field(default=10, ge=1)
     receivers: int = Field(
-        default=1,
-        ge=1,
+        default=0,
+        ge=0,
         le=64,
-        description="receiver processes sharing the listening socket (cspine serve)",
+        description=(
+            "receiver processes sharing the listening socket (cspine serve); 0: one per "
+            f"usable core, at most {AUTO_RECEIVERS_MAX}"
+        ),
     )
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=30.0, gt=0)
@@ -256,6 +274,11 @@ class NodeSettings(_Section):
     user_identity: UserIdentitySettings = UserIdentitySettings()
 
     _v_ae = field_validator("ae_title")(classmethod(lambda cls, v: _check_ae_title(v)))
+
+    @field_validator("receivers")
+    @classmethod
+    def _v_receivers(cls, v: int) -> int:
+        return v or auto_receivers()
 
     @model_validator(mode="after")
     def _v_identity_needs_tls(self) -> NodeSettings:

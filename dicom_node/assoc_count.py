@@ -2,12 +2,14 @@
 
 With ``node.receivers`` > 1 the processes accept from one listening socket, and the
 kernel, not the node, decides which process gets a connection. ``node.max_associations``
-holds for the node as a whole: each process counts its running associations in its own
-slot of a small shared file (``<data_dir>/run/associations``, memory-mapped), and an
-A-ASSOCIATE-RQ is accepted only while the sum of the slots is under the limit (checked
-and counted under an ``flock`` of the file, so two processes cannot both take the last
-place). A process that starts (or restarts after a crash) zeroes its own slot: the
-associations of a dead process died with it.
+holds for the node as a whole, as pynetdicom holds it in one process (every accepted
+connection counts, one that has not yet sent its A-ASSOCIATE-RQ too): each process
+counts its connections in its own slot of a small shared file
+(``<data_dir>/run/associations``, memory-mapped, updated under an ``flock``), and an
+A-ASSOCIATE-RQ is refused while the sum of the slots exceeds the limit. A process that
+starts (or restarts after a crash) zeroes its slot, and recounts it from its live
+associations at each request: the connections of a dead process died with it, and one
+whose close went unseen cannot hold a place for ever.
 """
 
 from __future__ import annotations
@@ -73,31 +75,33 @@ class AssociationCount:
         return sum(_SLOT.unpack_from(self._map, i * _SLOT.size)[0] for i in range(self._slots))
 
     def total(self) -> int:
-        """Associations running in all the processes now."""
+        """Connections counted in all the processes now."""
         with self._locked():
             return self._total()
 
-    def try_acquire(self, here: int | None = None) -> bool:
-        """Count one more association here, unless the node already runs ``limit``.
+    def _add(self, delta: int) -> None:
+        with self._locked():
+            (own,) = _SLOT.unpack_from(self._map, self._offset)
+            _SLOT.pack_into(self._map, self._offset, max(0, own + delta))
 
-        ``here``: the associations this process counts now, if known (its slot is set to
-        it first).
+    def opened(self) -> None:
+        """Count a connection this process accepted."""
+        self._add(1)
+
+    def closed(self) -> None:
+        """Count one connection fewer here (one counted by :meth:`opened` has closed)."""
+        self._add(-1)
+
+    def over_limit(self, here: int | None = None) -> bool:
+        """Whether the node runs more than ``limit`` connections (the asking one counted).
+
+        ``here``: the connections this process runs now, if known; its slot is set to it
+        first.
         """
         with self._locked():
             if here is not None:
                 _SLOT.pack_into(self._map, self._offset, here)
-            if self._total() >= self.limit:
-                return False
-            (own,) = _SLOT.unpack_from(self._map, self._offset)
-            _SLOT.pack_into(self._map, self._offset, own + 1)
-            return True
-
-    def release(self) -> None:
-        """Count one association fewer here (an association counted by :meth:`try_acquire`
-        has ended)."""
-        with self._locked():
-            (own,) = _SLOT.unpack_from(self._map, self._offset)
-            _SLOT.pack_into(self._map, self._offset, max(0, own - 1))
+            return self._total() > self.limit
 
     def close(self) -> None:
         """Unmap and close the file (this process's slot keeps its last value)."""

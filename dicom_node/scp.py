@@ -254,8 +254,8 @@ def handle_requested(
       not recognised;
     * ``node.user_identity.required`` and no User Identity item: (1, 1, 1),
       rejected-permanent, service-user, no reason given;
-    * with several receiver processes (``count``), the node already running
-      ``node.max_associations`` in all of them: (2, 3, 2), rejected-transient,
+    * with several receiver processes (``count``), more than ``node.max_associations``
+      connections in all of them, this one included: (2, 3, 2), rejected-transient,
       service-provider (presentation), local limit exceeded.
 
     The called AE title (1, 1, 7), a refused identity (2, 2, 1) and, in one process,
@@ -273,18 +273,14 @@ def handle_requested(
         _reject(event, 0x01, 0x01, 0x01, "user-identity-missing")
         return
     if count is not None:
-        # this process's slot recounted from its live associations: one whose close went
-        # unseen cannot hold a place for ever
+        # this process's slot recounted from its live connections first
         here = sum(
             1
             for a in event.assoc.ae.active_associations
             if getattr(a, "_cspine_counted", None) is not None
         )
-        if not count.try_acquire(here):
+        if count.over_limit(here):
             _reject(event, 0x02, 0x03, 0x02, "too-many-associations")
-            return
-        # released when its connection closes
-        event.assoc._cspine_counted = count  # type: ignore[attr-defined]
 
 
 def handle_user_id(event: evt.Event, settings: Settings) -> tuple[bool, bytes | None]:
@@ -586,15 +582,20 @@ def handle_conn_open(
     started: dict[int, float],
     limits: ConnectionLimits | None = None,
     counts: ConnectionCounts | None = None,
+    associations: AssociationCount | None = None,
 ) -> None:
     """New TCP connection: TLS handshake (in this association's thread), TCP_NODELAY.
 
     A failed handshake (no or untrusted client certificate, TLS below 1.2, plain
-    TCP on the TLS port) is logged and the connection shut down.
+    TCP on the TLS port) is logged and the connection shut down. With several
+    receiver processes the connection is counted in ``associations`` until it closes.
     """
     started[id(event.assoc)] = time.monotonic()
     if counts is not None:
         counts.add(opened=1)
+    if associations is not None:
+        associations.opened()
+        event.assoc._cspine_counted = associations  # type: ignore[attr-defined]
     FastAssociationSocket.adopt(event.assoc)
     transport = event.assoc.dul.socket
     sock = transport.socket if transport is not None else None
@@ -641,7 +642,7 @@ def handle_conn_close(
         counted = getattr(event.assoc, "_cspine_counted", None)
         if counted is not None:
             event.assoc._cspine_counted = None  # type: ignore[attr-defined]
-            counted.release()
+            counted.closed()
 
 
 def _discard_partial(event: evt.Event, started: dict[int, float]) -> None:
@@ -1064,7 +1065,11 @@ class StorageNode:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.receiver]),
             (evt.EVT_REQUESTED, handle_requested, [self.settings, associations]),
-            (evt.EVT_CONN_OPEN, handle_conn_open, [self._started, limits, self.connections]),
+            (
+                evt.EVT_CONN_OPEN,
+                handle_conn_open,
+                [self._started, limits, self.connections, associations],
+            ),
             (evt.EVT_CONN_CLOSE, handle_conn_close, [self._started, self.connections]),
             (evt.EVT_ABORTED, handle_assoc_event),
             (evt.EVT_ACCEPTED, handle_assoc_event),

@@ -39,6 +39,7 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
+from config.settings import AUTO_RECEIVERS_MAX, auto_receivers
 from tests.bench import ingest, ingest_costs, turnaround
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,20 +170,20 @@ def ingest_section(results: list[ingest.Result]) -> list[str]:
         "association request to the last C-STORE response; afterwards the bench checks that "
         f"each receiver holds every instance. {ingest.RUNS} run(s) per cell.",
         "",
-        "- **cspine**: `cspine serve --no-worker` with the defaults: one receiver process, "
+        "- **cspine**: `cspine serve --no-worker` with the defaults: one receiver process "
+        f"per usable core (`node.receivers = 0`: {auto_receivers()} here), "
         'fsync on, `storage.acknowledge = "journal"` (every 0x0000 is answered once the '
         "validated file is flushed into the ingest journal, file and folder; the applier "
         "process hashes, places and catalogs it behind the answer).",
         "- **cspine-catalog**: the same with `CSPINE_STORAGE__ACKNOWLEDGE=catalog` (every "
         "0x0000 waits for the file at its content address and the SQLite commit, all "
         "flushed): the node before the journal, measured in the same run.",
-        "- **cspine-2r**: the defaults with `CSPINE_NODE__RECEIVERS=2` (two receiver "
-        "processes on one listening socket); with several senders only.",
+        "- **cspine-1r**: the defaults with `CSPINE_NODE__RECEIVERS=1` (one receiver "
+        "process); with several senders only.",
         "- **cspine-syncfs**: the defaults with `CSPINE_STORAGE__JOURNAL_FLUSH=filesystem` "
         "(each journal entry made durable by one `syncfs(2)` of the store's filesystem "
         "after its rename, instead of a flush of the file and one of the folder: meant "
-        "for a store on a filesystem of its own); **cspine-syncfs-2r**: that and two "
-        "receiver processes, with several senders only.",
+        "for a store on a filesystem of its own).",
         "- **storescp**: dcmtk `storescp +xa [--fork] -od DIR`: writes files, no fsync, no index.",
         "- **orthanc**: Debian's Orthanc with a generated configuration: SQLite index, "
         "`SyncStorageArea: true` (fsync of every file, the default since 1.7.4), "
@@ -247,11 +248,12 @@ INGEST_LIMITS = [
         "what the journal bought. The last column shows when the catalog caught up."
     ),
     (
-        "- **One interpreter lock per process.** `node.receivers = 2` (the cspine-2r rows) "
-        "spreads the associations over two receiver processes: a busier receiver lets a "
-        "less busy one accept first. On two cores they share the CPU with the applier and "
-        "the senders; the model in the next section projects more cores from the measured "
-        "costs."
+        "- **One interpreter lock per process.** By default (`node.receivers = 0`) "
+        "`cspine serve` starts one receiver process per usable core (at most "
+        f"{AUTO_RECEIVERS_MAX}), which spread the associations: a busier receiver lets a "
+        "less busy one accept first. The cspine-1r rows are one process for all senders. "
+        "On two cores the receivers share the CPU with the applier and the senders; the "
+        "model in the next section projects more cores from the measured costs."
     ),
     (
         "- **Durability per 0x0000.** cspine answers 0x0000 only after the file's data and "

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config.settings import auto_receivers
+
 # dcmtk reads TCP_NODELAY from the environment: without it Nagle's algorithm and
 # delayed ACKs cap every receiver near 22 images/s. Orthanc's DICOM server is dcmtk's
 # (Debian links the system libdcmnet), so it gets the same variable.
@@ -37,30 +39,26 @@ TMP = os.environ.get("CSPINE_BENCH_TMP") or None
 RECEIVERS = (
     "cspine",
     "cspine-catalog",
-    "cspine-2r",
+    "cspine-1r",
     "cspine-syncfs",
-    "cspine-syncfs-2r",
     "storescp",
     "orthanc",
 )
-OURS = ("cspine", "cspine-catalog", "cspine-2r", "cspine-syncfs", "cspine-syncfs-2r")
-"""``cspine``: ``cspine serve`` with the defaults (answered from the ingest journal);
-``cspine-catalog``: with ``storage.acknowledge = "catalog"`` (answered once the catalog
-row is committed); ``cspine-2r``: the defaults with ``node.receivers = 2`` (measured
-with several senders only: one association is served by one process either way);
-``cspine-syncfs``: the defaults with ``storage.journal_flush = "filesystem"`` (one
-``syncfs`` per entry instead of a file and a folder flush); ``cspine-syncfs-2r``: both
-(several senders only)."""
+OURS = ("cspine", "cspine-catalog", "cspine-1r", "cspine-syncfs")
+"""``cspine``: ``cspine serve`` with the defaults (answered from the ingest journal; one
+receiver process per usable core, ``node.receivers = 0``); ``cspine-catalog``: with
+``storage.acknowledge = "catalog"`` (answered once the catalog row is committed);
+``cspine-1r``: the defaults with ``node.receivers = 1`` (measured with several senders
+only: one association is served by one process either way); ``cspine-syncfs``: the
+defaults with ``storage.journal_flush = "filesystem"`` (one ``syncfs`` per entry instead
+of a file and a folder flush)."""
 ENV_OF = {
     "cspine-catalog": {"CSPINE_STORAGE__ACKNOWLEDGE": "catalog"},
-    "cspine-2r": {"CSPINE_NODE__RECEIVERS": "2"},
+    "cspine-1r": {"CSPINE_NODE__RECEIVERS": "1"},
     "cspine-syncfs": {"CSPINE_STORAGE__JOURNAL_FLUSH": "filesystem"},
-    "cspine-syncfs-2r": {
-        "CSPINE_STORAGE__JOURNAL_FLUSH": "filesystem",
-        "CSPINE_NODE__RECEIVERS": "2",
-    },
 }
-TWO_RECEIVERS = ("cspine-2r", "cspine-syncfs-2r")
+ONE_RECEIVER = ("cspine-1r",)
+"""Kinds measured with several senders only (with one sender they equal ``cspine``)."""
 REFERENCES = ("storescp", "orthanc")
 SYNTAXES = ("explicit", "jpeg-lossless")
 SENDERS = (1, 4)
@@ -227,7 +225,7 @@ def start_receiver(kind: str, target: Path, senders: int) -> Running:
     try:
         wait_port(port)
         if kind in OURS:
-            _wait_listening(log_path, 2 if kind in TWO_RECEIVERS else 1)
+            _wait_listening(log_path, 1 if kind in ONE_RECEIVER else auto_receivers())
     except RuntimeError:
         _stop_proc(proc)
         raise
@@ -304,7 +302,7 @@ def main() -> list[Result]:
             images = sum(1 for _ in folder.iterdir())
             mbytes = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
             for senders in SENDERS:
-                kinds = tuple(k for k in RECEIVERS if senders > 1 or k not in TWO_RECEIVERS)
+                kinds = tuple(k for k in RECEIVERS if senders > 1 or k not in ONE_RECEIVER)
                 seconds: dict[str, list[float]] = {k: [] for k in kinds}
                 cataloged: dict[str, list[float]] = {k: [] for k in kinds}
                 for run in range(RUNS):

@@ -99,6 +99,7 @@ def ingest_rate(url: str, receivers: int, root: Path) -> float:
         "CSPINE_STORAGE__DATABASE_URL": url,
         "CSPINE_STORAGE__STORE_DIR": str(root / "store"),
         "CSPINE_STORAGE__MIN_FREE_BYTES": "0",
+        "CSPINE_NODE__RECEIVERS": "1",  # one receiver process per serve (host)
     }
     servers = [
         Server(root / f"host{i}", free_port(), "--no-worker", "--stable-seconds", "600", env=env)

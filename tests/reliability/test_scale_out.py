@@ -105,6 +105,7 @@ def test_two_receivers_three_workers_one_postgresql_survive_sigkills(tmp_path, p
         "CSPINE_STORAGE__STORE_DIR": str(store_dir),
         "CSPINE_STORAGE__MIN_FREE_BYTES": "0",
         "CSPINE_COMPLETION__CHECK_INTERVAL_SECONDS": "0.5",
+        "CSPINE_NODE__RECEIVERS": "1",  # one receiver process per host
     }
     ports = [free_port(), free_port()]
     receivers = [

@@ -15,6 +15,21 @@ def test_embedded_defaults():
     assert s.completion.stable_seconds == 10
 
 
+def test_receivers_default_to_one_per_usable_core_at_most_eight(monkeypatch):
+    import os
+
+    from config import settings as settings_module
+
+    cores = len(os.sched_getaffinity(0))
+    assert load_settings(environ={}).node.receivers == min(cores, 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    assert settings_module.auto_receivers() == 8
+    assert load_settings(environ={}).node.receivers == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
+    assert load_settings(environ={}).node.receivers == 1
+    assert load_settings(environ={"CSPINE_NODE__RECEIVERS": "3"}).node.receivers == 3
+
+
 def test_precedence(tmp_path):
     cfg = tmp_path / "site.toml"
     cfg.write_text('[node]\nport = 2000\nae_title = "FROMFILE"\n[completion]\nstable_seconds = 5\n')

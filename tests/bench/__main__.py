@@ -266,7 +266,9 @@ INGEST_LIMITS = [
     ),
     (
         "- **Done in this code** (measure with `make bench`): the ingest journal with its "
-        "applier process and start-up replay, a plain C-STORE served on the thread that "
+        "applier process and start-up replay, one receiver process per usable core by "
+        "default with one association count shared by them (`dicom_node/assoc_count.py`), "
+        "a plain C-STORE served on the thread that "
         "reads its association (`dicom_node/scp.py` `InlineStore`: no state machine, "
         "queue hand-offs, primitives or events; anything else goes through pynetdicom), "
         "plain header values decoded from their raw bytes (`dicom_node/validate.py`), "

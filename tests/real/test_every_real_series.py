@@ -56,6 +56,14 @@ def test_every_accepted_real_ct_study_gets_a_delivered_sr_and_no_job_fails(real_
         sent = cspine("send", *map(str, files), "--to", f"CSPINE@127.0.0.1:{port}")
         # some real files are refused by the receiver (that is their test's business)
         assert "sent" in sent.stdout + sent.stderr, sent.stdout + sent.stderr
+        # the answers run ahead of the catalog (the ingest journal): list the studies
+        # once every answered instance is cataloged
+        deadline = time.monotonic() + 120
+        while "ingest journal: 0 answered" not in (
+            drained := cspine("status", "--data-dir", str(data)).stdout
+        ):
+            assert time.monotonic() < deadline, drained
+            time.sleep(0.5)
         studies = cspine("studies", "--data-dir", str(data)).stdout
         sent_studies = {
             str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files

@@ -718,18 +718,8 @@ class ConnectionLimits:
             max_pdu_length=node.max_pdu_size,
             max_control_pdu_length=1024 * 1024,
             max_dataset_bytes=node.max_instance_bytes,
-            max_connections=2 * associations_per_receiver(settings) + 2,
+            max_connections=2 * node.max_associations + 2,
         )
-
-
-def associations_per_receiver(settings: Settings) -> int:
-    """Associations one receiver process accepts at once: ``node.max_associations``.
-
-    With several receiver processes one of them may run all of them; the node's total
-    is held by :class:`dicom_node.assoc_count.AssociationCount` (A-ASSOCIATE-RJ
-    (2, 3, 2) beyond it, see :func:`handle_requested`).
-    """
-    return settings.node.max_associations
 
 
 class _StreamGuard:
@@ -975,7 +965,8 @@ def build_ae(settings: Settings) -> AE:
     for sop_class in storage_sop_classes(settings):
         register_storage_class(sop_class)
         ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
-    ae.maximum_associations = associations_per_receiver(settings)
+    # in one process; with several, handle_requested holds the node's total as well
+    ae.maximum_associations = node.max_associations
     ae.maximum_pdu_size = node.max_pdu_size
     ae.acse_timeout = node.acse_timeout
     ae.dimse_timeout = node.dimse_timeout

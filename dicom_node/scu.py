@@ -101,11 +101,12 @@ def serve_no_requests(assoc: Any) -> Any:
         return message
 
     def release_unless_lost() -> None:
-        if association_lost(assoc):
-            if not (assoc.is_aborted or assoc.is_released):
-                assoc.abort()
+        if not assoc.is_established:
             return
-        release()
+        if association_lost(assoc):
+            assoc.abort()
+        else:
+            release()
 
     only_waiting_callers.lost = lost  # type: ignore[attr-defined]
     assoc.dimse.get_msg = only_waiting_callers

@@ -200,11 +200,16 @@ def child_command(module: Sequence[str], settings_file: Path, *extra: str) -> li
     ]
 
 
+def run_dir(settings: Settings) -> Path:
+    """``<data_dir>/run``: what ``cspine serve`` shares with its child processes."""
+    folder = Path(settings.storage.data_dir) / "run"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o750)
+    return folder
+
+
 def write_settings_file(settings: Settings) -> Path:
     """Write the settings as JSON to ``<data_dir>/run/settings.json`` for child processes."""
-    run_dir = Path(settings.storage.data_dir) / "run"
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    path = run_dir / "settings.json"
+    path = run_dir(settings) / "settings.json"
     path.write_text(settings.model_dump_json())
     os.chmod(path, 0o640)
     return path
@@ -288,13 +293,6 @@ class ReceiverPool(ChildSupervisor):
         )
 
 
-def association_count_file(settings: Settings) -> Path:
-    """``<data_dir>/run/associations``: the node-wide association count of the receivers."""
-    run_dir = Path(settings.storage.data_dir) / "run"
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    return run_dir / "associations"
-
-
 def run_service(settings: Settings, *, config_file: str | None = None) -> None:
     """Run the node until interrupted.
 
@@ -341,7 +339,7 @@ def run_service(settings: Settings, *, config_file: str | None = None) -> None:
     if settings.node.receivers > 1:
         listener = open_listener(settings)
         count_file = AssociationCount.create(
-            association_count_file(settings), settings.node.receivers
+            run_dir(settings) / "associations", settings.node.receivers
         )
         associations = AssociationCount(count_file, 0, settings.node.max_associations)
         pool = ReceiverPool(settings, listener, settings.node.receivers - 1, count_file)
@@ -413,8 +411,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--settings-file", required=True)
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
-    parser.add_argument("--associations-file", type=Path)
-    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--associations-file", type=Path, required=True)
+    parser.add_argument("--index", type=int, required=True)
     args = parser.parse_args(argv)
     die_with_parent(args.parent_pid)
     settings = Settings.model_validate_json(Path(args.settings_file).read_text())
@@ -426,11 +424,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _term)
-    associations = None
-    if args.associations_file is not None:
-        associations = AssociationCount(
-            args.associations_file, args.index + 1, settings.node.max_associations
-        )
+    associations = AssociationCount(
+        args.associations_file, args.index + 1, settings.node.max_associations
+    )
     run_receiver(settings, listener, associations)
 
 

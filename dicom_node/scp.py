@@ -870,6 +870,11 @@ class GuardedServer(ThreadedAssociationServer):
         As :class:`pynetdicom.transport.AssociationServer`.
     limits
         The :class:`ConnectionLimits` of every connection.
+    listener
+        A listening socket shared with other receiver processes.
+    associations
+        The connection count of all those processes (their
+        ``limits.max_connections`` holds for them together).
     """
 
     def __init__(
@@ -877,10 +882,12 @@ class GuardedServer(ThreadedAssociationServer):
         *args: Any,
         limits: ConnectionLimits,
         listener: socket.socket | None = None,
+        associations: AssociationCount | None = None,
         **kwargs: Any,
     ) -> None:
         self.limits = limits
         self._listener = listener
+        self._associations = associations
         self._accepted: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         super().__init__(*args, **kwargs)
         if self.ssl_context is not None:
@@ -945,8 +952,12 @@ class GuardedServer(ThreadedAssociationServer):
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Close a new connection at once when too many associations are running."""
-        running = len(self.active_associations)
+        """Close a new connection at once when too many associations are running (in
+        all the receiver processes, when they share a count)."""
+        if self._associations is not None:
+            running = self._associations.total()
+        else:
+            running = len(self.active_associations)
         if running >= self.limits.max_connections:
             LOGGER.warning(
                 "connection refused reason=too-many-connections running=%d address=%s",
@@ -1092,6 +1103,7 @@ class StorageNode:
             server_class=GuardedServer,
             limits=limits,
             listener=listener,
+            associations=associations,
         )
         # as AE.start_server does: the AE tracks its servers (AE.shutdown, server.shutdown)
         self.ae._servers.append(server)

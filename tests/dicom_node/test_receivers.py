@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -249,4 +251,32 @@ def test_max_associations_holds_for_the_node_not_each_receiver(tmp_path):
         for assoc in held:
             if assoc.is_established:
                 assoc.release()
+        server.stop()
+
+
+def _connections(data_dir: Path) -> int:
+    """The connections counted by all the receiver processes (their shared count)."""
+    raw = (data_dir / "run" / "associations").read_bytes()
+    return sum(struct.unpack(f"<{len(raw) // 8}q", raw))
+
+
+def test_a_connection_flood_is_cut_for_the_node_not_each_receiver(tmp_path):
+    """``2 x max_associations + 2`` open connections in both processes together: the next
+    is closed at once, whichever process accepts it."""
+    env = {**RECEIVERS, "CSPINE_NODE__MAX_ASSOCIATIONS": "1", "CSPINE_NODE__ACSE_TIMEOUT": "5"}
+    data_dir = tmp_path / "var"
+    server = _start(Server(data_dir, free_port(), "--no-worker", env=env))
+    cap = 2 * 1 + 2
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(cap)]
+    try:
+        deadline = time.monotonic() + 5
+        while _connections(data_dir) < cap and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _connections(data_dir) == cap
+        with socket.create_connection(("127.0.0.1", server.port)) as extra:
+            extra.settimeout(2)
+            assert extra.recv(1) == b""  # closed at once, not after the ACSE timeout
+    finally:
+        for s in idle:
+            s.close()
         server.stop()

@@ -12,6 +12,8 @@ from pathlib import Path
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from storage.journal import Journal
+
 CSPINE = [sys.executable, "-m", "dicom_node"]
 
 
@@ -90,3 +92,13 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def wait_journal_empty(data_dir: Path, timeout: float = 30) -> None:
+    """Wait until the appliers have applied every answered instance (the ingest journal
+    under ``<data_dir>/store`` is empty)."""
+    journal = Journal(data_dir / "store")
+    deadline = time.monotonic() + timeout
+    while journal.count() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert journal.count() == 0, "the appliers applied the journal"

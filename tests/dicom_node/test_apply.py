@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pydicom
@@ -31,7 +30,7 @@ from storage.journal import HEADER_XATTR, Journal, parse_entry
 from storage.models import Instance, Study
 from tests.conftest import free_port
 from tests.dicom_node.conftest import make_settings
-from tests.dicom_node.proc import Server, cspine
+from tests.dicom_node.proc import Server, cspine, wait_journal_empty
 from tests.helpers import write_series
 
 
@@ -301,14 +300,6 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "CSPINE_FAULT_KILL_AT"}
 
 
-def _wait_journal_empty(data_dir: Path, timeout: float = 30) -> None:
-    journal = Journal(data_dir / "store")
-    deadline = time.monotonic() + timeout
-    while journal.count() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert journal.count() == 0, "the appliers applied the journal"
-
-
 @pytest.mark.parametrize("appliers", [1, 2])
 def test_serve_answers_from_the_journal_and_a_clean_stop_leaves_it_empty(tmp_path, appliers):
     """The defaults of ``cspine serve`` (and two appliers, at another niceness): applier
@@ -330,7 +321,7 @@ def test_serve_answers_from_the_journal_and_a_clean_stop_leaves_it_empty(tmp_pat
             env={**os.environ, "TCP_NODELAY": "1"},
         )
         assert sent.returncode == 0, sent.stderr
-        _wait_journal_empty(data_dir)  # the appliers are at work: their niceness is set
+        wait_journal_empty(data_dir)  # the appliers are at work: their niceness is set
         pids = [int(p) for p in re.findall(r"applier(?: \d+)? started pid=(\d+)", server.log())]
         assert len(pids) == appliers
         added = 19 if appliers == 1 else 7  # the default, then the setting

@@ -19,7 +19,7 @@ import pytest
 from dicom_node.validate import CT_STORAGE_SOP_CLASSES
 from tests.conftest import free_port
 from tests.dicom_node.pacs import LoopbackPACS
-from tests.dicom_node.proc import Server, cspine
+from tests.dicom_node.proc import Server, cspine, wait_journal_empty
 from tests.reliability.real_files import dicom_candidates
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -58,12 +58,7 @@ def test_every_accepted_real_ct_study_gets_a_delivered_sr_and_no_job_fails(real_
         assert "sent" in sent.stdout + sent.stderr, sent.stdout + sent.stderr
         # the answers run ahead of the catalog (the ingest journal): list the studies
         # once every answered instance is cataloged
-        deadline = time.monotonic() + 120
-        while "ingest journal: 0 answered" not in (
-            drained := cspine("status", "--data-dir", str(data)).stdout
-        ):
-            assert time.monotonic() < deadline, drained
-            time.sleep(0.5)
+        wait_journal_empty(data, timeout=120)
         studies = cspine("studies", "--data-dir", str(data)).stdout
         sent_studies = {
             str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files

@@ -315,6 +315,10 @@ class StorageSettings(_Section):
         le=64,
         description="journal applier processes of cspine serve, each on its share of entries",
     )
+    apply_batch: int = Field(default=64, ge=1, le=1024)
+    """Journal entries an applier records in one catalog transaction (their names
+    flushed together, one commit for all). Larger batches cost less CPU per instance
+    and hold the catalog's writer lock longer at a time (about 0.06 ms per entry)."""
     applier_nice: int = Field(default=19, ge=0, le=19)
     """Niceness added to each applier process. The senders wait for the receivers'
     answers, not for the applier: at 19 it yields the cores to receivers (and to the

@@ -2,8 +2,9 @@
 
 With ``storage.acknowledge = "journal"`` the receivers answer 0x0000 once an instance is
 durable in :class:`storage.journal.Journal`; this applier then does what the answer no
-longer waits for: hash, place at the content address, commit the catalog row, and only
-then drop the entry. ``cspine serve`` applies every entry left by a crash before it
+longer waits for, ``storage.apply_batch`` entries at a time: hash each, link it at its
+content address, flush the new names together, commit the rows in one transaction, and
+only then drop the entries. ``cspine serve`` applies every entry left by a crash before it
 listens and after it stops (:func:`replay`), and keeps ``storage.appliers`` applier
 child processes (``python -m dicom_node.apply``) running beside its receivers, on
 other cores than theirs.
@@ -26,10 +27,23 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from sqlalchemy.exc import IntegrityError
+
 from config import Settings
+from config.digest import sha256_file
 from dicom_node.receive import arm_kill_switch
 from dicom_node.validate import Limits, Rejection, inspect_file
-from storage import Catalog, CatalogBusyError, FileStore, IngestOutcome, ingest
+from storage import (
+    Catalog,
+    CatalogBusyError,
+    FileStore,
+    IngestOutcome,
+    InstanceHeader,
+    PlacedInstance,
+    ingest,
+    ingest_placed,
+    stored_paths,
+)
 from storage.journal import Journal, JournalEntry
 
 LOGGER = logging.getLogger(__name__)
@@ -71,6 +85,7 @@ class Applier:
         self.journal = journal
         self.share = share
         self.limits = Limits.of(settings.node)
+        self.batch = settings.storage.apply_batch
         self._checkpoint = arm_kill_switch(environ, applier=True)
 
     def apply(self, entry: JournalEntry) -> str:
@@ -103,7 +118,7 @@ class Applier:
             os.link(entry.path, link)
         except FileNotFoundError:
             return "gone"
-        received = dt.datetime.fromtimestamp(entry.received_ns / 1e9, dt.UTC).replace(tzinfo=None)
+        received = _received(entry)
         try:
             result = ingest(
                 self.catalog,
@@ -135,21 +150,114 @@ class Applier:
         LOGGER.error("journal entry set aside entry=%s reason=%s", dest.name, reason)
         return "bad"
 
+    def apply_batch(self, entries: Sequence[JournalEntry]) -> list[str]:
+        """Apply entries in their order; the outcome of each, as :meth:`apply` gives it.
+
+        Entries with new SOP Instance UIDs go together (:meth:`_apply_new`): hashed,
+        linked at their content addresses, flushed together, then recorded in one
+        transaction. An entry without a kept header, with a UID the catalog holds
+        already, or with one seen earlier in ``entries`` goes through :meth:`apply`
+        alone, after what came before it is recorded, so the order of arrival decides
+        duplicates and quarantines as it does one by one.
+        """
+        headers = [self.journal.header(entry) for entry in entries]
+        stored = stored_paths(self.catalog, [h.sop_instance_uid for h in headers if h])
+        outcomes: list[str] = []
+        group: list[tuple[JournalEntry, InstanceHeader]] = []
+        seen: set[str] = set()
+        for entry, header in zip(entries, headers, strict=True):
+            uid = None if header is None else header.sop_instance_uid
+            if header is None or uid in stored or uid in seen:
+                outcomes += self._apply_new(group)
+                group = []
+                outcomes.append(self.apply(entry))
+            else:
+                group.append((entry, header))
+            if uid is not None:
+                seen.add(uid)
+        outcomes += self._apply_new(group)
+        return outcomes
+
+    def _apply_new(self, group: Sequence[tuple[JournalEntry, InstanceHeader]]) -> list[str]:
+        """Apply entries whose UIDs were new when looked up, in one catalog commit.
+
+        Raises
+        ------
+        OSError, storage.CatalogBusyError
+            A passing failure: nothing of the group is recorded, the names this call
+            made are removed again, and every entry stays to be tried again.
+        """
+        outcomes: list[str | None] = [None] * len(group)
+        placed: list[tuple[int, PlacedInstance, bool]] = []  # (index, item, name made)
+        files: set[Path] = set()
+        folders: set[Path] = set()
+        try:
+            for i, (entry, header) in enumerate(group):
+                try:
+                    sha = sha256_file(entry.path)
+                    size = entry.path.stat().st_size
+                    rel, made, changed = self.store.link_instance(entry.path, sha)
+                except FileNotFoundError:  # another applier took it
+                    outcomes[i] = "gone"
+                    continue
+                item = PlacedInstance(header, rel, sha, size, entry.calling_ae, _received(entry))
+                placed.append((i, item, made))
+                files.add(self.store.root / rel)
+                folders |= changed
+            # the entries' data were flushed when they were journaled; their new names
+            # (and link counts) are flushed here, all at once, before the rows commit
+            self.store.flush(files, folders)
+            if self._checkpoint is not None:
+                for _ in placed:
+                    self._checkpoint("apply-before-commit")
+            results = ingest_placed(self.catalog, [item for _i, item, _m in placed])
+        except IntegrityError:
+            # a writer elsewhere inserted one of these first: one by one, each sees its
+            # rows (the names made here are content addresses, reused by each ingest)
+            return [
+                self.apply(entry) if done is None else done
+                for done, (entry, _header) in zip(outcomes, group, strict=True)
+            ]
+        except BaseException:
+            for _i, item, made in placed:
+                if made:
+                    (self.store.root / item.file_path).unlink(missing_ok=True)
+            raise
+        for (i, item, made), result in zip(placed, results, strict=True):
+            entry = group[i][0]
+            if result is None:  # stored meanwhile by a writer elsewhere: one by one
+                uid = item.header.sop_instance_uid
+                if made and stored_paths(self.catalog, [uid]).get(uid) != item.file_path:
+                    (self.store.root / item.file_path).unlink(missing_ok=True)
+                outcomes[i] = self.apply(entry)
+            elif result.outcome is IngestOutcome.CONFLICT:
+                if made:
+                    (self.store.root / item.file_path).unlink(missing_ok=True)
+                outcomes[i] = self._set_aside(entry, result.detail)
+            else:
+                if self._checkpoint is not None:
+                    self._checkpoint("apply-before-drop")
+                self.journal.drop(entry)
+                outcomes[i] = "stored"
+        return [o for o in outcomes if o is not None]
+
     def apply_pending(
         self, limit: int | None = None, stop: threading.Event | None = None
     ) -> dict[str, int]:
-        """Apply the entries waiting now, oldest first; counts per outcome.
+        """Apply the entries waiting now, oldest first, ``storage.apply_batch`` at a
+        time; counts per outcome.
 
-        A passing failure stops the pass (the entry stays; the next pass retries it).
-        Once ``stop`` is set the pass ends after the entry in hand: what is left is
+        A passing failure stops the pass (the entries stay; the next pass retries them).
+        Once ``stop`` is set the pass ends after the batch in hand: what is left is
         applied by ``cspine serve`` itself (:func:`replay`), at its own priority.
         """
         counts: dict[str, int] = {}
-        for entry in self.journal.pending(limit, share=self.share):
+        entries = self.journal.pending(limit, share=self.share)
+        for start in range(0, len(entries), self.batch):
             if stop is not None and stop.is_set():
                 break
-            outcome = self.apply(entry)
-            counts[outcome] = counts.get(outcome, 0) + 1
+            for outcome in self.apply_batch(entries[start : start + self.batch]):
+                counts[outcome] = counts.get(outcome, 0) + 1
         return counts
 
     def run(self, stop: threading.Event) -> None:
@@ -177,6 +285,11 @@ class Applier:
             else:
                 stop.wait(idle)
                 idle = min(idle * 2, IDLE_S[1])
+
+
+def _received(entry: JournalEntry) -> dt.datetime:
+    """When the entry was acknowledged (naive UTC, as the catalog keeps times)."""
+    return dt.datetime.fromtimestamp(entry.received_ns / 1e9, dt.UTC).replace(tzinfo=None)
 
 
 def replay(settings: Settings, catalog: Catalog, store: FileStore, journal: Journal) -> int:

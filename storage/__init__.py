@@ -3,7 +3,16 @@
 Never imports pynetdicom or torch.
 """
 
-from storage.catalog import IngestOutcome, IngestResult, InstanceHeader, ingest, reconcile
+from storage.catalog import (
+    IngestOutcome,
+    IngestResult,
+    InstanceHeader,
+    PlacedInstance,
+    ingest,
+    ingest_placed,
+    reconcile,
+    stored_paths,
+)
 from storage.db import Catalog
 from storage.errors import CatalogBusyError, NotFoundError, OutOfSpaceError, StorageError
 from storage.filestore import FileStore
@@ -17,7 +26,10 @@ __all__ = [
     "InstanceHeader",
     "NotFoundError",
     "OutOfSpaceError",
+    "PlacedInstance",
     "StorageError",
     "ingest",
+    "ingest_placed",
     "reconcile",
+    "stored_paths",
 ]

@@ -23,9 +23,10 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
@@ -127,19 +128,19 @@ _REOPEN_STUDY = update(Study).where(Study.id == bindparam("sid")).values(state=S
 _COUNT_SERIES = (
     update(Series)
     .where(Series.id == bindparam("sid"))
-    .values(instance_count=Series.instance_count + 1)
+    .values(instance_count=Series.instance_count + bindparam("n"))
 )
 _COUNT_LOSSY_SERIES = (
     update(Series)
     .where(Series.id == bindparam("sid"))
-    .values(instance_count=Series.instance_count + 1, lossy=True)
+    .values(instance_count=Series.instance_count + bindparam("n"), lossy=True)
 )
 _COUNT_STUDY = (
     update(Study)
     .where(Study.id == bindparam("sid"))
     .values(
-        instance_count=Study.instance_count + 1,
-        received_count=Study.received_count + 1,
+        instance_count=Study.instance_count + bindparam("n"),
+        received_count=Study.received_count + bindparam("n"),
         last_received_at=bindparam("now", type_=Study.last_received_at.type),
     )
 )
@@ -247,52 +248,17 @@ def ingest(
             return None
         now = received_at or utcnow()
         conn = session.connection()  # Core statements: no ORM overhead on the hot path
-        found_study = conn.execute(_FIND_STUDY, {"uid": header.study_instance_uid}).first()
-        if found_study is None:
-            study = Study(
-                study_instance_uid=header.study_instance_uid,
-                state=StudyState.RECEIVING,
-                study_date=header.study_date,
-                study_description=header.study_description,
-                received_count=0,
-                instance_count=0,
-                created_at=now,
-                last_received_at=now,
-            )
-            session.add(study)
-            session.flush()
-            study_id = study.id
-            add_event(session, study_id, "created", f"first instance from {calling_ae or 'import'}")
-        else:
-            study_id = found_study[0]
-            if found_study[1] is StudyState.COMPLETE:
-                conn.execute(_REOPEN_STUDY, {"sid": study_id})
-                add_event(session, study_id, "reopened", "instance arrived after completion")
-        found_series = conn.execute(_FIND_SERIES, {"uid": header.series_instance_uid}).first()
-        if found_series is None:
-            series = Series(
-                study_id=study_id,
-                series_instance_uid=header.series_instance_uid,
-                modality=header.modality,
-                series_number=header.series_number,
-                series_description=header.series_description,
-                lossy=header.lossy,
-                instance_count=0,
-            )
-            session.add(series)
-            session.flush()
-            series_id = series.id
-        elif found_series[1] != study_id:
+        study_id = _study_for(session, header, calling_ae, now)
+        series_id, owner = _series_for(session, header, study_id)
+        if owner != study_id:
             return IngestResult(
                 IngestOutcome.CONFLICT, study_id, None, "series belongs to another study"
             )
-        else:
-            series_id = found_series[0]
         conn.execute(
             _COUNT_LOSSY_SERIES if header.lossy else _COUNT_SERIES,
-            {"sid": series_id},
+            {"sid": series_id, "n": 1},
         )
-        conn.execute(_COUNT_STUDY, {"sid": study_id, "now": now})
+        conn.execute(_COUNT_STUDY, {"sid": study_id, "n": 1, "now": now})
         inserted = conn.execute(
             _INSERT_INSTANCE,
             {
@@ -334,6 +300,171 @@ def ingest(
     if result.outcome is not IngestOutcome.STORED and not keep:
         (store.root / rel).unlink(missing_ok=True)
     return result
+
+
+@dataclass(frozen=True)
+class PlacedInstance:
+    """A new instance whose file is at its content address, for :func:`ingest_placed`."""
+
+    header: InstanceHeader
+    file_path: str
+    sha256: str
+    size_bytes: int
+    calling_ae: str | None
+    received_at: dt.datetime
+
+
+_STORED_OF = select(Instance.sop_instance_uid, Instance.file_path).where(
+    Instance.sop_instance_uid.in_(bindparam("uids", expanding=True))
+)
+
+
+def stored_paths(catalog: Catalog, sop_instance_uids: Sequence[str]) -> dict[str, str]:
+    """The file path of each of these SOP Instance UIDs the catalog holds (one read)."""
+    if not sop_instance_uids:
+        return {}
+    with catalog.read() as session:
+        rows = session.connection().execute(_STORED_OF, {"uids": list(sop_instance_uids)})
+        return {row[0]: row[1] for row in rows}
+
+
+def ingest_placed(catalog: Catalog, items: Sequence[PlacedInstance]) -> list[IngestResult | None]:
+    """Record many new instances, already placed and flushed, in one transaction.
+
+    The batch form of :func:`ingest`'s record for instances whose SOP Instance UIDs
+    were new when looked up (the journal applier's common case): one commit for all,
+    each study and series looked up once, their counts raised once. Items must have
+    distinct SOP Instance UIDs.
+
+    Returns
+    -------
+    list
+        Per item, in order: ``STORED``; ``CONFLICT`` (its series belongs to another
+        study: nothing recorded); or ``None`` when its UID is in the catalog by now (a
+        receiver on another host stored it first: nothing recorded; take the one-by-one
+        path, which finds it; :func:`stored_paths` tells whether the row found is
+        the same file).
+
+    Raises
+    ------
+    sqlalchemy.exc.IntegrityError
+        When a concurrent writer inserted one of the UIDs, study or series first:
+        nothing of the batch is recorded.
+    CatalogBusyError
+        As :meth:`Catalog.write`.
+    """
+    if len({it.header.sop_instance_uid for it in items}) != len(items):
+        raise ValueError("a batch must not hold one SOP Instance UID twice")
+
+    def record(session: Session) -> list[IngestResult | None]:
+        conn = session.connection()
+        uids = [it.header.sop_instance_uid for it in items]
+        stored = {row[0] for row in conn.execute(_STORED_OF, {"uids": uids})}
+        studies: dict[str, int] = {}
+        series_of: dict[str, tuple[int, int]] = {}  # series UID -> (series id, study id)
+        per_series: dict[int, list[int]] = {}  # series id -> [count, lossy]
+        per_study: dict[int, list[Any]] = {}  # study id -> [count, last received]
+        rows: list[dict[str, Any]] = []
+        out: list[IngestResult | None] = []
+        for it in items:
+            header = it.header
+            if header.sop_instance_uid in stored:
+                out.append(None)
+                continue
+            study_id = studies.get(header.study_instance_uid)
+            if study_id is None:
+                study_id = _study_for(session, header, it.calling_ae, it.received_at)
+                studies[header.study_instance_uid] = study_id
+            found = series_of.get(header.series_instance_uid)
+            if found is None:
+                found = _series_for(session, header, study_id)
+                series_of[header.series_instance_uid] = found
+            series_id, owner = found
+            if owner != study_id:
+                out.append(
+                    IngestResult(
+                        IngestOutcome.CONFLICT, study_id, None, "series belongs to another study"
+                    )
+                )
+                continue
+            counts = per_series.setdefault(series_id, [0, 0])
+            counts[0] += 1
+            counts[1] |= bool(header.lossy)
+            study_counts = per_study.setdefault(study_id, [0, it.received_at])
+            study_counts[0] += 1
+            study_counts[1] = max(study_counts[1], it.received_at)
+            rows.append(
+                {
+                    "series_id": series_id,
+                    "sop_instance_uid": header.sop_instance_uid,
+                    "sop_class_uid": header.sop_class_uid,
+                    "transfer_syntax_uid": header.transfer_syntax_uid,
+                    "instance_number": header.instance_number,
+                    "file_path": it.file_path,
+                    "sha256": it.sha256,
+                    "size_bytes": it.size_bytes,
+                    "calling_ae": it.calling_ae,
+                    "received_at": it.received_at,
+                }
+            )
+            out.append(IngestResult(IngestOutcome.STORED, study_id))
+        for series_id, (n, lossy) in per_series.items():
+            conn.execute(
+                _COUNT_LOSSY_SERIES if lossy else _COUNT_SERIES, {"sid": series_id, "n": n}
+            )
+        for study_id, (n, last) in per_study.items():
+            conn.execute(_COUNT_STUDY, {"sid": study_id, "n": n, "now": last})
+        if rows:
+            conn.execute(_INSERT_INSTANCE, rows)
+        return out
+
+    return catalog.write(record)
+
+
+def _study_for(
+    session: Session, header: InstanceHeader, calling_ae: str | None, now: dt.datetime
+) -> int:
+    """The id of the header's study, created or reopened as an arriving instance does."""
+    conn = session.connection()
+    found = conn.execute(_FIND_STUDY, {"uid": header.study_instance_uid}).first()
+    if found is None:
+        study = Study(
+            study_instance_uid=header.study_instance_uid,
+            state=StudyState.RECEIVING,
+            study_date=header.study_date,
+            study_description=header.study_description,
+            received_count=0,
+            instance_count=0,
+            created_at=now,
+            last_received_at=now,
+        )
+        session.add(study)
+        session.flush()
+        add_event(session, study.id, "created", f"first instance from {calling_ae or 'import'}")
+        return study.id
+    if found[1] is StudyState.COMPLETE:
+        conn.execute(_REOPEN_STUDY, {"sid": found[0]})
+        add_event(session, found[0], "reopened", "instance arrived after completion")
+    return int(found[0])
+
+
+def _series_for(session: Session, header: InstanceHeader, study_id: int) -> tuple[int, int]:
+    """``(series id, its study id)`` of the header's series, created in ``study_id`` if new."""
+    found = session.connection().execute(_FIND_SERIES, {"uid": header.series_instance_uid}).first()
+    if found is not None:
+        return int(found[0]), int(found[1])
+    series = Series(
+        study_id=study_id,
+        series_instance_uid=header.series_instance_uid,
+        modality=header.modality,
+        series_number=header.series_number,
+        series_description=header.series_description,
+        lossy=header.lossy,
+        instance_count=0,
+    )
+    session.add(series)
+    session.flush()
+    return series.id, study_id
 
 
 def _ingest_raced(

@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +33,15 @@ FILE_MODE = 0o640
 def fsync_dir(path: Path) -> None:
     """Flush a folder (its entries: names created, renamed or removed)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's data and metadata (its size, its link count)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -153,18 +162,15 @@ class FileStore:
             LOGGER.info("swept orphan temp files count=%d", removed)
         return removed
 
-    def _place(self, src: Path, area: str, sha256: str) -> str:
-        """Move ``src`` to its content address; durable when this returns.
+    def _link(self, src: Path, area: str, sha256: str) -> tuple[str, bool, set[Path]]:
+        """Hard-link ``src`` at its content address, never replacing a file; not flushed.
 
-        ``src`` is hard-linked to the new name first (which never replaces a file), then
-        the file and every folder whose entries changed (the destination, and the parent
-        of each folder created here) are fsynced concurrently; only when all of them are
-        done does this return, so a caller commits its catalog row after the file and its
-        name are on stable storage. Should power fail earlier, the file is at most an
-        unrecorded orphan, which :func:`storage.catalog.reconcile` removes at start-up.
-        When the name exists already (identical bytes placed by a racing association,
-        committed or about to be), that file is kept as it is and fsynced, and ``src``
-        is dropped: a file another row may own is never swapped for one not yet on disk.
+        Returns
+        -------
+        tuple
+            The relative path; whether this call made the name (``False``: the name
+            existed, identical bytes placed earlier); the folders whose entries changed
+            (the destination, and the parent of each folder created here).
         """
         rel = f"{area}/{sha256[:2]}/{sha256[2:4]}/{sha256}.dcm"
         dest = self.root / rel
@@ -180,26 +186,59 @@ class FileStore:
         try:
             os.link(src, dest)
         except FileExistsError:
-            src.unlink()
-            if self.fsync:
-                with dest.open("rb") as fh:
-                    os.fsync(fh.fileno())
-                fsync_dir(dest.parent)
-            return rel
-        src.unlink()
+            return rel, False, {dest.parent}
+        return rel, True, changed
+
+    def flush(self, files: Collection[Path], folders: Collection[Path]) -> None:
+        """Flush files and folders, concurrently; nothing when the store does not fsync.
+
+        Concurrent fsyncs on one filesystem share the journal commit and the device
+        flush, so a batch of names costs about one flush, not one each.
+        """
         if not self.fsync:
-            return rel
-        fd = os.open(dest, os.O_RDONLY)
+            return
+        calls = [(fsync_dir, f) for f in folders] + [(fsync_file, f) for f in files]
+        if not calls:
+            return
+        (fn, path), rest = calls[-1], calls[:-1]
+        pending = [_FSYNC_POOL.submit(f, p) for f, p in rest]
         try:
-            pending = [_FSYNC_POOL.submit(fsync_dir, folder) for folder in changed]
-            try:
-                os.fsync(fd)
-            finally:
-                for done in pending:
-                    done.result()
+            fn(path)  # one on this thread
         finally:
-            os.close(fd)
+            for done in pending:
+                done.result()
+
+    def _place(self, src: Path, area: str, sha256: str) -> str:
+        """Move ``src`` to its content address; durable when this returns.
+
+        ``src`` is hard-linked to the new name first (which never replaces a file), then
+        the file and every folder whose entries changed (the destination, and the parent
+        of each folder created here) are fsynced concurrently; only when all of them are
+        done does this return, so a caller commits its catalog row after the file and its
+        name are on stable storage. Should power fail earlier, the file is at most an
+        unrecorded orphan, which :func:`storage.catalog.reconcile` removes at start-up.
+        When the name exists already (identical bytes placed by a racing association,
+        committed or about to be), that file is kept as it is and fsynced, and ``src``
+        is dropped: a file another row may own is never swapped for one not yet on disk.
+        """
+        rel, _created, changed = self._link(src, area, sha256)
+        src.unlink()
+        self.flush([self.root / rel], changed)
         return rel
+
+    def link_instance(self, src: Path, sha256: str) -> tuple[str, bool, set[Path]]:
+        """Give ``src`` a second name at its content address in ``instances/``; ``src`` stays.
+
+        Nothing is flushed: a caller placing many files links them all, then flushes
+        the files and changed folders together (:meth:`flush`) before its catalog commit.
+
+        Returns
+        -------
+        tuple
+            The relative path, whether this call made the name, the folders changed
+            (see :meth:`_link`).
+        """
+        return self._link(src, "instances", sha256)
 
     def commit_instance(self, src: Path, sha256: str) -> str:
         """Move ``src`` durably into ``instances/`` (see :meth:`_place`); its relative path."""

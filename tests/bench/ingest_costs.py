@@ -36,6 +36,7 @@ A plain script, not a test; ``make bench`` includes its output in docs/performan
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import resource
 import shutil
@@ -134,22 +135,29 @@ def _phases() -> list[Phase]:
     ]
 
 
-APPLY_TOTAL = "applier total (Applier.apply, per entry)"
+APPLY_TOTAL = "applier total (Applier.apply_batch, per entry)"
 
 
 def _applier_phases() -> list[Phase]:
-    """The applier's phases, behind the answers (its own process in ``cspine serve``)."""
+    """The applier's phases, behind the answers (its own process in ``cspine serve``).
+
+    Entries are applied ``storage.apply_batch`` at a time: the look-up, the flush and
+    the catalog transaction are one per batch, shown per entry.
+    """
     import dicom_node.apply as apply
-    import storage.catalog as catalog
     from storage.db import Catalog
     from storage.filestore import FileStore
+    from storage.journal import Journal
 
     return [
-        Phase(APPLY_TOTAL, apply.Applier, "apply"),
-        Phase("  check: parse the header again", apply, "inspect_file"),
-        Phase("  hash: sha256 of the file", catalog, "sha256_file"),
-        Phase("  place: link, fsync file and folders", FileStore, "_place"),
-        Phase("  catalog: commit (fsync of the WAL)", Catalog, "write"),
+        Phase(APPLY_TOTAL, apply.Applier, "apply_batch"),
+        Phase("  header: the receiver's, kept with the entry", Journal, "header"),
+        Phase("  look-up: which UIDs are cataloged (one read per batch)", apply, "stored_paths"),
+        Phase("  hash: sha256 of the file", apply, "sha256_file"),
+        Phase("  link: a name at its content address", FileStore, "link_instance"),
+        Phase("  flush: the new names, fsynced together (per batch)", FileStore, "flush"),
+        Phase("  catalog: one transaction per batch (fsync of the WAL)", Catalog, "write"),
+        Phase("  drop: remove the journal entry", Journal, "drop"),
     ]
 
 
@@ -161,7 +169,8 @@ def _timed(
     originals = []
     for phase in phases:
         original = getattr(phase.owner, phase.name)
-        originals.append((phase, original))
+        raw = inspect.getattr_static(phase.owner, phase.name)  # a staticmethod stays one
+        originals.append((phase, raw))
 
         def timed(
             *args: Any, _f: Callable[..., Any] = original, _k: str = phase.label, **kwargs: Any
@@ -176,7 +185,12 @@ def _timed(
                     cpu[_k] += dc
                     calls[_k] += 1
 
-        setattr(phase.owner, phase.name, functools.wraps(original)(timed))
+        wrapped = functools.wraps(original)(timed)
+        setattr(
+            phase.owner,
+            phase.name,
+            staticmethod(wrapped) if isinstance(raw, staticmethod) else wrapped,
+        )
     try:
         yield
     finally:

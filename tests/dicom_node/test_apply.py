@@ -7,6 +7,7 @@ applier then catalogs them. The subprocess crash points are in
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import re
@@ -18,16 +19,27 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import IntegrityError
 
+import dicom_node.apply as apply_module
 from config import load_settings
 from config.digest import sha256_file
 from dicom_node.apply import Applier, replay
 from dicom_node.receive import Receiver, open_journal, open_node_storage
 from dicom_node.service import write_settings_file
 from dicom_node.validate import DATASET_MISMATCH, SUCCESS
+from storage import CatalogBusyError
+from storage.catalog import mark_complete
 from storage.journal import HEADER_XATTR, Journal, parse_entry
-from storage.models import Instance, Study
+from storage.models import (
+    Instance,
+    QuarantinedInstance,
+    Series,
+    Study,
+    StudyEvent,
+    StudyState,
+)
 from tests.conftest import free_port
 from tests.dicom_node.conftest import make_settings
 from tests.dicom_node.proc import Server, cspine, wait_journal_empty
@@ -218,7 +230,6 @@ def test_a_torn_entry_is_set_aside_and_the_replay_goes_on(tmp_path, journaled):
 def test_the_applier_uses_the_receivers_header_and_parses_without_it(
     tmp_path, journaled, monkeypatch
 ):
-    import dicom_node.apply as apply_module
 
     settings, receiver, journal = journaled
     paths = write_series(tmp_path / "series", 2)
@@ -269,6 +280,8 @@ def test_sigkill_while_applying_then_replay_loses_nothing(tmp_path, journaled, p
     paths = write_series(tmp_path / "series", 5)
     for p in paths:
         assert _receive(receiver, p).status == SUCCESS
+    # batches of 2: [1, 2] [3, 4] [5]; the kill comes at the third entry, in the second
+    settings = make_settings(tmp_path, storage={"acknowledge": "journal", "apply_batch": 2})
     settings_file = write_settings_file(settings)
     cmd = [sys.executable, "-m", "dicom_node.apply", "--settings-file", str(settings_file)]
     killed = subprocess.run(
@@ -280,10 +293,11 @@ def test_sigkill_while_applying_then_replay_loses_nothing(tmp_path, journaled, p
     )
     assert killed.returncode == -9, killed.stderr
     assert f"fault injection: SIGKILL at {point} (instance 3)" in killed.stderr
-    committed = 2 if point == "apply-before-commit" else 3
+    # before the commit: the first batch only; before the drop: the second batch too
+    committed = 2 if point == "apply-before-commit" else 4
     assert len(_rows(receiver)) == committed and journal.count() == 3
-    # the applier of the next start applies the rest; the third entry is a duplicate
-    # (committed) or placed again over its orphan (not committed)
+    # the applier of the next start applies the rest; the third and fourth entries are
+    # duplicates (committed) or placed again over their orphans (not committed)
     again = subprocess.run(
         [*cmd, "--once"], env=_env(), capture_output=True, text=True, timeout=120
     )
@@ -379,3 +393,165 @@ def test_a_study_with_answered_uncataloged_instances_is_not_complete(tmp_path, j
     (entry,) = journal.pending()
     os.removexattr(entry.path, HEADER_XATTR)
     assert journal.waiting_studies() is None
+
+
+def _altered(path: Path, out: Path) -> Path:
+    """The same instance (same UIDs) with other pixel bytes: a re-send with new content."""
+    ds = pydicom.dcmread(path)
+    pixels = bytearray(ds.PixelData)
+    pixels[0] ^= 0xFF
+    ds.PixelData = bytes(pixels)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_a_batch_of_new_instances_is_one_commit(tmp_path, journaled):
+    settings, receiver, journal = journaled
+    paths = write_series(tmp_path / "a", 5) + write_series(tmp_path / "b", 3)
+    for p in paths:
+        assert _receive(receiver, p).status == SUCCESS
+    newest = max(e.received_ns for e in journal.pending())
+    commits: list[int] = []
+    event.listen(receiver.catalog.engine, "commit", lambda _conn: commits.append(1))
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    assert applier.apply_pending() == {"stored": 8}
+    assert len(commits) == 1 and journal.count() == 0
+    with receiver.catalog.read() as s:
+        studies = s.scalars(select(Study).order_by(Study.id)).all()
+        assert [(st.instance_count, st.received_count) for st in studies] == [(5, 5), (3, 3)]
+        assert [se.instance_count for se in s.scalars(select(Series).order_by(Series.id))] == [5, 3]
+        created = s.scalars(select(StudyEvent.kind).where(StudyEvent.kind == "created")).all()
+        assert len(created) == 2
+        last = studies[1].last_received_at.replace(tzinfo=dt.UTC)  # naive UTC
+        assert last.timestamp() == pytest.approx(newest / 1e9, abs=1e-5)
+    rows = _rows(receiver)
+    assert set(receiver.store.iter_instance_files()) == {r.file_path for r in rows.values()}
+    for row in rows.values():
+        assert sha256_file(receiver.store.root / row.file_path) == row.sha256
+
+
+def test_a_batch_decides_resends_in_the_order_they_arrived(tmp_path, journaled):
+    """New, new, the first again (same bytes), new, the second again with other bytes:
+    all answered before any is applied, then applied in one pass."""
+    settings, receiver, journal = journaled
+    a, b, c = write_series(tmp_path / "s", 3)
+    b_other = _altered(b, tmp_path / "b_other.dcm")
+    for p in (a, b, a, c, b_other):
+        assert _receive(receiver, p).status == SUCCESS
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    assert applier.apply_batch(journal.pending()) == [
+        "stored",
+        "stored",
+        "duplicate",
+        "stored",
+        "quarantined",
+    ]
+    rows = _rows(receiver)
+    b_uid = pydicom.dcmread(b).SOPInstanceUID
+    assert len(rows) == 3 and rows[b_uid].sha256 == sha256_file(b)  # the first one kept
+    with receiver.catalog.read() as s:
+        (kept,) = s.scalars(select(QuarantinedInstance)).all()
+        assert kept.sha256 == sha256_file(b_other)
+        assert s.scalars(select(Study)).one().flagged
+    files = set(receiver.store.iter_instance_files())
+    assert files == {r.file_path for r in rows.values()} | {kept.file_path}
+    assert journal.count() == 0
+
+
+def test_a_batch_reopens_a_complete_study(tmp_path, journaled):
+    settings, receiver, journal = journaled
+    study_uid = generate_uid()
+    first = write_series(tmp_path / "a", 2, study_uid=study_uid)
+    later = write_series(tmp_path / "b", 3, study_uid=study_uid)
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    for p in first:
+        _receive(receiver, p)
+    applier.apply_pending()
+    with receiver.catalog.read() as s:
+        study_id = s.scalars(select(Study.id)).one()
+    assert mark_complete(receiver.catalog, study_id, 2, "test", enqueue=False)
+    for p in later:
+        _receive(receiver, p)
+    assert applier.apply_pending() == {"stored": 3}
+    with receiver.catalog.read() as s:
+        study = s.get(Study, study_id)
+        assert study is not None and study.state is StudyState.RECEIVING
+        assert (study.instance_count, study.received_count) == (5, 5)
+        kinds = s.scalars(select(StudyEvent.kind).where(StudyEvent.study_id == study_id)).all()
+        assert kinds.count("reopened") == 1
+
+
+def test_a_batch_that_cannot_commit_leaves_no_file_and_every_entry(
+    tmp_path, journaled, monkeypatch
+):
+    settings, receiver, journal = journaled
+    paths = write_series(tmp_path / "s", 4)
+    for p in paths:
+        _receive(receiver, p)
+
+    def busy(*_a, **_k):
+        raise CatalogBusyError("catalog locked by another writer for more than 30 s")
+
+    monkeypatch.setattr(apply_module, "ingest_placed", busy)
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    with pytest.raises(CatalogBusyError):
+        applier.apply_pending()
+    assert journal.count() == 4 and receiver.store.iter_instance_files() == []
+    monkeypatch.undo()
+    assert applier.apply_pending() == {"stored": 4}
+    assert journal.count() == 0 and len(receiver.store.iter_instance_files()) == 4
+
+
+def test_a_batch_that_lost_a_race_goes_one_by_one(tmp_path, journaled, monkeypatch):
+    """Another host inserted a UID between the look-up and the commit: an integrity
+    error rolls the batch back, and each entry is applied alone (seeing the rows)."""
+    settings, receiver, journal = journaled
+    paths = write_series(tmp_path / "s", 3)
+    for p in paths:
+        _receive(receiver, p)
+    calls = []
+
+    def raced(*_a, **_k):
+        calls.append(1)
+        raise IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed"))
+
+    monkeypatch.setattr(apply_module, "ingest_placed", raced)
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    assert applier.apply_pending() == {"stored": 3} and calls == [1]
+    rows = _rows(receiver)
+    assert len(rows) == 3 and journal.count() == 0
+    assert set(receiver.store.iter_instance_files()) == {r.file_path for r in rows.values()}
+
+
+@pytest.mark.parametrize("same_bytes", [True, False])
+def test_a_uid_stored_after_the_look_up_is_decided_alone(
+    tmp_path, journaled, monkeypatch, same_bytes
+):
+    """The look-up missed a UID another writer stored meanwhile (here: the look-up is
+    made to miss): the batch records the others, and that entry goes one by one."""
+
+    settings, receiver, journal = journaled
+    first, second = write_series(tmp_path / "s", 2)
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    again = first if same_bytes else _altered(first, tmp_path / "other.dcm")
+    for p in (first, again, second):  # all journaled: the receiver knows none of them
+        assert _receive(receiver, p).status == SUCCESS
+    assert applier.apply(journal.pending()[0]) == "stored"  # the other writer's
+    real = apply_module.stored_paths
+    looks = []
+
+    def missing_once(catalog, uids):
+        looks.append(list(uids))
+        return {} if len(looks) == 1 else real(catalog, uids)
+
+    monkeypatch.setattr(apply_module, "stored_paths", missing_once)
+    outcome = "duplicate" if same_bytes else "quarantined"
+    assert applier.apply_pending() == {outcome: 1, "stored": 1}
+    rows = _rows(receiver)
+    assert len(rows) == 2 and journal.count() == 0
+    assert rows[pydicom.dcmread(first).SOPInstanceUID].sha256 == sha256_file(first)
+    with receiver.catalog.read() as s:
+        kept = {q.file_path for q in s.scalars(select(QuarantinedInstance))}
+    assert (
+        set(receiver.store.iter_instance_files()) == {r.file_path for r in rows.values()} | kept
+    )  # no orphan left by the batch's link

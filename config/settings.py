@@ -319,6 +319,12 @@ class StorageSettings(_Section):
     """Journal entries an applier records in one catalog transaction (their names
     flushed together, one commit for all). Larger batches cost less CPU per instance
     and hold the catalog's writer lock longer at a time (about 0.06 ms per entry)."""
+    apply_delay_seconds: float = Field(default=2.0, ge=0, le=3600)
+    """How long an applier may hold answered entries back while instances keep
+    arriving: it applies after a pause in arrivals (50 ms), or once its oldest entry
+    has waited this long. During a burst the receivers then keep the cores and the disk
+    to themselves; the catalog (and ``cspine studies``) lags by up to this much under a
+    steady stream. 0: apply as soon as entries wait."""
     applier_nice: int = Field(default=19, ge=0, le=19)
     """Niceness added to each applier process. The senders wait for the receivers'
     answers, not for the applier: at 19 it yields the cores to receivers (and to the

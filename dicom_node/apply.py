@@ -23,6 +23,7 @@ import datetime as dt
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,6 +52,9 @@ LOGGER = logging.getLogger(__name__)
 IDLE_S = (0.005, 0.05)
 """Wait between looks at an empty journal: from the first to the second, doubling
 while it stays empty (an idle node looks 20 times a second; a busy one every 5 ms)."""
+QUIET_S = 0.05
+"""An applier with ``storage.apply_delay_seconds`` set waits for a pause this long in
+arrivals before it applies (or for its oldest entry to wait that long)."""
 RETRY_S = 1.0
 """Wait after an entry failed for a passing reason (catalog busy, disk error)."""
 
@@ -86,6 +90,7 @@ class Applier:
         self.share = share
         self.limits = Limits.of(settings.node)
         self.batch = settings.storage.apply_batch
+        self.delay_s = settings.storage.apply_delay_seconds
         self._checkpoint = arm_kill_switch(environ, applier=True)
 
     def apply(self, entry: JournalEntry) -> str:
@@ -260,6 +265,29 @@ class Applier:
                 counts[outcome] = counts.get(outcome, 0) + 1
         return counts
 
+    def due(self, now_ns: int | None = None) -> bool:
+        """Whether to apply now: entries wait, and arrivals paused for :data:`QUIET_S` or
+        the oldest has waited ``storage.apply_delay_seconds`` (0: whenever entries wait).
+
+        The receivers' answers go first during a burst: the applier's hashing, flushes
+        and commits would share the cores and the disk with them; it catches up in the
+        pause after the burst, or within the delay under a steady stream. An arrival
+        time ahead of this host's clock (a store shared with a host whose clock is
+        ahead) counts as due, so a skewed clock cannot hold entries back.
+        """
+        span = self.journal.arrivals(share=self.share)
+        if span is None:
+            return False
+        if self.delay_s == 0:
+            return True
+        now = time.time_ns() if now_ns is None else now_ns
+        oldest, newest = span
+        return (
+            now - newest >= QUIET_S * 1e9
+            or now - oldest >= self.delay_s * 1e9
+            or newest > now + self.delay_s * 1e9
+        )
+
     def run(self, stop: threading.Event) -> None:
         """Apply entries as they arrive until ``stop`` is set.
 
@@ -269,6 +297,10 @@ class Applier:
         """
         idle = IDLE_S[0]
         while not stop.is_set():
+            if not self.due():
+                stop.wait(idle)
+                idle = min(idle * 2, IDLE_S[1])
+                continue
             try:
                 with self.journal.applying(share=self.share):
                     done = self.apply_pending(limit=256, stop=stop)

@@ -180,6 +180,19 @@ class Journal:
             names = names[:limit]
         return [parse_entry(self.root / name) for name in names]
 
+    def arrivals(self, *, share: tuple[int, int] = (0, 1)) -> tuple[int, int] | None:
+        """Arrival times (ns since the epoch) of the oldest and newest entries of a share,
+        from their names; ``None`` when none waits."""
+        index, count = share
+        times = [
+            int(e.name.split("-", 1)[0])
+            for e in os.scandir(self.root)
+            if e.name.endswith(SUFFIX)
+            and (count == 1 or zlib.crc32(e.name.encode()) % count == index)
+            and e.name.split("-", 1)[0].isdigit()
+        ]
+        return (min(times), max(times)) if times else None
+
     def count(self) -> int:
         """How many entries wait (the backlog ``cspine status`` shows)."""
         return sum(1 for e in os.scandir(self.root) if e.name.endswith(SUFFIX))

@@ -240,10 +240,14 @@ INGEST_LIMITS = [
     (
         '- **The ingest journal (the default, `storage.acknowledge = "journal"`).** The '
         "answer waits for one data flush of the validated file and one flush of the "
-        "journal's folder; hashing, placing the file at its content address (with its "
-        "flushes) and the catalog commit run behind the answer in the applier process, on "
-        "the other core, at `storage.applier_nice` (19 by default: it yields the cores "
-        "to the receivers and catches up in their gaps). The cspine-catalog rows are the "
+        "journal's folder; hashing, placing the file at its content address and the "
+        "catalog commit run behind the answer in the applier process, "
+        "`storage.apply_batch` entries at a time (64: their names flushed together, one "
+        "commit for all). While instances keep arriving it holds back (after a 50 ms "
+        "pause in arrivals it applies, or once its oldest entry waited "
+        "`storage.apply_delay_seconds`, 2 s), so during a burst the receivers keep the "
+        "cores and the disk, and it runs at `storage.applier_nice` (19). The "
+        "cspine-catalog rows are the "
         "same node answering after the commit: the difference between the two rows is "
         "what the journal bought. The last column shows when the catalog caught up."
     ),
@@ -266,7 +270,8 @@ INGEST_LIMITS = [
     ),
     (
         "- **Done in this code** (measure with `make bench`): the ingest journal with its "
-        "applier process and start-up replay, one receiver process per usable core by "
+        "applier process (batched, held back while instances arrive) and start-up "
+        "replay, one receiver process per usable core by "
         "default with one association count shared by them (`dicom_node/assoc_count.py`), "
         "a plain C-STORE served on the thread that "
         "reads its association (`dicom_node/scp.py` `InlineStore`: no state machine, "

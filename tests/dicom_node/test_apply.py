@@ -14,6 +14,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -555,3 +557,52 @@ def test_a_uid_stored_after_the_look_up_is_decided_alone(
     assert (
         set(receiver.store.iter_instance_files()) == {r.file_path for r in rows.values()} | kept
     )  # no orphan left by the batch's link
+
+
+def test_the_applier_waits_for_a_pause_in_arrivals_or_its_delay(tmp_path, journaled):
+    """Answers go first during a burst: the applier applies after a 50 ms pause in
+    arrivals, or once its oldest entry waited ``storage.apply_delay_seconds``."""
+    settings, receiver, journal = journaled
+    assert settings.storage.apply_delay_seconds == 2.0  # the default
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    assert not applier.due()  # nothing waits
+    paths = write_series(tmp_path / "s", 3)
+    for p in paths:
+        assert _receive(receiver, p).status == SUCCESS
+    oldest, newest = journal.arrivals() or (0, 0)
+    assert oldest < newest
+    ms = 1_000_000
+    assert not applier.due(now_ns=newest + 10 * ms)  # still arriving
+    assert applier.due(now_ns=newest + 60 * ms)  # a pause
+    assert applier.due(now_ns=oldest + 2001 * ms)  # a steady stream: the delay is up
+    assert applier.due(now_ns=oldest - 3000 * ms)  # names ahead of this clock: no hold
+    shares = [journal.arrivals(share=(i, 2)) for i in range(2)]
+    spans = [s for s in shares if s is not None]
+    assert min(s[0] for s in spans) == oldest and max(s[1] for s in spans) == newest
+    at_once = make_settings(tmp_path, storage={"acknowledge": "journal", "apply_delay_seconds": 0})
+    eager = Applier(at_once, receiver.catalog, receiver.store, journal, environ={})
+    assert eager.due(now_ns=newest)
+    assert applier.apply_pending() == {"stored": 3} and not applier.due()
+
+
+def test_a_running_applier_holds_back_while_instances_arrive(tmp_path, journaled, monkeypatch):
+
+    monkeypatch.setattr(apply_module, "QUIET_S", 0.5)  # a wide margin for a busy machine
+    settings, receiver, journal = journaled
+    paths = write_series(tmp_path / "s", 40)
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    stop = threading.Event()
+    worker = threading.Thread(target=applier.run, args=(stop,))
+    worker.start()
+    try:
+        for p in paths:  # about 1 s of arrivals, well within the 2 s delay
+            assert _receive(receiver, p).status == SUCCESS
+            time.sleep(0.02)
+        assert _rows(receiver) == {}  # nothing applied while they kept coming
+        last = time.monotonic()
+        while journal.count() and time.monotonic() < last + 10:
+            time.sleep(0.01)
+        assert len(_rows(receiver)) == 40 and time.monotonic() - last >= 0.4
+    finally:
+        stop.set()
+        worker.join(10)

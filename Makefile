@@ -55,9 +55,10 @@ ohif: system-tools
 run: $(STAMP)
 	$(VENV)/bin/cspine serve
 
-# lint first: a lint or type error fails the build before the (long) test suite runs
+# lint first: a lint or type error fails the build before the (long) test suite runs;
+# the 15 slowest tests are listed at the end (CI has 15 minutes for the suite)
 test: lint system-tools ohif
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # ruff on the whole repository; mypy on the files listed in [tool.mypy] of pyproject.toml
 lint: $(STAMP)

@@ -28,8 +28,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from sqlalchemy.exc import IntegrityError
-
 from config import Settings
 from config.digest import sha256_file
 from dicom_node.receive import arm_kill_switch
@@ -41,6 +39,7 @@ from storage import (
     IngestOutcome,
     InstanceHeader,
     PlacedInstance,
+    RecordRaceError,
     ingest,
     ingest_placed,
     stored_paths,
@@ -216,7 +215,7 @@ class Applier:
                 for _ in placed:
                     self._checkpoint("apply-before-commit")
             results = ingest_placed(self.catalog, [item for _i, item, _m in placed])
-        except IntegrityError:
+        except RecordRaceError:
             # a writer elsewhere inserted one of these first: one by one, each sees its
             # rows (the names made here are content addresses, reused by each ingest)
             return [

@@ -14,7 +14,13 @@ from storage.catalog import (
     stored_paths,
 )
 from storage.db import Catalog
-from storage.errors import CatalogBusyError, NotFoundError, OutOfSpaceError, StorageError
+from storage.errors import (
+    CatalogBusyError,
+    NotFoundError,
+    OutOfSpaceError,
+    RecordRaceError,
+    StorageError,
+)
 from storage.filestore import FileStore
 
 __all__ = [
@@ -27,6 +33,7 @@ __all__ = [
     "NotFoundError",
     "OutOfSpaceError",
     "PlacedInstance",
+    "RecordRaceError",
     "StorageError",
     "ingest",
     "ingest_placed",

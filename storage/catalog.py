@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from config.digest import sha256_file
 from storage.db import Catalog
-from storage.errors import NotFoundError
+from storage.errors import NotFoundError, RecordRaceError
 from storage.events import add_event
 from storage.filestore import FileStore
 from storage.jobs import enqueue_job
@@ -347,8 +347,8 @@ def ingest_placed(catalog: Catalog, items: Sequence[PlacedInstance]) -> list[Ing
 
     Raises
     ------
-    sqlalchemy.exc.IntegrityError
-        When a concurrent writer inserted one of the UIDs, study or series first:
+    RecordRaceError
+        When a concurrent writer inserted one of the UIDs, studies or series first:
         nothing of the batch is recorded.
     CatalogBusyError
         As :meth:`Catalog.write`.
@@ -418,7 +418,10 @@ def ingest_placed(catalog: Catalog, items: Sequence[PlacedInstance]) -> list[Ing
             conn.execute(_INSERT_INSTANCE, rows)
         return out
 
-    return catalog.write(record)
+    try:
+        return catalog.write(record)
+    except IntegrityError as exc:
+        raise RecordRaceError("a writer elsewhere recorded part of the batch first") from exc
 
 
 def _study_for(

@@ -13,6 +13,12 @@ class CatalogBusyError(StorageError):
     """The catalog stayed locked by another writer for longer than allowed (transient)."""
 
 
+class RecordRaceError(StorageError):
+    """A batch lost a unique-constraint race to a writer elsewhere (another host
+    inserted one of its instances, studies or series first): nothing of it was
+    recorded; record its items one by one, which see the winner's rows."""
+
+
 class OutOfSpaceError(StorageError):
     """Free space on the store is below the configured threshold (transient)."""
 

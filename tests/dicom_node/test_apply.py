@@ -22,7 +22,6 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import event, func, select
-from sqlalchemy.exc import IntegrityError
 
 import dicom_node.apply as apply_module
 from config import load_settings
@@ -31,7 +30,7 @@ from dicom_node.apply import Applier, replay
 from dicom_node.receive import Receiver, open_journal, open_node_storage
 from dicom_node.service import write_settings_file
 from dicom_node.validate import DATASET_MISMATCH, SUCCESS
-from storage import CatalogBusyError
+from storage import CatalogBusyError, RecordRaceError
 from storage.catalog import mark_complete
 from storage.journal import HEADER_XATTR, Journal, parse_entry
 from storage.models import (
@@ -515,7 +514,7 @@ def test_a_batch_that_lost_a_race_goes_one_by_one(tmp_path, journaled, monkeypat
 
     def raced(*_a, **_k):
         calls.append(1)
-        raise IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed"))
+        raise RecordRaceError("a writer elsewhere recorded part of the batch first")
 
     monkeypatch.setattr(apply_module, "ingest_placed", raced)
     applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})

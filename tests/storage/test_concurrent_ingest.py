@@ -233,3 +233,44 @@ def test_the_spool_sweep_skips_a_file_another_process_took(tmp_path, monkeypatch
     monkeypatch.setattr(filestore.os, "scandir", lambda path: iter(listed))
     assert store.sweep_tmp(grace_s) == 1
     assert not orphan.exists()
+
+
+def test_a_batch_that_loses_a_unique_race_records_nothing(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's own look-up is made blind (as if the other writer committed just after
+    it): the insert hits the unique constraint, the whole batch rolls back and the
+    caller is told to go one by one."""
+    import datetime as dt
+
+    from sqlalchemy import bindparam, false
+
+    import storage.catalog as catalog_module
+    from storage import PlacedInstance, RecordRaceError, ingest_placed
+
+    catalog = Catalog(database_url)
+    store = FileStore(tmp_path / "store")
+    first = ingest(catalog, store, _spool(store, b"first" * 64), _header("1.2.3.4.1"), "A")
+    assert first.outcome is IngestOutcome.STORED
+
+    def placed(uid: str) -> PlacedInstance:
+        return PlacedInstance(
+            _header(uid), f"instances/{uid}.dcm", "0" * 64, 10, "B", dt.datetime(2026, 1, 1)
+        )
+
+    blind = select(Instance.sop_instance_uid, Instance.file_path).where(
+        false(), Instance.sop_instance_uid.in_(bindparam("uids", expanding=True))
+    )
+    monkeypatch.setattr(catalog_module, "_STORED_OF", blind)
+    with pytest.raises(RecordRaceError):
+        ingest_placed(catalog, [placed("1.2.3.4.2"), placed("1.2.3.4.1")])
+    with catalog.read() as s:
+        assert s.scalars(select(Instance.sop_instance_uid)).all() == ["1.2.3.4.1"]
+        assert s.scalars(select(Study.instance_count)).one() == 1
+    monkeypatch.undo()
+    # the look-up inside the transaction sees the row: that item is left to the caller
+    results = ingest_placed(catalog, [placed("1.2.3.4.2"), placed("1.2.3.4.1")])
+    assert [r.outcome if r else None for r in results] == [IngestOutcome.STORED, None]
+    with catalog.read() as s:
+        assert s.scalars(select(Study.instance_count)).one() == 2
+    catalog.dispose()

@@ -38,21 +38,38 @@ from tests.bench.ingest import send, start_receiver  # noqa: E402
 CALLS = "fsync,fdatasync,sync_file_range,syncfs"
 
 
-def _pid_of(marker: str, role: str = "") -> int:
-    """The process whose command line mentions ``marker`` (the receiver's folder) and
-    ``role`` (``dicom_node.apply`` for the journal applier; else not the applier)."""
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _pid_of(marker: str) -> int:
+    """The process whose command line mentions ``marker`` (the receiver's folder)."""
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker not in cmd or "strace" in cmd:
-            continue
-        if (role and role in cmd) or (not role and APPLIER not in cmd):
-            return int(proc.name)
-    raise RuntimeError(f"no process for {marker} {role}".strip())
+        if proc.name.isdigit():
+            cmd = _cmdline(int(proc.name))
+            if marker in cmd and "strace" not in cmd and APPLIER not in cmd:
+                return int(proc.name)
+    raise RuntimeError(f"no process for {marker}")
+
+
+def _family(root: int) -> list[int]:
+    """``root`` and every process descended from it (``cspine serve`` and its receiver
+    and applier children)."""
+    parent_of: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            parent_of[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    family = [root]
+    for pid in family:
+        family += [child for child, parent in parent_of.items() if parent == pid]
+    return family
 
 
 APPLIER = "dicom_node.apply"
@@ -70,17 +87,20 @@ def _kind(path: str) -> str:
 def trace(kind: str, series: Path, work: Path) -> tuple[float, collections.Counter]:
     """Send ``series`` to a fresh ``kind`` under strace; images/s and sync calls by target.
 
-    For ``cspine`` (the ingest journal) the receiver, whose flushes the answer waits for,
-    and the applier, which flushes behind the answer, are counted apart.
+    For cspine every process of ``cspine serve`` is traced (its receiver processes and
+    its applier); the receivers, whose flushes the answer waits for, and the applier,
+    which flushes behind the answer, are counted apart.
     """
     target = work / kind
     running = start_receiver(kind, target, 1)
     tracers = []
     logs = []
     try:
-        pids = [("", _pid_of(str(target)))]
-        if kind in ("cspine", "cspine-syncfs"):
-            pids.append((" (applier, behind the answer)", _pid_of(str(target), APPLIER)))
+        family = _family(_pid_of(str(target)))
+        pids = [
+            (" (applier, behind the answer)" if APPLIER in _cmdline(pid) else "", pid)
+            for pid in family
+        ]
         for label, pid in pids:
             log = work / f"strace-{kind}-{pid}.txt"
             logs.append((label, log))

@@ -45,19 +45,8 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _pid_of(marker: str) -> int:
-    """The process whose command line mentions ``marker`` (the receiver's folder)."""
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            cmd = _cmdline(int(proc.name))
-            if marker in cmd and "strace" not in cmd and APPLIER not in cmd:
-                return int(proc.name)
-    raise RuntimeError(f"no process for {marker}")
-
-
-def _family(root: int) -> list[int]:
-    """``root`` and every process descended from it (``cspine serve`` and its receiver
-    and applier children)."""
+def _parents() -> dict[int, int]:
+    """Parent pid of every process."""
     parent_of: dict[int, int] = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -66,6 +55,29 @@ def _family(root: int) -> list[int]:
             except OSError:
                 continue
             parent_of[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parent_of
+
+
+def _pid_of(marker: str) -> int:
+    """The outermost process whose command line mentions ``marker`` (the receiver's
+    folder): ``cspine serve`` itself, not one of its children (whose settings file is
+    under the folder too)."""
+    parent_of = _parents()
+    found = {
+        pid
+        for pid in parent_of
+        if marker in (cmd := _cmdline(pid)) and "strace" not in cmd and APPLIER not in cmd
+    }
+    for pid in sorted(found):
+        if parent_of.get(pid) not in found:
+            return pid
+    raise RuntimeError(f"no process for {marker}")
+
+
+def _family(root: int) -> list[int]:
+    """``root`` and every process descended from it (``cspine serve`` and its receiver
+    and applier children)."""
+    parent_of = _parents()
     family = [root]
     for pid in family:
         family += [child for child, parent in parent_of.items() if parent == pid]

@@ -12,6 +12,16 @@ from pydicom import config as pydicom_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
+TEST_RECEIVERS = "2"
+"""Receiver processes of every ``cspine serve`` the suite starts, unless a test sets
+``CSPINE_NODE__RECEIVERS`` itself: several processes (the shared socket, the shared
+association count and writer lock are exercised everywhere), but not the default's
+two per core. Each receiver process costs about a second of CPU to start, and the
+suite starts ``cspine serve`` many times on CI's two cores.
+``tests/dicom_node/test_receivers.py::test_serve_with_the_defaults_starts_two_receivers_per_core``
+starts it with the defaults."""
+os.environ.setdefault("CSPINE_NODE__RECEIVERS", TEST_RECEIVERS)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _strict_pydicom():

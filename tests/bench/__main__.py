@@ -170,7 +170,7 @@ def ingest_section(results: list[ingest.Result]) -> list[str]:
         "association request to the last C-STORE response; afterwards the bench checks that "
         f"each receiver holds every instance. {ingest.RUNS} run(s) per cell.",
         "",
-        "- **cspine**: `cspine serve --no-worker` with the defaults: one receiver process "
+        "- **cspine**: `cspine serve --no-worker` with the defaults: two receiver processes "
         f"per usable core (`node.receivers = 0`: {auto_receivers()} here), "
         'fsync on, `storage.acknowledge = "journal"` (every 0x0000 is answered once the '
         "validated file is flushed into the ingest journal, file and folder; the applier "
@@ -253,7 +253,7 @@ INGEST_LIMITS = [
     ),
     (
         "- **One interpreter lock per process.** By default (`node.receivers = 0`) "
-        "`cspine serve` starts one receiver process per usable core (at most "
+        "`cspine serve` starts two receiver processes per usable core (at most "
         f"{AUTO_RECEIVERS_MAX}), which spread the associations: a busier receiver lets a "
         "less busy one accept first. The cspine-1r rows are one process for all senders. "
         "On two cores the receivers share the CPU with the applier and the senders; the "
@@ -271,7 +271,7 @@ INGEST_LIMITS = [
     (
         "- **Done in this code** (measure with `make bench`): the ingest journal with its "
         "applier process (batched, held back while instances arrive) and start-up "
-        "replay, one receiver process per usable core by "
+        "replay, two receiver processes per usable core by "
         "default with one association count shared by them (`dicom_node/assoc_count.py`), "
         "a plain C-STORE served on the thread that "
         "reads its association (`dicom_node/scp.py` `InlineStore`: no state machine, "

@@ -45,8 +45,8 @@ RECEIVERS = (
     "orthanc",
 )
 OURS = ("cspine", "cspine-catalog", "cspine-1r", "cspine-syncfs")
-"""``cspine``: ``cspine serve`` with the defaults (answered from the ingest journal; one
-receiver process per usable core, ``node.receivers = 0``); ``cspine-catalog``: with
+"""``cspine``: ``cspine serve`` with the defaults (answered from the ingest journal; two
+receiver processes per usable core, ``node.receivers = 0``); ``cspine-catalog``: with
 ``storage.acknowledge = "catalog"`` (answered once the catalog row is committed);
 ``cspine-1r``: the defaults with ``node.receivers = 1`` (measured with several senders
 only: one association is served by one process either way); ``cspine-syncfs``: the

@@ -15,18 +15,20 @@ def test_embedded_defaults():
     assert s.completion.stable_seconds == 10
 
 
-def test_receivers_default_to_one_per_usable_core_at_most_eight(monkeypatch):
+def test_receivers_default_to_two_per_usable_core_at_most_eight(monkeypatch):
     import os
 
     from config import settings as settings_module
 
     cores = len(os.sched_getaffinity(0))
-    assert load_settings(environ={}).node.receivers == min(cores, 8)
+    assert load_settings(environ={}).node.receivers == min(2 * cores, 8)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
     assert settings_module.auto_receivers() == 8
     assert load_settings(environ={}).node.receivers == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2})
+    assert load_settings(environ={}).node.receivers == 6
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
-    assert load_settings(environ={}).node.receivers == 1
+    assert load_settings(environ={}).node.receivers == 2
     assert load_settings(environ={"CSPINE_NODE__RECEIVERS": "3"}).node.receivers == 3
 
 

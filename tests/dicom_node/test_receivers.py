@@ -280,3 +280,23 @@ def test_a_connection_flood_is_cut_for_the_node_not_each_receiver(tmp_path):
         for s in idle:
             s.close()
         server.stop()
+
+
+def test_serve_with_the_defaults_starts_two_receivers_per_core(tmp_path):
+    from config.settings import auto_receivers
+
+    server = Server(tmp_path / "var", free_port(), "--no-worker")
+    server.env.pop("CSPINE_NODE__RECEIVERS", None)  # the suite's own count (tests/conftest.py)
+    server.start()
+    try:
+        expected = auto_receivers()
+        assert expected == min(2 * len(os.sched_getaffinity(0)), 8)
+        deadline = time.monotonic() + 60
+        while len(_pids(server.log(), "listening ae_title")) < expected:
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.1)
+        time.sleep(0.5)  # no more than that
+        assert len(_pids(server.log(), "listening ae_title")) == expected
+        assert echo_ok(server.port)
+    finally:
+        server.stop()

@@ -296,13 +296,11 @@ class Applier:
         """
         idle = IDLE_S[0]
         while not stop.is_set():
-            if not self.due():
-                stop.wait(idle)
-                idle = min(idle * 2, IDLE_S[1])
-                continue
             try:
-                with self.journal.applying(share=self.share):
-                    done = self.apply_pending(limit=256, stop=stop)
+                done: dict[str, int] = {}
+                if self.due():  # else held back: instances are arriving
+                    with self.journal.applying(share=self.share):
+                        done = self.apply_pending(limit=256, stop=stop)
             except (OSError, CatalogBusyError) as exc:  # passing: log, wait, retry
                 LOGGER.error("journal apply failed, retrying: %s", type(exc).__name__)
                 stop.wait(RETRY_S)

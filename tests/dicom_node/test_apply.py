@@ -605,3 +605,34 @@ def test_a_running_applier_holds_back_while_instances_arrive(tmp_path, journaled
     finally:
         stop.set()
         worker.join(10)
+
+
+def test_a_failing_look_at_the_journal_is_retried_not_fatal(tmp_path, journaled, monkeypatch):
+    """An error while looking at the journal (a store on a network filesystem that went
+    away for a moment) is logged and retried; the applier process does not die."""
+    settings, receiver, journal = journaled
+    for p in write_series(tmp_path / "s", 2):
+        assert _receive(receiver, p).status == SUCCESS
+    monkeypatch.setattr(apply_module, "RETRY_S", 0.05)
+    real, fails = journal.arrivals, []
+
+    def flaky(**kwargs):
+        if not fails:
+            fails.append(1)
+            raise OSError(5, "Input/output error")
+        return real(**kwargs)
+
+    monkeypatch.setattr(journal, "arrivals", flaky)
+    applier = Applier(settings, receiver.catalog, receiver.store, journal, environ={})
+    stop = threading.Event()
+    worker = threading.Thread(target=applier.run, args=(stop,))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while journal.count() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fails == [1] and journal.count() == 0 and len(_rows(receiver)) == 2
+        assert worker.is_alive()
+    finally:
+        stop.set()
+        worker.join(10)

@@ -236,11 +236,11 @@ def auto_receivers() -> int:
     :data:`AUTO_RECEIVERS_MAX`.
 
     Each process holds one interpreter lock, so one process serves at most one core's
-    worth of senders; and a receiver waits for its flushes part of the time, while two
-    associations in one process contend for its lock. With four senders on two cores,
-    four processes answered 11-13 % faster than two (``docs/performance.md``, the
-    cspine rows against cspine-1r and the closing notes of the ingest issue); idle
-    ones cost only their memory (about 130 MB resident each).
+    worth of senders (``docs/performance.md``: the cspine rows against cspine-1r); and
+    a receiver waits for its flushes part of the time, while two associations in one
+    process contend for its lock, so with four senders on two cores four processes
+    answered faster than two. Idle ones cost only their memory (about 130 MB resident
+    each).
     """
     try:
         cores = len(os.sched_getaffinity(0))

@@ -168,14 +168,7 @@ class Journal:
             ``(i, k)``: only the entries of applier ``i`` of ``k`` (by a hash of the
             name, so every entry belongs to exactly one share).
         """
-        index, count = share
-        names = sorted(
-            e.name
-            for e in os.scandir(self.root)
-            if e.name.endswith(SUFFIX)
-            and (count == 1 or zlib.crc32(e.name.encode()) % count == index)
-            and e.is_file()
-        )
+        names = sorted(self._names(share))
         if limit is not None:
             names = names[:limit]
         return [parse_entry(self.root / name) for name in names]
@@ -183,15 +176,21 @@ class Journal:
     def arrivals(self, *, share: tuple[int, int] = (0, 1)) -> tuple[int, int] | None:
         """Arrival times (ns since the epoch) of the oldest and newest entries of a share,
         from their names; ``None`` when none waits."""
-        index, count = share
         times = [
-            int(e.name.split("-", 1)[0])
-            for e in os.scandir(self.root)
-            if e.name.endswith(SUFFIX)
-            and (count == 1 or zlib.crc32(e.name.encode()) % count == index)
-            and e.name.split("-", 1)[0].isdigit()
+            int(stem) for name in self._names(share) if (stem := name.split("-", 1)[0]).isdigit()
         ]
         return (min(times), max(times)) if times else None
+
+    def _names(self, share: tuple[int, int]) -> Iterator[str]:
+        """Names of the entry files of share ``(i, k)`` (by a hash of the name)."""
+        index, count = share
+        for e in os.scandir(self.root):
+            if (
+                e.name.endswith(SUFFIX)
+                and (count == 1 or zlib.crc32(e.name.encode()) % count == index)
+                and e.is_file()
+            ):
+                yield e.name
 
     def count(self) -> int:
         """How many entries wait (the backlog ``cspine status`` shows)."""
